@@ -1,0 +1,20 @@
+"""Fine-tune one model on one task, fully or with LoRA, and write its run directory.
+
+    python -m experiments.train                                   # LoRA r=8 on MiniLM, fine-food reviews
+    python -m experiments.train method=full trainer.max_steps=150
+    python -m experiments.train -m method=lora method.rank=1,4 seed=0,1   # a sweep, one dir per run
+"""
+import hydra
+from omegaconf import DictConfig
+
+from lowrank.cli import run_main
+from lowrank.trainer import train
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)["eval_accuracy"]
+
+
+if __name__ == "__main__":
+    run_main(main)

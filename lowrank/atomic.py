@@ -1,0 +1,35 @@
+"""Write-to-temp-then-rename, so a reader never sees a half-written file (pre-emption, full disks)."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # atomic on POSIX within one file system
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,0 +1,130 @@
+"""LoRA: a trainable low-rank update B·A beside a frozen nn.Linear (Hu et al., 2021, arXiv 2106.09685).
+
+    h = W0 x + scaling · B A x,   A: (r, in), B: (out, r), B = 0 at init so a fresh adapter changes nothing.
+
+The adapter wraps the frozen layer (as PEFT does) instead of inheriting from it; `merge()` folds ΔW into
+W0 for inference and `unmerge()` takes it out again, with an explicit `merged` flag and no side effects
+in `train()`/`eval()` (unlike loralib).
+"""
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCALINGS = ("standard", "rslora")
+INITS = ("kaiming_uniform", "gaussian")
+ALL_LINEAR = "all-linear"
+
+
+def lora_scaling(alpha: float, rank: int, rule: str) -> float:
+    """standard: alpha/r (the paper); rslora: alpha/sqrt(r) (Kalajdzievski 2023, rank-stabilised)."""
+    if rule == "standard":
+        return alpha / rank
+    if rule == "rslora":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"method.scaling={rule!r} is not valid; choose one of {list(SCALINGS)}")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 scaling: str = "standard", init: str = "kaiming_uniform"):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"method.rank={rank} is not valid; it must be an integer >= 1")
+        self.base_layer = base_layer
+        self.rank, self.alpha = rank, alpha
+        self.scaling = lora_scaling(alpha, rank, scaling)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, device=w.device, dtype=w.dtype))
+        if init == "kaiming_uniform":  # what loralib and PEFT do (nn.Linear's default init)
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":  # the paper's text: "random Gaussian initialization for A"
+            nn.init.normal_(self.lora_A, std=1.0 / rank)
+        else:
+            raise ValueError(f"method.init={init!r} is not valid; choose one of {list(INITS)}")
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        # (.., in) -> (.., r) -> (.., out): never form the (out, in) product in the forward pass
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B A, shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("merge() on an already merged LoRA layer")
+        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("unmerge() on a LoRA layer that is not merged")
+        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+_LAYER_INDEX = re.compile(r"\.\d+\.")
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Every nn.Linear inside a repeated transformer block (a name with a layer index, e.g.
+    `encoder.layer.3.attention.self.query`): the attention and MLP projections, not the pooler or head."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _LAYER_INDEX.search(f".{n}")]
+
+
+def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the nn.Linear modules that `targets` selects: module-name suffixes on a '.' boundary,
+    or "all-linear". Raises ValueError naming a target that matches nothing, with the valid suffixes."""
+    candidates = block_linear_names(model)
+    if targets == ALL_LINEAR or list(targets) == [ALL_LINEAR]:
+        return candidates
+    if isinstance(targets, str):
+        targets = [targets]
+    chosen = []
+    for t in targets:
+        hits = [n for n in candidates if n == t or n.endswith("." + t)]
+        if not hits:
+            suffixes = sorted({n.split(".")[-1] for n in candidates} | {".".join(n.split(".")[-2:]) for n in candidates})
+            raise ValueError(f"method.targets entry {t!r} matches no linear layer; valid suffixes: "
+                             f"{', '.join(suffixes)} (or {ALL_LINEAR!r})")
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n in candidates if n in chosen]  # model order
+
+
+def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
+                scaling: str = "standard", init: str = "kaiming_uniform") -> list[str]:
+    """Replace each targeted nn.Linear by a LoRALinear wrapping it; returns the replaced names."""
+    names = match_targets(model, targets)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, scaling, init))
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def freeze_for_lora(model: nn.Module, head: nn.Module | None) -> None:
+    """Freeze by module type: only LoRA factors and the task head train."""
+    model.requires_grad_(False)
+    for layer in lora_layers(model).values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    if head is not None:
+        head.requires_grad_(True)

@@ -1,0 +1,284 @@
+"""Fine-tune a pretrained model on a text-classification task, fully or with LoRA, and write its run directory.
+
+`train(cfg) -> metrics` is a plain function (tests call it directly); `experiments/train.py` wraps it in
+`@hydra.main`. The run directory ends up with `.hydra/config.yaml`, `metrics.json`, `delta_w.safetensors`
+and the log; `RUNS_ROOT/base_weights/` holds W0 once per base model.
+"""
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from . import atomic
+from .data import load_task
+from .delta import DELTA_FILE, ensure_base_weights, linear_weights, write_delta
+from .errors import ConfigError
+from .logger import make_logger
+from .lora import INITS, SCALINGS, freeze_for_lora, inject_lora, lora_scaling, match_targets
+from .models import load_model
+from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
+
+log = logging.getLogger(__name__)
+
+METHODS = ("full", "lora")
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("linear", "cosine", "constant")
+LOGGERS = ("none", "wandb")
+
+
+def _choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def _positive(key: str, value, integer: bool = False, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}={value!r} is not valid; it must be {kind} {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks before anything is loaded; model-dependent ones (rank vs width, targets) come later."""
+    m, t = cfg.method, cfg.trainer
+    _choice("method.name", m.name, METHODS)
+    if m.name == "lora":
+        _positive("method.rank", m.rank, integer=True)
+        _positive("method.alpha", m.alpha)
+        if not (isinstance(m.dropout, (int, float)) and 0 <= m.dropout < 1):
+            raise ConfigError(f"method.dropout={m.dropout!r} is not valid; it must be in [0, 1)")
+        _choice("method.scaling", m.scaling, SCALINGS)
+        _choice("method.init", m.init, INITS)
+    if not m.targets:
+        raise ConfigError("method.targets is empty; give module-name suffixes such as [query,value] or all-linear")
+    for key in ("max_steps", "batch_size", "max_length", "eval_interval", "eval_batch_size"):
+        _positive(f"trainer.{key}", t[key], integer=True)
+    _positive("trainer.warmup_steps", t.warmup_steps, integer=True, allow_zero=True)
+    _positive("trainer.lr", t.lr)
+    _positive("trainer.weight_decay", t.weight_decay, allow_zero=True)
+    if t.grad_clip is not None:
+        _positive("trainer.grad_clip", t.grad_clip)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.schedule", t.schedule, SCHEDULES)
+    _choice("logger.name", cfg.logger.name, LOGGERS)
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return f
+
+
+class Batches:
+    """Pre-tokenised examples, padded per batch to its longest sequence; reshuffled each epoch (seeded)."""
+
+    def __init__(self, tokenizer, split, max_length: int):
+        texts = split.texts
+        if texts and isinstance(texts[0], (tuple, list)):
+            enc = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
+        else:
+            enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        self.features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(split.labels))]
+        self.labels = split.labels
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def collate(self, idx) -> dict:
+        batch = self.tokenizer.pad([self.features[i] for i in idx], return_tensors="pt")
+        batch["labels"] = torch.tensor([self.labels[i] for i in idx])
+        return batch
+
+    def in_order(self, batch_size: int):
+        for s in range(0, len(self), batch_size):
+            yield self.collate(range(s, min(s + batch_size, len(self))))
+
+    def shuffled(self, batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(len(self), generator=g).tolist()
+            for s in range(0, len(perm) - batch_size + 1, batch_size):  # drop the ragged last batch
+                yield self.collate(perm[s:s + batch_size])
+
+
+@torch.no_grad()
+def evaluate(model, batches: Batches, batch_size: int, device, autocast) -> dict:
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for batch in batches.in_order(batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = model(**batch)
+        k = batch["labels"].numel()
+        loss_sum += out.loss.float().item() * k
+        correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+        n += k
+    model.train()
+    return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+def _run_dir_and_group(run_dir) -> tuple[Path, str | None]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    group = None
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        run_dir = run_dir or hc.runtime.output_dir
+        if hc.mode == RunMode.MULTIRUN:
+            group = Path(hc.sweep.dir).name
+    if run_dir is None:
+        raise ValueError("train(cfg) outside Hydra needs run_dir")
+    return Path(run_dir), group
+
+
+def train(cfg: DictConfig, run_dir=None) -> dict:
+    """Fine-tune, evaluate, and write the run directory. Returns the metrics written to metrics.json."""
+    validate(cfg)
+    run_dir, group = _run_dir_and_group(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / ".hydra" / "config.yaml").exists():  # called without Hydra: stay self-describing
+        atomic.write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    t_start = time.perf_counter()
+    tc, mc = cfg.trainer, cfg.method
+    device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
+
+    seed_everything(cfg.seed)
+    train_split, test_split = load_task(cfg.task, cfg.seed)
+    model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels)
+    try:
+        names = match_targets(model, OmegaConf.to_object(mc.targets) if not isinstance(mc.targets, str) else mc.targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    runs_root = Path(cfg.runs_root).resolve()
+    base_path = ensure_base_weights(runs_root, cfg.model.name, model)
+    if mc.name == "lora":
+        widths = {n: min(model.get_submodule(n).weight.shape) for n in names}
+        too_small = {n: w for n, w in widths.items() if mc.rank > w}
+        if too_small:
+            n, w = next(iter(too_small.items()))
+            raise ConfigError(f"method.rank={mc.rank} is larger than min(in, out)={w} of target {n}")
+        inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init)
+        freeze_for_lora(model, head)
+        w0 = None
+    else:
+        w0 = linear_weights(model, names)  # kept on CPU so ΔW is exactly W_ft − W_0
+    model.to(device).train()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    head_params = sum(p.numel() for p in head.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+
+    train_batches = Batches(tokenizer, train_split, tc.max_length)
+    test_batches = Batches(tokenizer, test_split, tc.max_length)
+    if tc.batch_size > len(train_batches):
+        raise ConfigError(f"trainer.batch_size={tc.batch_size} is larger than the training set ({len(train_batches)})")
+    run_name = f"{mc.name}" + (f"-r{mc.rank}" if mc.name == "lora" else "") + f"-s{cfg.seed}"
+    logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                         cfg.logger.get("group") or group, run_name)
+
+    stream = train_batches.shuffled(tc.batch_size, cfg.seed)
+    history, recent_losses = [], []
+    train_time, tokens = 0.0, 0
+    bar = tqdm(range(tc.max_steps), desc=run_name, disable=not tc.progress_bar, dynamic_ncols=True)
+    for step in bar:
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+        t0 = time.perf_counter()
+        with autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # a CPU-GPU sync point, so the step time below is real
+        train_time += time.perf_counter() - t0
+        tokens += batch["input_ids"].numel()
+        recent_losses = (recent_losses + [loss_value])[-tc.eval_interval:]
+        logger.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": tokens / train_time}, step=step + 1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
+            ev = evaluate(model, test_batches, tc.eval_batch_size, device, autocast)
+            history.append({"step": step + 1, "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"],
+                            "train_loss": float(np.mean(recent_losses))})
+            logger.log({"eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}, step=step + 1)
+            log.info("step %d: train_loss %.4f eval_loss %.4f eval_accuracy %.4f", step + 1,
+                     history[-1]["train_loss"], ev["loss"], ev["accuracy"])
+
+    # Training accuracy on (up to) as many training examples as the test set has, for over-fitting plots.
+    n_train_eval = min(len(train_split.labels), len(test_split.labels))
+    train_eval = evaluate(model, Batches(tokenizer, train_split.subset(n_train_eval, 0), tc.max_length),
+                          tc.eval_batch_size, device, autocast)
+    write_delta(run_dir, model, mc.name, names, w0, base_path,
+                {"base_model": cfg.model.path, "base_model_name": cfg.model.name,
+                 "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
+                 "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": names})
+
+    tokens_per_second = tokens / train_time
+    mcfg = model.config
+    seq = tokens / tc.max_steps / tc.batch_size
+    fpt = flops_per_token(model, int(seq), mcfg.num_hidden_layers, mcfg.hidden_size)
+    peak = peak_flops(device, precision)
+    last = history[-1]
+    total_params = sum(p.numel() for p in model.parameters())
+    metrics = {
+        "status": "complete",
+        "method": mc.name,
+        "eval_accuracy": last["eval_accuracy"],
+        "eval_loss": last["eval_loss"],
+        "train_loss": last["train_loss"],
+        "train_accuracy": train_eval["accuracy"],
+        "train_eval_loss": train_eval["loss"],
+        "trainable_params": sum(p.numel() for p in trainable),
+        "head_params": head_params,
+        "adapted_params": sum(p.numel() for p in trainable) - head_params,
+        "total_params": total_params,
+        "tokens_per_second": tokens_per_second,
+        "flops_per_token": fpt,
+        "mfu": fpt * tokens_per_second / peak if peak else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "checkpoint_bytes": state_bytes(trainable),  # adapter + head for LoRA, every weight for full
+        "train_examples": len(train_split.labels),
+        "eval_examples": len(test_split.labels),
+        "steps": tc.max_steps,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision,
+        "wall_seconds": time.perf_counter() - t_start,
+        "eval_history": history,
+        "delta_file": DELTA_FILE,
+    }
+    atomic.write_json(run_dir / "metrics.json", metrics)
+    logger.summary(metrics)
+    logger.finish()
+    log.info("done: eval_accuracy %.4f in %.1f s -> %s", metrics["eval_accuracy"], metrics["wall_seconds"], run_dir)
+    return metrics
