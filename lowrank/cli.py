@@ -27,9 +27,20 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def run_dirname(overrides: str) -> str:
+    """A run directory name from Hydra's `override_dirname`: no path separators, never empty."""
+    return overrides.replace("/", "_") or "defaults"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+    OmegaConf.register_new_resolver("run_dirname", run_dirname, replace=True)
+
+
 def run_main(main) -> None:
     """Run a @hydra.main function; a ConfigError becomes one line (traceback only with HYDRA_FULL_ERROR=1)."""
     from .errors import ConfigError
+    register_resolvers()
     check_group_overrides(sys.argv[1:])
     try:
         main()

@@ -4,9 +4,11 @@
 `@hydra.main`. The run directory ends up with `.hydra/config.yaml`, `metrics.json`, `delta_w.safetensors`
 and the log; `RUNS_ROOT/base_weights/` holds W0 once per base model.
 """
+import json
 import logging
 import math
 import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import atomic
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import load_task
 from .delta import DELTA_FILE, ensure_base_weights, linear_weights, write_delta
 from .errors import ConfigError
@@ -31,6 +34,7 @@ METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
 LOGGERS = ("none", "wandb")
+FINAL_STATUSES = ("complete", "diverged")  # re-running would give the same result: skip
 
 
 def _choice(key: str, value, valid) -> None:
@@ -60,6 +64,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("method.targets is empty; give module-name suffixes such as [query,value] or all-linear")
     for key in ("max_steps", "batch_size", "max_length", "eval_interval", "eval_batch_size"):
         _positive(f"trainer.{key}", t[key], integer=True)
+    for key in ("micro_batch_size", "checkpoint_every"):
+        if t[key] is not None:
+            _positive(f"trainer.{key}", t[key], integer=True, allow_zero=key == "checkpoint_every")
     _positive("trainer.warmup_steps", t.warmup_steps, integer=True, allow_zero=True)
     _positive("trainer.lr", t.lr)
     _positive("trainer.weight_decay", t.weight_decay, allow_zero=True)
@@ -103,6 +110,7 @@ class Batches:
         self.features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(split.labels))]
         self.labels = split.labels
         self.tokenizer = tokenizer
+        self._perm, self._perm_epoch = None, None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,12 +124,15 @@ class Batches:
         for s in range(0, len(self), batch_size):
             yield self.collate(range(s, min(s + batch_size, len(self))))
 
-    def shuffled(self, batch_size: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(len(self), generator=g).tolist()
-            for s in range(0, len(perm) - batch_size + 1, batch_size):  # drop the ragged last batch
-                yield self.collate(perm[s:s + batch_size])
+    def indices_at(self, step: int, batch_size: int, seed: int) -> list[int]:
+        """The examples of training step `step`: a pure function of (seed, step), so a resumed run sees
+        the same batches. Each epoch is a fresh seeded permutation; the ragged last batch is dropped."""
+        per_epoch = len(self) // batch_size
+        epoch, k = divmod(step, per_epoch)
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self), generator=g).tolist(), epoch
+        return self._perm[k * batch_size:(k + 1) * batch_size]
 
 
 @torch.no_grad()
@@ -154,11 +165,42 @@ def _run_dir_and_group(run_dir) -> tuple[Path, str | None]:
     return Path(run_dir), group
 
 
+def _finished_metrics(run_dir: Path) -> dict | None:
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return metrics if metrics.get("status") in FINAL_STATUSES else None
+
+
+class Preempted(SystemExit):
+    """SIGTERM (SLURM pre-emption): a checkpoint was written; re-run the same command to resume."""
+
+
+def _sigterm_flag():
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        flag["set"] = True  # acted on between steps, where the state is consistent
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    return flag, previous
+
+
 def train(cfg: DictConfig, run_dir=None) -> dict:
-    """Fine-tune, evaluate, and write the run directory. Returns the metrics written to metrics.json."""
+    """Fine-tune, evaluate, and write the run directory. Returns the metrics written to metrics.json.
+
+    A finished run directory is returned as it is; one with a checkpoint resumes from it."""
     validate(cfg)
     run_dir, group = _run_dir_and_group(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    done = _finished_metrics(run_dir)
+    if done is not None:
+        log.info("%s is finished (%s); skipping it (delete it, or set another `name`, to run again)",
+                 run_dir, done["status"])
+        return done
     if not (run_dir / ".hydra" / "config.yaml").exists():  # called without Hydra: stay self-describing
         atomic.write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
     t_start = time.perf_counter()
@@ -173,7 +215,8 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     train_split, test_split = load_task(cfg.task, cfg.seed)
     model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels)
     try:
-        names = match_targets(model, OmegaConf.to_object(mc.targets) if not isinstance(mc.targets, str) else mc.targets)
+        targets = mc.targets if isinstance(mc.targets, str) else OmegaConf.to_object(mc.targets)
+        names = match_targets(model, targets)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     runs_root = Path(cfg.runs_root).resolve()
@@ -183,7 +226,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
         too_small = {n: w for n, w in widths.items() if mc.rank > w}
         if too_small:
             n, w = next(iter(too_small.items()))
-            raise ConfigError(f"method.rank={mc.rank} is larger than min(in, out)={w} of target {n}")
+            raise ConfigError(f"method.rank={mc.rank} is not valid; it must be <= min(in, out)={w} of target {n}")
         inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init)
         freeze_for_lora(model, head)
         w0 = None
@@ -200,40 +243,80 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     train_batches = Batches(tokenizer, train_split, tc.max_length)
     test_batches = Batches(tokenizer, test_split, tc.max_length)
     if tc.batch_size > len(train_batches):
-        raise ConfigError(f"trainer.batch_size={tc.batch_size} is larger than the training set ({len(train_batches)})")
+        raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
+                          f"size ({len(train_batches)})")
+    micro = tc.micro_batch_size or tc.batch_size
+    if tc.batch_size % micro:
+        raise ConfigError(f"trainer.micro_batch_size={micro} is not valid; it must divide trainer.batch_size="
+                          f"{tc.batch_size}")
+    if tc.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {
+        "step": 0, "history": [], "recent_losses": [], "tokens": 0, "train_time": 0.0}
+    if loop["step"]:
+        log.info("resuming %s from step %d", run_dir, loop["step"])
     run_name = f"{mc.name}" + (f"-r{mc.rank}" if mc.name == "lora" else "") + f"-s{cfg.seed}"
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          cfg.logger.get("group") or group, run_name)
 
-    stream = train_batches.shuffled(tc.batch_size, cfg.seed)
-    history, recent_losses = [], []
-    train_time, tokens = 0.0, 0
-    bar = tqdm(range(tc.max_steps), desc=run_name, disable=not tc.progress_bar, dynamic_ncols=True)
-    for step in bar:
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-        t0 = time.perf_counter()
-        with autocast():
-            loss = model(**batch).loss
-        loss.backward()
-        if tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # a CPU-GPU sync point, so the step time below is real
-        train_time += time.perf_counter() - t0
-        tokens += batch["input_ids"].numel()
-        recent_losses = (recent_losses + [loss_value])[-tc.eval_interval:]
-        logger.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_second": tokens / train_time}, step=step + 1)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
-            ev = evaluate(model, test_batches, tc.eval_batch_size, device, autocast)
-            history.append({"step": step + 1, "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"],
-                            "train_loss": float(np.mean(recent_losses))})
-            logger.log({"eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}, step=step + 1)
-            log.info("step %d: train_loss %.4f eval_loss %.4f eval_accuracy %.4f", step + 1,
-                     history[-1]["train_loss"], ev["loss"], ev["accuracy"])
+    sigterm, previous_handler = _sigterm_flag()
+    diverged_at = None
+    bar = tqdm(range(loop["step"], tc.max_steps), desc=run_name, disable=not tc.progress_bar, dynamic_ncols=True,
+               initial=loop["step"], total=tc.max_steps)
+    try:
+        for step in bar:
+            idx = train_batches.indices_at(step, tc.batch_size, cfg.seed)
+            t0 = time.perf_counter()
+            loss_value = 0.0
+            for s in range(0, tc.batch_size, micro):  # gradient accumulation over micro-batches
+                batch = {k: v.to(device, non_blocking=True) for k, v in train_batches.collate(idx[s:s + micro]).items()}
+                with autocast():
+                    loss = model(**batch).loss * (micro / tc.batch_size)
+                loss.backward()
+                loss_value += loss.item()  # a CPU-GPU sync point, so the step time below is real
+                loop["tokens"] += batch["input_ids"].numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip else math.inf)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+                diverged_at = step + 1
+                break
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loop["train_time"] += time.perf_counter() - t0
+            loop["step"] = step + 1
+            loop["recent_losses"] = (loop["recent_losses"] + [loss_value])[-tc.eval_interval:]
+            logger.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
+                        "train/tokens_per_second": loop["tokens"] / loop["train_time"]}, step=step + 1)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
+                ev = evaluate(model, test_batches, tc.eval_batch_size, device, autocast)
+                loop["history"].append({"step": step + 1, "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"],
+                                        "train_loss": float(np.mean(loop["recent_losses"]))})
+                logger.log({"eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}, step=step + 1)
+                log.info("step %d: train_loss %.4f eval_loss %.4f eval_accuracy %.4f", step + 1,
+                         loop["history"][-1]["train_loss"], ev["loss"], ev["accuracy"])
+            if sigterm["set"] or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
+                                  and step + 1 < tc.max_steps):
+                save_checkpoint(run_dir, model, optimizer, scheduler, loop)
+            if sigterm["set"]:
+                log.warning("SIGTERM at step %d: checkpoint written; re-run the same command to resume", step + 1)
+                logger.finish()
+                raise Preempted(143)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    bar.close()
+
+    if diverged_at is not None:
+        metrics = {"status": "diverged", "diverged_at_step": diverged_at, "method": mc.name,
+                   "eval_history": loop["history"], "wall_seconds": time.perf_counter() - t_start}
+        log.error("non-finite loss or gradient at step %d: run marked diverged", diverged_at)
+        atomic.write_json(run_dir / "metrics.json", metrics)
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        logger.summary(metrics)
+        logger.finish()
+        return metrics
 
     # Training accuracy on (up to) as many training examples as the test set has, for over-fitting plots.
     n_train_eval = min(len(train_split.labels), len(test_split.labels))
@@ -244,13 +327,11 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
                  "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
                  "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": names})
 
-    tokens_per_second = tokens / train_time
-    mcfg = model.config
-    seq = tokens / tc.max_steps / tc.batch_size
-    fpt = flops_per_token(model, int(seq), mcfg.num_hidden_layers, mcfg.hidden_size)
+    tokens_per_second = loop["tokens"] / loop["train_time"]
+    seq = loop["tokens"] / tc.max_steps / tc.batch_size
+    fpt = flops_per_token(model, int(seq), model.config.num_hidden_layers, model.config.hidden_size)
     peak = peak_flops(device, precision)
-    last = history[-1]
-    total_params = sum(p.numel() for p in model.parameters())
+    last = loop["history"][-1]
     metrics = {
         "status": "complete",
         "method": mc.name,
@@ -262,7 +343,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
         "trainable_params": sum(p.numel() for p in trainable),
         "head_params": head_params,
         "adapted_params": sum(p.numel() for p in trainable) - head_params,
-        "total_params": total_params,
+        "total_params": sum(p.numel() for p in model.parameters()),
         "tokens_per_second": tokens_per_second,
         "flops_per_token": fpt,
         "mfu": fpt * tokens_per_second / peak if peak else None,
@@ -271,13 +352,17 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
         "train_examples": len(train_split.labels),
         "eval_examples": len(test_split.labels),
         "steps": tc.max_steps,
+        "micro_batch": micro,
+        "grad_accum": tc.batch_size // micro,
+        "activation_checkpointing": bool(tc.activation_checkpointing),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
         "wall_seconds": time.perf_counter() - t_start,
-        "eval_history": history,
+        "eval_history": loop["history"],
         "delta_file": DELTA_FILE,
     }
     atomic.write_json(run_dir / "metrics.json", metrics)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is final; ΔW and metrics are what remain
     logger.summary(metrics)
     logger.finish()
     log.info("done: eval_accuracy %.4f in %.1f s -> %s", metrics["eval_accuracy"], metrics["wall_seconds"], run_dir)

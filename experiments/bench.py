@@ -1,0 +1,326 @@
+"""Training throughput: full fine-tuning vs our LoRA vs PEFT's LoRA on Llama-shaped models, side by side.
+
+    python -m experiments.bench --out benchmarks/results              # on one GPU: the whole measurement
+    python -m experiments.bench --smoke --out /tmp/bench               # tiny shapes on CPU, in seconds
+
+For each model shape (random init, built from its config directly on the GPU in bf16, SDPA attention,
+random tokens): full fine-tuning (all weights bf16, fused AdamW with bf16 states), and LoRA r=16 on all
+linear layers and r=8 on q,v, each with our layer (`lowrank.lora` + the fused `lowrank.lora_fast` function)
+and with PEFT. LoRA factors are fp32 in both, under bf16 autocast: PEFT's default, and the usual mixed
+precision recipe (fp32 master copy of what trains). Each config: warm-up steps, then timed steps between
+CUDA syncs; peak memory is max_memory_allocated since the config's model was built. MFU counts 6N FLOPs per
+token for trained matmul weights, 4N for frozen ones, plus attention (`lowrank.perf.flops_per_token`).
+Last, a loss-curve parity check: ours vs PEFT from identical weights and identical A, 20 steps.
+Writes `lora_vs_peft_{device}.json` (one row per config) and `.md` under --out.
+"""
+import argparse
+import copy
+import gc
+import json
+import math
+import platform
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
+from lowrank.lora_fast import lora_linear
+from lowrank.perf import flops_per_token, peak_flops, peak_memory_bytes
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QV = ["q_proj", "v_proj"]
+# Llama shapes: TinyLlama-1.1B and Llama-2-7B; "tiny" is the CPU smoke test.
+SHAPES = {
+    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000, batch=8, seq=1024),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, batch=2, seq=1024),
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, batch=2, seq=32),
+}
+# (method, impl, rank, targets): one row each per shape
+CONFIGS = [("full", "torch", None, None),
+           ("lora", "ours", 16, ALL_LINEAR), ("lora", "peft", 16, ALL_LINEAR), ("lora", "ours-unfused", 16, ALL_LINEAR),
+           ("lora", "ours", 8, QV), ("lora", "peft", 8, QV)]
+
+
+def fused_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear.forward through the fused autograd function (what lowrank/lora.py will call once wired)."""
+    if self.merged or not isinstance(self.dropout, nn.Identity):
+        return LoRALinear.forward(self, x)
+    b = self.base_layer
+    return lora_linear(x, b.weight, b.bias, self.lora_A, self.lora_B, self.scaling)
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
+                      max_position_embeddings=max(2048, shape["seq"]), use_cache=False,
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.train()
+
+
+def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.Module:
+    """LoRA with alpha = 2r, dropout 0, A kaiming-uniform and B = 0, factors in fp32 (PEFT's default)."""
+    if impl == "peft":
+        from peft import LoraConfig, get_peft_model
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                target_modules=targets, bias="none"))
+    inject_lora(model, targets, rank=rank, alpha=2 * rank)
+    for layer in lora_layers(model).values():
+        layer.lora_A = nn.Parameter(layer.lora_A.detach().float())
+        layer.lora_B = nn.Parameter(layer.lora_B.detach().float())
+        if impl == "ours":
+            layer.forward = types.MethodType(fused_forward, layer)
+    freeze_for_lora(model, head=None)
+    return model
+
+
+def make_step(model, params, device, lr):
+    opt = torch.optim.AdamW(params, lr=lr, fused=True)
+    amp = device.type == "cuda"  # bf16 autocast on GPU; plain fp32 in the CPU smoke test
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step, opt
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(name, shape, method, impl, rank, targets, device, dtype, warmup, steps, seed):
+    free(device)
+    model = build(shape, device, dtype, seed)
+    if method == "lora":
+        model = add_lora(model, impl, rank, targets)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, opt = make_step(model, params, device, lr=1e-5 if method == "full" else 1e-4)
+    g = torch.Generator(device=device).manual_seed(seed)
+    batches = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device, generator=g)
+               for _ in range(4)]
+    for i in range(warmup):
+        step(batches[i % 4])
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(batches[i % 4])
+    sync(device)  # the steps are asynchronous: wait for the GPU before reading the clock
+    dt = (time.perf_counter() - t0) / steps
+    tokens = shape["batch"] * shape["seq"]
+    fpt = flops_per_token(model, shape["seq"], shape["num_hidden_layers"], shape["hidden_size"])
+    peak = peak_flops(device, "bf16")
+    row = dict(model=name, method=method, impl=impl, rank=rank,
+               targets=None if targets is None else ("all-linear" if targets == ALL_LINEAR else ",".join(targets)),
+               tokens_per_second=tokens / dt, peak_memory_bytes=peak_memory_bytes(device),
+               mfu=(fpt * tokens / dt / peak) if peak else None, step_time_s=dt,
+               batch=shape["batch"], seq_len=shape["seq"], trainable_params=sum(p.numel() for p in params),
+               trainable_dtype=str(params[0].dtype).removeprefix("torch."), flops_per_token=fpt,
+               final_loss=float(loss), warmup_steps=warmup, timed_steps=steps)
+    del model, params, step, opt, batches, loss
+    free(device)
+    return row
+
+
+def profile_step(name, shape, impl, device, dtype, seed, out: Path):
+    """Top CUDA kernels of one LoRA r=16 all-linear step: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    free(device)
+    model = add_lora(build(shape, device, dtype, seed), impl, 16, ALL_LINEAR)
+    step, opt = make_step(model, [p for p in model.parameters() if p.requires_grad], device, 1e-4)
+    batch = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
+    for _ in range(3):
+        step(batch)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(batch)
+        sync(device)
+    with open(out, "a") as f:
+        f.write(f"\n## {name} LoRA r=16 all-linear, impl={impl}: one step\n")
+        f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+    del model, step, opt, prof
+    free(device)
+
+
+def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3):
+    """Loss curves of ours and PEFT from identical base weights, identical A (copied into PEFT), B = 0."""
+    free(device)
+    base = build(shape, device, dtype, seed)
+    ours = add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR)
+    theirs = add_lora(base, "peft", rank, ALL_LINEAR)
+    with torch.no_grad():
+        for n, layer in lora_layers(ours).items():
+            theirs.get_submodule(f"base_model.model.{n}").lora_A["default"].weight.copy_(layer.lora_A)
+    # learnable data, so the curve moves: tokens from a 1/8 slice of the vocabulary
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    batches = [torch.randint(0, shape["vocab_size"] // 8, (shape["batch"], shape["seq"]), device=device, generator=g)
+               for _ in range(n_steps)]
+    curves = {}
+    for impl, model in (("ours", ours), ("peft", theirs)):
+        step, _ = make_step(model, [p for p in model.parameters() if p.requires_grad], device, lr)
+        curves[impl] = [float(step(b)) for b in batches]
+        del step
+    del ours, theirs, base
+    free(device)
+    diff = [abs(a - b) for a, b in zip(curves["ours"], curves["peft"])]
+    rel = max(d / abs(b) for d, b in zip(diff, curves["peft"]))
+    return dict(steps=n_steps, rank=rank, lr=lr, ours=curves["ours"], peft=curves["peft"],
+                max_abs_diff=max(diff), max_rel_diff=rel)
+
+
+def ratio_rows(rows):
+    """ours/PEFT and ours/full (tokens/s), and ours/PEFT peak memory, per model and LoRA config."""
+    out = []
+    by = {(r["model"], r["impl"], r["rank"], r["targets"]): r for r in rows}
+    for (model, impl, rank, targets), r in by.items():
+        if impl != "ours":
+            continue
+        peft, full = by.get((model, "peft", rank, targets)), by.get((model, "torch", None, None))
+        unfused = by.get((model, "ours-unfused", rank, targets))
+        out.append(dict(model=model, rank=rank, targets=targets,
+                        ours_over_peft=r["tokens_per_second"] / peft["tokens_per_second"] if peft else None,
+                        ours_over_full=r["tokens_per_second"] / full["tokens_per_second"] if full else None,
+                        ours_over_unfused=r["tokens_per_second"] / unfused["tokens_per_second"] if unfused else None,
+                        memory_ours_over_peft=r["peak_memory_bytes"] / peft["peak_memory_bytes"] if peft else None))
+    return out
+
+
+# issue 6's targets: (model, rank, ratio key, bound, direction)
+TARGETS = [("llama-7b", 16, "ours_over_peft", 1.30, ">="), ("llama-7b", 16, "ours_over_full", 1.35, ">="),
+           ("llama-7b", 16, "memory_ours_over_peft", 1.0, "<="), ("llama-1.1b", 16, "ours_over_full", 1.25, ">="),
+           ("llama-1.1b", 8, "ours_over_peft", 1.0, ">="), ("llama-7b", 8, "ours_over_peft", 1.0, ">=")]
+
+
+def check_targets(ratios):
+    out = []
+    for model, rank, key, bound, op in TARGETS:
+        q = next((q for q in ratios if q["model"] == model and q["rank"] == rank), None)
+        if q is None or q[key] is None:
+            continue
+        ok = q[key] >= bound if op == ">=" else q[key] <= bound
+        out.append(dict(model=model, rank=rank, what=key, value=q[key], target=f"{op} {bound}", met=ok))
+    return out
+
+
+def fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(rows, ratios, par, meta) -> str:
+    lines = [f"# LoRA vs PEFT vs full fine-tuning on {meta['device']}", "",
+             f"Command: `{meta['command']}`  ", f"torch {meta['torch']}, transformers {meta['transformers']}, "
+             f"peft {meta['peft']}, Python {meta['python']}.", "",
+             "Random-init Llama shapes built on the GPU in bf16, SDPA attention, random tokens; fused AdamW. "
+             "Full fine-tuning: bf16 weights and bf16 AdamW states. LoRA (alpha = 2r, dropout 0): frozen bf16 "
+             "base, fp32 factors under bf16 autocast in both ours and PEFT. `ours-unfused` is our LoRALinear "
+             "with its plain forward (no fused autograd function). MFU: 6N trained + 4N frozen matmul FLOPs "
+             "per token + attention, over the dense bf16 peak.", "",
+             "| model | method | impl | rank | targets | tokens/s | step ms | peak GiB | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {fmt(r['rank'], 'd')} | {r['targets'] or '–'} "
+                     f"| {r['tokens_per_second']:,.0f} | {1e3 * r['step_time_s']:.1f} "
+                     f"| {r['peak_memory_bytes'] / 2**30:.1f} | {fmt(r['mfu'], '.1%')} |")
+    lines += ["", "| model | LoRA | ours/PEFT tokens/s | ours/full tokens/s | fused/unfused | ours/PEFT peak memory |",
+              "|---|---|---|---|---|---|"]
+    for q in ratios:
+        lines.append(f"| {q['model']} | r={q['rank']} {q['targets']} | {fmt(q['ours_over_peft'], '.2f')}× "
+                     f"| {fmt(q['ours_over_full'], '.2f')}× | {fmt(q['ours_over_unfused'], '.2f')}× "
+                     f"| {fmt(q['memory_ours_over_peft'], '.2f')} |")
+    checks = check_targets(ratios)
+    if checks:
+        lines += ["", "| target | model | LoRA rank | measured | met |", "|---|---|---|---|---|"]
+        lines += [f"| {c['what']} {c['target']} | {c['model']} | {c['rank']} | {c['value']:.2f} "
+                  f"| {'yes' if c['met'] else 'no'} |" for c in checks]
+    if par:
+        lines += ["", f"Loss-curve parity ({par['model']}, LoRA r={par['rank']} all-linear, lr {par['lr']}, "
+                  f"{par['steps']} steps, identical weights and A): max |Δloss| = {par['max_abs_diff']:.4f}, "
+                  f"max relative {par['max_rel_diff']:.2e}.", "", "| step | ours | PEFT |", "|---|---|---|"]
+        lines += [f"| {i + 1} | {a:.4f} | {b:.4f} |" for i, (a, b) in enumerate(zip(par["ours"], par["peft"]))]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script, not speed)")
+    ap.add_argument("--models", nargs="+", default=None, help=f"subset of {list(SHAPES)}")
+    ap.add_argument("--profile", action="store_true", help="also write the top CUDA kernels of one LoRA step")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import peft
+    import transformers
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = args.models or (["tiny"] if args.smoke else ["llama-1.1b", "llama-7b"])
+    warmup, steps = (1, 2) if args.smoke else (4, 15)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    tag = "h200" if "H200" in dev_name else ("cpu" if device.type == "cpu" else dev_name.split()[-1].lower())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__, python=platform.python_version(),
+                command="python -m experiments.bench " + " ".join(a for a in __import__("sys").argv[1:]))
+    print(meta, flush=True)
+
+    json_path, md_path = out / f"lora_vs_peft_{tag}.json", out / f"lora_vs_peft_{tag}.md"
+    rows, par, t_start = [], None, time.perf_counter()
+    for name in models:
+        for method, impl, rank, targets in CONFIGS:
+            row = measure(name, SHAPES[name], method, impl, rank, targets, device, dtype, warmup, steps, args.seed)
+            rows.append(row)
+            print(f"{name:11s} {method:4s} {impl:12s} r={fmt(rank, 'd'):2s} {row['targets'] or '':14s} "
+                  f"{row['tokens_per_second']:9,.0f} tok/s  {1e3 * row['step_time_s']:7.1f} ms  "
+                  f"{row['peak_memory_bytes'] / 2**30:6.1f} GiB  MFU {fmt(row['mfu'], '.1%')}  "
+                  f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+            json_path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off run keeps them
+            md_path.write_text(markdown(rows, ratio_rows(rows), par, meta))
+    par_name = "tiny" if args.smoke else "llama-1.1b"
+    par = dict(model=par_name, **parity(SHAPES[par_name], device, dtype, args.seed))
+    print(f"parity {par_name}: max |Δloss| {par['max_abs_diff']:.4g} (max rel {par['max_rel_diff']:.2e}); "
+          f"ours {par['ours'][0]:.3f} -> {par['ours'][-1]:.3f}, peft {par['peft'][0]:.3f} -> {par['peft'][-1]:.3f}",
+          flush=True)
+    ratios = ratio_rows(rows)
+    md_path.write_text(markdown(rows, ratios, par, meta))
+    print("\nmodel       LoRA               ours/PEFT  ours/full  fused/unfused  mem ours/PEFT")
+    for q in ratios:
+        print(f"{q['model']:11s} r={q['rank']:<2d} {q['targets']:14s} {fmt(q['ours_over_peft'], '9.2f')}× "
+              f"{fmt(q['ours_over_full'], '9.2f')}× {fmt(q['ours_over_unfused'], '12.2f')}× "
+              f"{fmt(q['memory_ours_over_peft'], '12.2f')}")
+    for c in check_targets(ratios):
+        print(f"target {c['model']} r={c['rank']} {c['what']} {c['target']}: {c['value']:.2f} "
+              f"{'MET' if c['met'] else 'NOT MET'}")
+    if args.profile and device.type == "cuda":
+        prof_path = out / f"profile_{tag}.txt"
+        prof_path.unlink(missing_ok=True)
+        for impl in ("ours", "peft"):
+            profile_step(models[-1], SHAPES[models[-1]], impl, device, dtype, args.seed, prof_path)
+    print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
+
+if __name__ == "__main__":
+    main()

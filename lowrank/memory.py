@@ -1,0 +1,411 @@
+"""Predict the memory of a fine-tuning step from the model config alone: nothing is allocated.
+
+    est = estimate_memory(config, "lora", batch_size=8, seq_len=1024, rank=16, targets="all-linear",
+                          weight_dtype="bf16", precision="bf16")
+    est.total_bytes / 2**30, est.as_dict()
+
+Terms (bytes):
+- weights: every parameter, in `weight_dtype` (the trainer loads fp32).
+- grads: one per trainable parameter, in the weight dtype (autograd accumulates into `.grad` of that dtype).
+- optimizer: AdamW's two moments per trainable parameter, in the parameter's dtype (torch's AdamW allocates
+  them with `zeros_like(param)`, fused or not): fp32 weights give 4 + 4 + 8 = 16 bytes per trained parameter.
+- weight copies: under bf16 autocast with fp32 weights, every linear weight is cast to bf16 once per forward
+  and the copy lives until the backward has used it (autocast caches the copy of a trainable weight; the matmul
+  saves the copy of a frozen one for the input gradient): 2 bytes per linear weight.
+- activations: tensors saved for the backward, counted tensor by tensor for the HF implementations of Llama,
+  BERT/RoBERTa and GPT-2 with SDPA attention (see `_layer_bytes_per_token`). The bookkeeping follows Korthikanti
+  et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (arXiv 2205.05198, §4.1): a
+  GPT layer in fp16 saves s·b·h·(34 + 5·a·s/h) bytes. Fused attention (flash / memory-efficient SDPA) drops
+  the 5·a·s/h term (it saves the output and a log-sum-exp instead of the s×s probabilities); Llama's SwiGLU
+  MLP saves three (b, s, i) tensors plus the down projection's input instead of GELU's two; norms run in fp32;
+  LoRA skips the inputs of frozen linears (no weight gradient) but saves its own input and the rank-r
+  intermediate. With activation checkpointing only each layer's input is kept (s·b·h per layer in the
+  residual dtype) and one layer is recomputed at a time.
+
+Peak (`total_bytes`): the backward frees saved activations and weight copies layer by layer while it writes
+gradients, and the trainer drops gradients (`zero_grad(set_to_none=True)`) before the next forward, so
+
+    total = weights + optimizer + max(grads, weight_copies + activations)              grad_accum == 1
+    total = weights + optimizer + grads + weight_copies + activations                 grad_accum > 1
+
+(with accumulation, the gradients of earlier micro-batches are alive during the next forward). The estimate
+assumes every sequence is `seq_len` tokens long; padded batches (the default, as the trainer pads) carry a
+mask, which makes SDPA repeat grouped k/v heads instead of using native GQA.
+"""
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+GIB = 2 ** 30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+METHODS = ("full", "lora")
+HEADS = ("classification", "causal_lm")
+ALL_LINEAR = "all-linear"
+LLAMA_LIKE = ("llama", "mistral")
+BERT_LIKE = ("bert", "roberta")
+# Tensors of the MLP width an activation function saves for its backward (HF implementations): built-ins save
+# their input; GPT-2's `gelu_new` is written out in Python and saves four (input, 0.5·x, tanh, 1 + tanh).
+ACTIVATION_SAVES = {"silu": 1, "swish": 1, "gelu": 1, "relu": 1, "gelu_pytorch_tanh": 1, "gelu_new": 4,
+                    "gelu_fast": 4}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str  # module path inside one layer, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the arithmetic reads from an HF config."""
+    family: str  # "llama" | "bert" | "gpt2"
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    positions: int
+    type_vocab: int
+    tie_embeddings: bool
+    activation: str
+    hidden_dropout: float
+    attention_dropout: float
+    linears: tuple[Linear, ...]  # one layer's linear modules, in model order
+
+
+def _shape_config(shape: Mapping):
+    from .shapes import hf_config_from_shape  # transformers only when given a bare shape
+    return hf_config_from_shape(shape, num_labels=2)
+
+
+def arch_from_config(config) -> Arch:
+    """`config` is an HF PretrainedConfig or a shape mapping with `model_type` (see lowrank.shapes)."""
+    if isinstance(config, Mapping):  # a plain dict or an OmegaConf DictConfig
+        config = _shape_config(config)
+    mt = config.model_type
+    h, L = config.hidden_size, config.num_hidden_layers
+    if mt in LLAMA_LIKE:
+        a = config.num_attention_heads
+        g = getattr(config, "num_key_value_heads", None) or a
+        d = getattr(config, "head_dim", None) or h // a
+        i = config.intermediate_size
+        ab, mb = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
+        linears = (Linear("self_attn.q_proj", h, a * d, ab), Linear("self_attn.k_proj", h, g * d, ab),
+                   Linear("self_attn.v_proj", h, g * d, ab), Linear("self_attn.o_proj", a * d, h, ab),
+                   Linear("mlp.gate_proj", h, i, mb), Linear("mlp.up_proj", h, i, mb),
+                   Linear("mlp.down_proj", i, h, mb))
+        return Arch("llama", mt, h, i, L, a, g, d, config.vocab_size, config.max_position_embeddings, 0,
+                    bool(config.tie_word_embeddings), config.hidden_act, 0.0, float(config.attention_dropout),
+                    linears)
+    if mt in BERT_LIKE:
+        a, i = config.num_attention_heads, config.intermediate_size
+        linears = (Linear("attention.self.query", h, h, True), Linear("attention.self.key", h, h, True),
+                   Linear("attention.self.value", h, h, True), Linear("attention.output.dense", h, h, True),
+                   Linear("intermediate.dense", h, i, True), Linear("output.dense", i, h, True))
+        return Arch("bert", mt, h, i, L, a, a, h // a, config.vocab_size, config.max_position_embeddings,
+                    config.type_vocab_size, bool(config.tie_word_embeddings), config.hidden_act,
+                    float(config.hidden_dropout_prob), float(config.attention_probs_dropout_prob), linears)
+    if mt == "gpt2":
+        a, i = config.n_head, config.n_inner or 4 * h
+        linears = (Linear("attn.c_attn", h, 3 * h, True), Linear("attn.c_proj", h, h, True),
+                   Linear("mlp.c_fc", h, i, True), Linear("mlp.c_proj", i, h, True))
+        return Arch("gpt2", mt, h, i, L, a, a, h // a, config.vocab_size, config.n_positions, 0,
+                    bool(config.tie_word_embeddings), config.activation_function, float(config.resid_pdrop),
+                    float(config.attn_pdrop), linears)
+    raise ConfigError(f"model_type={mt!r}: the memory model knows {list(LLAMA_LIKE + BERT_LIKE) + ['gpt2']}")
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embeddings: int
+    attention: int  # all layers: q, k, v, o (with biases)
+    mlp: int        # all layers
+    norms: int      # all layer norms, including embedding and final ones
+    pooler: int     # BERT's pooler (dense h×h before the classifier)
+    head: int       # classification head (or LM head, 0 when tied to the embeddings)
+    total: int
+    linear_weights: int  # weights of every nn.Linear (blocks, pooler, head): what autocast copies to bf16
+
+
+def _head_linears(arch: Arch, num_labels: int, head: str) -> list[Linear]:
+    h = arch.hidden
+    if head == "causal_lm":
+        if arch.family == "bert":
+            raise ConfigError(f"model_type={arch.model_type!r} has no causal LM head here")
+        return [] if arch.tie_embeddings else [Linear("lm_head", h, arch.vocab, False)]
+    if arch.model_type == "roberta":  # RobertaClassificationHead: dense + out_proj on the first token
+        return [Linear("classifier.dense", h, h, True), Linear("classifier.out_proj", h, num_labels, True)]
+    if arch.family == "bert":
+        return [Linear("classifier", h, num_labels, True)]
+    return [Linear("score", h, num_labels, False)]  # Llama, GPT-2
+
+
+def count_params(config, num_labels: int = 2, head: str = "classification") -> ParamCounts:
+    """Parameter counts of AutoModelForSequenceClassification (or ...ForCausalLM with head="causal_lm")."""
+    _choice("head", head, HEADS)
+    arch = config if isinstance(config, Arch) else arch_from_config(config)
+    h, L = arch.hidden, arch.layers
+    attn = L * sum(lin.params for lin in arch.linears[:4 if arch.family != "gpt2" else 2])
+    mlp = L * sum(lin.params for lin in arch.linears[4 if arch.family != "gpt2" else 2:])
+    if arch.family == "llama":
+        embeddings, norms = arch.vocab * h, L * 2 * h + h  # RMSNorm: weight only
+    elif arch.family == "bert":
+        embeddings = (arch.vocab + arch.positions + arch.type_vocab) * h
+        norms = 2 * h + L * 2 * 2 * h  # LayerNorm: weight and bias
+    else:
+        embeddings, norms = (arch.vocab + arch.positions) * h, L * 2 * 2 * h + 2 * h
+    pooler = h * h + h if arch.model_type == "bert" and head == "classification" else 0
+    heads = _head_linears(arch, num_labels, head)
+    head_params = sum(lin.params for lin in heads)
+    linear_weights = (L * sum(lin.in_features * lin.out_features for lin in arch.linears)
+                      + sum(lin.in_features * lin.out_features for lin in heads) + (h * h if pooler else 0))
+    total = embeddings + attn + mlp + norms + pooler + head_params
+    return ParamCounts(embeddings, attn, mlp, norms, pooler, head_params, total, linear_weights)
+
+
+def match_layer_targets(arch: Arch, targets) -> list[Linear]:
+    """The layer linears that LoRA `targets` select: "all-linear" or module-name suffixes on a '.' boundary,
+    as lowrank.lora.match_targets does on a real model."""
+    if targets == ALL_LINEAR or (not isinstance(targets, str) and list(targets) == [ALL_LINEAR]):
+        return list(arch.linears)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    chosen = set()
+    for t in targets:
+        hits = {lin.name for lin in arch.linears if lin.name == t or lin.name.endswith("." + t)}
+        if not hits:
+            suffixes = sorted({n for lin in arch.linears for n in (lin.name, lin.name.split(".")[-1])})
+            raise ConfigError(f"method.targets entry {t!r} matches no linear layer of {arch.model_type}; "
+                              f"valid suffixes: {', '.join(suffixes)} (or {ALL_LINEAR!r})")
+        chosen |= hits
+    return [lin for lin in arch.linears if lin.name in chosen]
+
+
+def lora_adapter_params(config, targets, rank: int) -> int:
+    """r·(in + out) per targeted linear (A: r×in, B: out×r), times the number of layers."""
+    arch = config if isinstance(config, Arch) else arch_from_config(config)
+    return arch.layers * sum(rank * (lin.in_features + lin.out_features) for lin in match_layer_targets(arch, targets))
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+def _layer_bytes_per_token(arch: Arch, adapted: set[str], full: bool, rank: int, c: int, r: int,
+                           fused_attention: bool, padded: bool, seq_len: int) -> float:
+    """Bytes one layer saves for the backward, per token. c: compute dtype bytes (2 under bf16 autocast),
+    r: bytes of the residual stream feeding the projections (the weight dtype for Llama; fp32 for the
+    LayerNorm models, whose norms autocast runs in fp32). `adapted`: names of linears with a LoRA adapter."""
+    h, i, a = arch.hidden, arch.intermediate, arch.heads
+    lins = {lin.name: lin for lin in arch.linears}
+
+    def inputs_saved(names: list[str], width: int, input_bytes: int) -> float:
+        # A linear saves its input only to form its weight gradient: every linear in full fine-tuning, only the
+        # LoRA factor A in LoRA. Autocast casts an fp32 input to bf16 separately for each linear reading it;
+        # an input already in the compute dtype is one shared tensor.
+        readers = sum(full + (n in adapted) for n in names)
+        if readers == 0:
+            return 0
+        return c * width * (readers if input_bytes != c else 1)
+
+    lora_mid = c * sum(rank for n in lins if n in adapted)  # A x, the input of B: (.., r) per adapter
+
+    q_dim = a * arch.head_dim
+    kv_dim = arch.kv_heads * arch.head_dim
+    if padded and arch.kv_heads != a:
+        kv_dim = q_dim  # with a mask, transformers repeats k/v to every head before SDPA (no native GQA)
+    if fused_attention:  # flash / memory-efficient SDPA: q, k, v, output, log-sum-exp (fp32 per head)
+        attention = c * (q_dim + 2 * kv_dim) + c * q_dim + 4 * a
+    else:  # eager: q, k, v, fp32 softmax output, probabilities in c (and dropout mask + dropped copy)
+        attention = c * (q_dim + 2 * kv_dim) + (4 + c) * a * seq_len
+        if arch.attention_dropout > 0:
+            attention += (1 + c) * a * seq_len
+    act = ACTIVATION_SAVES.get(arch.activation, 1) * c * i
+    drop = 1 if arch.hidden_dropout > 0 else 0  # a bool mask per element
+
+    if arch.family == "llama":
+        # RMSNorm (HF): fp32 copy of its input (4h), plus the normalised tensor when its weight trains (r h).
+        norm = 4 * h + (r * h if full else 0)
+        qkv_in = inputs_saved(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], h, r)
+        o_in = inputs_saved(["self_attn.o_proj"], q_dim, c)  # SDPA output made contiguous: a second tensor
+        gate_up_in = inputs_saved(["mlp.gate_proj", "mlp.up_proj"], h, r)
+        mlp = 3 * c * i  # SiLU input; SiLU output and up output (both saved by their product)
+        down_in = inputs_saved(["mlp.down_proj"], i, c)
+        return 2 * norm + qkv_in + attention + o_in + gate_up_in + mlp + down_in + lora_mid
+    if arch.family == "bert":
+        # post-LN: inputs of q/k/v come from the previous LayerNorm (fp32); each sub-block ends with
+        # dropout (mask) and a LayerNorm that saves its fp32 input.
+        qkv_in = inputs_saved(["attention.self.query", "attention.self.key", "attention.self.value"], h, r)
+        o_in = inputs_saved(["attention.output.dense"], h, c)
+        up_in = inputs_saved(["intermediate.dense"], h, r)
+        down_in = inputs_saved(["output.dense"], i, c)
+        return qkv_in + attention + o_in + 2 * (drop * h + 4 * h) + up_in + act + down_in + lora_mid
+    # GPT-2, pre-LN: ln_1, one fused q/k/v projection whose output SDPA reads as views
+    qkv_in = inputs_saved(["attn.c_attn"], h, r)
+    o_in = inputs_saved(["attn.c_proj"], h, c)
+    up_in = inputs_saved(["mlp.c_fc"], h, r)
+    down_in = inputs_saved(["mlp.c_proj"], i, c)
+    return 2 * (4 * h + drop * h) + qkv_in + attention + o_in + up_in + act + down_in + lora_mid
+
+
+def _outside_layers_bytes_per_token(arch: Arch, head: str, full: bool, c: int, r: int) -> float:
+    """Embedding dropout, final norm, and what the head saves, per token (heads on the first token: ~0)."""
+    h = arch.hidden
+    drop = 1 if arch.hidden_dropout > 0 else 0
+    if arch.family == "bert":
+        return 4 * h + drop * h  # embedding LayerNorm input; pooler/classifier read only the first token
+    final_norm = 4 * h + (r * h if full and arch.family == "llama" else 0)
+    return drop * h + final_norm + c * h  # the head (score / lm_head) saves its input for every position
+
+
+def _loss_peak_bytes_per_token(arch: Arch, head: str) -> float:
+    """Causal LM loss (HF: logits.float(), cross-entropy): the fp32 log-softmax is saved, and its backward
+    holds two more fp32 (b, s, vocab) gradients at once: 12 bytes per vocabulary entry at the start of the
+    backward, before any layer's gradients exist. The bf16 logits die with the output object."""
+    return 12 * arch.vocab if head == "causal_lm" else 0
+
+
+# ---------------------------------------------------------------------------------------------- estimate
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: int
+    trainable_params: int
+    adapter_params: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    weight_copies_bytes: int
+    activations_bytes: int
+    total_bytes: int
+    # the settings it was computed for
+    method: str
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    activation_checkpointing: bool
+    weight_dtype: str
+    precision: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """A readable breakdown in GiB."""
+        rows = [("weights", self.weights_bytes), ("gradients", self.grads_bytes),
+                ("optimizer (AdamW moments)", self.optimizer_bytes),
+                ("bf16 weight copies (autocast)", self.weight_copies_bytes),
+                ("activations", self.activations_bytes), ("peak (total)", self.total_bytes)]
+        head = (f"{self.method}, micro-batch {self.micro_batch} x seq {self.seq_len}, grad_accum {self.grad_accum}, "
+                f"checkpointing {'on' if self.activation_checkpointing else 'off'}, weights {self.weight_dtype}, "
+                f"precision {self.precision}\nparams {self.params:,} (trainable {self.trainable_params:,}"
+                + (f", adapter {self.adapter_params:,}" if self.method == "lora" else "") + ")")
+        return head + "\n" + "\n".join(f"  {name:<31}{b / GIB:9.2f} GiB" for name, b in rows)
+
+
+def _choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank: int = 8,
+                    targets=ALL_LINEAR, num_labels: int = 2, weight_dtype: str = "fp32", precision: str = "bf16",
+                    activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
+                    fused_attention: bool = True, padded: bool = True) -> MemoryEstimate:
+    """Peak memory of one training step with AdamW. `config`: an HF config or a shape mapping.
+    `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
+    with fp32 weights, or bf16 weights), "fp32" means fp32 throughout."""
+    _choice("method.name", method, METHODS)
+    _choice("weight_dtype", weight_dtype, DTYPE_BYTES)
+    _choice("trainer.precision", precision, DTYPE_BYTES)
+    _choice("head", head, HEADS)
+    if weight_dtype == "bf16" and precision == "fp32":
+        raise ConfigError("weight_dtype='bf16' computes in bf16; use precision='bf16' with it")
+    arch = config if isinstance(config, Arch) else arch_from_config(config)
+    counts = count_params(arch, num_labels, head)
+    w, c = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[precision]
+    full = method == "full"
+    adapted = set()
+    adapter = 0
+    if not full:
+        chosen = match_layer_targets(arch, targets)
+        too_small = [lin for lin in chosen if rank > min(lin.in_features, lin.out_features)]
+        if rank < 1 or too_small:
+            raise ConfigError(f"method.rank={rank} is not valid for target {too_small[0].name if too_small else ''}"
+                              f" (it must be >= 1 and <= min(in, out))")
+        adapted = {lin.name for lin in chosen}
+        adapter = lora_adapter_params(arch, targets, rank)
+    head_params = counts.head if head == "classification" else 0  # the trainer trains the classifier
+    trainable = counts.total if full else adapter + head_params
+    params = counts.total + adapter
+
+    weights = params * w
+    grads = trainable * w
+    optimizer = 2 * trainable * w
+    # fp32 weights under bf16 autocast: a bf16 copy of every linear weight lives from forward to backward.
+    # With checkpointing, frozen weights' copies are dropped at once (only one recomputed layer's exist) and
+    # trainable ones stay in autocast's cache until the forward ends.
+    copies = 0
+    if c < w:
+        one_layer = sum(lin.in_features * lin.out_features for lin in arch.linears)
+        if not activation_checkpointing:
+            copies = c * (counts.linear_weights + adapter)
+        elif full:
+            copies = c * counts.linear_weights
+        else:
+            copies = c * (one_layer + adapter)
+
+    r = w if arch.family == "llama" else 4  # LayerNorm (autocast fp32 op) makes the residual stream fp32
+    tokens = batch_size * seq_len
+    per_layer = _layer_bytes_per_token(arch, adapted, full, rank, c, r, fused_attention, padded, seq_len)
+    if activation_checkpointing:  # HF checkpoints each layer: keep its input, recompute one at a time
+        layers = arch.layers * r * arch.hidden + per_layer
+    else:
+        layers = arch.layers * per_layer
+    # The backward of a layer holds a few gradients of its own at once (measured: about two MLP-wide ones
+    # in the compute dtype and two fp32 hidden-wide ones) on top of what is still saved; the LM loss's
+    # backward peaks earlier, before any layer's.
+    workspace = max(2 * c * arch.intermediate + 2 * 4 * arch.hidden, _loss_peak_bytes_per_token(arch, head))
+    activations = tokens * (layers + workspace + _outside_layers_bytes_per_token(arch, head, full, c, r))
+    if padded:
+        activations += batch_size * seq_len * seq_len  # the (b, 1, s, s) bool mask, built once
+    activations = int(math.ceil(activations))
+
+    if grad_accum > 1:
+        total = weights + optimizer + grads + copies + activations
+    else:
+        total = weights + optimizer + max(grads, copies + activations)
+    return MemoryEstimate(params, trainable, adapter, weights, grads, optimizer, copies, activations, total,
+                          method, batch_size, seq_len, grad_accum, activation_checkpointing, weight_dtype,
+                          precision)
+
+
+def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_accum: int = 1,
+                      activation_checkpointing: bool = False, device_type: str = "cuda",
+                      padded: bool = True) -> MemoryEstimate:
+    """The estimate for a composed run config (`cfg.model`, `cfg.method`, `cfg.trainer`, `cfg.task`).
+    `config`: the HF config if already at hand (else read without weights via lowrank.shapes).
+    precision "auto" means bf16 on CUDA and fp32 on CPU, as in the trainer; `trainer.weight_dtype` (if the
+    trainer config has it) picks bf16 weights, else fp32."""
+    from .shapes import load_hf_config
+    t, m = cfg.trainer, cfg.method
+    if config is None:
+        config = load_hf_config(cfg.model, cfg.task.num_labels)
+    precision = t.precision if t.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    targets = m.targets if isinstance(m.targets, str) else list(m.targets)
+    return estimate_memory(config, m.name, micro_batch or t.batch_size, t.max_length, rank=m.get("rank") or 8,
+                           targets=targets, num_labels=cfg.task.num_labels,
+                           weight_dtype=t.get("weight_dtype", "fp32"), precision=precision,
+                           activation_checkpointing=activation_checkpointing, grad_accum=grad_accum,
+                           padded=padded)

@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable here; never wait on it
+os.environ.setdefault("WANDB_SILENT", "true")
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+# A real run, shrunk: a few steps on a few examples (MiniLM, fine-food reviews).
+TINY = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.eval_interval=3", "task.train_size=64",
+        "task.eval_size=32", "trainer.max_length=64", "logger=none", "trainer.progress_bar=false"]
+
+
+def compose_cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Run train(cfg) on a tiny config; returns (metrics, run_dir)."""
+    from lowrank.trainer import train
+
+    def run(*overrides, name="run"):
+        cfg = compose_cfg(TINY + [f"runs_root={tmp_path}"] + list(overrides))
+        run_dir = tmp_path / name
+        return train(cfg, run_dir=run_dir), run_dir
+    return run
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
+    import subprocess
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,48 @@
+"""The Hydra entry point: multirun, W&B offline, and one-line errors for bad input."""
+import json
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+
+def one_error_line(result, *needles):
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("method.rank=0", ["method.rank=0", ">= 1"]),
+    ("method.targets=[query,nope]", ["'nope'", "valid suffixes", "value"]),
+    ("model=nope", ["model='nope'", "minilm", "smollm2"]),
+    ("task=nope", ["task='nope'", "fine_foods", "tweets"]),
+    ("method=nope", ["method='nope'", "full", "lora"]),
+    ("model=roberta_base", ["Hub is unreachable", "model.path"]),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, override, needles):
+    result = run_cli(["-m", "experiments.train", override, f"runs_root={tmp_path}", *TINY], cwd=tmp_path,
+                     timeout=120)
+    one_error_line(result, *needles)
+
+
+def test_multirun_with_offline_wandb(tmp_path):
+    result = run_cli(["-m", "experiments.train", "-m", "method=lora", "method.rank=1,4", "seed=0,1",
+                      "trainer.max_steps=5", *[o for o in TINY if not o.startswith(("logger", "trainer.max_steps"))],
+                      "logger=wandb", f"runs_root={tmp_path}"], cwd=tmp_path, env_extra={"WANDB_API_KEY": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent for p in tmp_path.glob("default/*/metrics.json"))
+    assert len(runs) == 4
+    seen = set()
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "complete"
+        assert (run / "delta_w.safetensors").exists() and (run / ".hydra" / "config.yaml").exists()
+        offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(offline) == 1, list((run / "wandb").rglob("*"))
+        seen.add((metrics["adapted_params"], (run / ".hydra/overrides.yaml").read_text()))
+    assert len(seen) == 4

