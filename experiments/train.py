@@ -7,11 +7,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from lowrank.cli import run_main
+from lowrank.cli import one_line_errors, run_main
 from lowrank.trainer import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@one_line_errors
 def main(cfg: DictConfig) -> float:
     return train(cfg)["eval_accuracy"]
 

@@ -1,4 +1,5 @@
 """Shared by the Hydra entry points: check config-group choices up front, and turn ConfigError into one line."""
+import functools
 import os
 import sys
 from pathlib import Path
@@ -37,14 +38,24 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_dirname", run_dirname, replace=True)
 
 
-def run_main(main) -> None:
-    """Run a @hydra.main function; a ConfigError becomes one line (traceback only with HYDRA_FULL_ERROR=1)."""
+def one_line_errors(task):
+    """Wrap a Hydra task function: a ConfigError exits with one line (a traceback only with
+    HYDRA_FULL_ERROR=1). Hydra would otherwise print the job's overrides and a full stack trace."""
     from .errors import ConfigError
+
+    @functools.wraps(task)
+    def wrapped(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except ConfigError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            fail(str(e))
+    return wrapped
+
+
+def run_main(main) -> None:
+    """Start a @hydra.main entry point after checking config-group names on the command line."""
     register_resolvers()
     check_group_overrides(sys.argv[1:])
-    try:
-        main()
-    except ConfigError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e))
+    main()

@@ -357,8 +357,8 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     # With checkpointing, frozen weights' copies are dropped at once (only one recomputed layer's exist) and
     # trainable ones stay in autocast's cache until the forward ends.
     copies = 0
+    one_layer = sum(lin.in_features * lin.out_features for lin in arch.linears)
     if c < w:
-        one_layer = sum(lin.in_features * lin.out_features for lin in arch.linears)
         if not activation_checkpointing:
             copies = c * (counts.linear_weights + adapter)
         elif full:
@@ -382,10 +382,13 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
         activations += batch_size * seq_len * seq_len  # the (b, 1, s, s) bool mask, built once
     activations = int(math.ceil(activations))
 
+    # The end of the backward: (nearly) every gradient exists while the first layer's backward still holds
+    # its saved tensors, its temporaries and (autocast) its weight copies.
+    last_layer = int(tokens * (per_layer + workspace)) + (c * one_layer if c < w else 0)
     if grad_accum > 1:
         total = weights + optimizer + grads + copies + activations
     else:
-        total = weights + optimizer + max(grads, copies + activations)
+        total = weights + optimizer + max(copies + activations, grads + last_layer)
     return MemoryEstimate(params, trainable, adapter, weights, grads, optimizer, copies, activations, total,
                           method, batch_size, seq_len, grad_accum, activation_checkpointing, weight_dtype,
                           precision)

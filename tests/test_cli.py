@@ -17,7 +17,7 @@ def one_error_line(result, *needles):
 
 
 @pytest.mark.parametrize("override,needles", [
-    ("method.rank=0", ["method.rank=0", ">= 1"]),
+    ("method.rank=0", ["method.rank=0", "integer > 0"]),
     ("method.targets=[query,nope]", ["'nope'", "valid suffixes", "value"]),
     ("model=nope", ["model='nope'", "minilm", "smollm2"]),
     ("task=nope", ["task='nope'", "fine_foods", "tweets"]),

@@ -1,0 +1,152 @@
+"""Fit a run under a GPU memory budget (`budget.gib`): cap the process, then find the largest micro-batch
+that runs, accumulating gradients to keep the configured batch, and turn on activation checkpointing if
+even a micro-batch of 1 does not fit. A run that cannot fit is a result (`fits: false`), not a crash.
+
+    cap_process_memory(budget_bytes(cfg.budget), device)
+    fit = fit_micro_batch(cfg.trainer.batch_size, cuda_oom_probe(run_steps))   # run_steps(micro, ckpt)
+    fit.micro_batch, fit.grad_accum, fit.activation_checkpointing, fit.fits, fit.failed_at
+
+On CPU nothing is capped: `fit_micro_batch(batch, estimate_probe(...))` checks the estimate instead.
+The search is device-agnostic: it only calls `probe(micro_batch, checkpointing) -> bool`, so tests inject one.
+"""
+import dataclasses
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .memory import GIB, MemoryEstimate
+
+Probe = Callable[[int, bool], bool]  # (micro_batch, activation_checkpointing) -> ran without running out
+
+
+def budget_bytes(cfg_budget) -> int | None:
+    """`budget.gib` in bytes (GiB = 2**30); None when there is no budget (`budget=none` or no budget group)."""
+    gib = None if cfg_budget is None else cfg_budget.get("gib")
+    if gib is None:
+        return None
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0:
+        raise ConfigError(f"budget.gib={gib!r} is not valid; it must be a number of GiB > 0, or null for no budget")
+    return int(gib * GIB)
+
+
+def micro_batch_candidates(batch_size: int) -> list[int]:
+    """Micro-batches that divide the batch exactly, largest first: 12 -> [12, 6, 4, 3, 2, 1]."""
+    return [m for m in range(batch_size, 0, -1) if batch_size % m == 0]
+
+
+@dataclass
+class FitResult:
+    micro_batch: int | None       # None when nothing fits
+    grad_accum: int | None        # batch_size / micro_batch
+    activation_checkpointing: bool
+    fits: bool
+    failed_at: dict | None = None  # the last setting that ran out of memory: {micro_batch, activation_checkpointing}
+    tried: list[dict] = field(default_factory=list)  # every probe, in order: {micro_batch, activation_checkpointing, ok}
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fit_micro_batch(batch_size: int, probe: Probe, allow_checkpointing: bool = True) -> FitResult:
+    """Try every micro-batch that divides `batch_size`, largest first, without activation checkpointing,
+    then (if allowed) the same with it; the first that runs wins."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"trainer.batch_size={batch_size!r} is not valid; it must be an integer > 0")
+    tried = []
+    for checkpointing in ((False, True) if allow_checkpointing else (False,)):
+        for micro in micro_batch_candidates(batch_size):
+            ok = bool(probe(micro, checkpointing))
+            tried.append({"micro_batch": micro, "activation_checkpointing": checkpointing, "ok": ok})
+            if ok:
+                return FitResult(micro, batch_size // micro, checkpointing, True, None, tried)
+    last = tried[-1]
+    return FitResult(None, None, last["activation_checkpointing"], False,
+                     {"micro_batch": last["micro_batch"], "activation_checkpointing": last["activation_checkpointing"]},
+                     tried)
+
+
+def free_cuda_memory(device=None) -> None:
+    """Drop what a failed attempt left: collect its tensors, hand cached blocks back, restart the peak."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_oom_probe(run_steps: Callable[[int, bool], None], device=None) -> Probe:
+    """Wrap `run_steps(micro_batch, checkpointing)` (a few real optimizer steps at that setting, with at least
+    two accumulated micro-batches when micro_batch < batch so gradients and activations coexist) into a
+    probe: False when it runs out of GPU memory, after freeing what the attempt allocated."""
+    def probe(micro_batch: int, checkpointing: bool) -> bool:
+        try:
+            run_steps(micro_batch, checkpointing)
+            ok = True
+        except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
+            ok = False
+        # outside the except block, so the traceback (and the tensors its frames hold) is already gone
+        free_cuda_memory(device)
+        return ok
+    return probe
+
+
+def estimate_probe(estimate: Callable[..., MemoryEstimate], budget: int) -> Probe:
+    """A probe that asks the memory model instead of the device (CPU runs, and `experiments.estimate`).
+    `estimate(micro_batch=, grad_accum=, activation_checkpointing=)` returns a MemoryEstimate."""
+    def probe(micro_batch: int, checkpointing: bool) -> bool:
+        est = estimate(micro_batch=micro_batch, activation_checkpointing=checkpointing,
+                       grad_accum=probe.batch_size // micro_batch)
+        return est.total_bytes <= budget
+    probe.batch_size = None  # set by fit_with_estimate
+    return probe
+
+
+def fit_with_estimate(batch_size: int, estimate: Callable[..., MemoryEstimate], budget: int | None,
+                      allow_checkpointing: bool = True) -> tuple[FitResult, MemoryEstimate]:
+    """The fit the memory model predicts, and the estimate at the chosen setting (at the configured batch
+    without checkpointing when nothing fits, or when there is no budget)."""
+    if budget is None:
+        return FitResult(batch_size, 1, False, True), estimate(micro_batch=batch_size, grad_accum=1,
+                                                                 activation_checkpointing=False)
+    probe = estimate_probe(estimate, budget)
+    probe.batch_size = batch_size
+    fit = fit_micro_batch(batch_size, probe, allow_checkpointing)
+    if fit.fits:
+        return fit, estimate(micro_batch=fit.micro_batch, grad_accum=fit.grad_accum,
+                             activation_checkpointing=fit.activation_checkpointing)
+    return fit, estimate(micro_batch=batch_size, grad_accum=1, activation_checkpointing=False)
+
+
+def cap_process_memory(budget: int | None, device) -> float | None:
+    """Cap this process's CUDA caching allocator at `budget` bytes (an allocation beyond it raises
+    OutOfMemoryError, as on a smaller GPU). Returns the fraction set; None on CPU or without a budget.
+    The CUDA context itself (a few hundred MiB) lives outside the allocator and is not counted."""
+    device = torch.device(device)
+    if budget is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget > total:
+        raise ConfigError(f"budget.gib={budget / GIB:g} is more than this GPU has ({total / GIB:.1f} GiB)")
+    fraction = budget / total
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+def require_weights_fit(estimate: MemoryEstimate, budget: int | None) -> None:
+    """Raise when the budget cannot even hold the weights: no micro-batch or checkpointing can help."""
+    if budget is not None and budget < estimate.weights_bytes:
+        need = math.ceil(estimate.weights_bytes / GIB * 100) / 100
+        raise ConfigError(f"budget.gib={budget / GIB:g} is below the model's weights alone "
+                          f"({estimate.weights_bytes / GIB:.2f} GiB in {estimate.weight_dtype}); the minimum "
+                          f"budget.gib is {need:g}")
+
+
+def check_budget_vs_estimate(estimate: MemoryEstimate, budget: int | None) -> dict:
+    """What a run records about its budget without a device to probe (CPU): the estimate decides `fits`.
+    Raises (via `require_weights_fit`) when the budget is below the weights alone."""
+    require_weights_fit(estimate, budget)
+    return {"budget_bytes": budget, "fits": budget is None or estimate.total_bytes <= budget,
+            "memory_estimate": estimate.as_dict()}
