@@ -23,6 +23,38 @@ def check_group_overrides(argv: list[str]) -> None:
                 fail(f"{key}={choice!r} is not a known {key}; choose one of {group_options(key)}")
 
 
+def check_value_overrides(argv: list[str]) -> None:
+    """Reject `a.b=value` when `a.b` is not a key of the composed config, in one line naming the valid keys
+    (Hydra's own message spans several lines and a stack-trace hint). `+a.b=` adds keys on purpose."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    group_args, value_keys = [], []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") in groups:
+            group_args.append(f"{key}={value.split(',')[0]}")  # the first choice of a sweep composes the rest
+        elif not key.startswith(("+", "~", "hydra.")) and key != "hydra":
+            value_keys.append(key)
+    if not value_keys:
+        return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=group_args)
+    for key in value_keys:
+        parts, node, depth = key.split("."), cfg, 0
+        while depth < len(parts) - 1 and OmegaConf.is_dict(node) and parts[depth] in node:
+            node, depth = node[parts[depth]], depth + 1  # walk down to the deepest key that exists
+        if depth == len(parts) - 1 and OmegaConf.is_dict(node) and parts[-1] in node:
+            continue
+        prefix = ".".join(parts[:depth])
+        if not OmegaConf.is_dict(node):
+            fail(f"{key} is not a config key; {prefix} is a value, not a group of keys")
+        where = f"under {prefix!r}" if depth else "at the top level"
+        fail(f"{key} is not a config key; valid keys {where}: {', '.join(sorted(map(str, node.keys())))}")
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -58,4 +90,5 @@ def run_main(main) -> None:
     """Start a @hydra.main entry point after checking config-group names on the command line."""
     register_resolvers()
     check_group_overrides(sys.argv[1:])
+    check_value_overrides(sys.argv[1:])
     main()

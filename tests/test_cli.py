@@ -23,9 +23,13 @@ def one_error_line(result, *needles):
     ("task=nope", ["task='nope'", "fine_foods", "tweets"]),
     ("method=nope", ["method='nope'", "full", "lora"]),
     ("model=roberta_base", ["Hub is unreachable", "model.path"]),
+    ("method.foo=1", ["method.foo is not a config key", "rank"]),
+    ("trainer.lr=fast", ["trainer.lr='fast'", "a number"]),
+    ("model.path=/no/such/folder", ["/no/such/folder", "no such folder"]),
+    ("task.train_size=100000", ["task.train_size=100000", "4000"]),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, override, needles):
-    result = run_cli(["-m", "experiments.train", override, f"runs_root={tmp_path}", *TINY], cwd=tmp_path,
+    result = run_cli(["-m", "experiments.train", f"runs_root={tmp_path}", *TINY, override], cwd=tmp_path,
                      timeout=120)
     one_error_line(result, *needles)
 
