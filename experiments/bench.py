@@ -17,7 +17,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import platform
 import time
 import types
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
-from lowrank.lora_fast import lora_linear
+from lowrank.lora_fast import FlatMasterAdamW, lora_linear
 from lowrank.perf import flops_per_token, peak_flops, peak_memory_bytes
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,9 +41,11 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=256, batch=2, seq=32),
 }
 # (method, impl, rank, targets): one row each per shape
+# ours: bf16 factors + fp32 flat master AdamW + fused function; ours-fp32: fp32 factors under autocast +
+# fused function (PEFT's parameter handling); ours-unfused: fp32 factors + LoRALinear's plain forward.
 CONFIGS = [("full", "torch", None, None),
-           ("lora", "ours", 16, ALL_LINEAR), ("lora", "peft", 16, ALL_LINEAR), ("lora", "ours-unfused", 16, ALL_LINEAR),
-           ("lora", "ours", 8, QV), ("lora", "peft", 8, QV)]
+           ("lora", "ours", 16, ALL_LINEAR), ("lora", "peft", 16, ALL_LINEAR), ("lora", "ours-fp32", 16, ALL_LINEAR),
+           ("lora", "ours-unfused", 16, ALL_LINEAR), ("lora", "ours", 8, QV), ("lora", "peft", 8, QV)]
 
 
 def fused_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -72,23 +73,30 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int):
 
 
 def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.Module:
-    """LoRA with alpha = 2r, dropout 0, A kaiming-uniform and B = 0, factors in fp32 (PEFT's default)."""
+    """LoRA with alpha = 2r, dropout 0, A kaiming-uniform and B = 0. PEFT keeps its factors in fp32 (its
+    default); ours keeps them in the model's dtype for FlatMasterAdamW (fp32 masters), the other two in fp32."""
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                 target_modules=targets, bias="none"))
     inject_lora(model, targets, rank=rank, alpha=2 * rank)
     for layer in lora_layers(model).values():
-        layer.lora_A = nn.Parameter(layer.lora_A.detach().float())
-        layer.lora_B = nn.Parameter(layer.lora_B.detach().float())
-        if impl == "ours":
+        if impl != "ours":
+            layer.lora_A = nn.Parameter(layer.lora_A.detach().float())
+            layer.lora_B = nn.Parameter(layer.lora_B.detach().float())
+        if impl in ("ours", "ours-fp32"):
             layer.forward = types.MethodType(fused_forward, layer)
     freeze_for_lora(model, head=None)
     return model
 
 
-def make_step(model, params, device, lr):
-    opt = torch.optim.AdamW(params, lr=lr, fused=True)
+def make_step(model, params, device, lr, impl):
+    if impl == "ours":
+        opt = FlatMasterAdamW(params, lr=lr)
+        zero = opt.zero_grad
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, fused=True)
+        zero = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
     amp = device.type == "cuda"  # bf16 autocast on GPU; plain fp32 in the CPU smoke test
 
     def step(batch):
@@ -96,7 +104,7 @@ def make_step(model, params, device, lr):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        zero()
         return loss.detach()
     return step, opt
 
@@ -113,13 +121,13 @@ def free(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(name, shape, method, impl, rank, targets, device, dtype, warmup, steps, seed):
+def measure(name, shape, method, impl, rank, targets, device, dtype, warmup, steps, seed, profile_to=None):
     free(device)
     model = build(shape, device, dtype, seed)
     if method == "lora":
         model = add_lora(model, impl, rank, targets)
     params = [p for p in model.parameters() if p.requires_grad]
-    step, opt = make_step(model, params, device, lr=1e-5 if method == "full" else 1e-4)
+    step, opt = make_step(model, params, device, lr=1e-5 if method == "full" else 1e-4, impl=impl)
     g = torch.Generator(device=device).manual_seed(seed)
     batches = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device, generator=g)
                for _ in range(4)]
@@ -131,6 +139,7 @@ def measure(name, shape, method, impl, rank, targets, device, dtype, warmup, ste
         loss = step(batches[i % 4])
     sync(device)  # the steps are asynchronous: wait for the GPU before reading the clock
     dt = (time.perf_counter() - t0) / steps
+    busy = gpu_busy(step, batches[0], device, f"{name} {method} {impl} r={rank}", profile_to)
     tokens = shape["batch"] * shape["seq"]
     fpt = flops_per_token(model, shape["seq"], shape["num_hidden_layers"], shape["hidden_size"])
     peak = peak_flops(device, "bf16")
@@ -140,48 +149,46 @@ def measure(name, shape, method, impl, rank, targets, device, dtype, warmup, ste
                mfu=(fpt * tokens / dt / peak) if peak else None, step_time_s=dt,
                batch=shape["batch"], seq_len=shape["seq"], trainable_params=sum(p.numel() for p in params),
                trainable_dtype=str(params[0].dtype).removeprefix("torch."), flops_per_token=fpt,
-               final_loss=float(loss), warmup_steps=warmup, timed_steps=steps)
+               final_loss=float(loss), warmup_steps=warmup, timed_steps=steps, gpu_busy_s=busy)
     del model, params, step, opt, batches, loss
     free(device)
     return row
 
 
-def profile_step(name, shape, impl, device, dtype, seed, out: Path):
-    """Top CUDA kernels of one LoRA r=16 all-linear step: where the time goes."""
+def gpu_busy(step, batch, device, title, profile_to: Path | None):
+    """Seconds of kernel time in one step (profiler): against the step's wall time it says whether the
+    GPU or the CPU launching kernels sets the pace. Optionally appends the top kernels to `profile_to`."""
+    if device.type != "cuda":
+        return None
     from torch.profiler import ProfilerActivity, profile
-    free(device)
-    model = add_lora(build(shape, device, dtype, seed), impl, 16, ALL_LINEAR)
-    step, opt = make_step(model, [p for p in model.parameters() if p.requires_grad], device, 1e-4)
-    batch = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device)
-    for _ in range(3):
-        step(batch)
-    sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(batch)
         sync(device)
-    with open(out, "a") as f:
-        f.write(f"\n## {name} LoRA r=16 all-linear, impl={impl}: one step\n")
-        f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
-    del model, step, opt, prof
-    free(device)
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) * 1e-6
+    if profile_to is not None:
+        with open(profile_to, "a") as f:
+            f.write(f"\n## {title}: one step, {1e3 * busy:.1f} ms of kernels\n")
+            f.write(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+    return busy
 
 
 def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3):
     """Loss curves of ours and PEFT from identical base weights, identical A (copied into PEFT), B = 0."""
     free(device)
     base = build(shape, device, dtype, seed)
-    ours = add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR)
+    ours = add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR)  # bf16 factors, fp32 masters
     theirs = add_lora(base, "peft", rank, ALL_LINEAR)
     with torch.no_grad():
         for n, layer in lora_layers(ours).items():
-            theirs.get_submodule(f"base_model.model.{n}").lora_A["default"].weight.copy_(layer.lora_A)
+            theirs.get_submodule(f"base_model.model.{n}").lora_A["default"].weight.copy_(layer.lora_A.float())
     # learnable data, so the curve moves: tokens from a 1/8 slice of the vocabulary
     g = torch.Generator(device=device).manual_seed(seed + 1)
     batches = [torch.randint(0, shape["vocab_size"] // 8, (shape["batch"], shape["seq"]), device=device, generator=g)
                for _ in range(n_steps)]
     curves = {}
     for impl, model in (("ours", ours), ("peft", theirs)):
-        step, _ = make_step(model, [p for p in model.parameters() if p.requires_grad], device, lr)
+        step, _ = make_step(model, [p for p in model.parameters() if p.requires_grad], device, lr, impl)
         curves[impl] = [float(step(b)) for b in batches]
         del step
     del ours, theirs, base
@@ -236,14 +243,19 @@ def markdown(rows, ratios, par, meta) -> str:
              f"peft {meta['peft']}, Python {meta['python']}.", "",
              "Random-init Llama shapes built on the GPU in bf16, SDPA attention, random tokens; fused AdamW. "
              "Full fine-tuning: bf16 weights and bf16 AdamW states. LoRA (alpha = 2r, dropout 0): frozen bf16 "
-             "base, fp32 factors under bf16 autocast in both ours and PEFT. `ours-unfused` is our LoRALinear "
-             "with its plain forward (no fused autograd function). MFU: 6N trained + 4N frozen matmul FLOPs "
-             "per token + attention, over the dense bf16 peak.", "",
-             "| model | method | impl | rank | targets | tokens/s | step ms | peak GiB | MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "base; PEFT: fp32 factors under bf16 autocast (its default); ours: bf16 factors in the model, "
+             "fp32 master weights stepped by one fused AdamW (`FlatMasterAdamW`), the fused autograd function "
+             "(`lora_linear`): the same numerics (bf16 compute, fp32 update). `ours-fp32`: fp32 factors under "
+             "autocast like PEFT + the fused function; `ours-unfused`: fp32 factors + LoRALinear's plain "
+             "forward. GPU busy: kernel time of one profiled step; a step time above it means the CPU, "
+             "launching kernels, sets the pace. MFU: 6N trained + 4N frozen matmul FLOPs per token + "
+             "attention, over the dense bf16 peak.", "",
+             "| model | method | impl | rank | targets | tokens/s | step ms | GPU busy ms | peak GiB | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {fmt(r['rank'], 'd')} | {r['targets'] or '–'} "
                      f"| {r['tokens_per_second']:,.0f} | {1e3 * r['step_time_s']:.1f} "
+                     f"| {fmt(r['gpu_busy_s'] and 1e3 * r['gpu_busy_s'], '.1f')} "
                      f"| {r['peak_memory_bytes'] / 2**30:.1f} | {fmt(r['mfu'], '.1%')} |")
     lines += ["", "| model | LoRA | ours/PEFT tokens/s | ours/full tokens/s | fused/unfused | ours/PEFT peak memory |",
               "|---|---|---|---|---|---|"]
@@ -269,7 +281,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script, not speed)")
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {list(SHAPES)}")
-    ap.add_argument("--profile", action="store_true", help="also write the top CUDA kernels of one LoRA step")
+    ap.add_argument("--profile", action="store_true", help="also write the top CUDA kernels of one step per r=16 config")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -290,13 +302,18 @@ def main():
 
     json_path, md_path = out / f"lora_vs_peft_{tag}.json", out / f"lora_vs_peft_{tag}.md"
     rows, par, t_start = [], None, time.perf_counter()
+    prof_path = out / f"profile_{tag}.txt"
+    prof_path.unlink(missing_ok=True)
     for name in models:
         for method, impl, rank, targets in CONFIGS:
-            row = measure(name, SHAPES[name], method, impl, rank, targets, device, dtype, warmup, steps, args.seed)
+            keep = args.profile and rank in (None, 16) and impl in ("torch", "ours", "peft")
+            row = measure(name, SHAPES[name], method, impl, rank, targets, device, dtype, warmup, steps, args.seed,
+                          prof_path if keep else None)
             rows.append(row)
             print(f"{name:11s} {method:4s} {impl:12s} r={fmt(rank, 'd'):2s} {row['targets'] or '':14s} "
                   f"{row['tokens_per_second']:9,.0f} tok/s  {1e3 * row['step_time_s']:7.1f} ms  "
                   f"{row['peak_memory_bytes'] / 2**30:6.1f} GiB  MFU {fmt(row['mfu'], '.1%')}  "
+                  f"GPU busy {fmt(row['gpu_busy_s'] and 1e3 * row['gpu_busy_s'], '.1f')} ms  "
                   f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
             json_path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off run keeps them
             md_path.write_text(markdown(rows, ratio_rows(rows), par, meta))
@@ -315,11 +332,6 @@ def main():
     for c in check_targets(ratios):
         print(f"target {c['model']} r={c['rank']} {c['what']} {c['target']}: {c['value']:.2f} "
               f"{'MET' if c['met'] else 'NOT MET'}")
-    if args.profile and device.type == "cuda":
-        prof_path = out / f"profile_{tag}.txt"
-        prof_path.unlink(missing_ok=True)
-        for impl in ("ours", "peft"):
-            profile_step(models[-1], SHAPES[models[-1]], impl, device, dtype, args.seed, prof_path)
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Writes `svd_{device}.json` and `.md` under --out.
 import argparse
 import json
 import os
-import platform
 import queue
 import threading
 import time
