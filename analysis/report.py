@@ -1,0 +1,330 @@
+"""Analyse every run below one or more roots and write the tables the figures are built from.
+
+    python -m analysis.report runs [more_roots ...] --out analysis_out
+
+Writes (each file atomically; re-running on the same runs gives identical tables):
+  tables/runs.csv             one row per analysed run: run_id, path, flattened config, scalar metrics
+  tables/spectrum.csv         one row per run × matrix: ranks, norms, intruder count
+  tables/singular_values.csv  one row per run × matrix × singular value
+  tables/subspace.csv         φ(i, j) grids between pairs of runs, with the random-subspace baseline
+  tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
+  report.md                   runs analysed and skipped (with reasons), key numbers, timing
+"""
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import amplification as amp
+from . import spectra
+from .runs import LowRank, Run, collect_runs, layer_and_matrix
+from .subspace import factor_bases, phi_grid, random_phi_grid
+
+SETUP = ["model.name", "task.name", "task.train_size", "trainer.max_steps"]  # runs comparable only within one
+SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
+                    "random_baseline"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # readers never see a half-written table
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv(path: Path, df: pd.DataFrame) -> None:
+    # 7 significant digits: ΔW and W0 are stored in fp32, so more would only be noise (and bytes)
+    write_atomic(path, df.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
+
+
+class BaseCache:
+    """W0, its thin SVD and whether that SVD is truncated, per (base file, matrix): shared by every run of
+    one base model."""
+
+    def __init__(self, device, exact_max_dim: int | None, topk: int):
+        self.device, self.exact_max_dim, self.topk, self._svd = device, exact_max_dim, topk, {}
+
+    def get(self, run: Run, name: str):
+        key = (run.base_path, name)
+        if key not in self._svd:
+            w0 = run.base_weight(name)
+            truncated = self.exact_max_dim is not None and min(w0.shape) > self.exact_max_dim
+            self._svd[key] = (w0, spectra.svd_dense(w0, k=self.topk if truncated else None,
+                                                    randomized=truncated, device=self.device), truncated)
+        return self._svd[key]
+
+
+def delta_svd(d, opts):
+    """Thin SVD of one ΔW: (U, S, Vh, total), total = ‖ΔW‖_F² when the SVD is a randomised top-k one (then S
+    is incomplete), else None. LoRA goes through its factors; dense ΔW is exact up to --exact-max-dim."""
+    if isinstance(d, LowRank):
+        return (*spectra.svd_factored(d.B, d.A, d.scaling), None)
+    if opts.exact_max_dim is None or min(d.shape) <= opts.exact_max_dim:
+        return (*spectra.svd_dense(d, device=opts.device), None)
+    U, S, Vh = spectra.svd_dense(d, k=opts.topk, randomized=True, device=opts.device)
+    return U, S, Vh, torch.linalg.matrix_norm(d.double()).item() ** 2
+
+
+def analyse_run(run: Run, cache: BaseCache, opts) -> dict:
+    """Spectrum, singular-value, amplification rows and the subspace bases of every matrix of one run."""
+    kinds = layer_and_matrix(dict.fromkeys(run.base_names() + list(run.names)))
+    ident = {"run_id": run.run_id, "method": run.method, "rank": run.rank, "seed": run.seed}
+    spectrum, sigmas, amps, bases = [], [], [], {}
+    t0, spectra_seconds = time.perf_counter(), 0.0
+    for name in run.names:
+        layer, kind = kinds[name]
+        where = {"layer": layer, "matrix_type": kind}
+        t_svd = time.perf_counter()
+        d = run.delta(name)
+        U, S, Vh, total = delta_svd(d, opts)
+        spectra_seconds += time.perf_counter() - t_svd  # reading ΔW + its SVD: the cost of a spectrum alone
+        w0, w_svd, w_truncated = cache.get(run, name)
+        fro = spectra.fro_norm(S) if total is None else total ** 0.5
+        intruders = None
+        if total is None and not w_truncated:  # intruders need every singular vector of W0
+            dense = d.dense() if isinstance(d, LowRank) else d  # W0 + ΔW must be formed here, unlike the spectrum
+            U_ft = spectra.svd_dense(w0 + dense, k=opts.intruder_k, device=opts.device)[0]
+            intruders = amp.intruder_count(w_svd[0], U_ft, opts.intruder_k, opts.intruder_eps)
+        spectrum.append(ident | where | {
+            "module": name, "out_features": w0.shape[0], "in_features": w0.shape[1],
+            **{f"r{round(p * 100)}": spectra.energy_rank(S, p, total) for p in (0.5, 0.9, 0.99)},
+            "effective_rank": spectra.effective_rank(S) if total is None else None,
+            "stable_rank": spectra.stable_rank(S) if total is None else total / S[0].item() ** 2,
+            "fro_norm": fro, "spectral_norm": S[0].item(), "rel_norm": spectra.relative_norm(fro, w0),
+            "intruders": intruders})
+        sigmas += [ident | where | {"index": k + 1, "sigma": s} for k, s in enumerate(S.tolist())]
+        for r in amplification_ranks(run, opts.amp_ranks, len(S), len(w_svd[1])):
+            amps.append(ident | where | {"r": r}
+                        | amp.amplification(w0, w_svd, (U, S, Vh), r, seed=0, delta_fro=fro)
+                        | {"random_phi_out": r / w0.shape[0], "random_phi_in": r / w0.shape[1]})
+        cap = opts.max_dim  # φ grids never look further than this many directions
+        bases[name] = where | {"delta": (U[:, :cap], Vh[:cap].mT)}
+        if isinstance(d, LowRank):
+            U_b, V_a = factor_bases(d.B, d.A)
+            bases[name]["factor"] = (U_b[:, :cap], V_a[:, :cap])
+    return {"spectrum": spectrum, "sigmas": sigmas, "amps": amps, "bases": bases,
+            "seconds": time.perf_counter() - t0, "spectra_seconds": spectra_seconds}
+
+
+def amplification_ranks(run: Run, amp_ranks: list[int], n_delta: int, n_w: int) -> list[int]:
+    """LoRA: its own rank (the paper's Table 7). Full fine-tuning: every r in amp_ranks that fits."""
+    ranks = [run.rank] if run.method == "lora" else amp_ranks
+    return [r for r in ranks if r <= min(n_delta, n_w)]
+
+
+def select_pairs(table: pd.DataFrame) -> pd.DataFrame:
+    """Pairs of runs to compare, within one setup (SETUP columns equal):
+      rank:         LoRA runs, same targets and seed, different ranks (run_a has the smaller rank)
+      seed:         LoRA runs, same targets and rank, different seeds (run_a has the smaller seed)
+      lora_vs_full: every LoRA run vs the full fine-tuning run with its seed, else the one with the smallest
+                    seed (run_a is the LoRA run; only the matrices both stored are compared).
+    Returns columns run_a, run_b, kind, sorted."""
+    if table.empty:
+        return pd.DataFrame(columns=["run_a", "run_b", "kind"])
+    t = table.copy()
+    for c in SETUP + ["method.targets", "method.rank"]:
+        t[c] = t[c].astype(str) if c in t else "None"  # None/NaN must group like any other value
+    rows = []
+    for _, g in t.groupby(SETUP, dropna=False, sort=True):
+        lora = g[g["method.name"] == "lora"].sort_values(["seed", "method.rank", "run_id"]).to_dict("records")
+        full = g[g["method.name"] == "full"].sort_values(["seed", "run_id"]).to_dict("records")
+        for a in lora:
+            for b in lora:
+                if a["run_id"] == b["run_id"] or a["method.targets"] != b["method.targets"]:
+                    continue
+                ra, rb = int(float(a["method.rank"])), int(float(b["method.rank"]))
+                if a["seed"] == b["seed"] and ra < rb:
+                    rows.append((a["run_id"], b["run_id"], "rank"))
+                if ra == rb and a["seed"] < b["seed"]:
+                    rows.append((a["run_id"], b["run_id"], "seed"))
+            if full:
+                same = [f for f in full if f["seed"] == a["seed"]]
+                rows.append((a["run_id"], (same or full)[0]["run_id"], "lora_vs_full"))
+    return pd.DataFrame(rows, columns=["run_a", "run_b", "kind"]).sort_values(["kind", "run_a", "run_b"],
+                                                                             ignore_index=True)
+
+
+def subspace_rows(kind: str, run_a: str, run_b: str, bases_a: dict, bases_b: dict) -> list[pd.DataFrame]:
+    """φ grids for every matrix both runs stored, on both sides, one block of rows per matrix and side.
+    LoRA vs LoRA uses the factors' directions (basis 'factor', as the paper); a comparison with full
+    fine-tuning uses ΔW's (basis 'delta')."""
+    basis = "factor" if kind in ("rank", "seed") else "delta"
+    blocks = []
+    for name in sorted(set(bases_a) & set(bases_b)):
+        a, b = bases_a[name], bases_b[name]
+        for side, col in (("output", 0), ("input", 1)):
+            Ua, Ub = a[basis][col], b[basis][col]
+            grid, base = phi_grid(Ua, Ub), random_phi_grid(Ua.shape[1], Ub.shape[1], Ua.shape[0])
+            i, j = torch.meshgrid(torch.arange(1, grid.shape[0] + 1), torch.arange(1, grid.shape[1] + 1),
+                                  indexing="ij")
+            blocks.append(pd.DataFrame({
+                "run_a": run_a, "run_b": run_b, "kind": kind, "basis": basis, "side": side, "layer": a["layer"],
+                "matrix_type": a["matrix_type"], "i": i.flatten().numpy(), "j": j.flatten().numpy(),
+                "phi": grid.flatten().numpy(), "random_baseline": base.flatten().numpy()}))
+    return blocks
+
+
+def _frame(rows: list[dict], sort_keys: list[str], int_cols: list[str]) -> pd.DataFrame:
+    """Rows as a table sorted by sort_keys, so that re-runs write identical files."""
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for c in int_cols:
+        df[c] = df[c].astype("Int64")  # nullable: rank is empty for full fine-tuning, not "8.0"
+    return df.sort_values(sort_keys, ignore_index=True)
+
+
+def summarise(table, spectrum, subspace, amps, skipped, timing, opts) -> str:
+    """The short report: what was analysed, what was skipped and why, key numbers, timing."""
+    lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", "",
+             f"## Runs analysed ({len(table)})", ""]
+    if len(table):
+        cols = [c for c in ["run_id", "method.name", "method.rank", "seed", "task.name", "trainer.max_steps",
+                            "eval_accuracy"] if c in table]
+        lines += [_md(table[cols].sort_values("run_id")), ""]
+    lines += [f"## Runs skipped ({len(skipped)})", ""] + [f"- `{r}`: {why}" for r, why in skipped] + [""]
+    runs = table.set_index("run_id") if len(table) else None
+
+    if len(subspace):
+        s = subspace[(subspace.i == 1) & (subspace.j == 1)].copy()
+        s["pair"] = [f"{_label(runs.loc[a])} vs {_label(runs.loc[b])}" for a, b in zip(s.run_a, s.run_b)]
+        g = s.groupby(["kind", "pair", "side", "matrix_type"]).agg(
+            phi_1_1_mean=("phi", "mean"), phi_1_1_min=("phi", "min"), phi_1_1_max=("phi", "max"),
+            n=("phi", "size"), random_baseline=("random_baseline", "mean")).reset_index()
+        lines += ["## φ(·,·,1,1): overlap of the top directions (over layers and pairs)", "",
+                  "kind rank: same seed, two ranks; seed: same rank, two seeds (basis 'factor': input side = right "
+                  "singular vectors of A, output side = left of B). lora_vs_full: basis 'delta' (ΔW's own).", "",
+                  _md(g), ""]
+    if len(spectrum):
+        full = spectrum[spectrum.method == "full"]
+        if len(full):
+            g = full.groupby("matrix_type").agg(r90_mean=("r90", "mean"), r90_min=("r90", "min"),
+                                                r90_max=("r90", "max"), r50_mean=("r50", "mean"),
+                                                r99_mean=("r99", "mean"), effective_rank=("effective_rank", "mean"),
+                                                stable_rank=("stable_rank", "mean"),
+                                                width=("in_features", "min")).reset_index()
+            lora_ranks = sorted(spectrum.loc[spectrum.method == "lora", "rank"].dropna().unique().tolist())
+            lines += ["## Energy rank of full fine-tuning ΔW (over layers and full runs)", "",
+                      f"LoRA ranks analysed: {lora_ranks or 'none'}. "
+                      f"Share of full-FT matrices with r90 ≤ each LoRA rank: " +
+                      ", ".join(f"r={r}: {(full.r90 <= r).mean():.2f}" for r in lora_ranks), "", _md(g), ""]
+        g = spectrum.groupby(["method", "rank", "matrix_type"], dropna=False).agg(
+            r90_mean=("r90", "mean"), effective_rank=("effective_rank", "mean"), stable_rank=("stable_rank", "mean"),
+            rel_norm=("rel_norm", "mean"), intruders=("intruders", "mean"), n=("r90", "size")).reset_index()
+        lines += [f"## Per method and matrix type (means; intruders: top-{opts.intruder_k} left singular vectors, "
+                  f"ε = {opts.intruder_eps})", "", _md(g), ""]
+    if len(amps):
+        g = amps.groupby(["method", "rank", "r", "matrix_type"], dropna=False).agg(
+            delta_fro=("delta_fro", "mean"), w_fro=("w_fro", "mean"), proj_delta=("proj_delta", "mean"),
+            proj_w=("proj_w", "mean"), proj_random=("proj_random", "mean"),
+            amplification=("amplification", "mean"), amp_min=("amplification", "min"),
+            amp_max=("amplification", "max")).reset_index()
+        lines += ["## Amplification (LoRA paper Table 7: ‖UᵀWV‖_F for U, V from ΔW / W / random; "
+                  "amplification = ‖ΔW‖_F / ‖UᵀWV‖_F with ΔW's U, V; means over layers and runs)", "",
+                  _md(g), ""]
+    lines += ["## Timing", ""] + [f"- {k}: {v}" for k, v in timing.items()] + [""]
+    return "\n".join(lines)
+
+
+def _label(run: pd.Series) -> str:
+    return f"r{run['method.rank']:.0f}" if run["method.name"] == "lora" else run["method.name"]
+
+
+def _md(df: pd.DataFrame) -> str:
+    """A markdown table without the optional `tabulate` dependency."""
+    def cell(v):
+        return "" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v)
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    return "\n".join([head, rule] + ["| " + " | ".join(cell(v) for v in row) + " |"
+                                     for row in df.itertuples(index=False)])
+
+
+def run_report(opts) -> dict:
+    """Compute every table for the runs below opts.roots and write them under opts.out. Returns the tables."""
+    t_start = time.perf_counter()
+    opts = argparse.Namespace(**vars(opts))  # a copy: the default amp_ranks below depend on the runs found
+    runs, table, skipped = collect_runs(opts.roots)
+    if opts.amp_ranks is None:  # the LoRA ranks present, so full fine-tuning lines up with them
+        opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"}) or [8]
+    t_load = time.perf_counter() - t_start
+    cache = BaseCache(opts.device, opts.exact_max_dim, opts.topk)
+    results = {run.run_id: analyse_run(run, cache, opts) for run in runs}
+    t_runs = time.perf_counter() - t_start - t_load
+
+    pairs = select_pairs(table)
+    blocks = [block for p in pairs.itertuples() for block in
+              subspace_rows(p.kind, p.run_a, p.run_b, results[p.run_a]["bases"], results[p.run_b]["bases"])]
+    t_sub = time.perf_counter() - t_start - t_load - t_runs
+
+    keys = ["run_id", "layer", "matrix_type"]
+    spectrum = _frame([r for v in results.values() for r in v["spectrum"]], keys,
+                      ["rank", "r50", "r90", "r99", "intruders"])
+    sigmas = _frame([r for v in results.values() for r in v["sigmas"]], keys + ["index"], ["rank"])
+    amps = _frame([r for v in results.values() for r in v["amps"]], keys + ["r"], ["rank"])
+    subspace = pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(columns=SUBSPACE_COLUMNS)
+    subspace = subspace.sort_values(["kind", "run_a", "run_b", "side", "layer", "matrix_type", "i", "j"],
+                                    ignore_index=True)
+    table = table.sort_values("run_id", ignore_index=True) if len(table) else table
+
+    out = Path(opts.out)
+    for name, df in [("runs", table), ("spectrum", spectrum), ("singular_values", sigmas),
+                     ("subspace", subspace), ("amplification", amps)]:
+        write_csv(out / "tables" / f"{name}.csv", df)
+    full_ids = [r.run_id for r in runs if r.method == "full"]
+    timing = {"device": str(opts.device), "runs found and checked": f"{t_load:.2f} s",
+              "spectra, intruders, amplification (all runs)": f"{t_runs:.2f} s",
+              "subspace grids": f"{t_sub:.2f} s ({len(pairs)} pairs, {len(subspace)} rows)",
+              "total": f"{time.perf_counter() - t_start:.2f} s"}
+    for i in full_ids:
+        res = results[i]
+        timing[f"full-FT run `{i}`, {len(res['spectrum'])} matrices"] = (
+            f"ΔW spectra {res['spectra_seconds']:.2f} s; with W0 SVDs, intruders, amplification {res['seconds']:.2f} s")
+    timing["subspace.csv size"] = f"{(out / 'tables' / 'subspace.csv').stat().st_size / 1e6:.1f} MB"
+    write_atomic(out / "report.md", summarise(table, spectrum, subspace, amps, skipped, timing, opts))
+    for k, v in timing.items():
+        print(f"{k}: {v}")
+    print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}")
+    return {"runs": table, "spectrum": spectrum, "singular_values": sigmas, "subspace": subspace,
+            "amplification": amps, "skipped": skipped, "pairs": pairs}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("roots", nargs="+", help="directories holding run directories (searched recursively)")
+    p.add_argument("--out", required=True, help="output directory (tables/ and report.md)")
+    p.add_argument("--max-dim", type=int, default=64,
+                   help="largest i, j in the φ grids (LoRA grids also stop at the rank)")
+    p.add_argument("--intruder-k", type=int, default=10, help="top-k singular vectors of W0+ΔW checked")
+    p.add_argument("--intruder-eps", type=float, default=0.5, help="max |cos| below which a vector intrudes")
+    p.add_argument("--amp-ranks", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="r values for full-FT amplification, e.g. 8,64 (default: the LoRA ranks found)")
+    p.add_argument("--exact-max-dim", type=int, default=None,
+                   help="dense matrices with min(out, in) above this get a randomised top-k SVD (default: all exact)")
+    p.add_argument("--topk", type=int, default=256, help="singular values kept by the randomised SVD")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); 1 is fastest on a CPU other jobs keep busy, "
+                        "where OpenMP threads otherwise wait on each other")
+    opts = p.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    opts.device = spectra.default_device() if opts.device == "auto" else torch.device(opts.device)
+    return opts
+
+
+def main(argv=None) -> None:
+    run_report(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""`python -m analysis.report` on a synthetic runs root written in the run-directory format by hand:
+tables are written, broken runs are named as skipped, and the numbers equal the math functions' answers."""
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from analysis import amplification as amp
+from analysis import spectra
+from analysis.report import main, select_pairs
+from analysis.runs import collect_runs
+from analysis.subspace import factor_bases, phi_grid
+
+from .conftest import run_cli
+
+LAYERS = 2
+SHAPES = {"attention.self.query": (16, 16), "attention.self.value": (16, 16),
+          "attention.output.dense": (16, 16), "intermediate.dense": (24, 16), "output.dense": (16, 24)}
+TARGETS = ["query", "value"]
+
+
+def module(layer, kind):
+    return f"bert.encoder.layer.{layer}.{kind}"
+
+
+def write_base(root: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    path = root / "base_weights" / "tiny-0123456789.safetensors"
+    path.parent.mkdir(parents=True)
+    w0 = {f"{module(i, k)}.weight": torch.randn(*s, generator=g) for i in range(LAYERS) for k, s in SHAPES.items()}
+    save_file(w0, str(path), metadata={"base_model": "tiny"})
+    return path
+
+
+def write_run(root: Path, base: Path, name: str, method: str, seed: int, rank: int | None = None) -> Path:
+    """A run directory as experiments.train leaves it: unresolved Hydra config, metrics.json, ΔW file."""
+    run = root / "2026-01-01" / name
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {"model": {"name": "tiny", "path": "nowhere", "attention_targets": TARGETS},
+           "task": {"name": "fine_foods", "train_size": None},
+           "trainer": {"max_steps": 10, "lr": 1e-3},
+           "method": {"name": method, "targets": "all-linear"}, "seed": seed, "runs_root": str(root)}
+    if method == "lora":
+        cfg["method"] = {"name": "lora", "rank": rank, "alpha": 2 * rank, "scaling": "standard",
+                         "targets": "${model.attention_targets}"}  # Hydra keeps interpolations unresolved
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    g = torch.Generator().manual_seed(100 * seed + (rank or 0))
+    tensors, names = {}, []
+    for i in range(LAYERS):
+        for kind, (out, inp) in SHAPES.items():
+            if method == "lora" and kind.split(".")[-1] not in TARGETS:
+                continue
+            names.append(module(i, kind))
+            if method == "lora":
+                tensors[f"{names[-1]}.lora_A"] = torch.randn(rank, inp, generator=g)
+                tensors[f"{names[-1]}.lora_B"] = 0.1 * torch.randn(out, rank, generator=g)
+            else:
+                tensors[f"{names[-1]}.delta"] = 0.01 * torch.randn(out, inp, generator=g)
+    meta = {"method": method, "scaling": json.dumps(2.0 if method == "lora" else 1.0), "rank": json.dumps(rank),
+            "alpha": json.dumps(2 * rank if rank else None), "targets": json.dumps(names),
+            "base_model": "nowhere", "base_model_name": "tiny", "base_weights": os.path.relpath(base, run)}
+    save_file(tensors, str(run / "delta_w.safetensors"), metadata=meta)
+    (run / "metrics.json").write_text(json.dumps({"status": "complete", "eval_accuracy": 0.5 + seed / 10,
+                                                  "eval_history": [{"step": 10}], "wall_seconds": 1.0}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    base = write_base(root)
+    write_run(root, base, "lora_r2_s0", "lora", 0, 2)
+    write_run(root, base, "lora_r4_s0", "lora", 0, 4)
+    write_run(root, base, "lora_r2_s1", "lora", 1, 2)
+    write_run(root, base, "full_s0", "full", 0)
+    truncated = write_run(root, base, "lora_r4_s1_truncated", "lora", 1, 4) / "delta_w.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (write_run(root, base, "full_s1_no_config", "full", 1) / ".hydra" / "config.yaml").unlink()
+    running = write_run(root, base, "lora_r8_s0_running", "lora", 0, 8)
+    (running / "metrics.json").unlink()
+    wandb = root / "2026-01-01" / "lora_r2_s0" / "wandb" / "run-x"  # never searched for runs
+    wandb.mkdir(parents=True)
+    (wandb / "metrics.json").write_text("{}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    res = run_cli(["-m", "analysis.report", str(runs_root), "--out", str(out), "--max-dim", "8"],
+                  cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert res.returncode == 0, res.stderr
+    tables = {p.stem: pd.read_csv(p) for p in (out / "tables").glob("*.csv")}
+    return out, tables, res.stdout
+
+
+def test_collect_runs_lists_skipped_with_reasons(runs_root):
+    runs, table, skipped = collect_runs([runs_root])
+    assert sorted(table.run_id) == ["2026-01-01/full_s0", "2026-01-01/lora_r2_s0", "2026-01-01/lora_r2_s1",
+                                    "2026-01-01/lora_r4_s0"]
+    reasons = dict(skipped)
+    assert "truncated or corrupt" in reasons["2026-01-01/lora_r4_s1_truncated"]
+    assert "config.yaml missing" in reasons["2026-01-01/full_s1_no_config"]
+    assert "metrics.json missing" in reasons["2026-01-01/lora_r8_s0_running"]
+    assert len(skipped) == 3
+    row = table.set_index("run_id").loc["2026-01-01/lora_r2_s0"]
+    assert row["method.targets"] == '["query", "value"]' and row["eval_accuracy"] == 0.5
+    assert "eval_history" not in table
+
+
+def test_report_writes_every_table_and_names_skipped_runs(report):
+    out, tables, stdout = report
+    assert set(tables) == {"runs", "spectrum", "singular_values", "subspace", "amplification"}
+    text = (out / "report.md").read_text()
+    for name in ["lora_r4_s1_truncated", "full_s1_no_config", "lora_r8_s0_running"]:
+        assert name in text
+    assert "Runs analysed (4)" in text and "Runs skipped (3)" in text
+    assert "total:" in stdout
+    spec = tables["spectrum"]
+    assert list(spec.columns[:6]) == ["run_id", "method", "rank", "seed", "layer", "matrix_type"]
+    for col in ["r50", "r90", "r99", "effective_rank", "stable_rank", "fro_norm", "rel_norm", "intruders"]:
+        assert col in spec
+    # 3 LoRA runs × 2 layers × {query, value} + 1 full run × 2 layers × 5 matrices
+    assert len(spec) == 3 * 4 + 10
+    assert set(spec.matrix_type) == {"query", "value", "attention.output.dense", "intermediate.dense",
+                                     "output.dense"}
+
+
+def test_spectrum_numbers_equal_the_math(runs_root, report):
+    _, tables, _ = report
+    runs = {r.run_id: r for r in collect_runs([runs_root])[0]}
+    spec = tables["spectrum"].set_index(["run_id", "layer", "matrix_type"])
+    for run_id, name, kind in [("2026-01-01/lora_r4_s0", module(1, "attention.self.value"), "value"),
+                               ("2026-01-01/full_s0", module(0, "intermediate.dense"), "intermediate.dense")]:
+        run, layer = runs[run_id], int(name.split(".")[3])
+        d, w0 = run.delta(name), run.base_weight(name)
+        dense = d.dense() if run.method == "lora" else d
+        S = spectra.svdvals_dense(dense, device=torch.device("cpu"))
+        row = spec.loc[(run_id, layer, kind)]
+        for p in (0.5, 0.9, 0.99):
+            assert row[f"r{round(p * 100)}"] == spectra.energy_rank(S, p)
+        # a dense SVD of B·A has rounding-noise values past the rank, which the factored path never sees
+        assert row.effective_rank == pytest.approx(spectra.effective_rank(S[S > 1e-6 * S[0]]), rel=1e-5)
+        assert row.stable_rank == pytest.approx(spectra.stable_rank(S), rel=1e-5)
+        assert row.fro_norm == pytest.approx(torch.linalg.matrix_norm(dense.double()).item(), rel=1e-6)
+        assert row.rel_norm == pytest.approx(spectra.relative_norm(row.fro_norm, w0), rel=1e-6)
+        assert row.intruders == amp.intruder_dimensions(w0, dense, k=10, eps=0.5)
+    sv = tables["singular_values"]
+    assert len(sv[sv.run_id == "2026-01-01/lora_r4_s0"]) == 4 * 4    # r values per LoRA matrix
+    assert len(sv[sv.run_id == "2026-01-01/full_s0"]) == 2 * (16 * 3 + 16 + 16)
+
+
+def test_pairs_and_subspace_grid(runs_root, report):
+    _, tables, _ = report
+    sub = tables["subspace"]
+    kinds = sub.groupby("kind")[["run_a", "run_b"]].apply(lambda g: sorted(set(map(tuple, g.values))))
+    assert kinds["rank"] == [("2026-01-01/lora_r2_s0", "2026-01-01/lora_r4_s0")]
+    assert kinds["seed"] == [("2026-01-01/lora_r2_s0", "2026-01-01/lora_r2_s1")]
+    assert kinds["lora_vs_full"] == [(f"2026-01-01/{r}", "2026-01-01/full_s0")
+                                     for r in ["lora_r2_s0", "lora_r2_s1", "lora_r4_s0"]]
+    # LoRA grids stop at the ranks; full fine-tuning at --max-dim 8
+    rank = sub[sub.kind == "rank"]
+    assert rank.i.max() == 2 and rank.j.max() == 4 and len(rank) == 4 * 2 * 2 * 4
+    assert sub[sub.kind == "lora_vs_full"].j.max() == 8
+    # φ on the input side from A's right singular vectors, as the paper
+    runs = {r.run_id: r for r in collect_runs([runs_root])[0]}
+    name = module(0, "attention.self.query")
+    a, b = runs["2026-01-01/lora_r2_s0"].delta(name), runs["2026-01-01/lora_r4_s0"].delta(name)
+    expected = phi_grid(factor_bases(a.B, a.A)[1], factor_bases(b.B, b.A)[1])
+    got = rank[(rank.side == "input") & (rank.layer == 0) & (rank.matrix_type == "query")].sort_values(["i", "j"])
+    assert torch.allclose(torch.tensor(got.phi.values), expected.flatten(), atol=1e-7)
+    assert (got.random_baseline.values == [max(i, j) / 16 for i, j in zip(got.i, got.j)]).all()
+    assert set(sub.basis[sub.kind == "lora_vs_full"]) == {"delta"} and set(rank.basis) == {"factor"}
+
+
+def test_amplification_numbers_equal_the_math(runs_root, report):
+    _, tables, _ = report
+    amps = tables["amplification"]
+    full = amps[amps.method == "full"]
+    assert sorted(full.r.unique()) == [2, 4]                       # the LoRA ranks found
+    assert (amps[amps.method == "lora"].r == amps[amps.method == "lora"]["rank"]).all()
+    run = {r.run_id: r for r in collect_runs([runs_root])[0]}["2026-01-01/lora_r2_s1"]
+    name = module(1, "attention.self.query")
+    d, w0 = run.delta(name), run.base_weight(name)
+    want = amp.amplification(w0, spectra.svd_dense(w0, device=torch.device("cpu")),
+                             spectra.svd_factored(d.B, d.A, d.scaling), 2)
+    row = amps[(amps.run_id == run.run_id) & (amps.layer == 1) & (amps.matrix_type == "query")].iloc[0]
+    for k in ["w_fro", "delta_fro", "proj_delta", "proj_w", "proj_random", "amplification", "phi_out", "phi_in"]:
+        assert row[k] == pytest.approx(want[k], rel=1e-6), k
+
+
+def test_report_is_deterministic(runs_root, report, tmp_path):
+    out, _, _ = report
+    main([str(runs_root), "--out", str(tmp_path), "--max-dim", "8"])
+    for p in (out / "tables").glob("*.csv"):
+        assert (tmp_path / "tables" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_select_pairs_falls_back_to_any_full_run():
+    table = pd.DataFrame([
+        {"run_id": "a", "method.name": "lora", "method.rank": 8, "method.targets": "q", "seed": 3},
+        {"run_id": "b", "method.name": "full", "method.rank": None, "method.targets": "all", "seed": 0},
+        {"run_id": "c", "method.name": "lora", "method.rank": 8, "method.targets": "q", "seed": 0,
+         "task.name": "other"},
+    ])
+    pairs = select_pairs(table)
+    assert pairs.values.tolist() == [["a", "b", "lora_vs_full"]]   # c is another task: no pair
+
+
+def test_randomized_path_for_large_matrices(runs_root, report, tmp_path):
+    """Matrices wider than --exact-max-dim get a randomised top-k SVD: ranks it can resolve agree with the
+    exact report, the rest (effective rank, intruders) are left empty rather than guessed."""
+    _, tables, _ = report
+    main([str(runs_root), "--out", str(tmp_path), "--max-dim", "8", "--exact-max-dim", "12", "--topk", "12"])
+    approx = pd.read_csv(tmp_path / "tables" / "spectrum.csv").set_index(["run_id", "layer", "matrix_type"])
+    exact = tables["spectrum"].set_index(["run_id", "layer", "matrix_type"])
+    full = approx.loc["2026-01-01/full_s0"]
+    assert full.effective_rank.isna().all() and full.intruders.isna().all()
+    assert full.fro_norm.values == pytest.approx(exact.loc["2026-01-01/full_s0"].fro_norm.values, rel=1e-6)
+    resolved = full.r50.notna()
+    assert resolved.any()
+    assert (full.r50[resolved] == exact.loc["2026-01-01/full_s0"].r50[resolved]).all()
+    lora_approx, lora_exact = approx.loc["2026-01-01/lora_r2_s0"], exact.loc["2026-01-01/lora_r2_s0"]
+    assert lora_approx.intruders.isna().all()            # W0 is truncated too: its vectors are incomplete
+    cols = ["r50", "r90", "r99", "effective_rank", "stable_rank", "fro_norm"]  # factored: ΔW's SVD is exact
+    pd.testing.assert_frame_equal(lora_approx[cols], lora_exact[cols], check_dtype=False)
+
+
+def test_report_with_nothing_analysable_still_writes(tmp_path):
+    root = tmp_path / "runs"
+    run = root / "crashed"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\nmethod: {name: full}\n")
+    (run / "metrics.json").write_text(json.dumps({"status": "running"}))
+    main([str(root), "--out", str(tmp_path / "out")])
+    assert "`crashed`: metrics status is 'running'" in (tmp_path / "out" / "report.md").read_text()
+    assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {
+        "runs.csv", "spectrum.csv", "singular_values.csv", "subspace.csv", "amplification.csv"}
