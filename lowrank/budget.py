@@ -6,7 +6,7 @@ even a micro-batch of 1 does not fit. A run that cannot fit is a result (`fits: 
     fit = fit_micro_batch(cfg.trainer.batch_size, cuda_oom_probe(run_steps))   # run_steps(micro, ckpt)
     fit.micro_batch, fit.grad_accum, fit.activation_checkpointing, fit.fits, fit.failed_at
 
-On CPU nothing is capped: `fit_micro_batch(batch, estimate_probe(...))` checks the estimate instead.
+On CPU nothing is capped: `fit_with_estimate(batch, estimate, budget)` asks the memory model instead.
 The search is device-agnostic: it only calls `probe(micro_batch, checkpointing) -> bool`, so tests inject one.
 """
 import dataclasses
@@ -45,7 +45,7 @@ class FitResult:
     activation_checkpointing: bool
     fits: bool
     failed_at: dict | None = None  # the last setting that ran out of memory: {micro_batch, activation_checkpointing}
-    tried: list[dict] = field(default_factory=list)  # every probe, in order: {micro_batch, activation_checkpointing, ok}
+    tried: list[dict] = field(default_factory=list)  # every probe in order: {micro_batch, ..., ok}
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,9 +78,11 @@ def free_cuda_memory(device=None) -> None:
 
 
 def cuda_oom_probe(run_steps: Callable[[int, bool], None], device=None) -> Probe:
-    """Wrap `run_steps(micro_batch, checkpointing)` (a few real optimizer steps at that setting, with at least
-    two accumulated micro-batches when micro_batch < batch so gradients and activations coexist) into a
-    probe: False when it runs out of GPU memory, after freeing what the attempt allocated."""
+    """Wrap `run_steps(micro_batch, checkpointing)` into a probe: False when it runs out of GPU memory, after
+    freeing what the attempt allocated. `run_steps` should do what training will: at least one optimizer step
+    (so AdamW's moments exist) over two accumulated micro-batches when micro_batch < batch (so gradients and
+    activations coexist), and leave the run as it found it (e.g. lr 0, then clear `optimizer.state`, zero the
+    gradients, re-seed)."""
     def probe(micro_batch: int, checkpointing: bool) -> bool:
         try:
             run_steps(micro_batch, checkpointing)
@@ -93,14 +95,13 @@ def cuda_oom_probe(run_steps: Callable[[int, bool], None], device=None) -> Probe
     return probe
 
 
-def estimate_probe(estimate: Callable[..., MemoryEstimate], budget: int) -> Probe:
+def estimate_probe(estimate: Callable[..., MemoryEstimate], budget: int, batch_size: int) -> Probe:
     """A probe that asks the memory model instead of the device (CPU runs, and `experiments.estimate`).
     `estimate(micro_batch=, grad_accum=, activation_checkpointing=)` returns a MemoryEstimate."""
     def probe(micro_batch: int, checkpointing: bool) -> bool:
-        est = estimate(micro_batch=micro_batch, activation_checkpointing=checkpointing,
-                       grad_accum=probe.batch_size // micro_batch)
+        est = estimate(micro_batch=micro_batch, grad_accum=batch_size // micro_batch,
+                       activation_checkpointing=checkpointing)
         return est.total_bytes <= budget
-    probe.batch_size = None  # set by fit_with_estimate
     return probe
 
 
@@ -111,9 +112,7 @@ def fit_with_estimate(batch_size: int, estimate: Callable[..., MemoryEstimate], 
     if budget is None:
         return FitResult(batch_size, 1, False, True), estimate(micro_batch=batch_size, grad_accum=1,
                                                                  activation_checkpointing=False)
-    probe = estimate_probe(estimate, budget)
-    probe.batch_size = batch_size
-    fit = fit_micro_batch(batch_size, probe, allow_checkpointing)
+    fit = fit_micro_batch(batch_size, estimate_probe(estimate, budget, batch_size), allow_checkpointing)
     if fit.fits:
         return fit, estimate(micro_batch=fit.micro_batch, grad_accum=fit.grad_accum,
                              activation_checkpointing=fit.activation_checkpointing)

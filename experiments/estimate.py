@@ -1,0 +1,84 @@
+"""Predict a run's GPU memory from its config alone (no weights, no device), and fit it under a budget.
+
+    python -m experiments.estimate model=llama2_7b_shape method=full trainer.batch_size=1 trainer.max_length=512
+    python -m experiments.estimate model=llama_1b_shape method=lora method.rank=16 method.targets=all-linear \
+        trainer.batch_size=8 trainer.max_length=1024 budget=16gb
+    python -m experiments.estimate -m model=llama_1b_shape budget=8gb,16gb,24gb     # one report each
+
+Prints a breakdown in GiB and, last, one JSON line (weights_bytes, grads_bytes, optimizer_bytes,
+activations_bytes, total_bytes, budget_bytes, fits, and the micro_batch / grad_accum / activation_checkpointing
+the fit chose). With a budget, the fit is the trainer's search with the estimate standing in for the device.
+Writes no files. `trainer.precision=auto` counts as bf16: budgets are about GPU memory. `+trainer.weight_dtype=bf16`
+estimates bf16 weights (and bf16 AdamW moments) instead of the trainer's fp32 weights.
+"""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from lowrank.budget import budget_bytes, fit_with_estimate, require_weights_fit
+from lowrank.cli import one_line_errors, run_main
+from lowrank.errors import ConfigError
+from lowrank.memory import GIB, estimate_from_cfg
+from lowrank.shapes import load_hf_config
+
+# Run in place: no run directory, no .hydra/ folder, no log file (a sweep's multirun.yaml goes to the temp dir).
+NO_OUTPUT = ["hydra.run.dir=.", f"hydra.sweep.dir={Path(tempfile.gettempdir()) / 'lowrank-estimate'}",
+             "hydra.sweep.subdir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+             "hydra/hydra_logging=disabled"]
+
+
+def estimate(cfg: DictConfig) -> dict:
+    """The fitted estimate for `cfg`, as printed in the JSON line."""
+    config = load_hf_config(cfg.model, cfg.task.num_labels)
+    budget = budget_bytes(cfg.get("budget"))
+
+    def at(**setting):
+        return estimate_from_cfg(cfg, config, **setting)
+
+    configured = at()
+    report = {"model": cfg.model.name, "method": cfg.method.name}
+    try:
+        require_weights_fit(configured, budget)
+    except ConfigError as e:  # the trainer stops here; the estimate reports it as a result
+        fit, est, note = None, configured, str(e)
+    else:
+        if budget is None:
+            fit, est, note = None, configured, None
+        else:
+            fit, est = fit_with_estimate(cfg.trainer.batch_size, at, budget)
+            note = None
+    report.update({k: est.as_dict()[k] for k in ("weights_bytes", "grads_bytes", "optimizer_bytes",
+                                                 "weight_copies_bytes", "activations_bytes", "total_bytes")})
+    report.update(budget_bytes=budget, fits=budget is None or (fit is not None and fit.fits),
+                  micro_batch=est.micro_batch, grad_accum=est.grad_accum,
+                  activation_checkpointing=est.activation_checkpointing, params=est.params,
+                  trainable_params=est.trainable_params, weight_dtype=est.weight_dtype, precision=est.precision,
+                  note=note)
+    print(f"model {cfg.model.name}: {est.table()}")
+    if budget is not None:
+        if report["fits"]:
+            print(f"budget {budget / GIB:g} GiB: fits at micro-batch {est.micro_batch} x grad_accum {est.grad_accum}"
+                  f" (checkpointing {'on' if est.activation_checkpointing else 'off'})")
+        else:
+            print(f"budget {budget / GIB:g} GiB: does not fit" + (f": {note}" if note else
+                  f" even at micro-batch 1 with activation checkpointing ({fit.failed_at})"))
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    print(json.dumps(estimate(cfg)))
+
+
+def main_in_place() -> None:
+    sys.argv += NO_OUTPUT  # after run_main has checked the user's overrides
+    main()
+
+
+if __name__ == "__main__":
+    run_main(main_in_place)
