@@ -1,5 +1,6 @@
 """Shared by the Hydra entry points: check config-group choices up front, and turn ConfigError into one line."""
 import functools
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -61,8 +62,12 @@ def fail(message: str) -> None:
 
 
 def run_dirname(overrides: str) -> str:
-    """A run directory name from Hydra's `override_dirname`: no path separators, never empty."""
-    return overrides.replace("/", "_") or "defaults"
+    """A run directory name from Hydra's `override_dirname`: no path separators, never empty, and short
+    enough for the file system (a long one keeps its start and gets a hash of the whole)."""
+    name = overrides.replace("/", "_") or "defaults"
+    if len(name) > 200:
+        name = f"{name[:180]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
 
 
 def register_resolvers() -> None:

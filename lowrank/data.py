@@ -29,7 +29,8 @@ def _check_labels(split: Split, num_labels: int, where: str) -> Split:
     bad = [y for y in split.labels if not 0 <= y < num_labels]
     if bad:
         raise ConfigError(f"{where}: label {bad[0]} outside the task's classes 0..{num_labels - 1}")
-    empty = sum(1 for t in split.texts if not (t if isinstance(t, str) else "".join(t)).strip())
+    empty = sum(1 for t in split.texts if not t or (isinstance(t, str) and not t.strip())
+                or (isinstance(t, tuple) and not "".join(t).strip()))
     if empty == len(split.texts):
         raise ConfigError(f"{where}: every text is empty")
     return split
@@ -123,7 +124,20 @@ def load_hub(cfg):
     return split("train"), split(cfg.eval_split)
 
 
-LOADERS = {"fine_foods": load_fine_foods, "tweets": load_tweets, "wordnet": load_wordnet, "hub": load_hub}
+def load_synthetic(cfg):
+    """Random token ids of exactly `seq_len` tokens with random labels: for memory and throughput runs of
+    shape-only models (no tokenizer, no download). Fixed generator: the same data for every run."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    n = cfg.train_examples + cfg.test_examples
+    ids = torch.randint(1, cfg.vocab, (n, cfg.seq_len), generator=g).tolist()
+    labels = torch.randint(0, cfg.num_labels, (n,), generator=g).tolist()
+    k = cfg.train_examples
+    return Split(ids[:k], labels[:k]), Split(ids[k:], labels[k:])
+
+
+LOADERS = {"fine_foods": load_fine_foods, "tweets": load_tweets, "wordnet": load_wordnet, "hub": load_hub,
+           "synthetic": load_synthetic}
 
 
 def load_task(cfg, seed: int) -> tuple[Split, Split]:

@@ -90,8 +90,21 @@ def conv1d_to_linear(model: nn.Module) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
 
 
-def load_model(cfg_model, num_labels: int):
-    """Returns (model, tokenizer, head). The head is the freshly initialised classification layer."""
+def find_head(model: nn.Module, model_name: str) -> nn.Module:
+    heads = [getattr(model, h) for h in HEAD_NAMES if hasattr(model, h)]
+    if not heads:
+        raise ConfigError(f"model={model_name}: no classification head named one of {HEAD_NAMES}")
+    return heads[0]
+
+
+def load_model(cfg_model, num_labels: int, device="cpu"):
+    """Returns (model, tokenizer, head). The head is the freshly initialised classification layer.
+    Shape-only models (`model.shape`) are built with random weights directly on `device`, with no
+    tokenizer: they train on pre-tokenised data (task=synthetic)."""
+    if cfg_model.get("shape"):
+        from .shapes import build_random_model
+        model = build_random_model(cfg_model, num_labels, device)
+        return model, None, find_head(model, cfg_model.name)
     resolved = resolve_path(cfg_model.path)
     _check_source(cfg_model, resolved)
     if cfg_model.get("gguf_file"):
@@ -103,7 +116,4 @@ def load_model(cfg_model, num_labels: int):
     config.pad_token_id = tokenizer.pad_token_id
     model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=torch.float32)
     conv1d_to_linear(model)
-    heads = [getattr(model, h) for h in HEAD_NAMES if hasattr(model, h)]
-    if not heads:
-        raise ConfigError(f"model={cfg_model.name}: no classification head named one of {HEAD_NAMES}")
-    return model, tokenizer, heads[0]
+    return model, tokenizer, find_head(model, cfg_model.name)

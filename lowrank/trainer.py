@@ -19,12 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import atomic
+from .budget import (budget_bytes, cap_process_memory, cuda_oom_probe, fit_micro_batch, fit_with_estimate,
+                     free_cuda_memory, require_weights_fit)
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import load_task
 from .delta import DELTA_FILE, ensure_base_weights, linear_weights, write_delta
 from .errors import ConfigError
 from .logger import make_logger
 from .lora import INITS, SCALINGS, freeze_for_lora, inject_lora, lora_scaling, match_targets
+from .memory import estimate_from_cfg
 from .models import load_model
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 
@@ -34,7 +37,7 @@ METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
 LOGGERS = ("none", "wandb")
-FINAL_STATUSES = ("complete", "diverged")  # re-running would give the same result: skip
+FINAL_STATUSES = ("complete", "diverged", "does_not_fit")  # re-running would give the same result: skip
 
 
 def _choice(key: str, value, valid) -> None:
@@ -99,24 +102,31 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 class Batches:
-    """Pre-tokenised examples, padded per batch to its longest sequence; reshuffled each epoch (seeded)."""
+    """Pre-tokenised examples, right-padded per batch to its longest sequence. Texts are tokenised here;
+    lists of token ids (task=synthetic, for models without a tokenizer) are taken as they are."""
 
-    def __init__(self, tokenizer, split, max_length: int):
+    def __init__(self, tokenizer, split, max_length: int, pad_id: int):
         texts = split.texts
-        if texts and isinstance(texts[0], (tuple, list)):
-            enc = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
+        if texts and isinstance(texts[0], list):
+            self.features = [{"input_ids": t[:max_length], "attention_mask": [1] * len(t[:max_length])} for t in texts]
         else:
-            enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(split.labels))]
+            if texts and isinstance(texts[0], tuple):
+                enc = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
+            else:
+                enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+            self.features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(split.labels))]
         self.labels = split.labels
-        self.tokenizer = tokenizer
+        self.pad_id = pad_id
         self._perm, self._perm_epoch = None, None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def collate(self, idx) -> dict:
-        batch = self.tokenizer.pad([self.features[i] for i in idx], return_tensors="pt")
+        feats = [self.features[i] for i in idx]
+        n = max(len(f["input_ids"]) for f in feats)
+        batch = {k: torch.tensor([f[k] + [self.pad_id if k == "input_ids" else 0] * (n - len(f[k])) for f in feats])
+                 for k in feats[0]}
         batch["labels"] = torch.tensor([self.labels[i] for i in idx])
         return batch
 
@@ -173,6 +183,83 @@ def _finished_metrics(run_dir: Path) -> dict | None:
     return metrics if metrics.get("status") in FINAL_STATUSES else None
 
 
+def _worst_case_batch(micro: int, max_length: int, device) -> dict:
+    """A micro-batch of `max_length` tokens: what the longest real batch can cost."""
+    ids = torch.randint(1, 1000, (micro, max_length), device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(micro, dtype=torch.long,
+                                                                                           device=device)}
+
+
+def fit_to_budget(cfg, model, optimizer, trainable, device, autocast, micro: int) -> dict:
+    """Choose micro-batch and activation checkpointing under `budget.gib`.
+
+    CUDA: cap the process at the budget and probe real steps (largest micro-batch first, then with
+    checkpointing); the probes use lr 0 and their optimizer state and gradients are discarded, so the run
+    itself starts from the same weights. CPU: the memory model decides (nothing can be probed safely).
+    Always returns the memory estimate at the chosen setting, next to which the measured peak is recorded."""
+    tc = cfg.trainer
+    budget = budget_bytes(cfg.get("budget"))
+
+    def estimate(**kw):
+        return estimate_from_cfg(cfg, model.config, device_type=device.type, **kw)
+    if budget is not None:
+        try:
+            require_weights_fit(estimate(micro_batch=1, grad_accum=1), budget)
+        except ConfigError as e:
+            return {"fits": False, "budget_bytes": budget, "reason": str(e), "failed_at": None,
+                    "memory_estimate": estimate().as_dict()}
+    if budget is None:
+        result = {"fits": True, "micro_batch": micro, "activation_checkpointing": bool(tc.activation_checkpointing)}
+    elif device.type == "cuda":
+        free_cuda_memory(device)  # what an earlier job of this multirun left in the cache
+        cap_process_memory(budget, device)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+
+        def run_steps(m: int, checkpointing: bool) -> None:
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+            for g in optimizer.param_groups:
+                g["lr"] = 0.0
+            try:
+                for _ in range(min(2, tc.batch_size // m)):  # two micro-batches: gradients and activations coexist
+                    with autocast():
+                        model(**_worst_case_batch(m, tc.max_length, device)).loss.backward()
+                optimizer.step()  # allocates the optimizer state
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.state.clear()
+                for g, lr in zip(optimizer.param_groups, lrs):
+                    g["lr"] = lr
+                model.gradient_checkpointing_disable()
+        fit = fit_micro_batch(tc.batch_size, cuda_oom_probe(run_steps, device))
+        seed_everything(cfg.seed)  # the probes drew random numbers; the run starts from the seed again
+        result = fit.as_dict() | {"reason": None if fit.fits else "no micro-batch fits, even with checkpointing"}
+    else:
+        fit, _ = fit_with_estimate(tc.batch_size, estimate, budget)
+        result = fit.as_dict() | {"reason": None if fit.fits else "the estimate exceeds the budget at every setting"}
+    result["budget_bytes"] = budget
+    if result["fits"]:
+        result["memory_estimate"] = estimate(micro_batch=result["micro_batch"],
+                                             grad_accum=tc.batch_size // result["micro_batch"],
+                                             activation_checkpointing=result["activation_checkpointing"]).as_dict()
+    else:
+        result["memory_estimate"] = estimate().as_dict()
+    return result
+
+
+def _does_not_fit(run_dir: Path, cfg, fit: dict, t_start: float) -> dict:
+    """A run that cannot fit its budget is a result of the sweep, not a crash."""
+    metrics = {"status": "does_not_fit", "method": cfg.method.name, "fits": False, "budget_bytes": fit["budget_bytes"],
+               "reason": fit.get("reason"), "failed_at": fit.get("failed_at"), "tried": fit.get("tried"),
+               "memory_estimate": fit["memory_estimate"], "wall_seconds": time.perf_counter() - t_start}
+    log.warning("budget.gib=%g: does not fit (%s); recorded in %s", fit["budget_bytes"] / 2**30,
+                fit.get("reason"), run_dir / "metrics.json")
+    atomic.write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
 class Preempted(SystemExit):
     """SIGTERM (SLURM pre-emption): a checkpoint was written; re-run the same command to resume."""
 
@@ -213,7 +300,8 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
 
     seed_everything(cfg.seed)
     train_split, test_split = load_task(cfg.task, cfg.seed)
-    model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels)
+    model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels, device)
+    model.config.use_cache = False  # a k/v cache is for generation; in training it only costs memory
     try:
         targets = mc.targets if isinstance(mc.targets, str) else OmegaConf.to_object(mc.targets)
         names = match_targets(model, targets)
@@ -240,8 +328,9 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
-    train_batches = Batches(tokenizer, train_split, tc.max_length)
-    test_batches = Batches(tokenizer, test_split, tc.max_length)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    train_batches = Batches(tokenizer, train_split, tc.max_length, pad_id)
+    test_batches = Batches(tokenizer, test_split, tc.max_length, pad_id)
     if tc.batch_size > len(train_batches):
         raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
                           f"size ({len(train_batches)})")
@@ -249,8 +338,13 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     if tc.batch_size % micro:
         raise ConfigError(f"trainer.micro_batch_size={micro} is not valid; it must divide trainer.batch_size="
                           f"{tc.batch_size}")
-    if tc.activation_checkpointing:
+    fit = fit_to_budget(cfg, model, optimizer, trainable, device, autocast, micro)
+    if not fit["fits"]:
+        return _does_not_fit(run_dir, cfg, fit, t_start)
+    micro, checkpointing = fit["micro_batch"], fit["activation_checkpointing"]
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    eval_batch_size = min(tc.eval_batch_size, micro) if fit["budget_bytes"] else tc.eval_batch_size
 
     loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {
         "step": 0, "history": [], "recent_losses": [], "tokens": 0, "train_time": 0.0}
@@ -290,7 +384,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
                         "train/tokens_per_second": loop["tokens"] / loop["train_time"]}, step=step + 1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
-                ev = evaluate(model, test_batches, tc.eval_batch_size, device, autocast)
+                ev = evaluate(model, test_batches, eval_batch_size, device, autocast)
                 loop["history"].append({"step": step + 1, "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"],
                                         "train_loss": float(np.mean(loop["recent_losses"]))})
                 logger.log({"eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}, step=step + 1)
@@ -320,8 +414,8 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
 
     # Training accuracy on (up to) as many training examples as the test set has, for over-fitting plots.
     n_train_eval = min(len(train_split.labels), len(test_split.labels))
-    train_eval = evaluate(model, Batches(tokenizer, train_split.subset(n_train_eval, 0), tc.max_length),
-                          tc.eval_batch_size, device, autocast)
+    train_eval = evaluate(model, Batches(tokenizer, train_split.subset(n_train_eval, 0), tc.max_length, pad_id),
+                          eval_batch_size, device, autocast)
     write_delta(run_dir, model, mc.name, names, w0, base_path,
                 {"base_model": cfg.model.path, "base_model_name": cfg.model.name,
                  "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
@@ -354,7 +448,10 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
         "steps": tc.max_steps,
         "micro_batch": micro,
         "grad_accum": tc.batch_size // micro,
-        "activation_checkpointing": bool(tc.activation_checkpointing),
+        "activation_checkpointing": checkpointing,
+        "budget_bytes": fit["budget_bytes"],
+        "fits": True,
+        "memory_estimate": fit["memory_estimate"],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
         "wall_seconds": time.perf_counter() - t_start,
