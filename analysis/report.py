@@ -8,7 +8,9 @@ Writes (each file atomically; re-running on the same runs gives identical tables
   tables/singular_values.csv  one row per run × matrix × singular value
   tables/subspace.csv         φ(i, j) grids between pairs of runs, with the random-subspace baseline
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
-  report.md                   runs analysed and skipped (with reasons), key numbers, timing
+  report.md                   the figures (analysis/figures.py: figures/*.png, .pdf, .csv) with captions and
+                              tables, runs analysed and skipped (with reasons), key numbers, timing
+--no-figures writes the tables and the text report only.
 """
 import argparse
 import os
@@ -183,9 +185,11 @@ def _frame(rows: list[dict], sort_keys: list[str], int_cols: list[str]) -> pd.Da
     return df.sort_values(sort_keys, ignore_index=True)
 
 
-def summarise(table, spectrum, subspace, amps, skipped, timing, opts) -> str:
-    """The short report: what was analysed, what was skipped and why, key numbers, timing."""
-    lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", "",
+def summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures: str = "") -> str:
+    """The short report: the figure section (markdown) if any, what was analysed, what was skipped and why, key
+    numbers, timing."""
+    lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""] + (
+        [figures, ""] if figures else []) + [
              f"## Runs analysed ({len(table)})", ""]
     if len(table):
         cols = [c for c in ["run_id", "method.name", "method.rank", "seed", "task.name", "trainer.max_steps",
@@ -290,7 +294,13 @@ def run_report(opts) -> dict:
         timing[f"full-FT run `{i}`, {len(res['spectrum'])} matrices"] = (
             f"ΔW spectra {res['spectra_seconds']:.2f} s; with W0 SVDs, intruders, amplification {res['seconds']:.2f} s")
     timing["subspace.csv size"] = f"{(out / 'tables' / 'subspace.csv').stat().st_size / 1e6:.1f} MB"
-    write_atomic(out / "report.md", summarise(table, spectrum, subspace, amps, skipped, timing, opts))
+    figures = ""
+    if getattr(opts, "figures", False):
+        from .figures import make_figures  # matplotlib is imported only when figures are asked for
+        t_fig = time.perf_counter()
+        figures = make_figures(out, getattr(opts, "wandb", "auto"))
+        timing["figures"] = f"{time.perf_counter() - t_fig:.2f} s"
+    write_atomic(out / "report.md", summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures))
     for k, v in timing.items():
         print(f"{k}: {v}")
     print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}")
@@ -312,6 +322,10 @@ def parse_args(argv=None):
                    help="dense matrices with min(out, in) above this get a randomised top-k SVD (default: all exact)")
     p.add_argument("--topk", type=int, default=256, help="singular values kept by the randomised SVD")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="write the tables and report.md without the figures")
+    p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto",
+                   help="log figures and tables to W&B as an `analysis` run (auto: when the runs used logger=wandb)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's); 1 is fastest on a CPU other jobs keep busy, "
                         "where OpenMP threads otherwise wait on each other")

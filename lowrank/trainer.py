@@ -293,6 +293,8 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     t_start = time.perf_counter()
     tc, mc = cfg.trainer, cfg.method
     device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # memory caps and stats want an explicit index
+        device = torch.device("cuda", torch.cuda.current_device())
     precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
