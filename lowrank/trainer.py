@@ -344,6 +344,10 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     if not fit["fits"]:
         return _does_not_fit(run_dir, cfg, fit, t_start)
     micro, checkpointing = fit["micro_batch"], fit["activation_checkpointing"]
+    if fit["budget_bytes"]:
+        log.info("budget.gib=%g: micro-batch %d × %d accumulated, activation checkpointing %s (estimate %.2f GiB)",
+                 fit["budget_bytes"] / 2**30, micro, tc.batch_size // micro, checkpointing,
+                 fit["memory_estimate"]["total_bytes"] / 2**30)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     eval_batch_size = min(tc.eval_batch_size, micro) if fit["budget_bytes"] else tc.eval_batch_size
@@ -399,6 +403,17 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
                 log.warning("SIGTERM at step %d: checkpoint written; re-run the same command to resume", step + 1)
                 logger.finish()
                 raise Preempted(143)
+    except torch.OutOfMemoryError:
+        if not fit["budget_bytes"]:
+            raise
+        # The probes fit, yet a later step did not (fragmentation, a longer eval batch): still a result.
+        free_cuda_memory(device)
+        fit |= {"fits": False, "reason": f"out of memory at step {loop['step'] + 1} after fitting micro-batch "
+                                         f"{micro} (checkpointing {checkpointing})",
+                "failed_at": {"step": loop["step"] + 1, "micro_batch": micro,
+                              "activation_checkpointing": checkpointing}}
+        logger.finish()
+        return _does_not_fit(run_dir, cfg, fit, t_start)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
