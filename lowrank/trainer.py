@@ -223,10 +223,14 @@ def fit_to_budget(cfg, model, optimizer, trainable, device, autocast, micro: int
             for g in optimizer.param_groups:
                 g["lr"] = 0.0
             try:
-                for _ in range(min(2, tc.batch_size // m)):  # two micro-batches: gradients and activations coexist
-                    with autocast():
-                        model(**_worst_case_batch(m, tc.max_length, device)).loss.backward()
-                optimizer.step()  # allocates the optimizer state
+                # Two steps: the second runs forward/backward with the optimizer state already allocated, as
+                # every real step after the first does; two micro-batches each, so gradients and activations
+                # coexist as under accumulation.
+                for _ in range(2):
+                    for _ in range(min(2, tc.batch_size // m)):
+                        with autocast():
+                            model(**_worst_case_batch(m, tc.max_length, device)).loss.backward()
+                    optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)
                 optimizer.state.clear()
