@@ -94,3 +94,28 @@ def test_smollm2_lora_run(tiny_run):
     assert sorted({k.split(".")[-2] for k in tensors}) == ["q_proj", "v_proj"]
     assert len(tensors) == 2 * 2 * 30  # A and B for q_proj and v_proj of 30 layers
     assert metrics["status"] == "complete" and 0 <= metrics["eval_accuracy"] <= 1
+
+
+def test_budget_on_cpu_fits_by_the_estimate(tiny_run):
+    from lowrank.memory import estimate_from_cfg
+    from lowrank.shapes import load_hf_config
+    from tests.conftest import TINY, compose_cfg
+
+    cfg = compose_cfg(TINY + ["method=full"])
+    config = load_hf_config(cfg.model, cfg.task.num_labels)
+    order = [(m, ckpt) for ckpt in (False, True) for m in (8, 4, 2, 1)]  # largest micro-batch first
+    est = {(m, ckpt): estimate_from_cfg(cfg, config, micro_batch=m, grad_accum=8 // m, activation_checkpointing=ckpt,
+                                        device_type="cpu").total_bytes for m, ckpt in order}
+    budget = est[(8, False)] - 1  # the configured batch does not fit as it is
+    expected = next(s for s in order if est[s] <= budget)
+    metrics, run_dir = tiny_run("method=full", f"budget.gib={budget / 2**30!r}")
+    assert metrics["status"] == "complete" and metrics["fits"]
+    assert (metrics["micro_batch"], metrics["activation_checkpointing"]) == expected
+    assert metrics["grad_accum"] == 8 // expected[0]
+    assert metrics["memory_estimate"]["total_bytes"] == est[expected] <= metrics["budget_bytes"]
+
+    metrics, run_dir = tiny_run("method=full", "budget.gib=0.01", name="too_small")
+    assert metrics["status"] == "does_not_fit" and not metrics["fits"]
+    assert "budget.gib=0.01 is below the model's weights" in metrics["reason"]
+    assert not (run_dir / "delta_w.safetensors").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "does_not_fit"
