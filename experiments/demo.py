@@ -1,0 +1,160 @@
+"""The main command: a small but complete study on the CPU (the demo sweeps), then its report and figures.
+
+    python -m experiments.demo                                   # runs/demo/  ->  reports/demo/report.md
+    python -m experiments.demo --runs-root runs --out reports/demo --jobs 2 [hydra overrides for every run]
+
+Each run of the sweeps in conf/experiment/demo_{lora,targets,full,scarce}.yaml is one
+`python -m experiments.train -m +experiment=demo_X <its grid values> runs_root=...` subprocess: the same run
+directory a plain `-m +experiment=demo_X` sweep writes, so runs that finished are skipped when the demo is
+launched again, and the sweeps' group on W&B is the same. `--jobs` runs go side by side (default: 2 on a CPU with
+two or more cores, each with cores/jobs threads: small models train faster as two one-thread processes than as one
+two-thread process). One progress bar counts training steps over all runs; then `analysis.report` writes the
+tables, figures and report, and the last line names the report.
+"""
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+SWEEPS = ["demo_full", "demo_scarce", "demo_lora", "demo_targets"]  # full fine-tuning first: the longest runs
+STEP = re.compile(r"(\d+)/(\d+) \[")                                # a tqdm update: "37/80 ["
+DONE = re.compile(r"done: eval_accuracy ([\d.]+) in ([\d.]+) s")
+SKIPPED = "is finished"
+
+
+def compose(overrides: list[str], hydra_config: bool = False):
+    """The config `python -m experiments.train <overrides>` would run with (Hydra's compose API)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from lowrank.cli import register_resolvers
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def sweep_jobs(experiment: str, overrides: list[str] = ()) -> list[list[str]]:
+    """The overrides of every job `python -m experiments.train -m +experiment=EXPERIMENT OVERRIDES` launches: the
+    experiment's `hydra.sweeper.params` grid (command-line values replace a key's list, as in Hydra), expanded as
+    the basic sweeper does, one list of `key=value` per job, each starting with `+experiment=EXPERIMENT`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
+    arguments = [f"+experiment={experiment}", *overrides]
+    fixed = [o.input_line for o in parser.parse_overrides(arguments) if not o.is_sweep_override()]
+    params = compose(fixed, hydra_config=True).hydra.sweeper.params or {}
+    axes = {}  # as hydra's BasicSweeper.split_arguments: a key keeps its first place, the last value wins
+    for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + arguments):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        axes[key] = [f"{key}={v}" for v in values]
+    return [list(job) for job in itertools.product(*axes.values())]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+class Progress:
+    """One bar over the training steps of every run; each job reports its run's current step."""
+
+    def __init__(self, total: int):
+        self.bar = tqdm(total=total, desc="demo: training", unit="step", dynamic_ncols=True)
+        self.lock = threading.Lock()
+
+    def advance(self, n: int) -> None:
+        with self.lock:
+            self.bar.update(n)
+
+    def write(self, line: str) -> None:
+        with self.lock:
+            self.bar.write(line)
+
+
+def run_job(job: list[str], name: str, steps: int, log_path: Path, env: dict, progress: Progress) -> bool:
+    """One training run as a subprocess; its output goes to log_path, its steps to the bar. True if it ended well."""
+    cmd = [sys.executable, "-m", "experiments.train", "-m", *job]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    seen, result = 0, None
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.STDOUT) as proc:
+        pending = b""
+        while chunk := proc.stdout.read1(4096):
+            log.write(chunk)
+            pending += chunk
+            *lines, pending = re.split(rb"[\r\n]", pending)
+            for line in (ln.decode(errors="replace") for ln in lines):
+                if (m := STEP.search(line)) and int(m.group(2)) == steps and int(m.group(1)) > seen:
+                    progress.advance(int(m.group(1)) - seen)
+                    seen = int(m.group(1))
+                elif m := DONE.search(line):
+                    result = f"eval_accuracy {float(m.group(1)):.3f}, {float(m.group(2)):.0f} s"
+                elif SKIPPED in line:
+                    result = "finished before: skipped"
+        code = proc.wait()
+    progress.advance(steps - seen)  # a skipped or failed run counts as done for the bar
+    if code != 0:
+        progress.write(f"FAILED ({code}) {name}: see {log_path}")
+        return False
+    progress.write(f"{name}: {result or 'done'} [{time.perf_counter() - t0:.0f} s]")
+    return True
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs-root", default="runs", help="runs go to RUNS_ROOT/demo/ (default: runs)")
+    p.add_argument("--out", default="reports/demo", help="report, tables and figures (default: reports/demo)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--jobs", type=int, default=min(2, cpus), help="runs side by side (default: min(2, cores))")
+    p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"experiment files to run (default: {','.join(SWEEPS)})")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.device=cuda")
+    opts = p.parse_args(argv)
+    opts.threads = max(1, cpus // max(1, opts.jobs))
+    return opts
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    t0 = time.perf_counter()
+    runs_root, out = Path(opts.runs_root).resolve(), Path(opts.out).resolve()
+    common = [f"runs_root={runs_root}", *opts.overrides]
+    common_keys = {_key(a) for a in common}
+    jobs = [job for sweep in opts.sweeps.split(",") for job in sweep_jobs(sweep, common)]
+    configs = [compose(job) for job in jobs]  # fails here, before anything runs, on a wrong override
+    study = {c.name for c in configs}
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONPATH": str(ROOT)}
+    env.setdefault("OMP_NUM_THREADS", str(opts.threads))
+    print(f"demo: {len(jobs)} runs ({opts.sweeps}) into {runs_root}/{','.join(sorted(study))}, {opts.jobs} at a "
+          f"time with {env['OMP_NUM_THREADS']} thread(s) each; logs in {out}/logs/")
+    progress = Progress(sum(c.trainer.max_steps for c in configs))
+
+    def one(job_cfg):
+        job, cfg = job_cfg
+        experiment = next(a for a in job if a.startswith("+experiment=")).split("=", 1)[1]
+        own = ",".join(a for a in job if _key(a) not in common_keys | {"experiment"})  # the grid values
+        log = out / "logs" / experiment / (re.sub(r"[^\w=.,+-]", "_", own or "defaults") + ".log")
+        return run_job(job, f"{experiment} {own}", cfg.trainer.max_steps, log, env, progress)
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        ok = list(pool.map(one, zip(jobs, configs)))
+    progress.bar.close()
+    t_train = time.perf_counter() - t0
+    print(f"training: {sum(ok)}/{len(ok)} runs ended well in {t_train / 60:.1f} min")
+
+    from analysis.report import main as report_main
+    report_main([*(str(runs_root / s) for s in sorted(study)), "--out", str(out)])
+    print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
+    print(f"report: {out / 'report.md'}")
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Every sweep in conf/experiment/ composes, job by job, into a config the trainer accepts; one of them really
+runs as a (tiny) Hydra multirun; the demo command runs a tiny study end to end."""
+import json
+
+import pytest
+
+from experiments.demo import compose, sweep_jobs
+from lowrank.trainer import validate
+
+from .conftest import CONF, ROOT, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TINY_RUN = ["trainer.max_steps=1", "task.train_size=32", "task.eval_size=16", "trainer.batch_size=8", "logger=none",
+            "trainer.progress_bar=false"]
+
+
+def test_the_paper_sweeps_are_there():
+    assert {"rank_sweep", "full_baseline", "subspace", "subspace_full", "data_scarce", "demo", "demo_lora",
+            "demo_targets", "demo_full", "demo_scarce"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_file_is_a_global_override_with_its_command(experiment):
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert "python -m experiments." in text.split("\n\n")[0], "the header comment names the command"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_job_of_every_sweep_composes_and_validates(experiment, tmp_path):
+    jobs = sweep_jobs(experiment, [f"runs_root={tmp_path}"])
+    params = compose([f"+experiment={experiment}"], hydra_config=True).hydra.sweeper.params or {}
+    assert len({tuple(j) for j in jobs}) == len(jobs)
+    assert all(any(o.startswith(f"{key}=") for o in job) for job in jobs for key in params)
+    names = set()
+    for job in jobs:
+        cfg = compose(job)
+        validate(cfg)  # the trainer's own checks, before anything is loaded
+        names.add(cfg.name)
+    assert len(names) == 1, "one sweep writes one study folder"
+
+
+def test_grid_sizes_of_the_paper_sweeps():
+    assert len(sweep_jobs("rank_sweep")) == 5 * 3 * 3          # ranks × target sets × seeds (Table 6 grid)
+    assert len(sweep_jobs("data_scarce")) == 4 * 2 * 3         # sizes × {full, LoRA} × seeds
+    assert len(sweep_jobs("subspace")) == 2 * 2
+    targets = {compose(j).method.targets[-1] for j in sweep_jobs("rank_sweep", ["seed=0", "method.rank=8"])}
+    assert targets == {"query", "value", "attention.output.dense"}
+
+
+def test_command_line_values_replace_a_grid_axis():
+    jobs = sweep_jobs("demo_lora", ["method.rank=8", "trainer.max_steps=3"])
+    assert [j for j in jobs if "method.rank=8" not in j] == []
+    assert len(jobs) == len(sweep_jobs("demo_lora")) // 3        # seeds only
+    assert all(compose(j).trainer.max_steps == 3 for j in jobs)
+
+
+@pytest.mark.slow
+def test_a_sweep_starts_and_finishes_as_a_tiny_multirun(tmp_path):
+    res = run_cli(["-m", "experiments.train", "-m", "+experiment=subspace", "method.rank=8", "seed=0",
+                   f"runs_root={tmp_path}", *TINY_RUN], cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (metrics,) = (tmp_path / "subspace").glob("*/metrics.json")
+    assert json.loads(metrics.read_text())["status"] == "complete"
+    assert "method.rank=8" in metrics.parent.name and "seed=0" in metrics.parent.name
+
+
+@pytest.mark.slow
+def test_demo_command_runs_a_tiny_study_and_names_its_report(tmp_path):
+    """demo_scarce shrunk (a full and a LoRA run, side by side as subprocesses, one progress bar), then the report."""
+    args = ["-m", "experiments.demo", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "report"),
+            "--sweeps", "demo_scarce", *TINY_RUN]
+    res = run_cli(args, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == f"report: {tmp_path / 'report' / 'report.md'}"
+    assert "demo: training" in res.stderr and "2/2" in res.stderr   # the progress bar counted both runs' steps
+    runs = sorted(p.parent.name for p in (tmp_path / "runs" / "demo").glob("*/metrics.json"))
+    assert [r.split(",")[0] for r in runs] == ["method=full", "method=lora"] and "task.train_size=32" in runs[0]
+    assert "demo_scarce method=lora: eval_accuracy" in res.stdout
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Runs analysed (2)" in report
+    assert "![Figure 10](figures/fig10_checkpoint_size.png)" in report   # 32 examples: only data-size-free figures
+    assert "### Figure 1\n\nSkipped: no full-data LoRA runs" in report
