@@ -18,6 +18,7 @@ import copy
 import gc
 import json
 import platform
+import sys
 import time
 import types
 from pathlib import Path
@@ -297,7 +298,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, python=platform.python_version(),
-                command="python -m experiments.bench " + " ".join(a for a in __import__("sys").argv[1:]))
+                command="python -m experiments.bench " + " ".join(sys.argv[1:]))
     print(meta, flush=True)
 
     json_path, md_path = out / f"lora_vs_peft_{tag}.json", out / f"lora_vs_peft_{tag}.md"

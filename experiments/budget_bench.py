@@ -10,7 +10,6 @@ the memory model's estimate at that setting.
 """
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys

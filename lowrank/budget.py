@@ -8,6 +8,8 @@ even a micro-batch of 1 does not fit. A run that cannot fit is a result (`fits: 
 
 On CPU nothing is capped: `fit_with_estimate(batch, estimate, budget)` asks the memory model instead.
 The search is device-agnostic: it only calls `probe(micro_batch, checkpointing) -> bool`, so tests inject one.
+`fit_to_budget(cfg, model, optimizer, device, autocast, micro)` is what the trainer calls: both paths, plus
+the memory estimate at the chosen setting.
 """
 import dataclasses
 import gc
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
-from .memory import GIB, MemoryEstimate
+from .memory import GIB, MemoryEstimate, estimate_from_cfg
 
 Probe = Callable[[int, bool], bool]  # (micro_batch, activation_checkpointing) -> ran without running out
 
@@ -143,9 +145,71 @@ def require_weights_fit(estimate: MemoryEstimate, budget: int | None) -> None:
                           f"budget.gib is {need:g}")
 
 
-def check_budget_vs_estimate(estimate: MemoryEstimate, budget: int | None) -> dict:
-    """What a run records about its budget without a device to probe (CPU): the estimate decides `fits`.
-    Raises (via `require_weights_fit`) when the budget is below the weights alone."""
-    require_weights_fit(estimate, budget)
-    return {"budget_bytes": budget, "fits": budget is None or estimate.total_bytes <= budget,
-            "memory_estimate": estimate.as_dict()}
+def _worst_case_batch(micro: int, max_length: int, device) -> dict:
+    """A micro-batch of `max_length` tokens: what the longest real batch can cost."""
+    ids = torch.randint(1, 1000, (micro, max_length), device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(micro, dtype=torch.long,
+                                                                                           device=device)}
+
+
+def fit_to_budget(cfg, model, optimizer, device, autocast, micro: int) -> dict:
+    """Choose micro-batch and activation checkpointing under `budget.gib`.
+
+    CUDA: cap the process at the budget and probe real steps (largest micro-batch first, then with
+    checkpointing); the probes use lr 0 and their optimizer state and gradients are discarded, so the run
+    itself starts from the same weights. CPU: the memory model decides (nothing can be probed safely).
+    Always returns the memory estimate at the chosen setting, next to which the measured peak is recorded."""
+    tc = cfg.trainer
+    budget = budget_bytes(cfg.get("budget"))
+
+    def estimate(**kw):
+        return estimate_from_cfg(cfg, model.config, device_type=device.type, **kw)
+    if budget is not None:
+        try:
+            require_weights_fit(estimate(micro_batch=1, grad_accum=1), budget)
+        except ConfigError as e:
+            return {"fits": False, "budget_bytes": budget, "reason": str(e), "failed_at": None,
+                    "memory_estimate": estimate().as_dict()}
+    if budget is None:
+        result = {"fits": True, "micro_batch": micro, "activation_checkpointing": bool(tc.activation_checkpointing)}
+    elif device.type == "cuda":
+        free_cuda_memory(device)  # what an earlier job of this multirun left in the cache
+        cap_process_memory(budget, device)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+
+        def run_steps(m: int, checkpointing: bool) -> None:
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+            for g in optimizer.param_groups:
+                g["lr"] = 0.0
+            try:
+                # Two steps: the second runs forward/backward with the optimizer state already allocated, as
+                # every real step after the first does; two micro-batches each, so gradients and activations
+                # coexist as under accumulation.
+                for _ in range(2):
+                    for _ in range(min(2, tc.batch_size // m)):
+                        with autocast():
+                            model(**_worst_case_batch(m, tc.max_length, device)).loss.backward()
+                    optimizer.step()
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.state.clear()
+                for g, lr in zip(optimizer.param_groups, lrs):
+                    g["lr"] = lr
+                model.gradient_checkpointing_disable()
+        fit = fit_micro_batch(tc.batch_size, cuda_oom_probe(run_steps, device))
+        torch.manual_seed(cfg.seed)  # the probes drew random numbers (dropout); the run starts from the seed again
+        result = fit.as_dict() | {"reason": None if fit.fits else "no micro-batch fits, even with checkpointing"}
+    else:
+        fit, _ = fit_with_estimate(tc.batch_size, estimate, budget)
+        result = fit.as_dict() | {"reason": None if fit.fits else "the estimate exceeds the budget at every setting"}
+    result["budget_bytes"] = budget
+    if result["fits"]:
+        result["memory_estimate"] = estimate(micro_batch=result["micro_batch"],
+                                             grad_accum=tc.batch_size // result["micro_batch"],
+                                             activation_checkpointing=result["activation_checkpointing"]).as_dict()
+    else:
+        result["memory_estimate"] = estimate().as_dict()
+    return result

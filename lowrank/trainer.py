@@ -19,15 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import atomic
-from .budget import (budget_bytes, cap_process_memory, cuda_oom_probe, fit_micro_batch, fit_with_estimate,
-                     free_cuda_memory, require_weights_fit)
+from .budget import fit_to_budget, free_cuda_memory
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import load_task
 from .delta import DELTA_FILE, ensure_base_weights, linear_weights, write_delta
 from .errors import ConfigError
 from .logger import make_logger
 from .lora import INITS, SCALINGS, freeze_for_lora, inject_lora, lora_scaling, match_targets
-from .memory import estimate_from_cfg
 from .models import load_model
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 
@@ -183,76 +181,6 @@ def _finished_metrics(run_dir: Path) -> dict | None:
     return metrics if metrics.get("status") in FINAL_STATUSES else None
 
 
-def _worst_case_batch(micro: int, max_length: int, device) -> dict:
-    """A micro-batch of `max_length` tokens: what the longest real batch can cost."""
-    ids = torch.randint(1, 1000, (micro, max_length), device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(micro, dtype=torch.long,
-                                                                                           device=device)}
-
-
-def fit_to_budget(cfg, model, optimizer, trainable, device, autocast, micro: int) -> dict:
-    """Choose micro-batch and activation checkpointing under `budget.gib`.
-
-    CUDA: cap the process at the budget and probe real steps (largest micro-batch first, then with
-    checkpointing); the probes use lr 0 and their optimizer state and gradients are discarded, so the run
-    itself starts from the same weights. CPU: the memory model decides (nothing can be probed safely).
-    Always returns the memory estimate at the chosen setting, next to which the measured peak is recorded."""
-    tc = cfg.trainer
-    budget = budget_bytes(cfg.get("budget"))
-
-    def estimate(**kw):
-        return estimate_from_cfg(cfg, model.config, device_type=device.type, **kw)
-    if budget is not None:
-        try:
-            require_weights_fit(estimate(micro_batch=1, grad_accum=1), budget)
-        except ConfigError as e:
-            return {"fits": False, "budget_bytes": budget, "reason": str(e), "failed_at": None,
-                    "memory_estimate": estimate().as_dict()}
-    if budget is None:
-        result = {"fits": True, "micro_batch": micro, "activation_checkpointing": bool(tc.activation_checkpointing)}
-    elif device.type == "cuda":
-        free_cuda_memory(device)  # what an earlier job of this multirun left in the cache
-        cap_process_memory(budget, device)
-        lrs = [g["lr"] for g in optimizer.param_groups]
-
-        def run_steps(m: int, checkpointing: bool) -> None:
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_disable()
-            for g in optimizer.param_groups:
-                g["lr"] = 0.0
-            try:
-                # Two steps: the second runs forward/backward with the optimizer state already allocated, as
-                # every real step after the first does; two micro-batches each, so gradients and activations
-                # coexist as under accumulation.
-                for _ in range(2):
-                    for _ in range(min(2, tc.batch_size // m)):
-                        with autocast():
-                            model(**_worst_case_batch(m, tc.max_length, device)).loss.backward()
-                    optimizer.step()
-            finally:
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.state.clear()
-                for g, lr in zip(optimizer.param_groups, lrs):
-                    g["lr"] = lr
-                model.gradient_checkpointing_disable()
-        fit = fit_micro_batch(tc.batch_size, cuda_oom_probe(run_steps, device))
-        seed_everything(cfg.seed)  # the probes drew random numbers; the run starts from the seed again
-        result = fit.as_dict() | {"reason": None if fit.fits else "no micro-batch fits, even with checkpointing"}
-    else:
-        fit, _ = fit_with_estimate(tc.batch_size, estimate, budget)
-        result = fit.as_dict() | {"reason": None if fit.fits else "the estimate exceeds the budget at every setting"}
-    result["budget_bytes"] = budget
-    if result["fits"]:
-        result["memory_estimate"] = estimate(micro_batch=result["micro_batch"],
-                                             grad_accum=tc.batch_size // result["micro_batch"],
-                                             activation_checkpointing=result["activation_checkpointing"]).as_dict()
-    else:
-        result["memory_estimate"] = estimate().as_dict()
-    return result
-
-
 def _does_not_fit(run_dir: Path, cfg, fit: dict, t_start: float) -> dict:
     """A run that cannot fit its budget is a result of the sweep, not a crash."""
     metrics = {"status": "does_not_fit", "method": cfg.method.name, "fits": False, "budget_bytes": fit["budget_bytes"],
@@ -344,7 +272,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     if tc.batch_size % micro:
         raise ConfigError(f"trainer.micro_batch_size={micro} is not valid; it must divide trainer.batch_size="
                           f"{tc.batch_size}")
-    fit = fit_to_budget(cfg, model, optimizer, trainable, device, autocast, micro)
+    fit = fit_to_budget(cfg, model, optimizer, device, autocast, micro)
     if not fit["fits"]:
         return _does_not_fit(run_dir, cfg, fit, t_start)
     micro, checkpointing = fit["micro_batch"], fit["activation_checkpointing"]

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lowrank.budget import (FitResult, budget_bytes, cap_process_memory, check_budget_vs_estimate, cuda_oom_probe,
+from lowrank.budget import (FitResult, budget_bytes, cap_process_memory, cuda_oom_probe,
                             fit_micro_batch, fit_with_estimate, micro_batch_candidates, require_weights_fit)
 from lowrank.errors import ConfigError
 from lowrank.lora import inject_lora
@@ -292,10 +292,7 @@ def test_budget_below_the_weights_is_an_early_error():
     require_weights_fit(est, 40 * GIB)
     require_weights_fit(est, None)
     with pytest.raises(ConfigError, match="budget.gib=8"):
-        check_budget_vs_estimate(est, 8 * GIB)
-    checked = check_budget_vs_estimate(est, 80 * GIB)
-    assert checked["fits"] and checked["budget_bytes"] == 80 * GIB
-    assert checked["memory_estimate"]["total_bytes"] == est.total_bytes
+        require_weights_fit(est, 8 * GIB)
 
 
 def test_fit_with_the_estimate_as_probe():
