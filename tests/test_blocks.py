@@ -1,0 +1,56 @@
+"""lowrank.blocks: finding the repeated blocks, and compiled blocks computing what eager blocks compute."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from lowrank.blocks import compile_blocks, decoder_blocks, graph_blocks
+from lowrank.lora import freeze_for_lora, inject_lora, lora_layers
+
+
+def tiny_llama(seed=0):
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, use_cache=False,
+                      attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).train()
+
+
+def test_decoder_blocks_are_the_repeated_layers():
+    llama = tiny_llama()
+    assert decoder_blocks(llama) is llama.model.layers
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64))
+    assert decoder_blocks(bert) is bert.encoder.layer
+    with pytest.raises(ValueError, match="Linear has no list of repeated blocks"):
+        decoder_blocks(nn.Linear(2, 2))
+
+
+def test_graph_blocks_names_its_device_requirement():
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        graph_blocks(tiny_llama(), batch_size=2, seq_len=8)
+
+
+def test_compiled_lora_blocks_match_eager_loss_and_gradients():
+    """The fused LoRA function (its GEMM-epilogue pair as a custom op under compile), the compiled blocks
+    and the compiled loss give the eager loss and LoRA gradients."""
+    eager = tiny_llama()
+    inject_lora(eager, "all-linear", rank=4, alpha=8)
+    freeze_for_lora(eager, head=None)
+    with torch.no_grad():  # B != 0, so the adapters take part in the forward pass
+        for layer in lora_layers(eager).values():
+            layer.lora_B.normal_(std=0.1)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        losses[name] = model(input_ids=ids, labels=ids).loss
+        losses[name].backward()
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-5, atol=1e-5)
+    grads_c = {n: (m.lora_A.grad, m.lora_B.grad) for n, m in lora_layers(compiled).items()}
+    for n, m in lora_layers(eager).items():
+        assert m.lora_B.grad.abs().sum() > 0
+        torch.testing.assert_close(grads_c[n][0], m.lora_A.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads_c[n][1], m.lora_B.grad, rtol=1e-4, atol=1e-6)
