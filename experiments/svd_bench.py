@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from analysis.spectra import svdvals_factored_batched, svdvals_gram
+
 MATRICES = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_attn.v_proj": ("h", "h"),
             "self_attn.o_proj": ("h", "h"), "mlp.gate_proj": ("i", "h"), "mlp.up_proj": ("i", "h"),
             "mlp.down_proj": ("h", "i")}
@@ -163,16 +165,6 @@ class Reader:
                     self.q.put((name.removesuffix(".delta"), t.view(info["shape"])))
 
 
-def gram_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All min(out, in) singular values of x (out, in), descending, via eigvalsh of the smaller Gram matrix
-    in fp64; and the relative residual |Σλ − ‖x‖_F²| / ‖x‖_F² (a check on the eigensolver)."""
-    x = x.double()
-    g = x.mT @ x if x.shape[0] >= x.shape[1] else x @ x.mT  # (q, q), q = min(out, in)
-    lam = torch.linalg.eigvalsh(g)                          # ascending
-    resid = (lam.sum() - g.diagonal().sum()).abs() / g.diagonal().sum()
-    return lam.flip(0).clamp_min(0).sqrt(), resid
-
-
 def fast_full_set(files, device, n_readers, n_workers, max_numel) -> tuple[dict, dict]:
     q = queue.Queue(maxsize=max(4, 2 * n_workers))
     results, resid = {}, {}
@@ -185,7 +177,7 @@ def fast_full_set(files, device, n_readers, n_workers, max_numel) -> tuple[dict,
                 name, x = item
                 if stream is not None:
                     x.record_stream(stream)  # made on a reader's stream, used and freed on this one
-                results[name], resid[name] = gram_spectrum(x)
+                results[name], resid[name] = svdvals_gram(x, device=x.device)
                 del x
         if stream is not None:
             stream.synchronize()
@@ -202,7 +194,7 @@ def fast_full_set(files, device, n_readers, n_workers, max_numel) -> tuple[dict,
     for t in workers:
         t.join()
     spectra = {n: s.cpu() for n, s in results.items()}
-    r = max(v.item() for v in resid.values())
+    r = max(resid.values())
     return spectra, dict(total_s=time.perf_counter() - t0, matrices=len(spectra), max_trace_residual=r)
 
 
@@ -281,12 +273,9 @@ def lora_spectra(path: Path, device, scaling: float) -> tuple[dict, float]:
             groups.setdefault((tuple(A.shape), tuple(B.shape)), []).append(n)
     out = {}
     for _, names in groups.items():
-        A = torch.stack([tensors[f"{n}.lora_A"] for n in names]).to(device, torch.float64)  # (b, r, in)
-        B = torch.stack([tensors[f"{n}.lora_B"] for n in names]).to(device, torch.float64)  # (b, out, r)
-        Rb = torch.linalg.qr(B, mode="r")[1]                                               # (b, r, r)
-        Ra = torch.linalg.qr(A.mT, mode="r")[1]
-        s = (torch.linalg.svdvals(Rb @ Ra.mT) * abs(scaling)).cpu()
-        out |= dict(zip(names, s))
+        A = torch.stack([tensors[f"{n}.lora_A"] for n in names])  # (b, r, in)
+        B = torch.stack([tensors[f"{n}.lora_B"] for n in names])  # (b, out, r)
+        out |= dict(zip(names, svdvals_factored_batched(B, A, scaling, device=device)))
     return out, time.perf_counter() - t0
 
 

@@ -56,6 +56,31 @@ def test_randomized_svd_finds_planted_values():
     assert torch.equal(again, spectra.svd_dense(m, k=5, randomized=True, device=CPU)[1])
 
 
+@pytest.mark.parametrize("shape", [(60, 40), (40, 60)])  # the Gram matrix of the smaller side either way
+def test_gram_spectrum_recovers_planted_values_down_to_1e4_of_the_largest(shape):
+    sig = [1.0, 0.3, 1e-2, 1e-3, 1e-4]  # 1e-4·σ_max: the accuracy range issue 6 asks for
+    m, _, s, _ = planted(*shape, sig, seed=3)
+    S, resid = spectra.svdvals_gram(m, device=CPU)
+    assert S.shape == (40,) and S.dtype == torch.float64
+    assert ((S[:5] - s) / s).abs().max() < 1e-6
+    assert S[5:].max() < 1e-6                  # the null space: noise at ~sqrt(ε)·σ_max, never negative
+    assert resid < 1e-12
+    noise = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(spectra.svdvals_gram(noise, device=CPU)[0], torch.linalg.svdvals(noise),
+                               rtol=1e-9, atol=0)   # a full-rank random matrix, against the SVD
+    S0, r0 = spectra.svdvals_gram(torch.zeros(5, 3), device=CPU)
+    assert torch.equal(S0, torch.zeros(3, dtype=torch.float64)) and r0 == 0.0
+
+
+def test_batched_factored_values_equal_one_pair_at_a_time():
+    g = torch.Generator().manual_seed(5)
+    B, A = torch.randn(3, 48, 6, generator=g), torch.randn(3, 6, 32, generator=g)
+    S = spectra.svdvals_factored_batched(B, A, -0.5, device=CPU)
+    assert S.shape == (3, 6)
+    for i in range(3):
+        torch.testing.assert_close(S[i], spectra.svdvals_factored(B[i], A[i], -0.5), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("scaling", [2.0, 0.25, -1.5])
 def test_factored_svd_equals_dense_svd(scaling):
     g = torch.Generator().manual_seed(0)
