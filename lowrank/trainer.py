@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import atomic
+from .blocks import compile_blocks
 from .budget import fit_to_budget, free_cuda_memory
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import load_task
@@ -74,6 +75,8 @@ def validate(cfg: DictConfig) -> None:
     if t.grad_clip is not None:
         _positive("trainer.grad_clip", t.grad_clip)
     _choice("trainer.precision", t.precision, PRECISIONS)
+    if not isinstance(t.get("compile", False), bool):
+        raise ConfigError(f"trainer.compile={t.compile!r} is not valid; it must be true or false")
     _choice("trainer.schedule", t.schedule, SCHEDULES)
     _choice("logger.name", cfg.logger.name, LOGGERS)
     if not isinstance(cfg.seed, int):
@@ -285,6 +288,8 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
                  fit["memory_estimate"]["total_bytes"] / 2**30)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.get("compile"):
+        compile_blocks(model)  # after the budget probes: they measure the eager step, which needs more memory
     eval_batch_size = min(tc.eval_batch_size, micro) if fit["budget_bytes"] else tc.eval_batch_size
 
     loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {

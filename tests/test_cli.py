@@ -25,6 +25,7 @@ def one_error_line(result, *needles):
     ("model=roberta_base", ["Hub is unreachable", "model.path"]),
     ("method.foo=1", ["method.foo is not a config key", "rank"]),
     ("trainer.lr=fast", ["trainer.lr='fast'", "a number"]),
+    ("trainer.compile=maybe", ["trainer.compile='maybe'", "true or false"]),
     ("model.path=/no/such/folder", ["/no/such/folder", "no such folder"]),
     ("task.train_size=100000", ["task.train_size=100000", "4000"]),
 ])

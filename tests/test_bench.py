@@ -1,0 +1,51 @@
+"""experiments.bench: the ratios and target checks it prints, and a CPU smoke run of the script."""
+import json
+
+import pytest
+
+from experiments.bench import ALL_LINEAR, check_targets, ratio_rows
+from tests.conftest import ROOT, run_cli
+
+
+def row(model, impl, mode, tps, rank=16, mem=10):
+    method = "full" if impl == "torch" else "lora"
+    return dict(model=model, method=method, impl=impl, rank=None if impl == "torch" else rank,
+                targets=None if impl == "torch" else "all-linear", mode=mode, tokens_per_second=tps,
+                peak_memory_bytes=mem)
+
+
+def test_ratios_compare_same_modes_and_the_fastest_full_run():
+    rows = [row("m", "torch", "eager", 100.0), row("m", "torch", "graphs", 120.0),
+            row("m", "peft", "eager", 60.0, mem=20), row("m", "peft", "graphs", 170.0, mem=12),
+            row("m", "ours", "eager", 90.0, mem=9), row("m", "ours", "graphs", 180.0, mem=8)]
+    ratios = {q["mode"]: q for q in ratio_rows(rows)}
+    assert set(ratios) == {"eager", "graphs"}
+    g = ratios["graphs"]
+    assert g["ours_over_peft"] == pytest.approx(3.0)             # against PEFT as shipped (eager)
+    assert g["ours_over_peft_same_mode"] == pytest.approx(180 / 170)
+    assert g["ours_over_full"] == pytest.approx(1.5)
+    assert g["ours_over_fastest_full"] == pytest.approx(1.5)
+    assert g["memory_ours_over_peft"] == pytest.approx(0.4) and g["memory_ours_over_peft_same_mode"] == pytest.approx(8 / 12)
+    e = ratios["eager"]
+    assert e["ours_over_full"] == pytest.approx(0.9) and e["ours_over_fastest_full"] == pytest.approx(0.75)
+
+
+def test_targets_are_judged_on_ours_in_its_fastest_mode():
+    rows = [row("llama-1.1b", "torch", "eager", 100.0), row("llama-1.1b", "torch", "graphs", 110.0),
+            row("llama-1.1b", "ours", "eager", 130.0), row("llama-1.1b", "ours", "graphs", 140.0)]
+    (check,) = [c for c in check_targets(ratio_rows(rows)) if c["what"] == "ours_over_fastest_full"]
+    assert check["mode"] == "graphs" and check["value"] == pytest.approx(140 / 110) and check["met"]
+
+
+def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
+    result = run_cli(["-m", "experiments.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
+                      "--only", "full", "lora:ours:16", "lora:peft:16", "--no-parity"], cwd=ROOT,
+                     env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
+    assert [(r["impl"], r["rank"]) for r in rows] == [("torch", None), ("ours", 16), ("peft", 16)]
+    for r in rows:
+        assert {"model", "method", "impl", "rank", "targets", "tokens_per_second", "peak_memory_bytes", "mfu"} <= set(r)
+        assert r["tokens_per_second"] > 0 and r["peak_memory_bytes"] > 0
+    assert rows[1]["targets"] == "all-linear" and ALL_LINEAR[0] == "q_proj"
+    assert "| tiny | lora | ours | 16 | all-linear | eager |" in (tmp_path / "lora_vs_peft_cpu.md").read_text()
