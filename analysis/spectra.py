@@ -53,7 +53,7 @@ def svdvals_gram(m: torch.Tensor, device=None) -> tuple[torch.Tensor, float]:
     g = x.mT @ x if x.shape[0] >= x.shape[1] else x @ x.mT  # (q, q), q = min(out, in)
     lam = torch.linalg.eigvalsh(g)                          # ascending
     trace = g.diagonal().sum()
-    resid = ((lam.sum() - trace).abs() / trace).item() if trace > 0 else 0.0
+    resid = ((lam.sum() - trace).abs() / trace).item() if trace != 0 else 0.0  # NaN stays NaN
     return lam.flip(0).clamp_min(0).sqrt().cpu(), resid
 
 

@@ -21,15 +21,13 @@ from torch import nn
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's repeated blocks: the longest nn.ModuleList whose children all share one class."""
-    best = None
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
-            if best is None or len(m) > len(best):
-                best = m
-    if best is None:
+    """The model's repeated blocks: the outermost nn.ModuleList whose children all share one class (so a
+    mixture-of-experts list inside each block is not taken for the layers); the longest on a tie."""
+    lists = [(name.count("."), -len(m), name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
+    if not lists:
         raise ValueError(f"{type(model).__name__} has no list of repeated blocks to graph or compile")
-    return best
+    return min(lists, key=lambda t: t[:3])[3]
 
 
 class _Block(nn.Module):
@@ -46,36 +44,46 @@ class _Block(nn.Module):
 def graph_blocks(model: nn.Module, batch_size: int, seq_len: int, amp_dtype: torch.dtype | None = torch.bfloat16,
                  warmup: int = 3) -> None:
     """Capture each decoder block's forward and backward as CUDA graphs for (batch_size, seq_len) inputs, in
-    place. Afterwards a block runs its graphs when the model trains with grad enabled, else its eager code."""
+    place, under autocast to `amp_dtype` (None: no autocast), after `compile_blocks` if both are wanted.
+    Afterwards a block replays its graphs when the model trains with grad enabled, with the captured shape,
+    dtype and autocast state and no attention mask; otherwise it runs its eager code.
+
+    Limits, as for any CUDA graph: outputs live in static buffers, so one forward must be followed by its
+    backward before the next forward; arguments beyond the rotary tables (position_ids, a cache) are not
+    graph inputs. Gradient accumulation over several backward passes needs `.grad` tensors that exist before
+    the first one (`zero_grad(set_to_none=False)`, or FlatMasterAdamW): a `.grad` that is None adopts the
+    graph's static gradient buffer, which the next replay overwrites."""
     blocks = decoder_blocks(model)
     p = next(model.parameters())
     if p.device.type != "cuda":
         raise ValueError("graph_blocks needs the model on a CUDA device")
-    hidden_size = model.config.hidden_size
-    dtype = amp_dtype or p.dtype
-    # what the blocks get: the embedding output (grad only when the embedding trains) and the rotary tables
+    # what the blocks get: the embedding output, in the embedding's dtype (grad only when it trains), and
+    # the rotary tables
     embed = model.get_input_embeddings()
-    embed_trains = any(q.requires_grad for q in embed.parameters())
-    hidden = torch.randn(batch_size, seq_len, hidden_size, device=p.device, dtype=dtype)
+    dtype, embed_trains = embed.weight.dtype, embed.weight.requires_grad
+    hidden = torch.randn(batch_size, seq_len, model.config.hidden_size, device=p.device, dtype=dtype)
     position_ids = torch.arange(seq_len, device=p.device).unsqueeze(0)
     rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
     with torch.no_grad():
         cos, sin = rotary(hidden, position_ids)
     wrapped = tuple(_Block(b) for b in blocks)
     samples = tuple((hidden.clone().requires_grad_(i > 0 or embed_trains), cos, sin) for i in range(len(blocks)))
-    with torch.autocast("cuda", dtype=dtype, enabled=amp_dtype is not None, cache_enabled=False):
+    with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None,
+                        cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(wrapped, samples, num_warmup_iters=warmup)
+    captured = (batch_size, seq_len, dtype, amp_dtype)
     for block, g in zip(blocks, graphed):
         block._compiled_call_impl = None  # captured already; __call__ must reach the forward set here
-        block.forward = _graphed_forward(block, g, (batch_size, seq_len))
+        block.forward = _graphed_forward(block, g, captured)
 
 
-def _graphed_forward(block: nn.Module, graphed: nn.Module, shape: tuple[int, int]):
+def _graphed_forward(block: nn.Module, graphed: nn.Module, captured: tuple):
     eager = type(block).forward.__get__(block)
 
     def forward(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         if (not block.training or not torch.is_grad_enabled() or attention_mask is not None
-                or tuple(hidden_states.shape[:2]) != shape):
+                or (*hidden_states.shape[:2], hidden_states.dtype, amp) != captured):
             return eager(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
                          **kwargs)
         cos, sin = position_embeddings
@@ -85,8 +93,8 @@ def _graphed_forward(block: nn.Module, graphed: nn.Module, shape: tuple[int, int
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
     """torch.compile each repeated block in place (identical blocks share one compiled graph), and the
-    model's loss where transformers lets us set it: fused, the upcast 32k-vocabulary cross-entropy reads the
-    logits once instead of materialising fp32 copies."""
+    model's loss where transformers lets us set it: fused, an upcast cross-entropy over a large vocabulary
+    reads the logits once instead of materialising fp32 copies."""
     for block in decoder_blocks(model):
         block.compile(**compile_kwargs)
     if hasattr(type(model), "loss_function"):

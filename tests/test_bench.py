@@ -37,6 +37,13 @@ def test_targets_are_judged_on_ours_in_its_fastest_mode():
     assert check["mode"] == "graphs" and check["value"] == pytest.approx(140 / 110) and check["met"]
 
 
+def test_targets_pick_ours_fastest_mode_even_without_full_runs():
+    rows = [row("llama-7b", "peft", "eager", 50.0), row("llama-7b", "ours", "eager", 60.0),
+            row("llama-7b", "ours", "compile+graphs", 200.0)]
+    (check,) = [c for c in check_targets(ratio_rows(rows)) if c["what"] == "ours_over_peft"]
+    assert check["mode"] == "compile+graphs" and check["value"] == pytest.approx(4.0) and check["met"]
+
+
 def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
     result = run_cli(["-m", "experiments.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
                       "--only", "full", "lora:ours:16", "lora:peft:16", "--no-parity"], cwd=ROOT,

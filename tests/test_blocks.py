@@ -27,6 +27,37 @@ def test_decoder_blocks_are_the_repeated_layers():
         decoder_blocks(nn.Linear(2, 2))
 
 
+def test_decoder_blocks_are_the_outer_list_not_experts_inside_a_block():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(2, 2) for _ in range(8))  # longer than the layer list
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    model = Model()
+    assert decoder_blocks(model) is model.layers
+
+
+def test_lowrank_plus_linear_custom_op_passes_torch_opcheck():
+    """The op torch.compile sees in place of the in-place GEMM epilogue: its fake (shape) function and its
+    schema agree with what it computes, for both call sites (forward and input gradient)."""
+    from lowrank.lora_fast import _lowrank_plus_linear, _lowrank_plus_linear_op
+    g = torch.Generator().manual_seed(0)
+    x, gy, W, A, B, h, t = (torch.randn(*shape, generator=g)
+                            for shape in [(10, 6), (10, 5), (5, 6), (3, 6), (5, 3), (10, 3), (10, 3)])
+    for big_in, big_w, small_in, small_w, beta in [(x, W.t(), h, B.t(), 0.5),   # y = 0.5·h Bᵀ + x Wᵀ
+                                                   (gy, W, t, A, 2.0)]:          # gx = 2·t A + g W
+        args = (big_in, big_w, small_in, small_w, beta)
+        torch.library.opcheck(_lowrank_plus_linear_op, args)
+        expected = beta * small_in @ small_w + big_in @ big_w
+        torch.testing.assert_close(_lowrank_plus_linear_op(*args), expected)
+        torch.testing.assert_close(_lowrank_plus_linear(*args), expected)
+
+
 def test_graph_blocks_names_its_device_requirement():
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         graph_blocks(tiny_llama(), batch_size=2, seq_len=8)
@@ -42,7 +73,7 @@ def test_compiled_lora_blocks_match_eager_loss_and_gradients():
         for layer in lora_layers(eager).values():
             layer.lora_B.normal_(std=0.1)
     compiled = copy.deepcopy(eager)
-    compile_blocks(compiled)
+    compile_blocks(compiled, fullgraph=True)  # no graph break: the LoRA function and its custom op are traced
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     losses = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
