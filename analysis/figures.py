@@ -142,7 +142,7 @@ def _index_ticks(top: int) -> list[int]:
 
 def _mean_std(g: pd.DataFrame, col: str) -> dict:
     v = g[col].astype(float)
-    return {"mean": v.mean(), "std": v.std(ddof=1) if len(v) > 1 else np.nan, "n": len(v)}
+    return {"mean": v.mean(), "std": v.std(ddof=1), "n": len(v)}  # std of one value: NaN
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -319,15 +319,28 @@ def _panel_title(matrix_type: str) -> str:
     return f"ΔW_{short} ({matrix_type})" if short else f"ΔW ({matrix_type})"
 
 
-def phi_rank_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
-    """Figure 2's data: φ between LoRA's A at two ranks (same seed), at one layer (default: the middle one).
-    Columns: run_a, run_b, rank_a, rank_b, seed, layer, matrix_type, i, j, phi, random_baseline."""
-    pair = pick_rank_pair(subspace, runs)
+def _pair_grids(subspace, pair, layer: int | None) -> pd.DataFrame:
+    """φ grids of one pair of runs at one layer (default: the middle one)."""
     g = subspace[(subspace.run_a == pair.run_a) & (subspace.run_b == pair.run_b)]
     layer = middle_layer(g.layer) if layer is None else layer
     grids = phi_grids(subspace, pair, [layer])
     if grids.empty:
         raise MissingRuns(f"no φ grids at layer {layer} for {pair.run_a} vs {pair.run_b}")
+    return grids
+
+
+def _phi_panels(data: pd.DataFrame) -> list:
+    """(name, rows, value column, title) per matrix type, and the random baseline last."""
+    kinds = sorted(data.matrix_type.unique())
+    panels = [(k, data[data.matrix_type == k], "phi", _panel_title(k)) for k in kinds]
+    return panels + [("random", data[data.matrix_type == kinds[0]], "random_baseline", "random subspaces: E[φ]")]
+
+
+def phi_rank_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
+    """Figure 2's data: φ between LoRA's A at two ranks (same seed), at one layer (default: the middle one).
+    Columns: run_a, run_b, rank_a, rank_b, seed, layer, matrix_type, i, j, phi, random_baseline."""
+    pair = pick_rank_pair(subspace, runs)
+    grids = _pair_grids(subspace, pair, layer)
     return grids.assign(run_a=pair.run_a, run_b=pair.run_b, rank_a=int(pair.rank_a), rank_b=int(pair.rank_b),
                         seed=pair.seed_a)[["run_a", "run_b", "rank_a", "rank_b", "seed"] + list(grids.columns)]
 
@@ -336,11 +349,9 @@ def phi_rank_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
 def plot_phi_rank(data: pd.DataFrame):
     """Top row: φ over i ≤ r_a, j ≤ r_b per matrix type and the random baseline; bottom: zoom to i, j ≤ 8."""
     ra, rb, seed, layer = data.rank_a.iloc[0], data.rank_b.iloc[0], data.seed.iloc[0], data.layer.iloc[0]
-    kinds = sorted(data.matrix_type.unique())
+    panels = _phi_panels(data)
     zoom = min(ZOOM, ra, rb)
-    fig, axes = new_figure(2, len(kinds) + 1, size=(2.4, 1.9))
-    panels = [(k, data[data.matrix_type == k], "phi", _panel_title(k)) for k in kinds]
-    panels.append(("random", data[data.matrix_type == kinds[0]], "random_baseline", "random subspaces: E[φ]"))
+    fig, axes = new_figure(2, len(panels), size=(2.4, 1.9))
     for col, (name, df, value, title) in enumerate(panels):
         for row, limit in enumerate([None, zoom]):
             d = df if limit is None else df[(df.i <= limit) & (df.j <= limit)]
@@ -366,11 +377,7 @@ def phi_seed_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
     layer (default: the middle one). Columns: run_a, run_b, rank, seed_a, seed_b, layer, matrix_type, i, j, phi,
     random_baseline."""
     pair = pick_seed_pair(subspace, runs)
-    g = subspace[(subspace.run_a == pair.run_a) & (subspace.run_b == pair.run_b)]
-    layer = middle_layer(g.layer) if layer is None else layer
-    grids = phi_grids(subspace, pair, [layer])
-    if grids.empty:
-        raise MissingRuns(f"no φ grids at layer {layer} for {pair.run_a} vs {pair.run_b}")
+    grids = _pair_grids(subspace, pair, layer)
     return grids.assign(run_a=pair.run_a, run_b=pair.run_b, rank=int(pair.rank_a), seed_a=pair.seed_a,
                         seed_b=pair.seed_b)[["run_a", "run_b", "rank", "seed_a", "seed_b"] + list(grids.columns)]
 
@@ -378,10 +385,8 @@ def phi_seed_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
 @styled
 def plot_phi_seed(data: pd.DataFrame):
     r, sa, sb, layer = data["rank"].iloc[0], data.seed_a.iloc[0], data.seed_b.iloc[0], data.layer.iloc[0]
-    kinds = sorted(data.matrix_type.unique())
-    fig, axes = new_figure(1, len(kinds) + 1, size=(2.5, 2.3))
-    panels = [(k, data[data.matrix_type == k], "phi", _panel_title(k)) for k in kinds]
-    panels.append(("random", data[data.matrix_type == kinds[0]], "random_baseline", "random subspaces: E[φ]"))
+    panels = _phi_panels(data)
+    fig, axes = new_figure(1, len(panels), size=(2.5, 2.3))
     for ax, (name, df, value, title) in zip(axes[0], panels):
         im = _heatmap(ax, _grid(df, value), gid=name)
         ax.set(title=title, xlabel=f"j (A, seed {sb})", ylabel=f"i (A, seed {sa})")
@@ -477,7 +482,8 @@ def amplification_data(amplification: pd.DataFrame, runs: pd.DataFrame) -> dict[
 
 
 def amplification_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Table 7's rows: ‖UᵀWVᵀ‖_F with U, V from ΔW, from W and random; ‖W‖_F, ‖ΔW‖_F; their ratio."""
+    """Table 7's rows, in the paper's notation: ‖UᵀWVᵀ‖_F with U, V from ΔW, from W and random; ‖W‖_F,
+    ‖ΔW‖_F; their ratio."""
     t = summary.rename(columns={"proj_delta": "‖UᵀWV‖ ΔW", "proj_w": "‖UᵀWV‖ W", "proj_random": "‖UᵀWV‖ random",
                                 "w_fro": "‖W‖_F", "delta_fro": "‖ΔW‖_F", "phi_out": "φ(ΔW, W) out",
                                 "random_phi_out": "random φ out"})
@@ -960,7 +966,8 @@ def wandb_settings(runs: pd.DataFrame) -> dict | None:
     if wb.empty:
         return None
     groups = sorted({g if isinstance(g, str) else n for g, n in
-                     zip(wb.get("logger.group", pd.Series(np.nan, index=wb.index)), wb.get("name", ""))})
+                     zip(wb.get("logger.group", pd.Series(np.nan, index=wb.index)),
+                         wb.get("name", pd.Series("", index=wb.index)))})
     first = wb.iloc[0]
     mode = first.get("logger.mode")
     return {"project": first.get("logger.project") if isinstance(first.get("logger.project"), str) else "lowrank",

@@ -24,7 +24,7 @@ import torch
 from . import amplification as amp
 from . import spectra
 from .runs import LowRank, Run, collect_runs, layer_and_matrix
-from .subspace import factor_bases, phi_grid, random_phi_grid
+from .subspace import factor_bases, phi_grid, random_phi, random_phi_grid
 
 SETUP = ["model.name", "task.name", "task.train_size", "trainer.max_steps"]  # runs comparable only within one
 SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
@@ -107,7 +107,7 @@ def analyse_run(run: Run, cache: BaseCache, opts) -> dict:
         for r in amplification_ranks(run, opts.amp_ranks, len(S), len(w_svd[1])):
             amps.append(ident | where | {"r": r}
                         | amp.amplification(w0, w_svd, (U, S, Vh), r, seed=0, delta_fro=fro)
-                        | {"random_phi_out": r / w0.shape[0], "random_phi_in": r / w0.shape[1]})
+                        | {"random_phi_out": random_phi(r, r, w0.shape[0]), "random_phi_in": random_phi(r, r, w0.shape[1])})
         cap = opts.max_dim  # φ grids never look further than this many directions
         bases[name] = where | {"delta": (U[:, :cap], Vh[:cap].mT)}
         if isinstance(d, LowRank):

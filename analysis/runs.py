@@ -34,7 +34,7 @@ class LowRank(NamedTuple):
     scaling: float
 
     def dense(self) -> torch.Tensor:
-        return self.scaling * (self.B @ self.A)  # (out, r) @ (r, in), only for small matrices and tests
+        return self.scaling * (self.B @ self.A)  # (out, r) @ (r, in): the full matrix, where W0 + ΔW is needed
 
 
 class SkippedRun(Exception):
