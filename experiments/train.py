@@ -14,7 +14,7 @@ from lowrank.trainer import train
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg).get("eval_accuracy")  # the value a Hydra sweeper would optimise; None if diverged
+    return train(cfg).get("eval_accuracy")  # what a Hydra sweeper would optimise; None without one
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 
-def _atomic(path: Path, write) -> Path:
+def write_with(path, write) -> Path:
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -24,7 +25,7 @@ def _atomic(path: Path, write) -> Path:
 
 
 def write_text(path, text: str) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_with(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _finite(obj):
@@ -44,4 +45,4 @@ def write_json(path, obj) -> Path:
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

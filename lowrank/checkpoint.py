@@ -4,11 +4,11 @@ What is saved: the trainable parameters (adapter + head for LoRA, everything for
 optimizer and scheduler state, the RNG states (dropout), the step (which fixes the data position: batches
 are a pure function of seed and step) and the bookkeeping of the loop.
 """
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from . import atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -22,16 +22,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, loop_state: dict
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "loop": loop_state,
     }
-    path = Path(run_dir) / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_with(Path(run_dir) / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict | None:

@@ -92,7 +92,8 @@ def one_line_errors(task):
 
 
 def run_main(main) -> None:
-    """Start a @hydra.main entry point after checking config-group names on the command line."""
+    """Start a @hydra.main entry point: register the resolvers, then check the command line's group choices
+    and keys (one-line errors before Hydra composes)."""
     register_resolvers()
     check_group_overrides(sys.argv[1:])
     check_value_overrides(sys.argv[1:])

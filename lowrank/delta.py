@@ -3,7 +3,8 @@
 `delta_w.safetensors` keys, by module path `name` of an adapted/analysed nn.Linear:
   full fine-tuning: `{name}.delta` (out, in) fp32, exactly W_ft − W_0
   LoRA:             `{name}.lora_A` (r, in) and `{name}.lora_B` (out, r); ΔW = scaling · B @ A
-Metadata (strings): method, scaling, rank, alpha, base_model, base_weights (path relative to the run dir).
+Metadata (strings): method, scaling, rank, alpha, targets, base_model (path), base_model_name, base_weights
+(path relative to the run dir).
 `RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors` holds W0 of every block linear layer once.
 """
 import hashlib

@@ -3,3 +3,8 @@
 
 class ConfigError(ValueError):
     """A bad config value, file or name; the message names the key and what would be valid."""
+
+
+def check_choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}")

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import check_choice
 from .lora_fast import lora_linear
+from .targets import select_targets
 
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming_uniform", "gaussian")
-ALL_LINEAR = "all-linear"
 
 
 def lora_scaling(alpha: float, rank: int, rule: str) -> float:
@@ -26,7 +27,7 @@ def lora_scaling(alpha: float, rank: int, rule: str) -> float:
         return alpha / rank
     if rule == "rslora":
         return alpha / math.sqrt(rank)
-    raise ValueError(f"method.scaling={rule!r} is not valid; choose one of {list(SCALINGS)}")
+    check_choice("method.scaling", rule, SCALINGS)
 
 
 class LoRALinear(nn.Module):
@@ -46,7 +47,7 @@ class LoRALinear(nn.Module):
         elif init == "gaussian":  # the paper's text: "random Gaussian initialization for A"
             nn.init.normal_(self.lora_A, std=1.0 / rank)
         else:
-            raise ValueError(f"method.init={init!r} is not valid; choose one of {list(INITS)}")
+            check_choice("method.init", init, INITS)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -92,22 +93,8 @@ def block_linear_names(model: nn.Module) -> list[str]:
 
 
 def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
-    """Names of the nn.Linear modules that `targets` selects: module-name suffixes on a '.' boundary,
-    or "all-linear". Raises ValueError naming a target that matches nothing, with the valid suffixes."""
-    candidates = block_linear_names(model)
-    if targets == ALL_LINEAR or list(targets) == [ALL_LINEAR]:
-        return candidates
-    if isinstance(targets, str):
-        targets = [targets]
-    chosen = []
-    for t in targets:
-        hits = [n for n in candidates if n == t or n.endswith("." + t)]
-        if not hits:
-            suffixes = sorted({n.split(".")[-1] for n in candidates} | {".".join(n.split(".")[-2:]) for n in candidates})
-            raise ValueError(f"method.targets entry {t!r} matches no linear layer; valid suffixes: "
-                             f"{', '.join(suffixes)} (or {ALL_LINEAR!r})")
-        chosen += [n for n in hits if n not in chosen]
-    return [n for n in candidates if n in chosen]  # model order
+    """Names of the block nn.Linear modules that `targets` selects (lowrank.targets.select_targets)."""
+    return select_targets(block_linear_names(model), targets)
 
 
 def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
@@ -115,9 +102,7 @@ def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: flo
     """Replace each targeted nn.Linear by a LoRALinear wrapping it; returns the replaced names."""
     names = match_targets(model, targets)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, scaling, init))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, scaling, init))
     return names
 
 

@@ -63,7 +63,7 @@ def lowrank_plus_linear(big_in, big_w, small_in, small_w, beta: float) -> torch.
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type=_CUDA)  # backward then runs under the forward's autocast state
+    @torch.amp.custom_fwd(device_type=_CUDA)  # on CUDA, backward runs under the forward's autocast state
     def forward(ctx, x, W, bias, A, B, scaling: float):
         dtype = _compute_dtype(x)
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)    # (n, in); a view when x is already in dtype
@@ -101,7 +101,7 @@ class LoRALinearFunction(torch.autograd.Function):
             gB = _as(torch.addmm(Bc, g.t(), h, beta=0, alpha=s), B_dtype)  # (out, r) = scaling · gᵀ h
         if need_W:
             gW = _as(torch.mm(g.t(), x2), W_dtype)     # (out, in)
-        if need_b and b_dtype is not None:
+        if need_b:
             gb = _as(g.sum(0), b_dtype)
         return gx, gW, gb, gA, gB, None
 

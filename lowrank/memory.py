@@ -46,13 +46,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
+from .targets import ALL_LINEAR, select_targets
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 METHODS = ("full", "lora")
 HEADS = ("classification", "causal_lm")
-ALL_LINEAR = "all-linear"
 LLAMA_LIKE = ("llama", "mistral")
 BERT_LIKE = ("bert", "roberta")
 # Tensors of the MLP width an activation function saves for its backward (HF implementations): built-ins save
@@ -166,7 +166,7 @@ def _head_linears(arch: Arch, num_labels: int, head: str) -> list[Linear]:
 
 def count_params(config, num_labels: int = 2, head: str = "classification") -> ParamCounts:
     """Parameter counts of AutoModelForSequenceClassification (or ...ForCausalLM with head="causal_lm")."""
-    _choice("head", head, HEADS)
+    check_choice("head", head, HEADS)
     arch = config if isinstance(config, Arch) else arch_from_config(config)
     h, L = arch.hidden, arch.layers
     attn = L * sum(lin.params for lin in arch.linears[:4 if arch.family != "gpt2" else 2])
@@ -188,19 +188,8 @@ def count_params(config, num_labels: int = 2, head: str = "classification") -> P
 
 
 def match_layer_targets(arch: Arch, targets) -> list[Linear]:
-    """The layer linears that LoRA `targets` select: "all-linear" or module-name suffixes on a '.' boundary,
-    as lowrank.lora.match_targets does on a real model."""
-    if targets == ALL_LINEAR or (not isinstance(targets, str) and list(targets) == [ALL_LINEAR]):
-        return list(arch.linears)
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    chosen = set()
-    for t in targets:
-        hits = {lin.name for lin in arch.linears if lin.name == t or lin.name.endswith("." + t)}
-        if not hits:
-            suffixes = sorted({n for lin in arch.linears for n in (lin.name, lin.name.split(".")[-1])})
-            raise ConfigError(f"method.targets entry {t!r} matches no linear layer of {arch.model_type}; "
-                              f"valid suffixes: {', '.join(suffixes)} (or {ALL_LINEAR!r})")
-        chosen |= hits
+    """The layer linears that LoRA `targets` select, by the rule lowrank.lora applies to a real model."""
+    chosen = set(select_targets([lin.name for lin in arch.linears], targets, f" of {arch.model_type}"))
     return [lin for lin in arch.linears if lin.name in chosen]
 
 
@@ -339,11 +328,6 @@ class MemoryEstimate:
         return head + "\n" + "\n".join(f"  {name:<31}{b / GIB:9.2f} GiB" for name, b in rows)
 
 
-def _choice(key: str, value, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}")
-
-
 def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank: int = 8,
                     targets=ALL_LINEAR, num_labels: int = 2, weight_dtype: str = "fp32", precision: str = "bf16",
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
@@ -353,10 +337,10 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
     with fp32 weights, or bf16 weights), "fp32" means fp32 throughout. `kv_cache`: whether the forward fills
     a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory)."""
-    _choice("method.name", method, METHODS)
-    _choice("weight_dtype", weight_dtype, DTYPE_BYTES)
-    _choice("trainer.precision", precision, DTYPE_BYTES)
-    _choice("head", head, HEADS)
+    check_choice("method.name", method, METHODS)
+    check_choice("weight_dtype", weight_dtype, DTYPE_BYTES)
+    check_choice("trainer.precision", precision, DTYPE_BYTES)
+    check_choice("head", head, HEADS)
     if weight_dtype == "bf16" and precision == "fp32":
         raise ConfigError("weight_dtype='bf16' computes in bf16; use precision='bf16' with it")
     arch = config if isinstance(config, Arch) else arch_from_config(config)

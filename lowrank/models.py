@@ -62,8 +62,7 @@ def _gguf_cache(cfg_model, resolved: str) -> str:
     if not (cache / "model.safetensors").exists():
         lm = AutoModelForCausalLM.from_pretrained(resolved, gguf_file=cfg_model.gguf_file, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(resolved, gguf_file=cfg_model.gguf_file)
-        lm.config.quantization_config = None  # the weights are plain fp32 now
-        if hasattr(lm.config, "quantization_config"):
+        if hasattr(lm.config, "quantization_config"):  # the weights are plain fp32 now
             del lm.config.quantization_config
         lm.hf_quantizer = None
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
@@ -86,8 +85,7 @@ def conv1d_to_linear(model: nn.Module) -> None:
             with torch.no_grad():
                 linear.weight.copy_(module.weight.T)
                 linear.bias.copy_(module.bias)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+            model.set_submodule(name, linear)
 
 
 def find_head(model: nn.Module, model_name: str) -> nn.Module:

@@ -24,7 +24,7 @@ from .budget import fit_to_budget, free_cuda_memory
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import load_task
 from .delta import DELTA_FILE, ensure_base_weights, linear_weights, write_delta
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .logger import make_logger
 from .lora import INITS, SCALINGS, freeze_for_lora, inject_lora, lora_scaling, match_targets
 from .models import load_model
@@ -39,11 +39,6 @@ LOGGERS = ("none", "wandb")
 FINAL_STATUSES = ("complete", "diverged", "does_not_fit")  # re-running would give the same result: skip
 
 
-def _choice(key: str, value, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}")
-
-
 def _positive(key: str, value, integer: bool = False, allow_zero: bool = False) -> None:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
@@ -54,14 +49,14 @@ def _positive(key: str, value, integer: bool = False, allow_zero: bool = False) 
 def validate(cfg: DictConfig) -> None:
     """Cheap checks before anything is loaded; model-dependent ones (rank vs width, targets) come later."""
     m, t = cfg.method, cfg.trainer
-    _choice("method.name", m.name, METHODS)
+    check_choice("method.name", m.name, METHODS)
     if m.name == "lora":
         _positive("method.rank", m.rank, integer=True)
         _positive("method.alpha", m.alpha)
         if not (isinstance(m.dropout, (int, float)) and 0 <= m.dropout < 1):
             raise ConfigError(f"method.dropout={m.dropout!r} is not valid; it must be in [0, 1)")
-        _choice("method.scaling", m.scaling, SCALINGS)
-        _choice("method.init", m.init, INITS)
+        check_choice("method.scaling", m.scaling, SCALINGS)
+        check_choice("method.init", m.init, INITS)
     if not m.targets:
         raise ConfigError("method.targets is empty; give module-name suffixes such as [query,value] or all-linear")
     for key in ("max_steps", "batch_size", "max_length", "eval_interval", "eval_batch_size"):
@@ -74,11 +69,11 @@ def validate(cfg: DictConfig) -> None:
     _positive("trainer.weight_decay", t.weight_decay, allow_zero=True)
     if t.grad_clip is not None:
         _positive("trainer.grad_clip", t.grad_clip)
-    _choice("trainer.precision", t.precision, PRECISIONS)
+    check_choice("trainer.precision", t.precision, PRECISIONS)
     if not isinstance(t.get("compile", False), bool):
         raise ConfigError(f"trainer.compile={t.compile!r} is not valid; it must be true or false")
-    _choice("trainer.schedule", t.schedule, SCHEDULES)
-    _choice("logger.name", cfg.logger.name, LOGGERS)
+    check_choice("trainer.schedule", t.schedule, SCHEDULES)
+    check_choice("logger.name", cfg.logger.name, LOGGERS)
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer")
 
@@ -242,11 +237,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     train_split, test_split = load_task(cfg.task, cfg.seed)
     model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels, device)
     model.config.use_cache = False  # a k/v cache is for generation; in training it only costs memory
-    try:
-        targets = mc.targets if isinstance(mc.targets, str) else OmegaConf.to_object(mc.targets)
-        names = match_targets(model, targets)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    names = match_targets(model, mc.targets)  # a target matching nothing: ConfigError with the valid suffixes
     runs_root = Path(cfg.runs_root).resolve()
     base_path = ensure_base_weights(runs_root, cfg.model.name, model)
     if mc.name == "lora":
