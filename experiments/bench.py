@@ -5,17 +5,20 @@
 
 For each model shape (random init, built from its config directly on the GPU in bf16, SDPA attention,
 random tokens): full fine-tuning (all weights bf16, fused AdamW with bf16 states), and LoRA r=16 on all
-linear layers and r=8 on q,v, each with our layer (`lowrank.lora` + the fused `lowrank.lora_fast` function)
-and with PEFT. LoRA factors are fp32 in both, under bf16 autocast: PEFT's default, and the usual mixed
-precision recipe (fp32 master copy of what trains). Each config: warm-up steps, then timed steps between
-CUDA syncs; peak memory is max_memory_allocated since the config's model was built. MFU counts 6N FLOPs per
-token for trained matmul weights, 4N for frozen ones, plus attention (`lowrank.perf.flops_per_token`).
-Last, a loss-curve parity check: ours vs PEFT from identical weights and identical A, 20 steps.
-Writes `lora_vs_peft_{device}.json` (one row per config) and `.md` under --out.
+linear layers and r=8 on q,v, with PEFT (fp32 factors under bf16 autocast, its default) and with ours
+(`lowrank.lora`: bf16 factors, the fused `lowrank.lora_fast` function, FlatMasterAdamW's fp32 masters: the
+same numerics). Variants that isolate where the speed comes from: ours-fp32, ours-unfused, ours-plain.
+Every config runs in each block mode of --modes (`lowrank.blocks`: eager, CUDA graphs, compiled, compiled
+and graphed), for every method alike. Each config: warm-up steps, then timed steps between CUDA syncs; peak
+memory is max_memory_allocated since the config's model was built; GPU busy is the kernel time of one
+profiled step (by kind of kernel; --profile also writes the top kernels to profile_{device}.txt). MFU counts
+6N FLOPs per token for trained matmul weights, 4N for frozen ones, plus attention
+(`lowrank.perf.flops_per_token`). Last, a loss-curve parity check from identical weights and identical A, 20
+steps: ours eager, ours in the fastest mode, PEFT. Writes `lora_vs_peft_{device}.json` (one row per config)
+and `.md` under --out.
 """
 import argparse
 import copy
-import gc
 import json
 import platform
 import sys
@@ -30,7 +33,8 @@ from torch import nn
 from lowrank.blocks import compile_blocks, graph_blocks
 from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
 from lowrank.lora_fast import FlatMasterAdamW
-from lowrank.perf import flops_per_token, peak_flops, peak_memory_bytes
+from lowrank.budget import free_cuda_memory
+from lowrank.perf import flops_per_token, peak_flops, peak_memory_bytes, sync
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QV = ["q_proj", "v_proj"]
@@ -83,7 +87,8 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int):
 
 def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.Module:
     """LoRA with alpha = 2r, dropout 0, A kaiming-uniform and B = 0. PEFT keeps its factors in fp32 (its
-    default); ours keeps them in the model's dtype for FlatMasterAdamW (fp32 masters), the other two in fp32."""
+    default); ours and ours-plain keep them in the model's dtype for FlatMasterAdamW (fp32 masters),
+    ours-fp32 and ours-unfused in fp32."""
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
@@ -118,17 +123,9 @@ def make_step(model, params, device, lr, impl):
     return step, opt
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free(device):
     torch._dynamo.reset()  # each config compiles on its own: no cached graphs or dynamic-shape recompiles carried over
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    free_cuda_memory(device if device.type == "cuda" else None)
 
 
 def speed_up_blocks(model, mode, shape, device):
@@ -371,7 +368,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script, not speed)")
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {list(SHAPES)}")
-    ap.add_argument("--profile", action="store_true", help="also write the top CUDA kernels of one step per r=16 config")
+    ap.add_argument("--profile", action="store_true", help="also write the top CUDA kernels of one step per full and r=16 config")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", nargs="+", default=["eager", "graphs", FASTEST], choices=MODES,
                     help="how the decoder blocks run (every method alike)")

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from lowrank.memory import GIB
+
 BUDGETS = "8gb,16gb,24gb,40gb,80gb"
 COMMON = ["model=llama_1b_shape", "task=synthetic", "trainer.batch_size=8", "trainer.max_length=1024",
           "trainer.max_steps=3", "trainer.eval_interval=3", "trainer.warmup_steps=0", "task.train_examples=64",
           "task.test_examples=8", "logger=none", "trainer.progress_bar=false", f"budget={BUDGETS}"]
 SWEEPS = {"full": ["method=full", "method.targets=[q_proj]"],  # full FT: ΔW stored for q_proj only (disk)
           "lora": ["method=lora", "method.rank=16", "method.alpha=32", "method.targets=all-linear"]}
-GIB = 2**30
 
 
 def run_sweeps(runs_root: Path) -> None:

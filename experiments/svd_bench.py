@@ -32,12 +32,12 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.spectra import svdvals_factored_batched, svdvals_gram
+from lowrank.perf import sync
 
 MATRICES = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_attn.v_proj": ("h", "h"),
             "self_attn.o_proj": ("h", "h"), "mlp.gate_proj": ("i", "h"), "mlp.up_proj": ("i", "h"),
             "mlp.down_proj": ("h", "i")}
 SHAPES = {"llama-7b": dict(h=4096, i=11008, layers=32), "tiny": dict(h=64, i=172, layers=2)}
-DTYPES = {"F32": torch.float32}
 
 
 def names_and_shapes(shape):
@@ -196,11 +196,6 @@ def fast_full_set(files, device, n_readers, n_workers, max_numel) -> tuple[dict,
     spectra = {n: s.cpu() for n, s in results.items()}
     r = max(resid.values())
     return spectra, dict(total_s=time.perf_counter() - t0, matrices=len(spectra), max_trace_residual=r)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device):

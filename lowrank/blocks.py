@@ -63,7 +63,9 @@ def graph_blocks(model: nn.Module, batch_size: int, seq_len: int, amp_dtype: tor
     dtype, embed_trains = embed.weight.dtype, embed.weight.requires_grad
     hidden = torch.randn(batch_size, seq_len, model.config.hidden_size, device=p.device, dtype=dtype)
     position_ids = torch.arange(seq_len, device=p.device).unsqueeze(0)
-    rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
+    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__} has no rotary_emb: graph_blocks takes Llama-family decoders")
     with torch.no_grad():
         cos, sin = rotary(hidden, position_ids)
     wrapped = tuple(_Block(b) for b in blocks)

@@ -107,14 +107,11 @@ def estimate_probe(estimate: Callable[..., MemoryEstimate], budget: int, batch_s
     return probe
 
 
-def fit_with_estimate(batch_size: int, estimate: Callable[..., MemoryEstimate], budget: int | None,
-                      allow_checkpointing: bool = True) -> tuple[FitResult, MemoryEstimate]:
+def fit_with_estimate(batch_size: int, estimate: Callable[..., MemoryEstimate],
+                      budget: int) -> tuple[FitResult, MemoryEstimate]:
     """The fit the memory model predicts, and the estimate at the chosen setting (at the configured batch
-    without checkpointing when nothing fits, or when there is no budget)."""
-    if budget is None:
-        return FitResult(batch_size, 1, False, True), estimate(micro_batch=batch_size, grad_accum=1,
-                                                                 activation_checkpointing=False)
-    fit = fit_micro_batch(batch_size, estimate_probe(estimate, budget, batch_size), allow_checkpointing)
+    without checkpointing when nothing fits)."""
+    fit = fit_micro_batch(batch_size, estimate_probe(estimate, budget, batch_size))
     if fit.fits:
         return fit, estimate(micro_batch=fit.micro_batch, grad_accum=fit.grad_accum,
                              activation_checkpointing=fit.activation_checkpointing)

@@ -257,7 +257,7 @@ def _layer_bytes_per_token(arch: Arch, adapted: set[str], full: bool, rank: int,
     return 2 * (4 * h + drop * h) + qkv_in + attention + o_in + up_in + act + down_in + lora_mid
 
 
-def _outside_layers_bytes_per_token(arch: Arch, head: str, full: bool, c: int, r: int) -> float:
+def _outside_layers_bytes_per_token(arch: Arch, full: bool, c: int, r: int) -> float:
     """Embedding dropout, final norm, and what the head saves, per token (heads on the first token: ~0)."""
     h = arch.hidden
     drop = 1 if arch.hidden_dropout > 0 else 0
@@ -395,7 +395,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     workspace = 2 * c * arch.intermediate + 2 * 4 * arch.hidden
     cache = 0 if activation_checkpointing else _kv_cache_bytes_per_token(arch, c, r, padded)
     transient = max(workspace, _loss_peak_bytes_per_token(arch, head), cache)
-    activations = tokens * (layers + transient + _outside_layers_bytes_per_token(arch, head, full, c, r))
+    activations = tokens * (layers + transient + _outside_layers_bytes_per_token(arch, full, c, r))
     if padded:
         activations += batch_size * seq_len * seq_len  # the (b, 1, s, s) bool mask, built once
     activations = int(math.ceil(activations))
@@ -414,12 +414,13 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
 
 def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_accum: int | None = None,
                       activation_checkpointing: bool | None = None, device_type: str = "cuda",
-                      padded: bool = True, kv_cache: bool | None = None) -> MemoryEstimate:
+                      padded: bool = True, kv_cache: bool | None = False) -> MemoryEstimate:
     """The estimate for a composed run config (`cfg.model`, `cfg.method`, `cfg.trainer`, `cfg.task`).
     `config`: the HF config if already at hand (else read without weights via lowrank.shapes). Settings left
     None come from the trainer config: `trainer.micro_batch_size` (null = the batch), grad_accum = batch /
     micro-batch, `trainer.activation_checkpointing`, `trainer.weight_dtype` (fp32 when absent).
-    precision "auto" means bf16 on CUDA and fp32 on CPU, as in the trainer."""
+    precision "auto" means bf16 on CUDA and fp32 on CPU, and no k/v cache, as in the trainer (which turns
+    `use_cache` off; a fresh config still has it on)."""
     from .shapes import load_hf_config
     t, m = cfg.trainer, cfg.method
     if config is None:

@@ -37,6 +37,12 @@ def flops_per_token(model: nn.Module, seq_len: int, n_layers: int, hidden: int) 
     return total + 12 * n_layers * hidden * seq_len
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously): call before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA: max allocated by this process; CPU: peak resident set size."""
     if device.type == "cuda":
