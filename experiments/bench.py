@@ -7,7 +7,8 @@ For each model shape (random init, built from its config directly on the GPU in 
 random tokens): full fine-tuning (all weights bf16, fused AdamW with bf16 states), and LoRA r=16 on all
 linear layers and r=8 on q,v, with PEFT (fp32 factors under bf16 autocast, its default) and with ours
 (`lowrank.lora`: bf16 factors, the fused `lowrank.lora_fast` function, FlatMasterAdamW's fp32 masters: the
-same numerics). Variants that isolate where the speed comes from: ours-fp32, ours-unfused, ours-plain.
+same numerics). Variants that isolate where the speed comes from: ours-fp32, ours-unfused, ours-plain,
+ours-single.
 Every config runs in each block mode of --modes (`lowrank.blocks`: eager, CUDA graphs, compiled, compiled
 and graphed), for every method alike. Each config: warm-up steps, then timed steps between CUDA syncs; peak
 memory is max_memory_allocated since the config's model was built; GPU busy is the kernel time of one
@@ -49,10 +50,12 @@ SHAPES = {
 }
 # (method, impl, rank, targets): one row each per shape
 # ours: bf16 factors + fp32 flat master AdamW + fused function; ours-fp32: fp32 factors under autocast +
-# fused function (PEFT's parameter handling); ours-unfused: fp32 factors + LoRALinear's plain forward.
+# fused function (PEFT's parameter handling); ours-unfused: fp32 factors + LoRALinear's plain forward;
+# ours-single: ours without shared-input groups (each of q, k, v, gate, up on its own).
 CONFIGS = [("full", "torch", None, None),
            ("lora", "ours", 16, ALL_LINEAR), ("lora", "peft", 16, ALL_LINEAR), ("lora", "ours-fp32", 16, ALL_LINEAR),
            ("lora", "ours-unfused", 16, ALL_LINEAR), ("lora", "ours-plain", 16, ALL_LINEAR),
+           ("lora", "ours-single", 16, ALL_LINEAR),
            ("lora", "ours", 8, QV), ("lora", "peft", 8, QV)]
 # How the decoder blocks run (lowrank.blocks), for every method alike: eager, one CUDA graph per block for
 # forward and one for backward, torch.compile per block, or compiled blocks captured in graphs.
@@ -61,7 +64,8 @@ FASTEST = "compile+graphs"
 # which implementations each mode runs: the fp32 / unfused variants answer eager questions; ours-plain
 # (bf16 factors, LoRALinear's plain unfused forward) asks whether the fused function still pays once compiled
 MODE_IMPLS = {"eager": ("torch", "ours", "peft", "ours-fp32", "ours-unfused"), "graphs": ("torch", "ours", "peft"),
-              "compile": ("torch", "ours", "peft", "ours-plain"), FASTEST: ("torch", "ours", "peft", "ours-plain")}
+              "compile": ("torch", "ours", "peft", "ours-plain"),
+              FASTEST: ("torch", "ours", "peft", "ours-plain", "ours-single")}
 
 
 def plain_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +91,8 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int):
 
 def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.Module:
     """LoRA with alpha = 2r, dropout 0, A kaiming-uniform and B = 0. PEFT keeps its factors in fp32 (its
-    default); ours and ours-plain keep them in the model's dtype for FlatMasterAdamW (fp32 masters),
-    ours-fp32 and ours-unfused in fp32."""
+    default); ours, ours-plain and ours-single keep them in the model's dtype for FlatMasterAdamW (fp32
+    masters), ours-fp32 and ours-unfused in fp32."""
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
@@ -100,12 +104,14 @@ def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.M
             layer.lora_B = nn.Parameter(layer.lora_B.detach().float())
         if impl in ("ours-unfused", "ours-plain"):
             layer.forward = types.MethodType(plain_forward, layer)
+        if impl == "ours-single":
+            layer.group = None
     freeze_for_lora(model, head=None)
     return model
 
 
 def make_step(model, params, device, lr, impl):
-    if impl in ("ours", "ours-plain"):
+    if impl in ("ours", "ours-plain", "ours-single"):
         opt = FlatMasterAdamW(params, lr=lr)
         zero = opt.zero_grad
     else:
@@ -278,6 +284,7 @@ def ratio_rows(rows):
                         ours_over_fastest_full=ratio(ours, max(fulls) if fulls else None),
                         ours_over_unfused=ratio(ours, tps((model, "ours-unfused", rank, targets, mode))),
                         ours_over_plain=ratio(ours, tps((model, "ours-plain", rank, targets, mode))),
+                        ours_over_single=ratio(ours, tps((model, "ours-single", rank, targets, mode))),
                         memory_ours_over_peft=ratio(r["peak_memory_bytes"],
                                                     peft_eager and peft_eager["peak_memory_bytes"]),
                         memory_ours_over_peft_same_mode=ratio(r["peak_memory_bytes"], by.get(
@@ -333,13 +340,13 @@ def markdown(rows, ratios, par, meta) -> str:
                      f"| {fmt(r['gpu_busy_s'] and 1e3 * r['gpu_busy_s'], '.1f')} "
                      f"| {r['peak_memory_bytes'] / 2**30:.1f} | {fmt(r['mfu'], '.1%')} |")
     lines += ["", "| model | LoRA | blocks (ours) | ours/PEFT (eager PEFT) | ours/PEFT (same blocks) "
-              "| ours/full (same blocks) | ours/fastest full | fused/unfused | fused/plain | ours/PEFT peak memory |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| ours/full (same blocks) | ours/fastest full | fused/unfused | fused/plain | grouped/single "
+              "| ours/PEFT peak memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for q in ratios:
         lines.append(f"| {q['model']} | r={q['rank']} {q['targets']} | {q['mode']} | {fmt(q['ours_over_peft'], '.2f')}× "
                      f"| {fmt(q['ours_over_peft_same_mode'], '.2f')}× | {fmt(q['ours_over_full'], '.2f')}× "
                      f"| {fmt(q['ours_over_fastest_full'], '.2f')}× | {fmt(q['ours_over_unfused'], '.2f')}× "
-                     f"| {fmt(q['ours_over_plain'], '.2f')}× "
+                     f"| {fmt(q['ours_over_plain'], '.2f')}× | {fmt(q['ours_over_single'], '.2f')}× "
                      f"| {fmt(q['memory_ours_over_peft'], '.2f')} |")
     checks = check_targets(ratios)
     if checks:

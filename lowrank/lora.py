@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import check_choice
-from .lora_fast import lora_linear
+from .lora_fast import lora_linear, lora_linear_group
 from .targets import select_targets
 
 SCALINGS = ("standard", "rslora")
+# sibling layers a block calls on one input, one after another (Llama/Mistral/Qwen attention and MLP; BERT)
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 INITS = ("kaiming_uniform", "gaussian")
 
 
@@ -50,10 +52,13 @@ class LoRALinear(nn.Module):
             check_choice("method.init", init, INITS)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.group: SharedInputGroup | None = None  # set by group_shared_inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.group is not None and not self.group.any_merged():
+            return self.group(self, x)
         if isinstance(self.dropout, nn.Identity):  # one autograd node: fewer casts, copies and kernels
             b = self.base_layer
             return lora_linear(x, b.weight, b.bias, self.lora_A, self.lora_B, self.scaling)
@@ -83,6 +88,51 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
 
 
+class SharedInputGroup:
+    """Dropout-free LoRA layers that a block calls on one input, one after another (q, k, v): the first
+    call computes every member's output at once (`lora_linear_group`: one pass over the input for all
+    their h = x Aᵀ and one for all their A gradients), and the others take theirs if they are called with
+    that same tensor. A member called with another tensor, or twice, recomputes the group: always correct,
+    only slower. A plain object, not a module: the members stay where the model has them."""
+
+    def __init__(self, layers: list["LoRALinear"]):
+        self.layers = layers
+        self.x, self.pending = None, [None] * len(layers)
+        for i, layer in enumerate(layers):
+            layer.group, layer.group_index = self, i
+
+    def any_merged(self) -> bool:
+        return any(layer.merged for layer in self.layers)
+
+    def __call__(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        i = layer.group_index
+        if self.x is not x or self.pending[i] is None:
+            self.x = x
+            self.pending = list(lora_linear_group(x, [(m.base_layer.weight, m.base_layer.bias, m.lora_A, m.lora_B,
+                                                       m.scaling) for m in self.layers]))
+        y, self.pending[i] = self.pending[i], None
+        if all(p is None for p in self.pending):
+            self.x = None  # nothing left to hand out: hold no tensor between forward passes
+        return y
+
+
+def group_shared_inputs(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Group the dropout-free LoRA layers among `names` that are siblings in one SHARED_INPUT family;
+    returns the groups' names."""
+    groups = []
+    for family in SHARED_INPUT:
+        by_parent: dict[str, list[str]] = {}
+        for name in names:
+            parent, _, leaf = name.rpartition(".")
+            if leaf in family and isinstance(model.get_submodule(name).dropout, nn.Identity):
+                by_parent.setdefault(parent, []).append(name)
+        for members in by_parent.values():
+            if len(members) > 1:
+                SharedInputGroup([model.get_submodule(n) for n in members])
+                groups.append(members)
+    return groups
+
+
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
@@ -99,10 +149,12 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
                 scaling: str = "standard", init: str = "kaiming_uniform") -> list[str]:
-    """Replace each targeted nn.Linear by a LoRALinear wrapping it; returns the replaced names."""
+    """Replace each targeted nn.Linear by a LoRALinear wrapping it; returns the replaced names. Layers that
+    share their input (SHARED_INPUT) compute together (SharedInputGroup)."""
     names = match_targets(model, targets)
     for name in names:
         model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, scaling, init))
+    group_shared_inputs(model, names)
     return names
 
 

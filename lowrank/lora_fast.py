@@ -16,10 +16,13 @@ with fewer passes over the big tensors and fewer operator calls:
 
 Where the step is bound by the CPU launching kernels (a 7B model at 2k tokens per step on an H200 is),
 each operator per adapter counts. `FlatMasterAdamW` removes the per-layer casts altogether: the model holds
-the factors in bf16 (views into one flat buffer, gradients accumulate into one flat buffer), and one fused
-AdamW steps a flat fp32 master copy; three whole-buffer copies per step replace two casts per adapter in
-forward and two in backward. The numerics are those of fp32 factors under bf16 autocast: compute in bf16,
-gradients rounded to bf16 then widened, update in fp32.
+the factors in bf16 (views into one flat buffer), and one fused AdamW steps a flat fp32 master copy; a
+gather, a step and a copy per step replace two casts per adapter in forward and two in backward. The
+numerics are those of fp32 factors under bf16 autocast: compute in bf16, gradients rounded to bf16 then
+widened, update in fp32.
+
+`lora_linear_group` computes layers that share their input (q, k, v) together: one pass over x for all
+their h = x Aᵀ and one for all their A gradients (lowrank.lora.SharedInputGroup uses it).
 """
 import torch
 import torch.nn.functional as F
@@ -37,14 +40,17 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # skip the operator call when nothing changes
 
 
-# The two big GEMMs accumulate onto the rank-r product in place (GEMM beta): an output of the custom op
-# written first by the small product, read once in the big GEMM's epilogue. torch.compile would rewrite an
-# in-place addmm_ into addmm + a copy of the whole (n, out) output (306 extra copies, 6 ms of a 1.1B step on
-# an H200), so under compile the pair runs as one opaque custom op; eagerly, as plain calls (no dispatch cost).
-def _lowrank_plus_linear(big_in: torch.Tensor, big_w: torch.Tensor, small_in: torch.Tensor,
+# The big GEMMs accumulate onto the rank-r product in place (GEMM beta): an output of the custom op written
+# first by the small product, read once in each big GEMM's epilogue. torch.compile would rewrite an in-place
+# addmm_ into addmm + a copy of the whole (n, out) output (306 extra copies, 6 ms of a 1.1B step on an H200),
+# so under compile the chain runs as one opaque custom op; eagerly, as plain calls (no dispatch cost).
+def _lowrank_plus_linear(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], small_in: torch.Tensor,
                          small_w: torch.Tensor, beta: float) -> torch.Tensor:
-    """beta · small_in @ small_w + big_in @ big_w, for 2-D operands (weights given as the matmul operand)."""
-    return torch.mm(small_in, small_w).addmm_(big_in, big_w, beta=beta)
+    """beta · small_in @ small_w + Σ big_in @ big_w, for 2-D operands (weights given as the matmul operand)."""
+    out = torch.mm(small_in, small_w)
+    for i, (a, w) in enumerate(zip(big_ins, big_ws)):
+        out.addmm_(a, w, beta=beta if i == 0 else 1.0)
+    return out
 
 
 _lowrank_plus_linear_op = torch.library.custom_op("lowrank::lowrank_plus_linear", _lowrank_plus_linear,
@@ -52,13 +58,13 @@ _lowrank_plus_linear_op = torch.library.custom_op("lowrank::lowrank_plus_linear"
 
 
 @_lowrank_plus_linear_op.register_fake
-def _(big_in, big_w, small_in, small_w, beta):
-    return big_in.new_empty(big_in.shape[0], big_w.shape[1])
+def _(big_ins, big_ws, small_in, small_w, beta):
+    return small_in.new_empty(small_in.shape[0], big_ws[0].shape[1])
 
 
-def lowrank_plus_linear(big_in, big_w, small_in, small_w, beta: float) -> torch.Tensor:
+def lowrank_plus_linear(big_ins, big_ws, small_in, small_w, beta: float) -> torch.Tensor:
     fn = _lowrank_plus_linear_op if torch.compiler.is_compiling() else _lowrank_plus_linear
-    return fn(big_in, big_w, small_in, small_w, beta)
+    return fn(list(big_ins), list(big_ws), small_in, small_w, beta)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -69,7 +75,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)    # (n, in); a view when x is already in dtype
         Wc, Ac, Bc = _as(W, dtype), _as(A, dtype), _as(B, dtype)
         h = F.linear(x2, Ac)                           # (n, r)
-        y = lowrank_plus_linear(x2, Wc.t(), h, Bc.t(), scaling)  # scaling · h Bᵀ + x Wᵀ, one GEMM epilogue
+        y = lowrank_plus_linear([x2], [Wc.t()], h, Bc.t(), scaling)  # scaling · h Bᵀ + x Wᵀ, one GEMM epilogue
         if bias is not None:
             y.add_(bias)
         ctx.scaling, ctx.dtype, ctx.x_meta = scaling, dtype, (x.shape, x.dtype)
@@ -94,7 +100,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 # (r, in) = scaling · tᵀ x; beta=0 ignores the first argument, which only gives shape/dtype
                 gA = _as(torch.addmm(Ac, t.t(), x2, beta=0, alpha=s), A_dtype)
             if need_x:
-                gx = lowrank_plus_linear(g, Wc, t, Ac, s)  # (n, in) = scaling · t A + g W
+                gx = lowrank_plus_linear([g], [Wc], t, Ac, s)  # (n, in) = scaling · t A + g W
                 shape, x_dtype = ctx.x_meta
                 gx = _as(gx.view(shape), x_dtype)
         if need_B:
@@ -113,13 +119,85 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: 
     return LoRALinearFunction.apply(x, W, bias, A, B, float(scaling))
 
 
+class LoRAGroupFunction(torch.autograd.Function):
+    """Several LoRA linear layers on one input (q, k, v; gate, up), as one autograd node: one pass over x
+    computes every h = x Aᵢᵀ (x [A₁; …; Aₙ]ᵀ), one GEMM every A gradient ([t₁ … tₙ]ᵀ x), and the input
+    gradient is one buffer that the rank-r products and each layer's big GEMM accumulate into in turn
+    ([t₁ … tₙ] [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed afterwards. Each layer computes
+    what LoRALinearFunction computes; only the order of additions differs."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type=_CUDA)
+    def forward(ctx, x, scalings, *layers):  # layers: W, bias, A, B of each layer in turn
+        dtype = _compute_dtype(x)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        Ws, biases, As, Bs = layers[0::4], layers[1::4], layers[2::4], layers[3::4]
+        Wc, Bc = [_as(W, dtype) for W in Ws], [_as(B, dtype) for B in Bs]
+        Ac = torch.cat([_as(A, dtype) for A in As])        # (Σr, in)
+        H = F.linear(x2, Ac)                                # (n, Σr)
+        ranks = [A.shape[0] for A in As]
+        ys = []
+        for W, bias, B, h, s in zip(Wc, biases, Bc, H.split(ranks, dim=1), scalings):
+            y = lowrank_plus_linear([x2], [W.t()], h, B.t(), s)
+            if bias is not None:
+                y.add_(bias)
+            ys.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.scalings, ctx.ranks, ctx.dtype, ctx.x_meta = scalings, ranks, dtype, (x.shape, x.dtype)
+        ctx.param_dtypes = [t.dtype if t is not None else None for t in layers]
+        ctx.save_for_backward(x2, H, Ac, *Wc, *Bc)
+        return tuple(ys)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type=_CUDA)
+    def backward(ctx, *gys):
+        x2, H, Ac, *rest = ctx.saved_tensors
+        n = len(ctx.scalings)
+        Wc, Bc, need = rest[:n], rest[n:], ctx.needs_input_grad
+        hs = H.split(ctx.ranks, dim=1)
+        # an output the loss never used has no gradient: zeros, so every layer keeps its place in T
+        gs = [_as(gy.reshape(-1, gy.shape[-1]), ctx.dtype) if gy is not None else x2.new_zeros(x2.shape[0], W.shape[0])
+              for gy, W in zip(gys, Wc)]
+        grads = [None] * (4 * n)
+        need_x, need_A = need[0], any(need[4 + 4 * i] for i in range(n))
+        if need_x or need_A:
+            # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha; beta=0 ignores hᵢ (it gives the shape)
+            T = torch.cat([torch.addmm(h, g, B, beta=0, alpha=s) for h, g, B, s in zip(hs, gs, Bc, ctx.scalings)],
+                          dim=1)
+            if need_A:
+                for i, gA in enumerate(torch.mm(T.t(), x2).split(ctx.ranks)):  # (Σr, in), one GEMM for all A
+                    if need[4 + 4 * i]:
+                        grads[4 * i + 2] = _as(gA, ctx.param_dtypes[4 * i + 2])
+        gx = None
+        if need_x:
+            gx = lowrank_plus_linear(gs, Wc, T, Ac, 1.0)   # (n, in) = T [A₁; …; Aₙ] + Σ gᵢ Wᵢ
+            shape, x_dtype = ctx.x_meta
+            gx = _as(gx.view(shape), x_dtype)
+        for i, (g, h, s) in enumerate(zip(gs, hs, ctx.scalings)):
+            W_dtype, b_dtype, _, B_dtype = ctx.param_dtypes[4 * i:4 * i + 4]
+            if need[2 + 4 * i]:
+                grads[4 * i] = _as(torch.mm(g.t(), x2), W_dtype)
+            if need[3 + 4 * i]:
+                grads[4 * i + 1] = _as(g.sum(0), b_dtype)
+            if need[5 + 4 * i]:
+                grads[4 * i + 3] = _as(torch.addmm(Bc[i], g.t(), h, beta=0, alpha=s), B_dtype)
+        return gx, None, *grads
+
+
+def lora_linear_group(x: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """lora_linear(x, *layer) for each layer = (W, bias, A, B, scaling) of `layers`, computed together."""
+    flat = [t for W, bias, A, B, _ in layers for t in (W, bias, A, B)]
+    return LoRAGroupFunction.apply(x, tuple(float(layer[4]) for layer in layers), *flat)
+
+
 class FlatMasterAdamW:
     """Fused AdamW on an fp32 master copy of low-precision parameters, all flattened into one buffer.
 
-    The given parameters (e.g. every LoRA factor, in bf16) become views into one flat buffer, and their
-    `.grad` views into one flat gradient buffer that backward accumulates into. `step()` widens the flat
-    gradient to fp32, steps the flat fp32 master with one fused AdamW, and copies it back; `zero_grad()`
-    zeroes the flat gradient (never set the views to None). Same update as AdamW on fp32 parameters.
+    The given parameters (e.g. every LoRA factor, in bf16) become views into one flat buffer. Backward
+    leaves each gradient where autograd puts it (no accumulation kernel per parameter into a preset
+    `.grad`); `step()` gathers them with one concatenation, widens them to fp32, steps the flat fp32 master
+    with one fused AdamW, and copies it back; `zero_grad()` sets the gradients to None. Same update
+    as AdamW on fp32 parameters. With `graph_blocks`, one backward per step: a gradient left at None
+    adopts the graph's static buffer, which a second backward before `step()` would overwrite.
     """
 
     def __init__(self, params, lr: float, **adamw_kwargs):
@@ -129,7 +207,7 @@ class FlatMasterAdamW:
             raise ValueError("FlatMasterAdamW needs parameters of one dtype on one device")
         n = sum(p.numel() for p in self.params)
         self.flat = torch.empty(n, dtype=dtype, device=device)
-        self.flat_grad = torch.zeros(n, dtype=dtype, device=device)
+        self.flat_grad = torch.empty(n, dtype=dtype, device=device)
         master = torch.empty(n, dtype=torch.float32, device=device)
         offset = 0
         for p in self.params:
@@ -137,7 +215,7 @@ class FlatMasterAdamW:
             master[offset:offset + k].copy_(p.detach().reshape(-1))
             self.flat[offset:offset + k].copy_(p.detach().reshape(-1))
             p.data = self.flat[offset:offset + k].view_as(p)
-            p.grad = self.flat_grad[offset:offset + k].view_as(p)
+            p.grad = None
             offset += k
         self.master = nn.Parameter(master)
         self.master.grad = torch.zeros_like(master)
@@ -145,9 +223,13 @@ class FlatMasterAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.master.grad.copy_(self.flat_grad)  # bf16 -> fp32
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        # one batched concatenation (into an fp32 `out` it would be a copy per tensor), then widened to fp32
+        torch.cat([g.reshape(-1) for g in grads], out=self.flat_grad)
+        self.master.grad.copy_(self.flat_grad)
         self.optimizer.step()
-        self.flat.copy_(self.master)            # fp32 -> bf16, what the model computes with
+        self.flat.copy_(self.master)  # fp32 -> bf16, what the model computes with
 
     def zero_grad(self) -> None:
-        self.flat_grad.zero_()
+        for p in self.params:
+            p.grad = None

@@ -43,17 +43,21 @@ def test_decoder_blocks_are_the_outer_list_not_experts_inside_a_block():
 
 
 def test_lowrank_plus_linear_custom_op_passes_torch_opcheck():
-    """The op torch.compile sees in place of the in-place GEMM epilogue: its fake (shape) function and its
-    schema agree with what it computes, for both call sites (forward and input gradient)."""
+    """The op torch.compile sees in place of the in-place GEMM epilogues: its fake (shape) function and its
+    schema agree with what it computes, for each call site (forward, input gradient, a group's input
+    gradient over two layers)."""
     from lowrank.lora_fast import _lowrank_plus_linear, _lowrank_plus_linear_op
     g = torch.Generator().manual_seed(0)
-    x, gy, W, A, B, h, t = (torch.randn(*shape, generator=g)
-                            for shape in [(10, 6), (10, 5), (5, 6), (3, 6), (5, 3), (10, 3), (10, 3)])
-    for big_in, big_w, small_in, small_w, beta in [(x, W.t(), h, B.t(), 0.5),   # y = 0.5·h Bᵀ + x Wᵀ
-                                                   (gy, W, t, A, 2.0)]:          # gx = 2·t A + g W
-        args = (big_in, big_w, small_in, small_w, beta)
+    x, gy, W, A, B, h, t, gy2, W2, t2 = (torch.randn(*shape, generator=g) for shape in
+                                         [(10, 6), (10, 5), (5, 6), (3, 6), (5, 3), (10, 3), (10, 3), (10, 4),
+                                          (4, 6), (10, 6)])
+    A2 = torch.cat([A, A.flip(0)])
+    for big_ins, big_ws, small_in, small_w, beta in [([x], [W.t()], h, B.t(), 0.5),         # y = 0.5·h Bᵀ + x Wᵀ
+                                                     ([gy], [W], t, A, 2.0),                 # gx = 2·t A + g W
+                                                     ([gy, gy2], [W, W2], t2, A2, 1.0)]:     # gx = T A + Σ gᵢ Wᵢ
+        args = (big_ins, big_ws, small_in, small_w, beta)
         torch.library.opcheck(_lowrank_plus_linear_op, args)
-        expected = beta * small_in @ small_w + big_in @ big_w
+        expected = beta * small_in @ small_w + sum(a @ w for a, w in zip(big_ins, big_ws))
         torch.testing.assert_close(_lowrank_plus_linear_op(*args), expected)
         torch.testing.assert_close(_lowrank_plus_linear(*args), expected)
 
@@ -64,11 +68,13 @@ def test_graph_blocks_names_its_device_requirement():
 
 
 def test_compiled_lora_blocks_match_eager_loss_and_gradients():
-    """The fused LoRA function (its GEMM-epilogue pair as a custom op under compile), the compiled blocks
-    and the compiled loss give the eager loss and LoRA gradients."""
+    """The fused LoRA functions (their GEMM-epilogue chains as a custom op under compile; q/k/v and
+    gate/up as shared-input groups), the compiled blocks and the compiled loss give the eager loss and
+    LoRA gradients."""
     eager = tiny_llama()
     inject_lora(eager, "all-linear", rank=4, alpha=8)
     freeze_for_lora(eager, head=None)
+    assert sum(m.group is not None for m in lora_layers(eager).values()) == 10  # q,k,v and gate,up: traced too
     with torch.no_grad():  # B != 0, so the adapters take part in the forward pass
         for layer in lora_layers(eager).values():
             layer.lora_B.normal_(std=0.1)

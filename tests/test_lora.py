@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers, match_targets
+from lowrank.lora_fast import lora_linear
 
 
 def trained_layer(rank=4, d_in=12, d_out=10, seed=0):
@@ -69,6 +70,37 @@ def test_injection_by_suffix_and_freezing_by_type():
     assert match_targets(Tiny(), "all-linear") == [f"layers.{i}.{m}" for i in range(2) for m in ("query", "value", "up")]
     with pytest.raises(ValueError, match="'nope' matches no linear layer; valid suffixes: .*query"):
         inject_lora(Tiny(), ["nope"], rank=2, alpha=4)
+
+
+def test_shared_input_siblings_compute_as_a_group():
+    """query and value of one block share their input: grouped (not `up`, not across blocks, not with
+    dropout); the group gives each layer its own output whatever the call order, recomputes for another
+    input, and steps aside while a member is merged."""
+    model = Tiny()
+    inject_lora(model, "all-linear", rank=2, alpha=4)
+    layers = lora_layers(model)
+    groups = {id(m.group): [n for n, l in layers.items() if l.group is m.group] for m in layers.values() if m.group}
+    assert sorted(groups.values()) == [["layers.0.query", "layers.0.value"], ["layers.1.query", "layers.1.value"]]
+    assert layers["layers.0.up"].group is None
+    with_dropout = Tiny()
+    inject_lora(with_dropout, "all-linear", rank=2, alpha=4, dropout=0.1)
+    assert all(m.group is None for m in lora_layers(with_dropout).values())
+
+    q, v = model.layers[0]["query"], model.layers[0]["value"]
+    for layer in (q, v):
+        nn.init.normal_(layer.lora_B)
+    alone = {id(m): (lambda m: lambda x: lora_linear(x, m.base_layer.weight, m.base_layer.bias, m.lora_A,
+                                                      m.lora_B, m.scaling))(m) for m in (q, v)}
+    x, other = torch.randn(3, 8), torch.randn(3, 8)
+    for order in ((q, v), (v, q), (q, q, v), (v, v)):  # repeated calls recompute
+        for m in order:
+            torch.testing.assert_close(m(x), alone[id(m)](x))
+    torch.testing.assert_close(q(x), alone[id(q)](x))
+    torch.testing.assert_close(v(other), alone[id(v)](other))  # another input while q's x is pending
+    assert q.group.x is None or q.group.x is other
+    v.merge()
+    torch.testing.assert_close(q(x), alone[id(q)](x))
+    torch.testing.assert_close(v(x), v.base_layer(x))
 
 
 def test_parity_with_peft_on_minilm():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowrank.lora_fast import lora_linear
+from lowrank.lora_fast import lora_linear, lora_linear_group
 
 
 def reference(x, W, bias, A, B, scaling):
@@ -102,8 +102,8 @@ def test_autocast_computes_in_bf16_and_grads_keep_param_dtype():
 
 
 def test_flat_master_adamw_matches_adamw():
-    """fp32 parameters: the flat master update equals torch AdamW on the parameters themselves, and the
-    parameters stay views into the flat buffers across steps."""
+    """fp32 parameters: the flat master update equals torch AdamW on the parameters themselves, gradients
+    accumulated over two backward passes included, and the parameters stay views into the flat buffer."""
     from torch import nn
 
     from lowrank.lora_fast import FlatMasterAdamW
@@ -116,11 +116,12 @@ def test_flat_master_adamw_matches_adamw():
     for _ in range(3):
         for params, o in ((ref, opt_ref), (ours, opt)):
             ((x @ params[0].t() @ params[1].t()) ** 2).sum().backward()
+            ((x[:1] @ params[0].t() @ params[1].t()) ** 3).sum().backward()  # accumulates
             o.step()
             o.zero_grad()
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert ours[1].data_ptr() == opt.flat[24:].data_ptr() and ours[1].grad.abs().sum() == 0
+    assert ours[1].data_ptr() == opt.flat[24:].data_ptr() and ours[1].grad is None
 
 
 def test_flat_master_keeps_fp32_master_for_bf16_params():
@@ -135,3 +136,50 @@ def test_flat_master_keeps_fp32_master_for_bf16_params():
         opt.zero_grad()
     assert opt.master.dtype == torch.float32 and opt.master[0].item() > 1.0 + 3e-4
     assert p.dtype == torch.bfloat16
+
+
+def group_layers(d_in, outs, r, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(d_out, d_in, generator=g, dtype=dtype) / d_in ** 0.5,
+             torch.randn(d_out, generator=g, dtype=dtype) if bias else None,
+             torch.randn(r, d_in, generator=g, dtype=dtype) / d_in ** 0.5,
+             torch.randn(d_out, r, generator=g, dtype=dtype), s) for d_out, s in zip(outs, (2.0, 0.5, -1.0))]
+
+
+def test_group_gradcheck_float64():
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    layers = group_layers(6, (5, 3), 2, torch.float64, seed=8)
+    leaves = [t.requires_grad_(True) for W, b, A, B, _ in layers for t in (A, B)]
+
+    def f(x, *ab):
+        return lora_linear_group(x, [(W, b, ab[2 * i], ab[2 * i + 1], s) for i, (W, b, _, _, s) in enumerate(layers)])
+    assert torch.autograd.gradcheck(f, (x, *leaves))
+
+
+@pytest.mark.parametrize("need_x,drop_output", [(True, False), (False, False), (True, True)])
+def test_group_matches_each_layer_alone(need_x, drop_output):
+    """Three layers of different widths (q, k, v with GQA) on one input: the group's outputs and every
+    gradient equal lora_linear per layer; an output the loss never uses gets no gradient, not an error."""
+    x = torch.randn(4, 5, 16)
+    layers = group_layers(16, (12, 4, 4), 3, torch.float32, seed=9)
+    runs = {}
+    for name in ("group", "alone"):
+        xs = x.clone().requires_grad_(need_x)
+        ls = [(W, b, A.clone().requires_grad_(True), B.clone().requires_grad_(True), s) for W, b, A, B, s in layers]
+        ys = lora_linear_group(xs, ls) if name == "group" else [lora_linear(xs, *layer) for layer in ls]
+        used = ys[:2] if drop_output else ys
+        sum(((y * torch.linspace(-1, 1, y.shape[-1])) ** 2).sum() for y in used).backward()
+        runs[name] = (ys, xs.grad, [(A.grad, B.grad) for _, _, A, B, _ in ls])
+    (ys_g, gx_g, ab_g), (ys_a, gx_a, ab_a) = runs["group"], runs["alone"]
+    for y_g, y_a in zip(ys_g, ys_a):
+        torch.testing.assert_close(y_g, y_a, rtol=1e-5, atol=1e-5)
+    if need_x:
+        torch.testing.assert_close(gx_g, gx_a, rtol=1e-5, atol=1e-5)
+    else:
+        assert gx_g is None
+    for (gA, gB), (rA, rB) in zip(ab_g, ab_a):
+        if rA is None:  # the dropped output: no gradient alone; zero in the group
+            assert drop_output and gA.abs().sum() == 0 and gB.abs().sum() == 0
+        else:
+            torch.testing.assert_close(gA, rA, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gB, rB, rtol=1e-5, atol=1e-5)
