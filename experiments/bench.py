@@ -314,6 +314,14 @@ def check_targets(ratios):
     return out
 
 
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle for an even count), with every run's tokens/s."""
+    row = dict(sorted(runs, key=lambda r: r["tokens_per_second"])[(len(runs) - 1) // 2])
+    if len(runs) > 1:
+        row["tokens_per_second_runs"] = [r["tokens_per_second"] for r in runs]
+    return row
+
+
 def fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
@@ -367,6 +375,13 @@ def markdown(rows, ratios, par, meta) -> str:
                   "|---|---|---|" + ("---|" if graphed else "")]
         lines += [f"| {i + 1} | {a:.4f} | {b:.4f} |" + (f" {graphed[i]:.4f} |" if graphed else "")
                   for i, (a, b) in enumerate(zip(par["ours"], par["peft"]))]
+    repeated = [r for r in rows if "tokens_per_second_runs" in r]
+    if repeated:
+        lines += ["", f"Each config was measured {len(repeated[0]['tokens_per_second_runs'])} times, interleaved "
+                  "(the whole config list, then again); the tables give the median run. All runs, tokens/s:", "",
+                  "| model | method | impl | rank | blocks | runs |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['method']} | {r['impl']} | {fmt(r['rank'], 'd')} | {r.get('mode', 'eager')} "
+                  f"| {', '.join(f'{v:,.0f}' for v in r['tokens_per_second_runs'])} |" for r in repeated]
     return "\n".join(lines) + "\n"
 
 
@@ -381,6 +396,9 @@ def main():
                     help="how the decoder blocks run (every method alike)")
     ap.add_argument("--only", nargs="+", default=None, help="configs whose method:impl:rank starts with one of these")
     ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure every config this many times, interleaved (config order repeated), and report "
+                         "the median: drift of the host or the GPU then hits every config alike")
     args = ap.parse_args()
 
     import peft
@@ -400,34 +418,34 @@ def main():
 
     json_path, md_path = out / f"lora_vs_peft_{tag}.json", out / f"lora_vs_peft_{tag}.md"
     rows, par, t_start = [], None, time.perf_counter()
+    samples: dict[tuple, list[dict]] = {}  # config -> its measurements, one per repeat
     prof_path = out / f"profile_{tag}.txt"
     prof_path.unlink(missing_ok=True)
-    for name in models:
-        for mode in args.modes:
-            for method, impl, rank, targets in CONFIGS:
-                if args.only and not any(f"{method}:{impl}:{rank}".startswith(o) for o in args.only):
-                    continue
-                if impl not in MODE_IMPLS[mode]:
-                    continue
-                keep = args.profile and rank in (None, 16) and impl in ("torch", "ours", "peft")
-                try:
-                    row = measure(name, SHAPES[name], method, impl, rank, targets, mode, device, dtype, warmup,
-                                  steps, args.seed, prof_path if keep else None)
-                except Exception as e:  # one failing variant must not cost the rest of the run
-                    print(f"{name} {method} {impl} r={rank} {mode}: FAILED {type(e).__name__}: {e}", flush=True)
-                    free(device)
-                    continue
-                rows.append(row)
-                print(f"{name:11s} {method:4s} {impl:12s} r={fmt(rank, 'd'):2s} {row['targets'] or '':14s} "
-                      f"{mode:14s} {row['tokens_per_second']:9,.0f} tok/s  {1e3 * row['step_time_s']:7.1f} ms  "
-                      f"{row['peak_memory_bytes'] / 2**30:6.1f} GiB  MFU {fmt(row['mfu'], '.1%')}  "
-                      f"GPU busy {fmt(row['gpu_busy_s'] and 1e3 * row['gpu_busy_s'], '.1f')} ms  "
-                      f"setup {row['setup_s']:.0f} s  [{time.perf_counter() - t_start:.0f} s]", flush=True)
-                if row["gpu_busy_by_kind_s"]:
-                    print("    kernels (ms): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(
-                        row["gpu_busy_by_kind_s"].items(), key=lambda kv: -kv[1])), flush=True)
-                json_path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off run keeps them
-                md_path.write_text(markdown(rows, ratio_rows(rows), par, meta))
+    plan = [(name, mode, cfg) for name in models for mode in args.modes for cfg in CONFIGS
+            if cfg[1] in MODE_IMPLS[mode]
+            and not (args.only and not any(f"{cfg[0]}:{cfg[1]}:{cfg[2]}".startswith(o) for o in args.only))]
+    for repeat in range(args.repeats):
+        for name, mode, (method, impl, rank, targets) in plan:
+            keep = args.profile and repeat == 0 and rank in (None, 16) and impl in ("torch", "ours", "peft")
+            try:
+                row = measure(name, SHAPES[name], method, impl, rank, targets, mode, device, dtype, warmup,
+                              steps, args.seed, prof_path if keep else None)
+            except Exception as e:  # one failing variant must not cost the rest of the run
+                print(f"{name} {method} {impl} r={rank} {mode}: FAILED {type(e).__name__}: {e}", flush=True)
+                free(device)
+                continue
+            samples.setdefault((name, mode, method, impl, rank), []).append(row)
+            rows = [median_row(v) for v in samples.values()]
+            print(f"{name:11s} {method:4s} {impl:12s} r={fmt(rank, 'd'):2s} {row['targets'] or '':14s} "
+                  f"{mode:14s} {row['tokens_per_second']:9,.0f} tok/s  {1e3 * row['step_time_s']:7.1f} ms  "
+                  f"{row['peak_memory_bytes'] / 2**30:6.1f} GiB  MFU {fmt(row['mfu'], '.1%')}  "
+                  f"GPU busy {fmt(row['gpu_busy_s'] and 1e3 * row['gpu_busy_s'], '.1f')} ms  "
+                  f"setup {row['setup_s']:.0f} s  [{time.perf_counter() - t_start:.0f} s]", flush=True)
+            if row["gpu_busy_by_kind_s"]:
+                print("    kernels (ms): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(
+                    row["gpu_busy_by_kind_s"].items(), key=lambda kv: -kv[1])), flush=True)
+            json_path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off run keeps them
+            md_path.write_text(markdown(rows, ratio_rows(rows), par, meta))
     if not args.no_parity:
         par_name = "tiny" if args.smoke else "llama-1.1b"
         par = dict(model=par_name, **parity(SHAPES[par_name], device, dtype, args.seed))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from experiments.bench import ALL_LINEAR, check_targets, ratio_rows
+from experiments.bench import ALL_LINEAR, check_targets, median_row, ratio_rows
 from tests.conftest import ROOT, run_cli
 
 
@@ -42,6 +42,15 @@ def test_targets_pick_ours_fastest_mode_even_without_full_runs():
             row("llama-7b", "ours", "compile+graphs", 200.0)]
     (check,) = [c for c in check_targets(ratio_rows(rows)) if c["what"] == "ours_over_peft"]
     assert check["mode"] == "compile+graphs" and check["value"] == pytest.approx(4.0) and check["met"]
+
+
+def test_repeated_configs_report_the_median_run_and_keep_every_run():
+    runs = [dict(tokens_per_second=t, step_time_s=1 / t) for t in (90.0, 120.0, 100.0)]
+    row = median_row(runs)
+    assert row["tokens_per_second"] == 100.0 and row["step_time_s"] == 1 / 100.0  # one run, not a blend
+    assert row["tokens_per_second_runs"] == [90.0, 120.0, 100.0]
+    assert median_row(runs[:2])["tokens_per_second"] == 90.0  # even count: the lower middle
+    assert "tokens_per_second_runs" not in median_row(runs[:1])
 
 
 def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
