@@ -1,0 +1,76 @@
+"""Shared-input grouping of adapters (q,k,v; gate,up) vs per-adapter ops, in-sequence timing incl. gx sum."""
+import json
+import torch
+from timing import OUT, time_us
+M, r, s = 8192, 16, 2.0
+bf = dict(device="cuda", dtype=torch.bfloat16)
+GROUPS = {"qkv": (2048, [2048, 256, 256]), "gate_up": (2048, [5632, 5632])}
+
+
+def bench(fn, reps=40):
+    return time_us(fn, reps, 5)
+
+
+res = {}
+for name, (K, Ns) in GROUPS.items():
+    X = [torch.randn(M, K, **bf) for _ in range(4)]
+    Gs = [[torch.randn(M, N, **bf) for N in Ns] for _ in range(4)]
+    Ws = [torch.randn(N, K, **bf) * 0.02 for N in Ns]
+    As = [torch.randn(r, K, **bf) * 0.02 for _ in Ns]
+    Bs = [torch.randn(N, r, **bf) * 0.02 for N in Ns]
+    n = len(Ns)
+
+    def fwd_now(k):
+        hs, ys = [], []
+        for W, A, B in zip(Ws, As, Bs):
+            h = torch.mm(X[k], A.t()); hs.append(h)
+            ys.append(torch.mm(h, B.t()).addmm_(X[k], W.t(), beta=s))
+        return ys, hs
+
+    def fwd_grouped(k):
+        H = torch.mm(X[k], torch.cat(As).t())
+        ys = [torch.mm(H[:, i * r:(i + 1) * r], B.t()).addmm_(X[k], W.t(), beta=s) for i, (W, B) in enumerate(zip(Ws, Bs))]
+        return ys, H
+
+    def bwd_now(k, hs):
+        gx = None
+        for g, W, A, B, h in zip(Gs[k], Ws, As, Bs, hs):
+            t = torch.mm(g, B)
+            gA = torch.addmm(A, t.t(), X[k], beta=0, alpha=s)
+            gxi = torch.mm(t, A).addmm_(g, W, beta=s)
+            gB = torch.addmm(B, g.t(), h, beta=0, alpha=s)
+            gx = gxi if gx is None else gx + gxi   # eager sum; compiled: fused into a consumer
+        return gx
+
+    def bwd_now_nosum(k, hs):
+        for g, W, A, B, h in zip(Gs[k], Ws, As, Bs, hs):
+            t = torch.mm(g, B)
+            gA = torch.addmm(A, t.t(), X[k], beta=0, alpha=s)
+            gxi = torch.mm(t, A).addmm_(g, W, beta=s)
+            gB = torch.addmm(B, g.t(), h, beta=0, alpha=s)
+        return gxi
+
+    def bwd_grouped(k, H):
+        T = torch.cat([torch.addmm(B, g, B, beta=0, alpha=s) if False else torch.mm(g, B) * s for g, B in zip(Gs[k], Bs)], 1)
+        gA = torch.mm(T.t(), X[k])
+        gx = torch.mm(T, torch.cat(As))
+        for g, W in zip(Gs[k], Ws):
+            gx.addmm_(g, W)
+        for i, (g, B) in enumerate(zip(Gs[k], Bs)):
+            torch.addmm(B, g.t(), H[:, i * r:(i + 1) * r], beta=0, alpha=s)
+        return gx
+
+    y1, h1 = fwd_now(0); y2, H2 = fwd_grouped(0)
+    ef = max(((a.float() - b.float()).abs().max() / a.float().abs().max()).item() for a, b in zip(y1, y2))
+    eb = ((bwd_now(0, h1).float() - bwd_grouped(0, H2).float()).abs().max() / bwd_now(0, h1).float().abs().max()).item()
+    row = dict(err_fwd=ef, err_bwd=eb)
+    row["fwd_now"] = bench(fwd_now); row["fwd_grouped"] = bench(fwd_grouped)
+    HS = [fwd_now(k)[1] for k in range(4)]; HG = [fwd_grouped(k)[1] for k in range(4)]
+    row["bwd_now"] = bench(lambda k: bwd_now(k, HS[k])); row["bwd_grouped"] = bench(lambda k: bwd_grouped(k, HG[k]))
+    row["bwd_now_nosum"] = bench(lambda k: bwd_now_nosum(k, HS[k]))
+    row["saving_us"] = row["fwd_now"] + row["bwd_now"] - row["fwd_grouped"] - row["bwd_grouped"]
+    res[name] = row
+    print(name, {k: round(v, 4 if k.startswith("err") else 1) for k, v in row.items()}, flush=True)
+per_layer = res["qkv"]["saving_us"] + res["gate_up"]["saving_us"]
+print(f"saving per layer {per_layer:.0f} us; 22 layers {per_layer * 22 / 1e3:.2f} ms")
+(OUT / "shared_input_groups.json").write_text(json.dumps(res, indent=1))
