@@ -377,8 +377,9 @@ def markdown(rows, ratios, par, meta) -> str:
                   for i, (a, b) in enumerate(zip(par["ours"], par["peft"]))]
     repeated = [r for r in rows if "tokens_per_second_runs" in r]
     if repeated:
-        lines += ["", f"Each config was measured {len(repeated[0]['tokens_per_second_runs'])} times, interleaved "
-                  "(the whole config list, then again); the tables give the median run. All runs, tokens/s:", "",
+        runs = max(len(r["tokens_per_second_runs"]) for r in repeated)
+        lines += ["", f"Each config was measured up to {runs} times, interleaved (the whole config list, then "
+                  "again; a failed run is left out); the tables give the median run. All runs, tokens/s:", "",
                   "| model | method | impl | rank | blocks | runs |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['method']} | {r['impl']} | {fmt(r['rank'], 'd')} | {r.get('mode', 'eager')} "
                   f"| {', '.join(f'{v:,.0f}' for v in r['tokens_per_second_runs'])} |" for r in repeated]
@@ -434,7 +435,7 @@ def main():
                 print(f"{name} {method} {impl} r={rank} {mode}: FAILED {type(e).__name__}: {e}", flush=True)
                 free(device)
                 continue
-            samples.setdefault((name, mode, method, impl, rank), []).append(row)
+            samples.setdefault((name, mode, method, impl, rank, str(targets)), []).append(row)
             rows = [median_row(v) for v in samples.values()]
             print(f"{name:11s} {method:4s} {impl:12s} r={fmt(rank, 'd'):2s} {row['targets'] or '':14s} "
                   f"{mode:14s} {row['tokens_per_second']:9,.0f} tok/s  {1e3 * row['step_time_s']:7.1f} ms  "

@@ -51,8 +51,9 @@ def graph_blocks(model: nn.Module, batch_size: int, seq_len: int, amp_dtype: tor
     Limits, as for any CUDA graph: outputs live in static buffers, so one forward must be followed by its
     backward before the next forward; arguments beyond the rotary tables (position_ids, a cache) are not
     graph inputs. Gradient accumulation over several backward passes needs `.grad` tensors that exist before
-    the first one (a torch optimizer's `zero_grad(set_to_none=False)`; not FlatMasterAdamW, which sets them to
-    None): a `.grad` that is None adopts the graph's static gradient buffer, which the next replay overwrites."""
+    the first one (`p.grad = torch.zeros_like(p)` for every trained parameter, kept with a torch
+    optimizer's `zero_grad(set_to_none=False)`, or `FlatMasterAdamW(..., accumulate_in_place=True)`): a
+    `.grad` that is None adopts the graph's static gradient buffer, which the next replay overwrites."""
     blocks = decoder_blocks(model)
     p = next(model.parameters())
     if p.device.type != "cuda":

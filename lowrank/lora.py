@@ -92,45 +92,75 @@ class SharedInputGroup:
     """Dropout-free LoRA layers that a block calls on one input, one after another (q, k, v): the first
     call computes every member's output at once (`lora_linear_group`: one pass over the input for all
     their h = x Aᵀ and one for all their A gradients), and the others take theirs if they are called with
-    that same tensor. A member called with another tensor, or twice, recomputes the group: always correct,
-    only slower. A plain object, not a module: the members stay where the model has them."""
+    that same tensor, in the same grad mode and autocast state; otherwise the group is recomputed. A member
+    called with another tensor while outputs for the last one still wait (cross-attention) ends the group:
+    from then on each layer computes alone. Outputs wait only within one forward pass of the model
+    (`inject_lora` clears the groups as each forward begins), so a failed pass leaves nothing held. A plain
+    object, not a module: the members stay where the model has them."""
 
     def __init__(self, layers: list["LoRALinear"]):
         self.layers = layers
-        self.x, self.pending = None, [None] * len(layers)
+        self.clear()
         for i, layer in enumerate(layers):
             layer.group, layer.group_index = self, i
+
+    def clear(self) -> None:
+        self.x, self.context, self.pending = None, None, [None] * len(self.layers)
+
+    def __getstate__(self) -> dict:  # copies and pickles hold no waiting outputs
+        return {"layers": self.layers, "x": None, "context": None, "pending": [None] * len(self.layers)}
 
     def any_merged(self) -> bool:
         return any(layer.merged for layer in self.layers)
 
+    def dissolve(self) -> None:
+        self.clear()
+        for layer in self.layers:
+            layer.group = None
+
     def __call__(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        if self.x is not None and self.x is not x:  # the members do not share their input
+            self.dissolve()
+            return layer(x)
         i = layer.group_index
-        if self.x is not x or self.pending[i] is None:
-            self.x = x
-            self.pending = list(lora_linear_group(x, [(m.base_layer.weight, m.base_layer.bias, m.lora_A, m.lora_B,
-                                                       m.scaling) for m in self.layers]))
+        context = (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        if self.pending[i] is None or self.context != context:
+            ys = lora_linear_group(x, [(m.base_layer.weight, m.base_layer.bias, m.lora_A, m.lora_B, m.scaling)
+                                       for m in self.layers])
+            self.x, self.context, self.pending = x, context, list(ys)  # only once computed: an error holds nothing
         y, self.pending[i] = self.pending[i], None
         if all(p is None for p in self.pending):
-            self.x = None  # nothing left to hand out: hold no tensor between forward passes
+            self.clear()  # nothing left to hand out: hold no tensor between forward passes
         return y
 
 
+def _clear_groups(model: nn.Module, args) -> None:
+    for group in model.lora_groups:
+        group.clear()
+
+
 def group_shared_inputs(model: nn.Module, names: list[str]) -> list[list[str]]:
-    """Group the dropout-free LoRA layers among `names` that are siblings in one SHARED_INPUT family;
-    returns the groups' names."""
+    """Group the dropout-free LoRA layers among `names` that are siblings in one SHARED_INPUT family and
+    take inputs of one width, dtype and device; returns the groups' names. The model clears its groups as
+    each of its forward passes begins."""
     groups = []
     for family in SHARED_INPUT:
-        by_parent: dict[str, list[str]] = {}
+        by_parent: dict[tuple, list[str]] = {}
         for name in names:
             parent, _, leaf = name.rpartition(".")
-            if leaf in family and isinstance(model.get_submodule(name).dropout, nn.Identity):
-                by_parent.setdefault(parent, []).append(name)
+            layer = model.get_submodule(name)
+            if leaf in family and isinstance(layer.dropout, nn.Identity):
+                w = layer.base_layer.weight
+                by_parent.setdefault((parent, w.shape[1], w.dtype, w.device), []).append(name)
         for members in by_parent.values():
             if len(members) > 1:
-                SharedInputGroup([model.get_submodule(n) for n in members])
-                groups.append(members)
-    return groups
+                groups.append(SharedInputGroup([model.get_submodule(n) for n in members]))
+    if groups:
+        if not hasattr(model, "lora_groups"):
+            model.lora_groups = []
+            model.register_forward_pre_hook(_clear_groups)
+        model.lora_groups.extend(groups)
+    return [[n for n in names if model.get_submodule(n) in g.layers] for g in groups]
 
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")

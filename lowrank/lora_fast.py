@@ -121,10 +121,12 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: 
 
 class LoRAGroupFunction(torch.autograd.Function):
     """Several LoRA linear layers on one input (q, k, v; gate, up), as one autograd node: one pass over x
-    computes every h = x Aᵢᵀ (x [A₁; …; Aₙ]ᵀ), one GEMM every A gradient ([t₁ … tₙ]ᵀ x), and the input
-    gradient is one buffer that the rank-r products and each layer's big GEMM accumulate into in turn
-    ([t₁ … tₙ] [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed afterwards. Each layer computes
-    what LoRALinearFunction computes; only the order of additions differs."""
+    computes every h = x Aᵢᵀ (x [A₁; …; Aₙ]ᵀ), one GEMM every A gradient (Tᵀ x, T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]),
+    and the input gradient is one buffer that the rank-r products and each layer's big GEMM accumulate into
+    in turn (T [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed afterwards. Each layer computes what
+    LoRALinearFunction computes, up to rounding: the order of additions differs, and the scaling multiplies
+    t = g B before the GEMMs (in bf16 that rounds differently unless the scaling is a power of two). An
+    output that gets no gradient gives its layer no gradients, as separate layers would."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type=_CUDA)
@@ -144,7 +146,9 @@ class LoRAGroupFunction(torch.autograd.Function):
             ys.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.scalings, ctx.ranks, ctx.dtype, ctx.x_meta = scalings, ranks, dtype, (x.shape, x.dtype)
         ctx.param_dtypes = [t.dtype if t is not None else None for t in layers]
-        ctx.save_for_backward(x2, H, Ac, *Wc, *Bc)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        need_x = ctx.needs_input_grad[0]
+        ctx.save_for_backward(x2, H, Ac, *(Wc if need_x else [None] * len(Wc)), *Bc)  # weight copies: only for gx
         return tuple(ys)
 
     @staticmethod
@@ -154,25 +158,30 @@ class LoRAGroupFunction(torch.autograd.Function):
         n = len(ctx.scalings)
         Wc, Bc, need = rest[:n], rest[n:], ctx.needs_input_grad
         hs = H.split(ctx.ranks, dim=1)
-        # an output the loss never used has no gradient: zeros, so every layer keeps its place in T
-        gs = [_as(gy.reshape(-1, gy.shape[-1]), ctx.dtype) if gy is not None else x2.new_zeros(x2.shape[0], W.shape[0])
-              for gy, W in zip(gys, Wc)]
+        gs = [None if gy is None else _as(gy.reshape(-1, gy.shape[-1]), ctx.dtype) for gy in gys]
+        used = [i for i, g in enumerate(gs) if g is not None]
         grads = [None] * (4 * n)
-        need_x, need_A = need[0], any(need[4 + 4 * i] for i in range(n))
+        if not used:
+            return None, None, *grads
+        need_x = need[0]
+        need_A = any(need[4 + 4 * i] for i in used)
+        gx = None
         if need_x or need_A:
-            # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha; beta=0 ignores hᵢ (it gives the shape)
-            T = torch.cat([torch.addmm(h, g, B, beta=0, alpha=s) for h, g, B, s in zip(hs, gs, Bc, ctx.scalings)],
-                          dim=1)
+            # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha, beta=0 ignores hᵢ (it gives the shape);
+            # zeros for a layer whose output got no gradient, so every layer keeps its columns
+            T = torch.cat([h.new_zeros(h.shape) if g is None else torch.addmm(h, g, B, beta=0, alpha=s)
+                           for h, g, B, s in zip(hs, gs, Bc, ctx.scalings)], dim=1)
             if need_A:
                 for i, gA in enumerate(torch.mm(T.t(), x2).split(ctx.ranks)):  # (Σr, in), one GEMM for all A
-                    if need[4 + 4 * i]:
+                    if need[4 + 4 * i] and gs[i] is not None:
                         grads[4 * i + 2] = _as(gA, ctx.param_dtypes[4 * i + 2])
-        gx = None
-        if need_x:
-            gx = lowrank_plus_linear(gs, Wc, T, Ac, 1.0)   # (n, in) = T [A₁; …; Aₙ] + Σ gᵢ Wᵢ
-            shape, x_dtype = ctx.x_meta
-            gx = _as(gx.view(shape), x_dtype)
-        for i, (g, h, s) in enumerate(zip(gs, hs, ctx.scalings)):
+            if need_x:
+                # (n, in) = T [A₁; …; Aₙ] + Σ gᵢ Wᵢ over the layers with a gradient
+                gx = lowrank_plus_linear([gs[i] for i in used], [Wc[i] for i in used], T, Ac, 1.0)
+                shape, x_dtype = ctx.x_meta
+                gx = _as(gx.view(shape), x_dtype)
+        for i in used:
+            g, h, s = gs[i], hs[i], ctx.scalings[i]
             W_dtype, b_dtype, _, B_dtype = ctx.param_dtypes[4 * i:4 * i + 4]
             if need[2 + 4 * i]:
                 grads[4 * i] = _as(torch.mm(g.t(), x2), W_dtype)
@@ -192,22 +201,25 @@ def lora_linear_group(x: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tenso
 class FlatMasterAdamW:
     """Fused AdamW on an fp32 master copy of low-precision parameters, all flattened into one buffer.
 
-    The given parameters (e.g. every LoRA factor, in bf16) become views into one flat buffer. Backward
-    leaves each gradient where autograd puts it (no accumulation kernel per parameter into a preset
-    `.grad`); `step()` gathers them with one concatenation, widens them to fp32, steps the flat fp32 master
-    with one fused AdamW, and copies it back; `zero_grad()` sets the gradients to None. Same update
-    as AdamW on fp32 parameters. With `graph_blocks`, one backward per step: a gradient left at None
-    adopts the graph's static buffer, which a second backward before `step()` would overwrite.
+    The given parameters (e.g. every LoRA factor, in bf16) become views into one flat buffer. By default
+    backward leaves each gradient where autograd puts it (no accumulation kernel per parameter into a preset
+    `.grad`); `step()` gathers them with one concatenation (a parameter without a gradient counts as zero,
+    where torch's AdamW would skip it), widens them to fp32, steps the flat fp32 master with one fused
+    AdamW, and copies it back; `zero_grad()` sets the gradients to None. Same update as AdamW on fp32
+    parameters. With `graph_blocks`, whose graphs write gradients into static buffers, accumulating over
+    several backward passes needs `accumulate_in_place=True`: the gradients are then preset views into one
+    flat buffer that backward adds into (a kernel per parameter and pass), and `zero_grad()` zeroes it.
     """
 
-    def __init__(self, params, lr: float, **adamw_kwargs):
+    def __init__(self, params, lr: float, accumulate_in_place: bool = False, **adamw_kwargs):
         self.params = [p for p in params]
         dtype, device = self.params[0].dtype, self.params[0].device
         if any(p.dtype != dtype or p.device != device for p in self.params):
             raise ValueError("FlatMasterAdamW needs parameters of one dtype on one device")
         n = sum(p.numel() for p in self.params)
+        self.accumulate_in_place = accumulate_in_place
         self.flat = torch.empty(n, dtype=dtype, device=device)
-        self.flat_grad = torch.empty(n, dtype=dtype, device=device)
+        self.flat_grad = torch.zeros(n, dtype=dtype, device=device)
         master = torch.empty(n, dtype=torch.float32, device=device)
         offset = 0
         for p in self.params:
@@ -215,7 +227,7 @@ class FlatMasterAdamW:
             master[offset:offset + k].copy_(p.detach().reshape(-1))
             self.flat[offset:offset + k].copy_(p.detach().reshape(-1))
             p.data = self.flat[offset:offset + k].view_as(p)
-            p.grad = None
+            p.grad = self.flat_grad[offset:offset + k].view_as(p) if accumulate_in_place else None
             offset += k
         self.master = nn.Parameter(master)
         self.master.grad = torch.zeros_like(master)
@@ -223,13 +235,17 @@ class FlatMasterAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        # one batched concatenation (into an fp32 `out` it would be a copy per tensor), then widened to fp32
-        torch.cat([g.reshape(-1) for g in grads], out=self.flat_grad)
+        if not self.accumulate_in_place:
+            # one batched concatenation (into an fp32 `out` it would be a copy per tensor), then widened
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            torch.cat([g.reshape(-1) for g in grads], out=self.flat_grad)
         self.master.grad.copy_(self.flat_grad)
         self.optimizer.step()
         self.flat.copy_(self.master)  # fp32 -> bf16, what the model computes with
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        if self.accumulate_in_place:
+            self.flat_grad.zero_()
+        else:
+            for p in self.params:
+                p.grad = None

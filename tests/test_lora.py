@@ -58,6 +58,11 @@ class Tiny(nn.Module):
             for _ in range(2))
         self.classifier = nn.Linear(8, 2)
 
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["up"](layer["query"](x) + layer["value"](x))[..., :8]
+        return self.classifier(x)
+
 
 def test_injection_by_suffix_and_freezing_by_type():
     model = Tiny()
@@ -74,8 +79,8 @@ def test_injection_by_suffix_and_freezing_by_type():
 
 def test_shared_input_siblings_compute_as_a_group():
     """query and value of one block share their input: grouped (not `up`, not across blocks, not with
-    dropout); the group gives each layer its own output whatever the call order, recomputes for another
-    input, and steps aside while a member is merged."""
+    dropout); the group gives each layer its own output whatever the call order, steps aside while a member
+    is merged, and ends itself when its members turn out not to share their input."""
     model = Tiny()
     inject_lora(model, "all-linear", rank=2, alpha=4)
     layers = lora_layers(model)
@@ -86,21 +91,50 @@ def test_shared_input_siblings_compute_as_a_group():
     inject_lora(with_dropout, "all-linear", rank=2, alpha=4, dropout=0.1)
     assert all(m.group is None for m in lora_layers(with_dropout).values())
 
-    q, v = model.layers[0]["query"], model.layers[0]["value"]
-    for layer in (q, v):
+    for layer in layers.values():
         nn.init.normal_(layer.lora_B)
-    alone = {id(m): (lambda m: lambda x: lora_linear(x, m.base_layer.weight, m.base_layer.bias, m.lora_A,
-                                                      m.lora_B, m.scaling))(m) for m in (q, v)}
+
+    def alone(m, x):
+        return lora_linear(x, m.base_layer.weight, m.base_layer.bias, m.lora_A, m.lora_B, m.scaling)
+    q, v = model.layers[0]["query"], model.layers[0]["value"]
     x, other = torch.randn(3, 8), torch.randn(3, 8)
-    for order in ((q, v), (v, q), (q, q, v), (v, v)):  # repeated calls recompute
+    for order in ((q, v), (v, q), (q, q, v), (v, v, q)):  # a repeated call recomputes
         for m in order:
-            torch.testing.assert_close(m(x), alone[id(m)](x))
-    torch.testing.assert_close(q(x), alone[id(q)](x))
-    torch.testing.assert_close(v(other), alone[id(v)](other))  # another input while q's x is pending
-    assert q.group.x is None or q.group.x is other
-    v.merge()
-    torch.testing.assert_close(q(x), alone[id(q)](x))
-    torch.testing.assert_close(v(x), v.base_layer(x))
+            torch.testing.assert_close(m(x), alone(m, x))
+        assert q.group.x is None  # every output handed out: no tensor held
+    q1, v1 = model.layers[1]["query"], model.layers[1]["value"]
+    v1.merge()
+    torch.testing.assert_close(q1(x), alone(q1, x))
+    torch.testing.assert_close(v1(x), v1.base_layer(x))
+    assert q1.group is not None and q1.group.x is None
+
+    torch.testing.assert_close(q(x), alone(q, x))  # v's output waits: a pass that fails here holds it...
+    copied = copy.deepcopy(model)  # copies hold no waiting output
+    copied_q = copied.layers[0]["query"]
+    assert copied_q.group.x is None and copied_q.group.layers[0] is copied_q
+    model(torch.randn(3, 8))
+    assert q.group.x is None  # ...until the model's next forward begins
+    with torch.no_grad():
+        q(x)  # v's output waits, computed without grad...
+    out = v(x)
+    assert out.requires_grad  # ...so v recomputes in grad mode (q's output now waits)
+    torch.testing.assert_close(out, alone(v, x))
+    torch.testing.assert_close(q(x), alone(q, x))
+    assert q.group.x is None
+
+    torch.testing.assert_close(q(x), alone(q, x))  # v's output for x now waits...
+    torch.testing.assert_close(v(other), alone(v, other))  # ...and v gets another input: cross-attention
+    assert q.group is None and v.group is None  # each computes alone from now on
+    torch.testing.assert_close(q(x), alone(q, x))
+
+
+def test_siblings_of_different_input_widths_are_not_grouped():
+    block = nn.ModuleDict({"query": nn.Linear(8, 8), "key": nn.Linear(16, 8), "value": nn.Linear(16, 8)})
+    model = nn.ModuleDict({"layers": nn.ModuleList([block])})
+    inject_lora(model, "all-linear", rank=2, alpha=4)
+    layers = lora_layers(model)
+    assert layers["layers.0.query"].group is None
+    assert layers["layers.0.key"].group is layers["layers.0.value"].group is not None
 
 
 def test_parity_with_peft_on_minilm():

@@ -346,3 +346,43 @@ def test_estimate_entry_point_prints_json_last_and_writes_nothing(tmp_path):
     assert out["budget_bytes"] == 80 * GIB and out["fits"] is False  # 16 bytes/param of 6.6B: 98 GiB + activations
     assert "weights" in result.stdout and "GiB" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_grouped_lora_layers_save_one_cast_copy_of_their_input():
+    """fp32 weights under bf16 autocast: each LoRA layer casts its input to bf16 and saves the copy, but q, k,
+    v (and gate, up) computing as one group (lowrank.lora.SharedInputGroup) cast and save it once. Measured
+    with saved-tensor hooks, per token and layer: 3 copies of 2h bytes fewer, as the memory model counts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank.lora import freeze_for_lora, lora_layers
+    h, n_layers, tokens = 32, 2, 2 * 16
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, use_cache=False,
+                      attn_implementation="sdpa")
+    saved = {}
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        inject_lora(model, "all-linear", rank=4, alpha=8)
+        freeze_for_lora(model, None)
+        if not grouped:
+            for layer in lora_layers(model).values():
+                layer.group = None
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        ids = torch.randint(0, 64, (2, 16))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids)
+        saved[grouped] = sum(storages.values())
+    assert saved[False] - saved[True] == n_layers * tokens * 3 * 2 * h
+    arch = arch_from_config(cfg)
+    adapted = {lin.name for lin in arch.linears}
+    per_token = _layer_bytes_per_token(arch, adapted, False, 4, c=2, r=4, fused_attention=True, padded=False,
+                                       seq_len=16)
+    # the model's count: adding q, k, v, gate and up to o and down adds one bf16 copy of the q/k/v input and
+    # one of the gate/up input (2h bytes each), and five rank-4 intermediates (2·4 bytes each)
+    o_down = _layer_bytes_per_token(arch, {"self_attn.o_proj", "mlp.down_proj"}, False, 4, 2, 4, True, False, 16)
+    assert per_token - o_down == 2 * (2 * h) + 5 * 2 * 4
