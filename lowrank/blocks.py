@@ -98,6 +98,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
     """torch.compile each repeated block in place (identical blocks share one compiled graph), and the
     model's loss where transformers lets us set it: fused, an upcast cross-entropy over a large vocabulary
     reads the logits once instead of materialising fp32 copies."""
+    # With activation checkpointing the backward recomputes a block's forward; dynamo would refuse to replay
+    # its Python side effects there (LoRA shared-input groups hand outputs between layers) and break the
+    # graph. Skipping them is safe: the recomputed tensors come from the traced graph.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in decoder_blocks(model):
         block.compile(**compile_kwargs)
     if hasattr(type(model), "loss_function"):

@@ -126,7 +126,8 @@ class LoRAGroupFunction(torch.autograd.Function):
     in turn (T [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed afterwards. Each layer computes what
     LoRALinearFunction computes, up to rounding: the order of additions differs, and the scaling multiplies
     t = g B before the GEMMs (in bf16 that rounds differently unless the scaling is a power of two). An
-    output that gets no gradient gives its layer no gradients, as separate layers would."""
+    output that gets no gradient gives its layer no gradients, as separate layers would (eagerly; under
+    torch.compile, AOTAutograd passes zeros instead, so the layer's gradients are zeros)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type=_CUDA)
@@ -227,15 +228,21 @@ class FlatMasterAdamW:
             master[offset:offset + k].copy_(p.detach().reshape(-1))
             self.flat[offset:offset + k].copy_(p.detach().reshape(-1))
             p.data = self.flat[offset:offset + k].view_as(p)
-            p.grad = self.flat_grad[offset:offset + k].view_as(p) if accumulate_in_place else None
             offset += k
+        self.grad_views = [v.view_as(p) for v, p in zip(self.flat_grad.split([p.numel() for p in self.params]),
+                                                          self.params)]
+        self.zero_grad()
         self.master = nn.Parameter(master)
         self.master.grad = torch.zeros_like(master)
         self.optimizer = torch.optim.AdamW([self.master], lr=lr, fused=device.type != "mps", **adamw_kwargs)
 
     @torch.no_grad()
     def step(self) -> None:
-        if not self.accumulate_in_place:
+        if self.accumulate_in_place:
+            for p, view in zip(self.params, self.grad_views):
+                if p.grad is not view:  # something replaced the preset gradient (model.zero_grad(), ...): take it
+                    view.copy_(p.grad) if p.grad is not None else view.zero_()
+        else:
             # one batched concatenation (into an fp32 `out` it would be a copy per tensor), then widened
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             torch.cat([g.reshape(-1) for g in grads], out=self.flat_grad)
@@ -246,6 +253,5 @@ class FlatMasterAdamW:
     def zero_grad(self) -> None:
         if self.accumulate_in_place:
             self.flat_grad.zero_()
-        else:
-            for p in self.params:
-                p.grad = None
+        for p, view in zip(self.params, self.grad_views):
+            p.grad = view if self.accumulate_in_place else None

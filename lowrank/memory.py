@@ -204,10 +204,11 @@ def lora_adapter_params(config, targets, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------- activations
 
 def _layer_bytes_per_token(arch: Arch, adapted: set[str], full: bool, rank: int, c: int, r: int,
-                           fused_attention: bool, padded: bool, seq_len: int) -> float:
+                           fused_attention: bool, padded: bool, seq_len: int, grouped: bool = True) -> float:
     """Bytes one layer saves for the backward, per token. c: compute dtype bytes (2 under bf16 autocast),
     r: bytes of the residual stream feeding the projections (the weight dtype for Llama; fp32 for the
-    LayerNorm models, whose norms autocast runs in fp32). `adapted`: names of linears with a LoRA adapter."""
+    LayerNorm models, whose norms autocast runs in fp32). `adapted`: names of linears with a LoRA adapter;
+    `grouped`: whether LoRA siblings on one input compute as a group (they do without LoRA dropout)."""
     h, i, a = arch.hidden, arch.intermediate, arch.heads
 
     def inputs_saved(names: list[str], width: int, input_bytes: int) -> float:
@@ -218,7 +219,7 @@ def _layer_bytes_per_token(arch: Arch, adapted: set[str], full: bool, rank: int,
         readers = sum(full + (n in adapted) for n in names)
         if readers == 0:
             return 0
-        return c * width * (readers if input_bytes != c and full else 1)
+        return c * width * (readers if input_bytes != c and (full or not grouped) else 1)
 
     lora_mid = c * rank * len(adapted)  # A x, the input of B: (.., r) per adapter
 
@@ -334,12 +335,14 @@ class MemoryEstimate:
 def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank: int = 8,
                     targets=ALL_LINEAR, num_labels: int = 2, weight_dtype: str = "fp32", precision: str = "bf16",
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
-                    fused_attention: bool = True, padded: bool = True, kv_cache: bool | None = None
-                    ) -> MemoryEstimate:
+                    fused_attention: bool = True, padded: bool = True, kv_cache: bool | None = None,
+                    lora_dropout: float = 0.0) -> MemoryEstimate:
     """Peak memory of one training step with AdamW. `config`: an HF config or a shape mapping.
     `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
     with fp32 weights, or bf16 weights), "fp32" means fp32 throughout. `kv_cache`: whether the forward fills
-    a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory)."""
+    a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory).
+    `lora_dropout`: LoRA layers with dropout compute one by one (no shared-input groups); the dropout masks
+    themselves are not counted."""
     check_choice("method.name", method, METHODS)
     check_choice("weight_dtype", weight_dtype, DTYPE_BYTES)
     check_choice("trainer.precision", precision, DTYPE_BYTES)
@@ -387,7 +390,8 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
 
     r = w if arch.family == "llama" else 4  # LayerNorm (autocast fp32 op) makes the residual stream fp32
     tokens = batch_size * seq_len
-    per_layer = _layer_bytes_per_token(arch, adapted, full, rank, c, r, fused_attention, padded, seq_len)
+    per_layer = _layer_bytes_per_token(arch, adapted, full, rank, c, r, fused_attention, padded, seq_len,
+                                       grouped=lora_dropout == 0)
     if activation_checkpointing:  # HF checkpoints each layer: keep its input, recompute one at a time
         layers = arch.layers * r * arch.hidden + per_layer
     else:
@@ -437,4 +441,5 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     return estimate_memory(config, m.name, micro_batch, t.max_length, rank=m.get("rank") or 8, targets=targets,
                            num_labels=cfg.task.num_labels, weight_dtype=t.get("weight_dtype", "fp32"),
                            precision=precision, activation_checkpointing=activation_checkpointing,
-                           grad_accum=grad_accum, padded=padded, kv_cache=kv_cache)
+                           grad_accum=grad_accum, padded=padded, kv_cache=kv_cache,
+                           lora_dropout=float(m.get("dropout") or 0.0))

@@ -67,10 +67,11 @@ def test_graph_blocks_names_its_device_requirement():
         graph_blocks(tiny_llama(), batch_size=2, seq_len=8)
 
 
-def test_compiled_lora_blocks_match_eager_loss_and_gradients():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_lora_blocks_match_eager_loss_and_gradients(checkpointing):
     """The fused LoRA functions (their GEMM-epilogue chains as a custom op under compile; q/k/v and
     gate/up as shared-input groups), the compiled blocks and the compiled loss give the eager loss and
-    LoRA gradients."""
+    LoRA gradients, also with activation checkpointing (the backward recomputes each block)."""
     eager = tiny_llama()
     inject_lora(eager, "all-linear", rank=4, alpha=8)
     freeze_for_lora(eager, head=None)
@@ -79,7 +80,9 @@ def test_compiled_lora_blocks_match_eager_loss_and_gradients():
         for layer in lora_layers(eager).values():
             layer.lora_B.normal_(std=0.1)
     compiled = copy.deepcopy(eager)
-    compile_blocks(compiled, fullgraph=True)  # no graph break: the LoRA function and its custom op are traced
+    if checkpointing:
+        compiled.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_blocks(compiled, fullgraph=True)  # no graph break: the LoRA functions and the custom op are traced
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     losses = {}
     for name, model in (("eager", eager), ("compiled", compiled)):

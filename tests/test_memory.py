@@ -386,3 +386,6 @@ def test_grouped_lora_layers_save_one_cast_copy_of_their_input():
     # one of the gate/up input (2h bytes each), and five rank-4 intermediates (2·4 bytes each)
     o_down = _layer_bytes_per_token(arch, {"self_attn.o_proj", "mlp.down_proj"}, False, 4, 2, 4, True, False, 16)
     assert per_token - o_down == 2 * (2 * h) + 5 * 2 * 4
+    # with LoRA dropout the layers compute one by one: a copy per layer (3 for q/k/v, 2 for gate/up)
+    alone = _layer_bytes_per_token(arch, adapted, False, 4, 2, 4, True, False, 16, grouped=False)
+    assert alone - per_token == 3 * 2 * h
