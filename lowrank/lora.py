@@ -4,7 +4,9 @@
 
 The adapter wraps the frozen layer (as PEFT does) instead of inheriting from it; `merge()` folds ΔW into
 W0 for inference and `unmerge()` takes it out again, with an explicit `merged` flag and no side effects
-in `train()`/`eval()` (unlike loralib).
+in `train()`/`eval()` (unlike loralib). Dropout-free layers run one fused autograd function
+(lowrank.lora_fast); siblings that a block calls on one input (q, k, v; gate, up) compute together as a
+SharedInputGroup, which reads that input once for all their adapters.
 """
 import math
 import re
