@@ -141,10 +141,10 @@ def _clear_groups(model: nn.Module, args) -> None:
         group.clear()
 
 
-def group_shared_inputs(model: nn.Module, names: list[str]) -> list[list[str]]:
+def group_shared_inputs(model: nn.Module, names: list[str]) -> None:
     """Group the dropout-free LoRA layers among `names` that are siblings in one SHARED_INPUT family and
-    take inputs of one width, dtype and device; returns the groups' names. The model clears its groups as
-    each of its forward passes begins."""
+    take inputs of one width, dtype and device. The model clears its groups as each of its forward passes
+    begins."""
     groups = []
     for family in SHARED_INPUT:
         by_parent: dict[tuple, list[str]] = {}
@@ -162,7 +162,6 @@ def group_shared_inputs(model: nn.Module, names: list[str]) -> list[list[str]]:
             model.lora_groups = []
             model.register_forward_pre_hook(_clear_groups)
         model.lora_groups.extend(groups)
-    return [[n for n in names if model.get_submodule(n) in g.layers] for g in groups]
 
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")

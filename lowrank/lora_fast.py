@@ -11,7 +11,8 @@ with fewer passes over the big tensors and fewer operator calls:
   h = x Aᵀ: no scaled or re-cast copy of x, y or the output gradient is ever stored;
 - the rank-r product is computed first and the big matmul accumulates onto it in place, with `scaling`
   applied as the GEMM's beta: no separate scale or add pass over (tokens, out); the same for the input
-  gradient, (g B) A then += g W; the factor gradients get `scaling` as the GEMM's alpha;
+  gradient, (s · g B) A then += g W, with `scaling` as the alpha of the rank-r GEMM t = g B (in bf16 that
+  rounds s · t unless the scaling is a power of two, as the default alpha = 2r is);
 - no weight/bias gradient for a frozen W, and no input gradient where x needs none (layer 0's q/k/v).
 
 Where the step is bound by the CPU launching kernels (a 7B model at 2k tokens per step on an H200 is),
@@ -67,89 +68,44 @@ def lowrank_plus_linear(big_ins, big_ws, small_in, small_w, beta: float) -> torc
     return fn(list(big_ins), list(big_ws), small_in, small_w, beta)
 
 
+def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)  # one layer: no copy
+
+
 class LoRALinearFunction(torch.autograd.Function):
+    """One or more LoRA linear layers on one input x (several: q, k, v; gate, up), as one autograd node:
+    one GEMM computes every h = x Aᵢᵀ (x [A₁; …; Aₙ]ᵀ), one every A gradient (Tᵀ x, T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]),
+    and the input gradient is one buffer that the rank-r products and each layer's big GEMM accumulate into
+    in turn (T [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed afterwards. An output that gets no
+    gradient gives its layer no gradients, as separate layers would (eagerly; under torch.compile,
+    AOTAutograd passes zeros instead, so the layer's gradients are zeros)."""
+
     @staticmethod
     @torch.amp.custom_fwd(device_type=_CUDA)  # on CUDA, backward runs under the forward's autocast state
-    def forward(ctx, x, W, bias, A, B, scaling: float):
-        dtype = _compute_dtype(x)
-        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)    # (n, in); a view when x is already in dtype
-        Wc, Ac, Bc = _as(W, dtype), _as(A, dtype), _as(B, dtype)
-        h = F.linear(x2, Ac)                           # (n, r)
-        y = lowrank_plus_linear([x2], [Wc.t()], h, Bc.t(), scaling)  # scaling · h Bᵀ + x Wᵀ, one GEMM epilogue
-        if bias is not None:
-            y.add_(bias)
-        ctx.scaling, ctx.dtype, ctx.x_meta = scaling, dtype, (x.shape, x.dtype)
-        ctx.param_dtypes = (W.dtype, None if bias is None else bias.dtype, A.dtype, B.dtype)
-        need_x, need_W, _, need_A, need_B = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x2 if (need_A or need_W) else None, h if need_B else None,
-                              Wc if need_x else None, Ac, Bc)  # Ac, Bc: tiny, or the parameters themselves
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type=_CUDA)
-    def backward(ctx, gy):
-        x2, h, Wc, Ac, Bc = ctx.saved_tensors
-        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        s = ctx.scaling
-        W_dtype, b_dtype, A_dtype, B_dtype = ctx.param_dtypes
-        g = _as(gy.reshape(-1, gy.shape[-1]), ctx.dtype)  # (n, out)
-        gx = gW = gb = gA = gB = None
-        if need_x or need_A:
-            t = torch.mm(g, Bc)                        # (n, r) = g B
-            if need_A:
-                # (r, in) = scaling · tᵀ x; beta=0 ignores the first argument, which only gives shape/dtype
-                gA = _as(torch.addmm(Ac, t.t(), x2, beta=0, alpha=s), A_dtype)
-            if need_x:
-                gx = lowrank_plus_linear([g], [Wc], t, Ac, s)  # (n, in) = scaling · t A + g W
-                shape, x_dtype = ctx.x_meta
-                gx = _as(gx.view(shape), x_dtype)
-        if need_B:
-            gB = _as(torch.addmm(Bc, g.t(), h, beta=0, alpha=s), B_dtype)  # (out, r) = scaling · gᵀ h
-        if need_W:
-            gW = _as(torch.mm(g.t(), x2), W_dtype)     # (out, in)
-        if need_b:
-            gb = _as(g.sum(0), b_dtype)
-        return gx, gW, gb, gA, gB, None
-
-
-def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """x Wᵀ + bias + scaling · x Aᵀ Bᵀ. x: (..., in), W: (out, in), bias: (out,) or None, A: (r, in),
-    B: (out, r); returns (..., out) in the autocast dtype (under autocast) or x's dtype."""
-    return LoRALinearFunction.apply(x, W, bias, A, B, float(scaling))
-
-
-class LoRAGroupFunction(torch.autograd.Function):
-    """Several LoRA linear layers on one input (q, k, v; gate, up), as one autograd node: one pass over x
-    computes every h = x Aᵢᵀ (x [A₁; …; Aₙ]ᵀ), one GEMM every A gradient (Tᵀ x, T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]),
-    and the input gradient is one buffer that the rank-r products and each layer's big GEMM accumulate into
-    in turn (T [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed afterwards. Each layer computes what
-    LoRALinearFunction computes, up to rounding: the order of additions differs, and the scaling multiplies
-    t = g B before the GEMMs (in bf16 that rounds differently unless the scaling is a power of two). An
-    output that gets no gradient gives its layer no gradients, as separate layers would (eagerly; under
-    torch.compile, AOTAutograd passes zeros instead, so the layer's gradients are zeros)."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type=_CUDA)
     def forward(ctx, x, scalings, *layers):  # layers: W, bias, A, B of each layer in turn
         dtype = _compute_dtype(x)
-        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)        # (n, in); a view when x is already in dtype
         Ws, biases, As, Bs = layers[0::4], layers[1::4], layers[2::4], layers[3::4]
         Wc, Bc = [_as(W, dtype) for W in Ws], [_as(B, dtype) for B in Bs]
-        Ac = torch.cat([_as(A, dtype) for A in As])        # (Σr, in)
+        Ac = _cat([_as(A, dtype) for A in As], 0)          # (Σr, in)
         H = F.linear(x2, Ac)                                # (n, Σr)
         ranks = [A.shape[0] for A in As]
         ys = []
         for W, bias, B, h, s in zip(Wc, biases, Bc, H.split(ranks, dim=1), scalings):
-            y = lowrank_plus_linear([x2], [W.t()], h, B.t(), s)
+            y = lowrank_plus_linear([x2], [W.t()], h, B.t(), s)  # s · h Bᵀ + x Wᵀ, one GEMM epilogue
             if bias is not None:
                 y.add_(bias)
             ys.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.scalings, ctx.ranks, ctx.dtype, ctx.x_meta = scalings, ranks, dtype, (x.shape, x.dtype)
         ctx.param_dtypes = [t.dtype if t is not None else None for t in layers]
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        need_x = ctx.needs_input_grad[0]
-        ctx.save_for_backward(x2, H, Ac, *(Wc if need_x else [None] * len(Wc)), *Bc)  # weight copies: only for gx
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_xW = any(need[4 + 4 * i] or need[2 + 4 * i] for i in range(len(Ws)))  # some A or W gradient
+        need_B = any(need[5 + 4 * i] for i in range(len(Ws)))
+        # saved: x (which the frozen matmuls need anyway) and the rank-r H; weight copies only for gx
+        ctx.save_for_backward(x2 if need_xW else None, H if need_B else None, Ac,
+                              *(Wc if need_x else [None] * len(Wc)), *Bc)
         return tuple(ys)
 
     @staticmethod
@@ -158,7 +114,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         x2, H, Ac, *rest = ctx.saved_tensors
         n = len(ctx.scalings)
         Wc, Bc, need = rest[:n], rest[n:], ctx.needs_input_grad
-        hs = H.split(ctx.ranks, dim=1)
+        hs = H.split(ctx.ranks, dim=1) if H is not None else [None] * n
         gs = [None if gy is None else _as(gy.reshape(-1, gy.shape[-1]), ctx.dtype) for gy in gys]
         used = [i for i, g in enumerate(gs) if g is not None]
         grads = [None] * (4 * n)
@@ -168,10 +124,11 @@ class LoRAGroupFunction(torch.autograd.Function):
         need_A = any(need[4 + 4 * i] for i in used)
         gx = None
         if need_x or need_A:
-            # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha, beta=0 ignores hᵢ (it gives the shape);
-            # zeros for a layer whose output got no gradient, so every layer keeps its columns
-            T = torch.cat([h.new_zeros(h.shape) if g is None else torch.addmm(h, g, B, beta=0, alpha=s)
-                           for h, g, B, s in zip(hs, gs, Bc, ctx.scalings)], dim=1)
+            # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha (beta=0: the first argument only gives
+            # shape and dtype); zeros for a layer whose output got no gradient, so every layer keeps its columns
+            rows = x2.shape[0] if x2 is not None else gs[used[0]].shape[0]
+            T = _cat([Ac.new_zeros(rows, r) if g is None else torch.addmm(Ac.new_empty(rows, r), g, B, beta=0, alpha=s)
+                      for r, g, B, s in zip(ctx.ranks, gs, Bc, ctx.scalings)], 1)
             if need_A:
                 for i, gA in enumerate(torch.mm(T.t(), x2).split(ctx.ranks)):  # (Σr, in), one GEMM for all A
                     if need[4 + 4 * i] and gs[i] is not None:
@@ -182,21 +139,28 @@ class LoRAGroupFunction(torch.autograd.Function):
                 shape, x_dtype = ctx.x_meta
                 gx = _as(gx.view(shape), x_dtype)
         for i in used:
-            g, h, s = gs[i], hs[i], ctx.scalings[i]
+            g, s = gs[i], ctx.scalings[i]
             W_dtype, b_dtype, _, B_dtype = ctx.param_dtypes[4 * i:4 * i + 4]
             if need[2 + 4 * i]:
-                grads[4 * i] = _as(torch.mm(g.t(), x2), W_dtype)
+                grads[4 * i] = _as(torch.mm(g.t(), x2), W_dtype)  # (out, in)
             if need[3 + 4 * i]:
                 grads[4 * i + 1] = _as(g.sum(0), b_dtype)
-            if need[5 + 4 * i]:
-                grads[4 * i + 3] = _as(torch.addmm(Bc[i], g.t(), h, beta=0, alpha=s), B_dtype)
+            if need[5 + 4 * i]:  # (out, r) = s · gᵀ h
+                grads[4 * i + 3] = _as(torch.addmm(Bc[i], g.t(), hs[i], beta=0, alpha=s), B_dtype)
         return gx, None, *grads
+
+
+def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """x Wᵀ + bias + scaling · x Aᵀ Bᵀ. x: (..., in), W: (out, in), bias: (out,) or None, A: (r, in),
+    B: (out, r); returns (..., out) in the autocast dtype (under autocast) or x's dtype."""
+    return LoRALinearFunction.apply(x, (float(scaling),), W, bias, A, B)[0]
 
 
 def lora_linear_group(x: torch.Tensor, layers: list[tuple]) -> tuple[torch.Tensor, ...]:
     """lora_linear(x, *layer) for each layer = (W, bias, A, B, scaling) of `layers`, computed together."""
     flat = [t for W, bias, A, B, _ in layers for t in (W, bias, A, B)]
-    return LoRAGroupFunction.apply(x, tuple(float(layer[4]) for layer in layers), *flat)
+    return LoRALinearFunction.apply(x, tuple(float(layer[4]) for layer in layers), *flat)
 
 
 class FlatMasterAdamW:
