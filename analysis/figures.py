@@ -5,21 +5,21 @@
 
 Each figure is computed apart from drawing: a pure function turns the tables (DataFrames, as
 `analysis.report` writes them to DIR/tables/) into the plotted data, a `plot_*` function draws that data and
-returns the Figure, and `figure_N` writes DIR/figures/figN_*.{png,pdf,csv} (the CSV holds exactly what is
-plotted; `*_table.csv`, where present, is the table the report shows). A figure whose runs are missing raises
+returns the Figure, and `figure_N` writes DIR/figures/figN_*.{png,pdf,csv} (the CSV holds the plotted
+summary; `*_table.csv`, where present, is the table the report shows). A figure whose runs are missing raises
 MissingRuns naming the sweep that produces them, and is skipped. Same tables, same files (PNG and PDF carry no
 dates or versions). With `--wandb` (default: when the runs were logged with logger=wandb) the figures and
 tables also go to W&B as an `analysis` run in the sweeps' group, offline without an API key.
 """
 import json
 import math
-import netrc
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from lowrank.logger import has_wandb_key
 
 from .style import FULL_COLOR, GIB, MIB, color, marker, new_figure, save, styled
 
@@ -40,8 +40,7 @@ class MissingRuns(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 
 def read_tables(out_dir: Path) -> dict[str, pd.DataFrame]:
-    """DIR/tables/*.csv as DataFrames, and `memory`: each run's `memory_estimate` (one row per run, empty when no
-    run has one), read from the run directories that runs.csv names."""
+    """DIR/tables/*.csv as DataFrames."""
     tables = {}
     for name in ["runs", "spectrum", "singular_values", "subspace", "amplification"]:
         path = Path(out_dir) / "tables" / f"{name}.csv"
@@ -49,24 +48,7 @@ def read_tables(out_dir: Path) -> dict[str, pd.DataFrame]:
             tables[name] = pd.read_csv(path)
         except (FileNotFoundError, pd.errors.EmptyDataError):
             tables[name] = pd.DataFrame()
-    tables["memory"] = memory_table(tables["runs"])
     return tables
-
-
-def memory_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """run_id, budget_bytes and the `memory_estimate` fields (weights_bytes, ..., total_bytes) of every run whose
-    metrics.json has them (written by budget-aware trainers; older runs have none)."""
-    rows = []
-    for run_id, path in zip(runs.get("run_id", []), runs.get("path", [])):
-        try:
-            metrics = json.loads((Path(path) / "metrics.json").read_text())
-        except (OSError, json.JSONDecodeError, TypeError):
-            continue
-        est = metrics.get("memory_estimate")
-        if isinstance(est, dict):
-            rows.append({"run_id": run_id, "budget_bytes": metrics.get("budget_bytes")}
-                        | {k: v for k, v in est.items() if k.endswith("_bytes")})
-    return pd.DataFrame(rows)
 
 
 def targets_label(value) -> str:
@@ -119,8 +101,8 @@ def _ordered(values, key_frame: pd.DataFrame, key: str = "config") -> list:
 
 
 def config_colors(configs) -> dict:
-    """One colour per configuration label, the same in every figure of a report: full fine-tuning black, LoRA
-    configurations in plotting order."""
+    """One colour per configuration label of a figure: full fine-tuning black, LoRA configurations in
+    plotting order."""
     lora = [c for c in configs if c != "full"]
     return {"full": FULL_COLOR} | {c: color(i) for i, c in enumerate(lora)}
 
@@ -612,21 +594,19 @@ def figure_6(tables, out_dir: Path) -> Path:
 # Figure 7: peak memory (stacked estimate where known) and throughput by method and rank
 # ---------------------------------------------------------------------------------------------------------------
 
-def memory_data(runs: pd.DataFrame, memory: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+def memory_data(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Full-data runs. points: setup, config, run_id, seed, peak_memory_bytes, tokens_per_second;
     summary per setup and config: peak mean/std, tokens/s mean/std, n, and the mean of each memory_estimate
-    part (weights, grads, optimizer, weight copies, activations, total; NaN where no run has an estimate)."""
+    part (runs.csv's `memory_estimate.*` columns, from budget-aware trainers: weights, grads, optimizer,
+    weight copies, activations, total; NaN where no run has an estimate)."""
     need(runs, ["peak_memory_bytes", "tokens_per_second"], "runs with peak memory and throughput")
     r = prepare(runs)
     r = r[r.full_data & r.peak_memory_bytes.notna()]
     if r.empty:
         raise MissingRuns("no full-data runs with a measured peak")
-    if memory is not None and len(memory):
-        r = r.merge(memory.drop(columns=["budget_bytes"], errors="ignore").add_prefix("estimate_"),
-                    left_on="run_id", right_on="estimate_run_id", how="left")
     parts = [f"estimate_{p}" for p in MEMORY_PARTS + ["total_bytes"]]
-    for p in parts:
-        r[p] = r[p] if p in r else np.nan
+    for p in MEMORY_PARTS + ["total_bytes"]:
+        r[f"estimate_{p}"] = r[f"memory_estimate.{p}"] if f"memory_estimate.{p}" in r else np.nan
     points = r[["setup", "config", "run_id", "seed", "peak_memory_bytes", "tokens_per_second"]].sort_values(
         ["setup", "config", "run_id"], ignore_index=True)
     rows = []
@@ -694,7 +674,7 @@ def plot_memory(data: dict[str, pd.DataFrame]):
 
 
 def figure_7(tables, out_dir: Path) -> Path:
-    data = memory_data(tables["runs"], tables.get("memory"))
+    data = memory_data(tables["runs"])
     write_table(out_dir / "fig7_memory_throughput.csv", data["summary"])
     return save(plot_memory(data), out_dir, "fig7_memory_throughput")
 
@@ -948,15 +928,6 @@ def markdown(built: list[Built], out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _has_wandb_key() -> bool:  # as lowrank/logger.py: online only with a key
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
 def wandb_settings(runs: pd.DataFrame) -> dict | None:
     """project, entity, group and mode for the `analysis` run, from the runs logged with logger=wandb (group: their
     logger.group, else the sweep folder = `name`); None when no run used W&B."""
@@ -973,7 +944,7 @@ def wandb_settings(runs: pd.DataFrame) -> dict | None:
     return {"project": first.get("logger.project") if isinstance(first.get("logger.project"), str) else "lowrank",
             "entity": first.get("logger.entity") if isinstance(first.get("logger.entity"), str) else None,
             "group": "+".join(groups),
-            "mode": mode if isinstance(mode, str) else ("online" if _has_wandb_key() else "offline")}
+            "mode": mode if isinstance(mode, str) else ("online" if has_wandb_key() else "offline")}
 
 
 def log_to_wandb(out_dir: Path, built: list[Built], tables: dict, settings: dict) -> None:
@@ -1002,7 +973,7 @@ def make_figures(out_dir: Path, wandb: str = "auto", numbers=None) -> str:
     settings = wandb_settings(tables["runs"]) if wandb != "off" else None
     if wandb == "on" and settings is None:
         settings = {"project": "lowrank", "entity": None, "group": "analysis",
-                    "mode": "online" if _has_wandb_key() else "offline"}
+                    "mode": "online" if has_wandb_key() else "offline"}
     if settings is not None:
         log_to_wandb(Path(out_dir), built, tables, settings)
     return markdown(built, Path(out_dir))

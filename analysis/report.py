@@ -13,13 +13,13 @@ Writes (each file atomically; re-running on the same runs gives identical tables
 --no-figures writes the tables and the text report only.
 """
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from lowrank.atomic import write_text
 
 from . import amplification as amp
 from . import spectra
@@ -31,21 +31,9 @@ SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_
                     "random_baseline"]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)  # readers never see a half-written table
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(path: Path, df: pd.DataFrame) -> None:
     # 7 significant digits: ΔW and W0 are stored in fp32, so more would only be noise (and bytes)
-    write_atomic(path, df.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
+    write_text(path, df.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
 
 
 class BaseCache:
@@ -300,7 +288,7 @@ def run_report(opts) -> dict:
         t_fig = time.perf_counter()
         figures = make_figures(out, getattr(opts, "wandb", "auto"))
         timing["figures"] = f"{time.perf_counter() - t_fig:.2f} s"
-    write_atomic(out / "report.md", summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures))
+    write_text(out / "report.md", summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures))
     for k, v in timing.items():
         print(f"{k}: {v}")
     print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}")

@@ -175,11 +175,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: run_id, path, the flattened config (`method.rank`, `task.name`, ...) and every scalar
-    metric (`eval_accuracy`, `wall_seconds`, ...; lists such as `eval_history` are left out)."""
+    metric (`eval_accuracy`, `wall_seconds`, ...), metrics that are dicts flattened too
+    (`memory_estimate.weights_bytes`, ...); lists such as `eval_history` are left out."""
     rows = []
     for r in runs:
         scalars = {k: v for k, v in r.metrics.items() if not isinstance(v, (list, dict))}
-        rows.append({"run_id": r.run_id, "path": str(r.path)} | _flatten(r.config) | scalars)
+        nested = _flatten({k: v for k, v in r.metrics.items() if isinstance(v, dict)})
+        rows.append({"run_id": r.run_id, "path": str(r.path)} | _flatten(r.config) | scalars | nested)
     return pd.DataFrame(rows)
 
 

@@ -6,12 +6,12 @@ of methods and target sets, and saving that gives the same bytes for the same fi
     save(fig, out_dir, "fig1_accuracy_vs_rank")   # fig1_accuracy_vs_rank.png and .pdf
 """
 import functools
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
+
+from lowrank.atomic import write_with
 
 STYLE = {
     "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
@@ -63,13 +63,6 @@ def save(fig: Figure, out_dir: Path, name: str) -> Path:
     with matplotlib.rc_context(STYLE):
         for ext, metadata in (("png", {"Software": None}),
                               ("pdf", {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})):
-            path = out_dir / f"{name}.{ext}"
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format=ext, dpi=DPI, metadata=metadata)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_with(out_dir / f"{name}.{ext}",
+                       lambda tmp: fig.savefig(tmp, format=ext, dpi=DPI, metadata=metadata))
     return out_dir / f"{name}.png"

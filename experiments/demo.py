@@ -6,8 +6,8 @@
 Each run of the sweeps in conf/experiment/demo_{lora,targets,full,scarce}.yaml is one
 `python -m experiments.train -m +experiment=demo_X <its grid values> runs_root=...` subprocess: the same run
 directory a plain `-m +experiment=demo_X` sweep writes, so runs that finished are skipped when the demo is
-launched again, and the sweeps' group on W&B is the same. `--jobs` runs go side by side (default: 2 on a CPU with
-two or more cores, each with cores/jobs threads: small models train faster as two one-thread processes than as one
+launched again, and the sweeps' group on W&B is the same. `--jobs` runs go side by side (default: 2 on a machine
+with two or more cores, each with cores/jobs threads: small models train faster as two one-thread processes than as one
 two-thread process). One progress bar counts training steps over all runs; then `analysis.report` writes the
 tables, figures and report, and the last line names the report.
 """
@@ -25,7 +25,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 SWEEPS = ["demo_full", "demo_scarce", "demo_lora", "demo_targets"]  # full fine-tuning first: the longest runs
 STEP = re.compile(r"(\d+)/(\d+) \[")                                # a tqdm update: "37/80 ["
 DONE = re.compile(r"done: eval_accuracy ([\d.]+) in ([\d.]+) s")
@@ -35,9 +34,9 @@ SKIPPED = "is finished"
 def compose(overrides: list[str], hydra_config: bool = False):
     """The config `python -m experiments.train <overrides>` would run with (Hydra's compose API)."""
     from hydra import compose as hydra_compose, initialize_config_dir
-    from lowrank.cli import register_resolvers
+    from lowrank.cli import CONF_DIR, register_resolvers
     register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
 
 

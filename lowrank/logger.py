@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 
-def _has_wandb_key() -> bool:
+def has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
@@ -25,7 +25,7 @@ class WandbLogger:
 
     def __init__(self, cfg_logger, run_dir: Path, config: dict, group: str | None, name: str):
         import wandb
-        mode = cfg_logger.mode or ("online" if _has_wandb_key() else "offline")
+        mode = cfg_logger.mode or ("online" if has_wandb_key() else "offline")
         self.run = wandb.init(project=cfg_logger.project, entity=cfg_logger.entity, group=group, name=name,
                               dir=str(run_dir), config=config, mode=mode, reinit="create_new",
                               settings=wandb.Settings(silent=True, console="off"))

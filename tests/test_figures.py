@@ -242,7 +242,7 @@ def test_figure_6_spectra(tables):
 
 
 def test_figure_7_memory(tables):
-    data = F.memory_data(tables["runs"], tables["memory"])
+    data = F.memory_data(tables["runs"])
     s = data["summary"].set_index("config")
     assert s.loc["full", "device"] == "cpu" and np.isnan(s.loc["full", "estimate_weights_bytes"])
     assert s.loc["LoRA r=8 (q,v)", "estimate_activations_bytes"] == 300_000_000
