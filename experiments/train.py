@@ -14,7 +14,8 @@ from lowrank.trainer import train
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg).get("eval_accuracy")  # what a Hydra sweeper would optimise; None without one
+    # what a Hydra sweeper optimises; None for a run that has none (diverged, or does not fit the budget)
+    return train(cfg).get("eval_accuracy")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,15 @@ def _worst_case_batch(micro: int, max_length: int, device) -> dict:
                                                                                            device=device)}
 
 
+def _weights_too_big(estimate, budget: int) -> str | None:
+    """The reason when not even the weights and optimizer state fit the budget, else None."""
+    try:
+        require_weights_fit(estimate(micro_batch=1, grad_accum=1), budget)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def fit_to_budget(cfg, model, optimizer, device, autocast, micro: int) -> dict:
     """Choose micro-batch and activation checkpointing under `budget.gib`.
 
@@ -161,14 +170,11 @@ def fit_to_budget(cfg, model, optimizer, device, autocast, micro: int) -> dict:
 
     def estimate(**kw):
         return estimate_from_cfg(cfg, model.config, device_type=device.type, **kw)
-    if budget is not None:
-        try:
-            require_weights_fit(estimate(micro_batch=1, grad_accum=1), budget)
-        except ConfigError as e:
-            return {"fits": False, "budget_bytes": budget, "reason": str(e), "failed_at": None,
-                    "memory_estimate": estimate().as_dict()}
     if budget is None:
         result = {"fits": True, "micro_batch": micro, "activation_checkpointing": bool(tc.activation_checkpointing)}
+    elif (too_big := _weights_too_big(estimate, budget)) is not None:
+        return {"fits": False, "budget_bytes": budget, "reason": too_big, "failed_at": None,
+                "memory_estimate": estimate().as_dict()}
     elif device.type == "cuda":
         free_cuda_memory(device)  # what an earlier job of this multirun left in the cache
         cap_process_memory(budget, device)
@@ -200,13 +206,13 @@ def fit_to_budget(cfg, model, optimizer, device, autocast, micro: int) -> dict:
         torch.manual_seed(cfg.seed)  # the probes drew random numbers (dropout); the run starts from the seed again
         result = fit.as_dict() | {"reason": None if fit.fits else "no micro-batch fits, even with checkpointing"}
     else:
-        fit, _ = fit_with_estimate(tc.batch_size, estimate, budget)
-        result = fit.as_dict() | {"reason": None if fit.fits else "the estimate exceeds the budget at every setting"}
+        fit, est = fit_with_estimate(tc.batch_size, estimate, budget)
+        result = fit.as_dict() | {"reason": None if fit.fits else "the estimate exceeds the budget at every setting",
+                                  "memory_estimate": est.as_dict()}
     result["budget_bytes"] = budget
-    if result["fits"]:
-        result["memory_estimate"] = estimate(micro_batch=result["micro_batch"],
-                                             grad_accum=tc.batch_size // result["micro_batch"],
-                                             activation_checkpointing=result["activation_checkpointing"]).as_dict()
-    else:
-        result["memory_estimate"] = estimate().as_dict()
+    if "memory_estimate" not in result:  # (the memory model's fit comes with its estimate)
+        result["memory_estimate"] = (estimate(micro_batch=result["micro_batch"],
+                                              grad_accum=tc.batch_size // result["micro_batch"],
+                                              activation_checkpointing=result["activation_checkpointing"])
+                                     if result["fits"] else estimate()).as_dict()
     return result

@@ -40,8 +40,9 @@ Llama shapes, SDPA, fused AdamW, steps 2-3): 22 settings of TinyLlama-1.1B and L
 r=8 q,v / r=16 all-linear; fp32 or bf16 weights; classification or LM head; checkpointing; accumulation)
 gave estimate / measured between 0.985 and 1.039. (Measured before LoRA layers sharing an input computed as
 one group; a group saves one cast copy of that input instead of one per layer, which the model now counts:
-the test suite checks that count against saved tensors on the CPU.) Allocated memory is not what the allocator reserves:
-fragmentation can make a run that is estimated to fit fail under a hard cap, hence the probe in budget.py.
+the test suite checks that count against saved tensors on the CPU.) Allocated memory is not what the
+allocator reserves: fragmentation can make a run that is estimated to fit fail under a hard cap, hence the
+probe in budget.py.
 """
 import dataclasses
 import math
