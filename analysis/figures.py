@@ -94,9 +94,9 @@ def need(df: pd.DataFrame, columns, what: str) -> None:
                                                          else ""))
 
 
-def _ordered(values, key_frame: pd.DataFrame, key: str = "config") -> list:
+def _ordered(values, key_frame: pd.DataFrame) -> list:
     """Config labels in plotting order: full first, then by target set and rank."""
-    order = key_frame.drop_duplicates(key).set_index(key)["order"]
+    order = key_frame.drop_duplicates("config").set_index("config")["order"]
     return sorted(dict.fromkeys(values), key=lambda v: order.get(v, (2, str(v), 0)))
 
 
@@ -632,6 +632,7 @@ def plot_memory(data: dict[str, pd.DataFrame]):
     setups = list(dict.fromkeys(summary.setup))
     width = max(3.0, 0.55 * summary.groupby("setup").size().max() + 1.2)
     fig, axes = new_figure(len(setups), 2, size=(width, 2.9))
+    colors = config_colors(list(dict.fromkeys(summary.config)))  # summary is in plotting order
     for row, setup in enumerate(setups):
         s, p = summary[summary.setup == setup].reset_index(drop=True), points[points.setup == setup]
         x = np.arange(len(s))
@@ -662,7 +663,6 @@ def plot_memory(data: dict[str, pd.DataFrame]):
         ax.set(ylabel=f"peak memory (GiB; measured: {what})", title=f"{setup}: memory")
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax = axes[row, 1]
-        colors = config_colors(list(dict.fromkeys(summary.config)))  # summary is in plotting order
         ax.bar(x, s.tokens_per_second_mean, yerr=s.tokens_per_second_std.fillna(0),
                color=[colors[c] for c in s.config], alpha=0.75, width=0.6, gid="tokens_per_second")
         for i, config in enumerate(s.config):
@@ -853,11 +853,12 @@ FIGURES = [
          "Test accuracy against LoRA rank per target set (line: mean ± std over seeds, dots: seeds); dashed: full "
          "fine-tuning (band: ± std). The LoRA paper's Table 6 on this task.", "fig1_accuracy_vs_rank_table.csv", "rank"),
     Spec(2, "fig2_phi_rank", figure_2,
-         "φ(A_r=8, A_r=64, i, j) between the right-singular directions of A at two ranks (same seed), for ΔW_q and "
-         "ΔW_v at the middle layer (bottom: i, j ≤ 8), next to random subspaces (paper Fig. 3).", None, "subspace"),
+         "φ(A_r1, A_r2, i, j) between the right-singular directions of A at two ranks (same seed; r=8 and r=64 "
+         "where run), for each adapted matrix at the middle layer (bottom: i, j ≤ 8, or the smaller rank), next to "
+         "random subspaces (paper Fig. 3).", None, "subspace"),
     Spec(3, "fig3_phi_seed", figure_3,
-         "φ between A from two seeds at r=64, middle layer, next to random subspaces: how many directions two runs "
-         "share (paper Fig. 4).", None, "subspace"),
+         "φ between A from two seeds at one rank (r=64 where run, else the largest with two seeds), middle layer, "
+         "next to random subspaces: how many directions two runs share (paper Fig. 4).", None, "subspace"),
     Spec(4, "fig4_phi_layers", figure_4,
          "The comparisons of Figures 2 and 3 at the first, middle and last layer (paper Appendix H.1, Figs. 6-7).",
          None, "subspace"),
@@ -869,9 +870,9 @@ FIGURES = [
          "Normalised singular values of ΔW per matrix type, full fine-tuning vs LoRA, with the energy rank r90 "
          "(dotted): how high full fine-tuning's rank is next to LoRA's ranks.", None, "subspace_full"),
     Spec(7, "fig7_memory_throughput", figure_7,
-         "Peak memory per method and rank (bars: the memory model's weights / gradients / optimizer / activations "
-         "where runs record it, bar: its peak; diamonds: measured peak per run) and training throughput (mean ± std, "
-         "dots: runs).",
+         "Peak memory per method and rank (stacked bars: the memory model's weights / gradients / optimizer / bf16 "
+         "weight copies / activations where runs record it, a dash: its peak, a plain bar: the measured peak where "
+         "they do not; diamonds: measured peak per run) and training throughput (mean ± std, dots: runs).",
          None, "rank"),
     Spec(8, "fig8_accuracy_vs_memory", figure_8,
          "Test accuracy against measured peak memory, one point per run; dashed: the Pareto front (the most "
