@@ -3,19 +3,20 @@
     python -m experiments.bench --out benchmarks/results              # on one GPU: the whole measurement
     python -m experiments.bench --smoke --out /tmp/bench               # tiny shapes on CPU, in seconds
 
-For each model shape (random init, built from its config directly on the GPU in bf16, SDPA attention,
-random tokens): full fine-tuning (all weights bf16, fused AdamW with bf16 states), and LoRA r=16 on all
+For each model shape (random init, built from its config directly on the GPU in bf16, SDPA attention with
+its causal flag and no mask built (`lowrank.blocks.causal_attention_without_mask`; --hf-mask: transformers'
+mask building, which syncs the host with the GPU every step), random tokens): full fine-tuning (all weights bf16, fused AdamW with bf16 states), and LoRA r=16 on all
 linear layers and r=8 on q,v, with PEFT (fp32 factors under bf16 autocast, its default) and with ours
 (`lowrank.lora`: bf16 factors, the fused `lowrank.lora_fast` function, FlatMasterAdamW's fp32 masters: the
 same numerics). Variants that isolate where the speed comes from: ours-fp32, ours-unfused, ours-plain,
 ours-single.
 Every config runs in each block mode of --modes (`lowrank.blocks`: eager, CUDA graphs, compiled, compiled
-and graphed), for every method alike. Each config: warm-up steps, then timed steps between CUDA syncs; peak
+and graphed; and compiled blocks in one CUDA graph of the whole step), for every method alike. Each config: warm-up steps, then timed steps between CUDA syncs; peak
 memory is max_memory_allocated since the config's model was built; GPU busy is the kernel time of one
 profiled step (by kind of kernel; --profile also writes the top kernels to profile_{device}.txt). MFU counts
 6N FLOPs per token for trained matmul weights, 4N for frozen ones, plus attention
 (`lowrank.perf.flops_per_token`). Last, a loss-curve parity check from identical weights and identical A, 20
-steps: ours eager, ours in the fastest mode, PEFT. Writes `lora_vs_peft_{device}.json` (one row per config)
+steps: ours eager, ours compiled and graphed, ours in the step graph, PEFT. Writes `lora_vs_peft_{device}.json` (one row per config)
 and `.md` under --out.
 """
 import argparse
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.blocks import compile_blocks, graph_blocks
+from lowrank.blocks import causal_attention_without_mask, compile_blocks, graph_blocks
 from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
 from lowrank.lora_fast import FlatMasterAdamW
 from lowrank.budget import free_cuda_memory
@@ -58,14 +59,17 @@ CONFIGS = [("full", "torch", None, None),
            ("lora", "ours-single", 16, ALL_LINEAR),
            ("lora", "ours", 8, QV), ("lora", "peft", 8, QV)]
 # How the decoder blocks run (lowrank.blocks), for every method alike: eager, one CUDA graph per block for
-# forward and one for backward, torch.compile per block, or compiled blocks captured in graphs.
-MODES = ("eager", "graphs", "compile", "compile+graphs")
-FASTEST = "compile+graphs"
+# forward and one for backward, torch.compile per block, compiled blocks captured in graphs, or compiled blocks
+# in one CUDA graph of the whole step (forward, backward and optimizer step: no host work between kernels).
+STEP_GRAPH = "compile+step-graph"
+MODES = ("eager", "graphs", "compile", "compile+graphs", STEP_GRAPH)
+FASTEST = "compile+graphs"  # the fastest per-block mode
 # which implementations each mode runs: the fp32 / unfused variants answer eager questions; ours-plain
 # (bf16 factors, LoRALinear's plain unfused forward) asks whether the fused function still pays once compiled
 MODE_IMPLS = {"eager": ("torch", "ours", "peft", "ours-fp32", "ours-unfused"), "graphs": ("torch", "ours", "peft"),
               "compile": ("torch", "ours", "peft", "ours-plain"),
-              FASTEST: ("torch", "ours", "peft", "ours-plain", "ours-single")}
+              FASTEST: ("torch", "ours", "peft", "ours-plain", "ours-single"),
+              STEP_GRAPH: ("torch", "ours", "peft")}
 
 
 def plain_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +77,9 @@ def plain_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     return self.base_layer(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
 
-def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int):
+def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int, hf_mask: bool = False):
+    """hf_mask=False: causal attention without transformers' mask building (the batches have no padding), whose
+    packed-sequence check syncs the host with the GPU every step (lowrank.blocks.causal_attention_without_mask)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
                       max_position_embeddings=max(2048, shape["seq"]), use_cache=False,
@@ -86,6 +92,8 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(default)
+    if not hf_mask:
+        causal_attention_without_mask(model)
     return model.train()
 
 
@@ -110,12 +118,13 @@ def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.M
     return model
 
 
-def make_step(model, params, device, lr, impl):
+def make_step(model, params, device, lr, impl, capturable=False):
+    """capturable: the optimizer keeps its step count on the GPU, so that a CUDA graph can capture its step."""
     if impl in ("ours", "ours-plain", "ours-single"):
-        opt = FlatMasterAdamW(params, lr=lr)
+        opt = FlatMasterAdamW(params, lr=lr, capturable=capturable)
         zero = opt.zero_grad
     else:
-        opt = torch.optim.AdamW(params, lr=lr, fused=True)
+        opt = torch.optim.AdamW(params, lr=lr, fused=True, capturable=capturable)
         zero = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
     amp = device.type == "cuda"  # bf16 autocast on GPU; plain fp32 in the CPU smoke test
 
@@ -129,34 +138,88 @@ def make_step(model, params, device, lr, impl):
     return step, opt
 
 
+def graph_step(step, example: torch.Tensor, warmup: int = 3, after_capture=None):
+    """The whole training step (forward, backward, optimizer step) captured as one CUDA graph: the returned
+    step copies its batch into the captured input and replays. Warm-up runs first on a side stream (compiles,
+    allocates the gradients), as torch.cuda.graph needs; the gradients that backward creates in the capture
+    live in the graph's memory and are rewritten by each replay. `after_capture()` runs once captured (a
+    capture runs no kernels: only the warm-up steps have trained)."""
+    static = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(static)
+    if after_capture is not None:
+        after_capture()
+
+    def replay(batch):
+        static.copy_(batch)
+        graph.replay()
+        return loss.clone()  # the next replay overwrites the captured loss
+    return replay
+
+
 def free(device):
     torch._dynamo.reset()  # each config compiles on its own: no cached graphs or dynamic-shape recompiles carried over
     free_cuda_memory(device if device.type == "cuda" else None)
 
 
 def speed_up_blocks(model, mode, shape, device):
-    """After the optimizer exists (FlatMasterAdamW moves parameters), before the first step."""
+    """After the optimizer exists (FlatMasterAdamW moves parameters), before the first step. The step graph is
+    captured by `speed_up_step`."""
     if "compile" in mode:
         torch._dynamo.config.recompile_limit = 64  # PEFT's layers recompile per block at the default 8
         compile_blocks(model)
-    if "graphs" in mode:
+    if mode.endswith("+graphs") or mode == "graphs":
         if device.type != "cuda":
             return  # the CPU smoke test runs the graphed configs eagerly
         graph_blocks(model, shape["batch"], shape["seq"])
 
 
-def measure(name, shape, method, impl, rank, targets, mode, device, dtype, warmup, steps, seed, profile_to=None):
+def speed_up_step(step, mode, example, device, after_capture=None):
+    """The step itself: captured as one CUDA graph in the step-graph mode (on CUDA), else as it is."""
+    if mode == STEP_GRAPH and device.type == "cuda":
+        return graph_step(step, example, after_capture=after_capture)
+    return step
+
+
+def undo_training(params, opt):
+    """A function that puts the parameters and the optimizer back as they are now, in the same tensors (a
+    captured graph keeps using them): for a loss curve that must start where the others start."""
+    inner = opt.optimizer if isinstance(opt, FlatMasterAdamW) else opt
+    tensors = list(params) + ([opt.master] if isinstance(opt, FlatMasterAdamW) else [])
+    saved = [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def undo():
+        for t, v in zip(tensors, saved):
+            t.copy_(v)
+        for state in inner.state.values():  # created by the first step: back to zero moments at step 0
+            for v in state.values():
+                v.zero_()
+    return undo
+
+
+def measure(name, shape, method, impl, rank, targets, mode, device, dtype, warmup, steps, seed, profile_to=None,
+            hf_mask=False):
     free(device)
     t_build = time.perf_counter()
-    model = build(shape, device, dtype, seed)
+    model = build(shape, device, dtype, seed, hf_mask)
     if method == "lora":
         model = add_lora(model, impl, rank, targets)
     params = [p for p in model.parameters() if p.requires_grad]
-    step, opt = make_step(model, params, device, lr=1e-5 if method == "full" else 1e-4, impl=impl)
+    step, opt = make_step(model, params, device, lr=1e-5 if method == "full" else 1e-4, impl=impl,
+                          capturable=mode == STEP_GRAPH)
     speed_up_blocks(model, mode, shape, device)
     g = torch.Generator(device=device).manual_seed(seed)
     batches = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=device, generator=g)
                for _ in range(4)]
+    step = speed_up_step(step, mode, batches[0], device)
     for i in range(warmup):
         step(batches[i % 4])
     sync(device)
@@ -220,14 +283,15 @@ def gpu_busy(step, batch, device, title, profile_to: Path | None):
     return busy, kinds
 
 
-def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3):
+def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3, hf_mask=False):
     """Loss curves from identical base weights, identical A (copied into PEFT), B = 0: ours with eager blocks,
-    ours with compiled and graphed blocks (on CUDA: the fastest path), and PEFT."""
+    ours with compiled and graphed blocks and in the step graph (on CUDA: the fast paths), and PEFT."""
     free(device)
-    base = build(shape, device, dtype, seed)
+    base = build(shape, device, dtype, seed, hf_mask)
     variants = [("ours", "eager", add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR))]  # bf16 factors
     if device.type == "cuda":
-        variants.append(("ours", FASTEST, add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR)))
+        variants += [("ours", mode, add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR))
+                     for mode in (FASTEST, STEP_GRAPH)]
     theirs = add_lora(base, "peft", rank, ALL_LINEAR)
     variants.append(("peft", "eager", theirs))
     with torch.no_grad():
@@ -242,10 +306,13 @@ def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3):
                for _ in range(n_steps)]
     curves = {}
     for impl, mode, model in variants:
-        step, _ = make_step(model, [p for p in model.parameters() if p.requires_grad], device, lr, impl)
+        params = [p for p in model.parameters() if p.requires_grad]
+        step, opt = make_step(model, params, device, lr, impl, capturable=mode == STEP_GRAPH)
         speed_up_blocks(model, mode, shape, device)
+        # the step graph's warm-up steps train: undone once captured, so every curve starts from the same weights
+        step = speed_up_step(step, mode, batches[0], device, after_capture=undo_training(params, opt))
         curves[impl if mode == "eager" else f"{impl}-{mode}"] = [float(step(b)) for b in batches]
-        del step
+        del step, opt, params
     del variants, theirs, base, ours
     free(device)
 
@@ -256,6 +323,8 @@ def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3):
     out["max_abs_diff"], out["max_rel_diff"] = max_diff("ours", "peft")
     if f"ours-{FASTEST}" in curves:
         out["fastest_max_abs_diff"], _ = max_diff(f"ours-{FASTEST}", "ours")
+    if f"ours-{STEP_GRAPH}" in curves:
+        out["step_graph_max_abs_diff"], _ = max_diff(f"ours-{STEP_GRAPH}", "ours")
     return out
 
 
@@ -330,7 +399,9 @@ def markdown(rows, ratios, par, meta) -> str:
     lines = [f"# LoRA vs PEFT vs full fine-tuning on {meta['device']}", "",
              f"Command: `{meta['command']}`  ", f"torch {meta['torch']}, transformers {meta['transformers']}, "
              f"peft {meta['peft']}, Python {meta['python']}.", "",
-             "Random-init Llama shapes built on the GPU in bf16, SDPA attention, random tokens; fused AdamW. "
+             "Random-init Llama shapes built on the GPU in bf16, SDPA attention "
+             + ("(transformers' mask building)" if meta.get("hf_mask") else "(causal flag, no mask built)")
+             + ", random tokens; fused AdamW. "
              "Full fine-tuning: bf16 weights and bf16 AdamW states. LoRA (alpha = 2r, dropout 0): frozen bf16 "
              "base; PEFT: fp32 factors under bf16 autocast (its default); ours: bf16 factors in the model, "
              "fp32 master weights stepped by one fused AdamW (`FlatMasterAdamW`), the fused autograd function "
@@ -338,7 +409,10 @@ def markdown(rows, ratios, par, meta) -> str:
              "autocast like PEFT + the fused function; `ours-unfused`: fp32 factors + LoRALinear's plain "
              "forward. GPU busy: kernel time of one profiled step; a step time above it means the CPU, "
              "launching kernels, sets the pace. MFU: 6N trained + 4N frozen matmul FLOPs per token + "
-             "attention, over the dense bf16 peak.", "",
+             "attention, over the dense bf16 peak. Blocks: eager, `graphs` (a CUDA graph per block, forward "
+             "and backward), `compile` (torch.compile per block, and the loss), `compile+graphs`, "
+             f"`{STEP_GRAPH}` (compiled blocks, the whole step with its optimizer step in one CUDA graph); "
+             "every method alike.", "",
              "| model | method | impl | rank | targets | blocks | tokens/s | step ms | GPU busy ms | peak GiB | MFU |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -371,6 +445,8 @@ def markdown(rows, ratios, par, meta) -> str:
         if graphed:
             lines[-1] += (f" Ours with {FASTEST} blocks vs ours eager: max |Δloss| = "
                           f"{par['fastest_max_abs_diff']:.4f}.")
+        if par.get(f"ours-{STEP_GRAPH}"):
+            lines[-1] += f" Ours in the step graph vs ours eager: max |Δloss| = {par['step_graph_max_abs_diff']:.4f}."
         lines += ["", "| step | ours | PEFT |" + (f" ours, {FASTEST} blocks |" if graphed else ""),
                   "|---|---|---|" + ("---|" if graphed else "")]
         lines += [f"| {i + 1} | {a:.4f} | {b:.4f} |" + (f" {graphed[i]:.4f} |" if graphed else "")
@@ -393,10 +469,13 @@ def main():
     ap.add_argument("--models", nargs="+", default=None, help=f"subset of {list(SHAPES)}")
     ap.add_argument("--profile", action="store_true", help="also write the top CUDA kernels of one step per full and r=16 config")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modes", nargs="+", default=["eager", "graphs", FASTEST], choices=MODES,
+    ap.add_argument("--modes", nargs="+", default=["eager", "graphs", FASTEST, STEP_GRAPH], choices=MODES,
                     help="how the decoder blocks run (every method alike)")
     ap.add_argument("--only", nargs="+", default=None, help="configs whose method:impl:rank starts with one of these")
     ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--hf-mask", action="store_true",
+                    help="attention through transformers' mask building (a host-GPU sync per step) instead of "
+                         "SDPA's causal flag alone (lowrank.blocks.causal_attention_without_mask)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure every config this many times, interleaved (config order repeated), and report "
                          "the median: drift of the host or the GPU then hits every config alike")
@@ -414,7 +493,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=dev_name, torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, python=platform.python_version(),
-                command="python -m experiments.bench " + " ".join(sys.argv[1:]))
+                command="python -m experiments.bench " + " ".join(sys.argv[1:]), hf_mask=args.hf_mask)
     print(meta, flush=True)
 
     json_path, md_path = out / f"lora_vs_peft_{tag}.json", out / f"lora_vs_peft_{tag}.md"
@@ -430,7 +509,7 @@ def main():
             keep = args.profile and repeat == 0 and rank in (None, 16) and impl in ("torch", "ours", "peft")
             try:
                 row = measure(name, SHAPES[name], method, impl, rank, targets, mode, device, dtype, warmup,
-                              steps, args.seed, prof_path if keep else None)
+                              steps, args.seed, prof_path if keep else None, args.hf_mask)
             except Exception as e:  # one failing variant must not cost the rest of the run
                 print(f"{name} {method} {impl} r={rank} {mode}: FAILED {type(e).__name__}: {e}", flush=True)
                 free(device)
@@ -449,10 +528,11 @@ def main():
             md_path.write_text(markdown(rows, ratio_rows(rows), par, meta))
     if not args.no_parity:
         par_name = "tiny" if args.smoke else "llama-1.1b"
-        par = dict(model=par_name, **parity(SHAPES[par_name], device, dtype, args.seed))
+        par = dict(model=par_name, **parity(SHAPES[par_name], device, dtype, args.seed, hf_mask=args.hf_mask))
         print(f"parity {par_name}: max |Δloss| {par['max_abs_diff']:.4g} (max rel {par['max_rel_diff']:.2e}); "
               f"ours {par['ours'][0]:.3f} -> {par['ours'][-1]:.3f}, peft {par['peft'][0]:.3f} -> {par['peft'][-1]:.3f}; "
-              f"{FASTEST} vs eager ours: {par.get('fastest_max_abs_diff')}",
+              f"{FASTEST} vs eager ours: {par.get('fastest_max_abs_diff')}; {STEP_GRAPH} vs eager ours: "
+              f"{par.get('step_graph_max_abs_diff')}",
               flush=True)
     ratios = ratio_rows(rows)
     md_path.write_text(markdown(rows, ratios, par, meta))

@@ -3,6 +3,7 @@
     opt = ...                                        # build the optimizer first (it may move parameters)
     graph_blocks(model, batch_size=8, seq_len=1024)  # then: train as usual; eval and no_grad run eagerly
     compile_blocks(model)                            # or: each block through torch.compile (also on CPU)
+    causal_attention_without_mask(model)             # batches without padding: no mask built, no sync
 
 Why: at a few thousand tokens per step a 7B model's LoRA step is paced by the CPU launching kernels, not by
 the GPU (an H200 ran 143 ms of kernels in a 184 ms eager step): eager Python runs every operator of every
@@ -106,3 +107,28 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
         block.compile(**compile_kwargs)
     if hasattr(type(model), "loss_function"):
         model.loss_function = torch.compile(model.loss_function, **compile_kwargs)
+
+
+CAUSAL_SDPA = "sdpa_causal_no_mask"
+
+
+def causal_attention_without_mask(model: nn.Module) -> None:
+    """Attention through SDPA's causal flag with no mask built, for batches without padding or packed sequences.
+
+    transformers builds the mask in every forward and, to detect packed sequences, reads a GPU value on the host
+    (`find_packed_sequence_indices`): the host waits for the previous step to finish, and the GPU then idles while
+    the host launches the next step's first kernels. transformers skips mask creation for an attention function
+    registered without a mask builder, so this registers its own SDPA function (`sdpa_attention_forward`, the
+    same call; with no mask it passes is_causal) under a name of its own. The model then refuses an attention
+    mask (transformers would drop it), and packed sequences would attend across their boundaries."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    model.set_attn_implementation(CAUSAL_SDPA)
+    model.register_forward_pre_hook(_refuse_attention_mask, with_kwargs=True)
+
+
+def _refuse_attention_mask(module, args, kwargs):
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError(f"attention_mask given to {type(module).__name__}, whose attention builds no mask "
+                         "(causal_attention_without_mask): pass batches without padding and no attention_mask")

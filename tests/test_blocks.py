@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from lowrank.blocks import compile_blocks, decoder_blocks, graph_blocks
+from lowrank.blocks import causal_attention_without_mask, compile_blocks, decoder_blocks, graph_blocks
 from lowrank.lora import freeze_for_lora, inject_lora, lora_layers
 
 
@@ -94,3 +94,30 @@ def test_compiled_lora_blocks_match_eager_loss_and_gradients(checkpointing):
         assert m.lora_B.grad.abs().sum() > 0
         torch.testing.assert_close(grads_c[n][0], m.lora_A.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(grads_c[n][1], m.lora_B.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_causal_attention_without_mask_matches_sdpa_and_builds_no_mask(monkeypatch):
+    import transformers.masking_utils as masking
+    model = tiny_llama()
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    calls = []
+    real = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(input_ids=x)
+    assert calls, "transformers' sdpa path no longer checks for packed sequences: the helper may be moot"
+    calls.clear()
+    causal_attention_without_mask(model)
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+    assert not calls  # no mask built, so no packed-sequence check (the host-GPU sync)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # causal: a change at the last position changes no earlier logit
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % 64
+    with torch.no_grad():
+        out2 = model(input_ids=y).logits
+    torch.testing.assert_close(out2[:, :-1], out[:, :-1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids=x, attention_mask=torch.ones_like(x))
