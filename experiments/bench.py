@@ -13,7 +13,8 @@ ours-single.
 Every config runs in each block mode of --modes (`lowrank.blocks`: eager, CUDA graphs, compiled, compiled
 and graphed; and compiled blocks in one CUDA graph of the whole step), for every method alike. Each config: warm-up steps, then timed steps between CUDA syncs; peak
 memory is max_memory_allocated since the config's model was built; GPU busy is the kernel time of one
-profiled step (by kind of kernel; --profile also writes the top kernels to profile_{device}.txt). MFU counts
+profiled step (by kind of kernel; --profile also writes the top kernels to profile_{device}.txt); peak memory
+leaves out what earlier configs left allocated (`memory_held_before_bytes`). MFU counts
 6N FLOPs per token for trained matmul weights, 4N for frozen ones, plus attention
 (`lowrank.perf.flops_per_token`). Last, a loss-curve parity check from identical weights and identical A, 20
 steps: ours eager, ours compiled and graphed, ours in the step graph, PEFT. Writes `lora_vs_peft_{device}.json` (one row per config)
@@ -208,6 +209,8 @@ def undo_training(params, opt):
 def measure(name, shape, method, impl, rank, targets, mode, device, dtype, warmup, steps, seed, profile_to=None,
             hf_mask=False):
     free(device)
+    # what earlier configs left allocated (compile caches, graph pools): not this config's, so not in its peak
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t_build = time.perf_counter()
     model = build(shape, device, dtype, seed, hf_mask)
     if method == "lora":
@@ -235,7 +238,8 @@ def measure(name, shape, method, impl, rank, targets, mode, device, dtype, warmu
     peak = peak_flops(device, "bf16")
     row = dict(model=name, method=method, impl=impl, rank=rank, mode=mode,
                targets=None if targets is None else ("all-linear" if targets == ALL_LINEAR else ",".join(targets)),
-               tokens_per_second=tokens / dt, peak_memory_bytes=peak_memory_bytes(device),
+               tokens_per_second=tokens / dt, peak_memory_bytes=peak_memory_bytes(device) - held,
+               memory_held_before_bytes=held,
                mfu=(fpt * tokens / dt / peak) if peak else None, step_time_s=dt,
                batch=shape["batch"], seq_len=shape["seq"], trainable_params=sum(p.numel() for p in params),
                trainable_dtype=str(params[0].dtype).removeprefix("torch."), flops_per_token=fpt,
@@ -434,7 +438,7 @@ def markdown(rows, ratios, par, meta) -> str:
     if checks:
         lines += ["", "| target | model | LoRA rank | ours' blocks | measured | against PEFT in the same blocks | met |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['what']} {c['target']} | {c['model']} | {c['rank']} | {c['mode']} | {c['value']:.2f} "
+        lines += [f"| {c['what']} {c['target']} | {c['model']} | {c['rank']} | {c['mode']} | {c['value']:.3f} "
                   f"| {fmt(c['same_mode_peft'], '.2f')} "
                   f"| {'yes' if c['met'] else 'no'} |" for c in checks]
     if par:
@@ -476,10 +480,15 @@ def main():
     ap.add_argument("--hf-mask", action="store_true",
                     help="attention through transformers' mask building (a host-GPU sync per step) instead of "
                          "SDPA's causal flag alone (lowrank.blocks.causal_attention_without_mask)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="measure nothing: write one table (into --out) from the rows and parity of earlier runs' "
+                         "--out directories (e.g. one run per model, where one call has a time limit)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure every config this many times, interleaved (config order repeated), and report "
                          "the median: drift of the host or the GPU then hits every config alike")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
 
     import peft
     import transformers
@@ -496,8 +505,9 @@ def main():
                 command="python -m experiments.bench " + " ".join(sys.argv[1:]), hf_mask=args.hf_mask)
     print(meta, flush=True)
 
-    json_path, md_path = out / f"lora_vs_peft_{tag}.json", out / f"lora_vs_peft_{tag}.md"
+    json_path = out / f"lora_vs_peft_{tag}.json"
     rows, par, t_start = [], None, time.perf_counter()
+    write_run(out, tag, meta, par)
     samples: dict[tuple, list[dict]] = {}  # config -> its measurements, one per repeat
     prof_path = out / f"profile_{tag}.txt"
     prof_path.unlink(missing_ok=True)
@@ -518,14 +528,15 @@ def main():
             rows = [median_row(v) for v in samples.values()]
             print(f"{name:11s} {method:4s} {impl:12s} r={fmt(rank, 'd'):2s} {row['targets'] or '':14s} "
                   f"{mode:14s} {row['tokens_per_second']:9,.0f} tok/s  {1e3 * row['step_time_s']:7.1f} ms  "
-                  f"{row['peak_memory_bytes'] / 2**30:6.1f} GiB  MFU {fmt(row['mfu'], '.1%')}  "
+                  f"{row['peak_memory_bytes'] / 2**30:6.1f} GiB (held before {row['memory_held_before_bytes'] / 2**30:.1f})  "
+                  f"MFU {fmt(row['mfu'], '.1%')}  "
                   f"GPU busy {fmt(row['gpu_busy_s'] and 1e3 * row['gpu_busy_s'], '.1f')} ms  "
                   f"setup {row['setup_s']:.0f} s  [{time.perf_counter() - t_start:.0f} s]", flush=True)
             if row["gpu_busy_by_kind_s"]:
                 print("    kernels (ms): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(
                     row["gpu_busy_by_kind_s"].items(), key=lambda kv: -kv[1])), flush=True)
             json_path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off run keeps them
-            md_path.write_text(markdown(rows, ratio_rows(rows), par, meta))
+            write_run(out, tag, meta, par, rows)
     if not args.no_parity:
         par_name = "tiny" if args.smoke else "llama-1.1b"
         par = dict(model=par_name, **parity(SHAPES[par_name], device, dtype, args.seed, hf_mask=args.hf_mask))
@@ -534,8 +545,40 @@ def main():
               f"{FASTEST} vs eager ours: {par.get('fastest_max_abs_diff')}; {STEP_GRAPH} vs eager ours: "
               f"{par.get('step_graph_max_abs_diff')}",
               flush=True)
+    write_run(out, tag, meta, par, rows)
+    print_ratios(rows)
+    print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+def write_run(out: Path, tag: str, meta: dict, par: dict | None, rows=None) -> None:
+    """The run's settings and parity (`lora_vs_peft_{tag}_run.json`), and its markdown table."""
+    (out / f"lora_vs_peft_{tag}_run.json").write_text(json.dumps(dict(meta=meta, parity=par), indent=1) + "\n")
+    if rows is not None:
+        (out / f"lora_vs_peft_{tag}.md").write_text(markdown(rows, ratio_rows(rows), par, meta))
+
+
+def merge(dirs: list[str], out: Path) -> None:
+    """One table from several runs: their rows in order, their commands, the parity check of the run that had
+    one. Each ratio still compares rows of one model, which one run measured side by side."""
+    rows, runs = [], []
+    for d in dirs:
+        run_files = sorted(Path(d).glob("lora_vs_peft_*_run.json"))
+        if len(run_files) != 1:
+            raise SystemExit(f"--merge {d}: expected one lora_vs_peft_*_run.json there, found {len(run_files)}")
+        tag = run_files[0].name.removeprefix("lora_vs_peft_").removesuffix("_run.json")
+        runs.append((tag, json.loads(run_files[0].read_text())))
+        rows += json.loads((Path(d) / f"lora_vs_peft_{tag}.json").read_text())
+    tag, first = runs[0]
+    meta = dict(first["meta"], command=" ; ".join(r["meta"]["command"] for _, r in runs))
+    par = next((r["parity"] for _, r in runs if r["parity"]), None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"lora_vs_peft_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_run(out, tag, meta, par, rows)
+    print_ratios(rows)
+
+
+def print_ratios(rows) -> None:
     ratios = ratio_rows(rows)
-    md_path.write_text(markdown(rows, ratios, par, meta))
     print("\nmodel       LoRA              blocks          ours/PEFT  same-mode PEFT  ours/full  /fastest full  "
           "mem ours/PEFT")
     for q in ratios:
@@ -543,9 +586,8 @@ def main():
               f"{fmt(q['ours_over_peft_same_mode'], '14.2f')}× {fmt(q['ours_over_full'], '9.2f')}× "
               f"{fmt(q['ours_over_fastest_full'], '13.2f')}× {fmt(q['memory_ours_over_peft'], '12.2f')}")
     for c in check_targets(ratios):
-        print(f"target {c['model']} r={c['rank']} {c['what']} {c['target']}: {c['value']:.2f} "
+        print(f"target {c['model']} r={c['rank']} {c['what']} {c['target']}: {c['value']:.3f} "
               f"{'MET' if c['met'] else 'NOT MET'} (ours: {c['mode']}; same-blocks PEFT: {fmt(c['same_mode_peft'], '.2f')})")
-    print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 if __name__ == "__main__":
     main()

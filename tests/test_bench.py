@@ -65,3 +65,32 @@ def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
         assert r["tokens_per_second"] > 0 and r["peak_memory_bytes"] > 0
     assert rows[1]["targets"] == "all-linear" and ALL_LINEAR[0] == "q_proj"
     assert "| tiny | lora | ours | 16 | all-linear | eager |" in (tmp_path / "lora_vs_peft_cpu.md").read_text()
+
+
+def _row(model, method, impl, rank, tps):  # the fields markdown reads
+    return dict(model=model, method=method, impl=impl, rank=rank, targets=None if rank is None else "all-linear",
+                mode="eager", tokens_per_second=tps, step_time_s=1 / tps, gpu_busy_s=None, peak_memory_bytes=2**30,
+                mfu=None)
+
+
+def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
+    from experiments.bench import merge
+    meta = dict(device="GPU", torch="t", transformers="tf", peft="p", python="3", hf_mask=False)
+    par = dict(model="m1", steps=2, rank=16, lr=1e-3, ours=[2.0, 1.0], peft=[2.0, 1.1], max_abs_diff=0.1,
+               max_rel_diff=0.1)
+    for name, model, run_par in (("a", "m1", par), ("b", "m2", None)):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [_row(model, "full", "torch", None, 100.0), _row(model, "lora", "ours", 16, 130.0 if name == "a" else 150.0)]
+        (d / "lora_vs_peft_gpu.json").write_text(json.dumps(rows))
+        (d / "lora_vs_peft_gpu_run.json").write_text(json.dumps(dict(meta=dict(meta, command=f"bench {name}"),
+                                                                     parity=run_par)))
+    merge([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "out")
+    rows = json.loads((tmp_path / "out" / "lora_vs_peft_gpu.json").read_text())
+    assert [(r["model"], r["impl"]) for r in rows] == [("m1", "torch"), ("m1", "ours"), ("m2", "torch"), ("m2", "ours")]
+    md = (tmp_path / "out" / "lora_vs_peft_gpu.md").read_text()
+    assert "`bench a ; bench b`" in md and "max |Δloss| = 0.1000" in md
+    assert "| m1 | r=16 all-linear | eager | –× | –× | 1.30× |" in md and "| m2 | r=16 all-linear | eager | –× | –× | 1.50× |" in md
+    (tmp_path / "c").mkdir()
+    with pytest.raises(SystemExit, match="lora_vs_peft_\\*_run.json"):
+        merge([str(tmp_path / "c")], tmp_path / "out2")
