@@ -17,8 +17,8 @@ profiled step (by kind of kernel; --profile also writes the top kernels to profi
 leaves out what earlier configs left allocated (`memory_held_before_bytes`). MFU counts
 6N FLOPs per token for trained matmul weights, 4N for frozen ones, plus attention
 (`lowrank.perf.flops_per_token`). Last, a loss-curve parity check from identical weights and identical A, 20
-steps: ours eager, ours compiled and graphed, ours in the step graph, PEFT. Writes `lora_vs_peft_{device}.json` (one row per config)
-and `.md` under --out.
+steps: ours eager, ours compiled and graphed, ours in the step graph, PEFT. Writes `lora_vs_peft_{device}.json` (one row per config),
+`.md` and `_run.json` (the run's settings and parity) under --out; --merge joins such directories into one table.
 """
 import argparse
 import copy
@@ -141,10 +141,11 @@ def make_step(model, params, device, lr, impl, capturable=False):
 
 def graph_step(step, example: torch.Tensor, warmup: int = 3, after_capture=None):
     """The whole training step (forward, backward, optimizer step) captured as one CUDA graph: the returned
-    step copies its batch into the captured input and replays. Warm-up runs first on a side stream (compiles,
-    allocates the gradients), as torch.cuda.graph needs; the gradients that backward creates in the capture
-    live in the graph's memory and are rewritten by each replay. `after_capture()` runs once captured (a
-    capture runs no kernels: only the warm-up steps have trained)."""
+    step copies its batch into the captured input and replays. Warm-up runs first on a side stream, as
+    torch.cuda.graph needs: it compiles, and creates the optimizer's state (created inside the capture, the
+    moments would restart from zero at every replay). The step ends by setting gradients to None, so backward
+    in the capture allocates them in the graph's memory, and each replay writes them afresh. `after_capture()`
+    runs once captured (a capture runs no kernels: only the warm-up steps have trained)."""
     static = example.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -190,9 +191,12 @@ def speed_up_step(step, mode, example, device, after_capture=None):
 
 
 def undo_training(params, opt):
-    """A function that puts the parameters and the optimizer back as they are now, in the same tensors (a
-    captured graph keeps using them): for a loss curve that must start where the others start."""
+    """For an optimizer that has not stepped yet: a function that puts the parameters back as they are now and
+    the optimizer's state to that of a fresh one (zero moments at step 0), in the same tensors (a captured
+    graph keeps using them). For a loss curve that must start where the others start."""
     inner = opt.optimizer if isinstance(opt, FlatMasterAdamW) else opt
+    if inner.state:
+        raise ValueError("undo_training needs an optimizer that has not stepped yet")
     tensors = list(params) + ([opt.master] if isinstance(opt, FlatMasterAdamW) else [])
     saved = [t.detach().clone() for t in tensors]
 
@@ -295,7 +299,7 @@ def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3, hf_mask=Fal
     variants = [("ours", "eager", add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR))]  # bf16 factors
     if device.type == "cuda":
         variants += [("ours", mode, add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR))
-                     for mode in (FASTEST, STEP_GRAPH)]
+                     for mode in (FASTEST, STEP_GRAPH) if not (hf_mask and mode == STEP_GRAPH)]
     theirs = add_lora(base, "peft", rank, ALL_LINEAR)
     variants.append(("peft", "eager", theirs))
     with torch.no_grad():
@@ -495,6 +499,9 @@ def main():
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = args.models or (["tiny"] if args.smoke else ["llama-1.1b", "llama-7b"])
+    if args.hf_mask and STEP_GRAPH in args.modes:
+        # transformers builds a different mask while a CUDA graph captures (it counts capture as tracing)
+        raise SystemExit(f"--hf-mask measures the per-block modes only: leave {STEP_GRAPH} out of --modes")
     warmup, steps = (1, 2) if args.smoke else (4, 15)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     tag = "h200" if "H200" in dev_name else ("cpu" if device.type == "cpu" else dev_name.split()[-1].lower())
@@ -558,19 +565,36 @@ def write_run(out: Path, tag: str, meta: dict, par: dict | None, rows=None) -> N
 
 
 def merge(dirs: list[str], out: Path) -> None:
-    """One table from several runs: their rows in order, their commands, the parity check of the run that had
-    one. Each ratio still compares rows of one model, which one run measured side by side."""
+    """One table from several runs of one setup (device, versions, attention): their rows in order, their
+    commands, the parity check of the run that had one. Each config may come from one run only, so each ratio
+    compares rows that one run measured side by side (the runs should split by model)."""
     rows, runs = [], []
+    if any(Path(d).resolve() == out.resolve() for d in dirs):
+        raise SystemExit(f"--merge: --out {out} is one of the merged directories; write the table elsewhere")
     for d in dirs:
         run_files = sorted(Path(d).glob("lora_vs_peft_*_run.json"))
         if len(run_files) != 1:
             raise SystemExit(f"--merge {d}: expected one lora_vs_peft_*_run.json there, found {len(run_files)}")
         tag = run_files[0].name.removeprefix("lora_vs_peft_").removesuffix("_run.json")
-        runs.append((tag, json.loads(run_files[0].read_text())))
-        rows += json.loads((Path(d) / f"lora_vs_peft_{tag}.json").read_text())
-    tag, first = runs[0]
-    meta = dict(first["meta"], command=" ; ".join(r["meta"]["command"] for _, r in runs))
-    par = next((r["parity"] for _, r in runs if r["parity"]), None)
+        rows_file = Path(d) / f"lora_vs_peft_{tag}.json"
+        if not rows_file.exists():
+            raise SystemExit(f"--merge {d}: no {rows_file.name} (the run measured no config)")
+        runs.append((d, json.loads(run_files[0].read_text())))
+        rows += json.loads(rows_file.read_text())
+    setup = ("device", "torch", "transformers", "peft", "hf_mask")
+    for d, run in runs[1:]:
+        differ = [k for k in setup if run["meta"].get(k) != runs[0][1]["meta"].get(k)]
+        if differ:
+            raise SystemExit(f"--merge {d}: its {', '.join(differ)} differ from {runs[0][0]}'s; merge runs of one setup")
+    keys = [(r["model"], r["impl"], r["rank"], r["targets"], r.get("mode", "eager")) for r in rows]
+    twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+    if twice:
+        raise SystemExit(f"--merge: configs measured by more than one run: {twice}; merge runs that split by model")
+    pars = [r["parity"] for _, r in runs if r["parity"]]
+    if len(pars) > 1:
+        raise SystemExit("--merge: more than one run has a parity check; run it in one of them (--no-parity)")
+    meta = dict(runs[0][1]["meta"], command=" ; ".join(r["meta"]["command"] for _, r in runs))
+    par = pars[0] if pars else None
     out.mkdir(parents=True, exist_ok=True)
     (out / f"lora_vs_peft_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
     write_run(out, tag, meta, par, rows)

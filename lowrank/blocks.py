@@ -17,6 +17,8 @@ transformers 5 (`block(hidden, attention_mask=None, position_embeddings=(cos, si
 tensor, causal attention without a padding mask), parameters that stay where they are (in-place optimizer
 updates; FlatMasterAdamW and torch's AdamW do that) and no dropout.
 """
+import inspect
+
 import torch
 from torch import nn
 
@@ -129,6 +131,9 @@ def causal_attention_without_mask(model: nn.Module) -> None:
 
 
 def _refuse_attention_mask(module, args, kwargs):
-    if kwargs.get("attention_mask") is not None:
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:  # given by position: (input_ids, attention_mask, ...)
+        mask = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+    if mask is not None:
         raise ValueError(f"attention_mask given to {type(module).__name__}, whose attention builds no mask "
                          "(causal_attention_without_mask): pass batches without padding and no attention_mask")

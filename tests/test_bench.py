@@ -94,3 +94,50 @@ def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(SystemExit, match="lora_vs_peft_\\*_run.json"):
         merge([str(tmp_path / "c")], tmp_path / "out2")
+    # refused: the same config from two runs, a run of another setup, a run without rows, writing into an input
+    with pytest.raises(SystemExit, match="more than one run"):
+        merge([str(tmp_path / "a"), str(tmp_path / "a")], tmp_path / "out2")
+    other = tmp_path / "d"
+    other.mkdir()
+    (other / "lora_vs_peft_gpu.json").write_text(json.dumps([_row("m3", "full", "torch", None, 1.0)]))
+    (other / "lora_vs_peft_gpu_run.json").write_text(json.dumps(dict(meta=dict(meta, torch="t2", command="c"),
+                                                                     parity=None)))
+    with pytest.raises(SystemExit, match="torch differ"):
+        merge([str(tmp_path / "a"), str(other)], tmp_path / "out2")
+    (other / "lora_vs_peft_gpu.json").unlink()
+    with pytest.raises(SystemExit, match="no lora_vs_peft_gpu.json"):
+        merge([str(other)], tmp_path / "out2")
+    with pytest.raises(SystemExit, match="is one of the merged"):
+        merge([str(tmp_path / "a")], tmp_path / "a")
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_undo_training_restores_weights_and_a_fresh_optimizer_in_place(flat):
+    import torch
+    from experiments.bench import undo_training
+    from lowrank.lora_fast import FlatMasterAdamW
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = FlatMasterAdamW(params, lr=0.1) if flat else torch.optim.AdamW(params, lr=0.1)
+    before = [p.detach().clone() for p in params]
+    undo = undo_training(params, opt)
+
+    def train(n):
+        losses = []
+        for _ in range(n):
+            loss = sum((p ** 2).sum() for p in params)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        return losses
+    first = train(3)
+    storage = [p.data_ptr() for p in params]
+    undo()
+    assert [p.data_ptr() for p in params] == storage  # same tensors: a captured graph would still see them
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+    assert train(3) == first  # as if the first three steps had not happened
+    with pytest.raises(ValueError, match="not stepped"):
+        undo_training(params, opt)

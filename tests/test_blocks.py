@@ -121,3 +121,5 @@ def test_causal_attention_without_mask_matches_sdpa_and_builds_no_mask(monkeypat
     torch.testing.assert_close(out2[:, :-1], out[:, :-1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="attention_mask"):
         model(input_ids=x, attention_mask=torch.ones_like(x))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, torch.ones_like(x))  # by position
