@@ -9,7 +9,7 @@ mask building, which syncs the host with the GPU every step), random tokens): fu
 linear layers and r=8 on q,v, with PEFT (fp32 factors under bf16 autocast, its default) and with ours
 (`lowrank.lora`: bf16 factors, the fused `lowrank.lora_fast` function, FlatMasterAdamW's fp32 masters: the
 same numerics). Variants that isolate where the speed comes from: ours-fp32, ours-unfused, ours-plain,
-ours-single.
+ours-single, ours-cublas.
 Every config runs in each block mode of --modes (`lowrank.blocks`: eager, CUDA graphs, compiled, compiled
 and graphed; and compiled blocks in one CUDA graph of the whole step), for every method alike. Each config: warm-up steps, then timed steps between CUDA syncs; peak
 memory is max_memory_allocated since the config's model was built; GPU busy is the kernel time of one
@@ -35,6 +35,7 @@ from torch import nn
 
 from lowrank.blocks import causal_attention_without_mask, compile_blocks, graph_blocks
 from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
+from lowrank import lora_fast
 from lowrank.lora_fast import FlatMasterAdamW
 from lowrank.budget import free_cuda_memory
 from lowrank.perf import flops_per_token, peak_flops, peak_memory_bytes, sync
@@ -53,11 +54,12 @@ SHAPES = {
 # (method, impl, rank, targets): one row each per shape
 # ours: bf16 factors + fp32 flat master AdamW + fused function; ours-fp32: fp32 factors under autocast +
 # fused function (PEFT's parameter handling); ours-unfused: fp32 factors + LoRALinear's plain forward;
-# ours-single: ours without shared-input groups (each of q, k, v, gate, up on its own).
+# ours-single: ours without shared-input groups (each of q, k, v, gate, up on its own); ours-cublas: ours with
+# both factor products of the output gradient from cuBLAS (lowrank.lora_fast.FUSED_FACTOR_GRADS off).
 CONFIGS = [("full", "torch", None, None),
            ("lora", "ours", 16, ALL_LINEAR), ("lora", "peft", 16, ALL_LINEAR), ("lora", "ours-fp32", 16, ALL_LINEAR),
            ("lora", "ours-unfused", 16, ALL_LINEAR), ("lora", "ours-plain", 16, ALL_LINEAR),
-           ("lora", "ours-single", 16, ALL_LINEAR),
+           ("lora", "ours-single", 16, ALL_LINEAR), ("lora", "ours-cublas", 16, ALL_LINEAR),
            ("lora", "ours", 8, QV), ("lora", "peft", 8, QV)]
 # How the decoder blocks run (lowrank.blocks), for every method alike: eager, one CUDA graph per block for
 # forward and one for backward, torch.compile per block, compiled blocks captured in graphs, or compiled blocks
@@ -70,7 +72,7 @@ FASTEST = "compile+graphs"  # the fastest per-block mode
 MODE_IMPLS = {"eager": ("torch", "ours", "peft", "ours-fp32", "ours-unfused"), "graphs": ("torch", "ours", "peft"),
               "compile": ("torch", "ours", "peft", "ours-plain"),
               FASTEST: ("torch", "ours", "peft", "ours-plain", "ours-single"),
-              STEP_GRAPH: ("torch", "ours", "peft")}
+              STEP_GRAPH: ("torch", "ours", "peft", "ours-cublas")}
 
 
 def plain_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int, hf_m
 
 def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.Module:
     """LoRA with alpha = 2r, dropout 0, A kaiming-uniform and B = 0. PEFT keeps its factors in fp32 (its
-    default); ours, ours-plain and ours-single keep them in the model's dtype for FlatMasterAdamW (fp32
+    default); ours, ours-plain, ours-single and ours-cublas keep them in the model's dtype for FlatMasterAdamW (fp32
     masters), ours-fp32 and ours-unfused in fp32."""
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
@@ -121,7 +123,7 @@ def add_lora(model: nn.Module, impl: str, rank: int, targets: list[str]) -> nn.M
 
 def make_step(model, params, device, lr, impl, capturable=False):
     """capturable: the optimizer keeps its step count on the GPU, so that a CUDA graph can capture its step."""
-    if impl in ("ours", "ours-plain", "ours-single"):
+    if impl in ("ours", "ours-plain", "ours-single", "ours-cublas"):
         opt = FlatMasterAdamW(params, lr=lr, capturable=capturable)
         zero = opt.zero_grad
     else:
@@ -213,6 +215,7 @@ def undo_training(params, opt):
 def measure(name, shape, method, impl, rank, targets, mode, device, dtype, warmup, steps, seed, profile_to=None,
             hf_mask=False):
     free(device)
+    lora_fast.FUSED_FACTOR_GRADS = impl != "ours-cublas"
     # what earlier configs left allocated (compile caches, graph pools): not this config's, so not in its peak
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t_build = time.perf_counter()
@@ -295,6 +298,7 @@ def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3, hf_mask=Fal
     """Loss curves from identical base weights, identical A (copied into PEFT), B = 0: ours with eager blocks,
     ours with compiled and graphed blocks and in the step graph (on CUDA: the fast paths), and PEFT."""
     free(device)
+    lora_fast.FUSED_FACTOR_GRADS = True
     base = build(shape, device, dtype, seed, hf_mask)
     variants = [("ours", "eager", add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR))]  # bf16 factors
     if device.type == "cuda":
