@@ -211,6 +211,7 @@ gs = [torch.randn(n, W.shape[0], dtype=torch.float32) for W, *_ in layers]
 Bs = [B.float() for *_, B, _ in layers]
 H = torch.randn(n, 28, dtype=torch.float32)
 T, *gBs = lf.t_and_b_grads(gs, Bs, H, [l[4] for l in layers])
+torch.library.opcheck(lf._t_and_b_grads_op, (gs, Bs, H, [l[4] for l in layers]))  # schema, fake, aot dispatch
 col = 0
 for g, B, gB, (*_, s) in zip(gs, Bs, gBs, layers):
     r = B.shape[1]
@@ -219,7 +220,7 @@ for g, B, gB, (*_, s) in zip(gs, Bs, gBs, layers):
     col += r
 # through autograd: the fused branch forced on (CPU), against the cuBLAS branch
 def grads(fused, group):
-    lf.fused_factor_grads_apply = (lambda g, rows: True) if fused else (lambda g, rows: False)
+    lf.fused_factor_grads_apply = (lambda g, rows, max_rank: True) if fused else (lambda g, rows, max_rank: False)
     ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
     xi = x.float().clone().requires_grad_(True)
     if group:
