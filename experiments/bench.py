@@ -67,6 +67,7 @@ CONFIGS = [("full", "torch", None, None),
 STEP_GRAPH = "compile+step-graph"
 MODES = ("eager", "graphs", "compile", "compile+graphs", STEP_GRAPH)
 FASTEST = "compile+graphs"  # the fastest per-block mode
+FUSED_DEFAULT = lora_fast.FUSED_FACTOR_GRADS  # LOWRANK_FUSED_FACTOR_GRADS=0 turns it off for every config
 # which implementations each mode runs: the fp32 / unfused variants answer eager questions; ours-plain
 # (bf16 factors, LoRALinear's plain unfused forward) asks whether the fused function still pays once compiled
 MODE_IMPLS = {"eager": ("torch", "ours", "peft", "ours-fp32", "ours-unfused"), "graphs": ("torch", "ours", "peft"),
@@ -215,7 +216,7 @@ def undo_training(params, opt):
 def measure(name, shape, method, impl, rank, targets, mode, device, dtype, warmup, steps, seed, profile_to=None,
             hf_mask=False):
     free(device)
-    lora_fast.FUSED_FACTOR_GRADS = impl != "ours-cublas"
+    lora_fast.FUSED_FACTOR_GRADS = FUSED_DEFAULT and impl != "ours-cublas"
     # what earlier configs left allocated (compile caches, graph pools): not this config's, so not in its peak
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t_build = time.perf_counter()
@@ -298,7 +299,7 @@ def parity(shape, device, dtype, seed, n_steps=20, rank=16, lr=1e-3, hf_mask=Fal
     """Loss curves from identical base weights, identical A (copied into PEFT), B = 0: ours with eager blocks,
     ours with compiled and graphed blocks and in the step graph (on CUDA: the fast paths), and PEFT."""
     free(device)
-    lora_fast.FUSED_FACTOR_GRADS = True
+    lora_fast.FUSED_FACTOR_GRADS = FUSED_DEFAULT
     base = build(shape, device, dtype, seed, hf_mask)
     variants = [("ours", "eager", add_lora(copy.deepcopy(base), "ours", rank, ALL_LINEAR))]  # bf16 factors
     if device.type == "cuda":
@@ -366,6 +367,7 @@ def ratio_rows(rows):
                         ours_over_unfused=ratio(ours, tps((model, "ours-unfused", rank, targets, mode))),
                         ours_over_plain=ratio(ours, tps((model, "ours-plain", rank, targets, mode))),
                         ours_over_single=ratio(ours, tps((model, "ours-single", rank, targets, mode))),
+                        ours_over_cublas=ratio(ours, tps((model, "ours-cublas", rank, targets, mode))),
                         memory_ours_over_peft=ratio(r["peak_memory_bytes"],
                                                     peft_eager and peft_eager["peak_memory_bytes"]),
                         memory_ours_over_peft_same_mode=ratio(r["peak_memory_bytes"], by.get(
@@ -435,12 +437,13 @@ def markdown(rows, ratios, par, meta) -> str:
                      f"| {r['peak_memory_bytes'] / 2**30:.1f} | {fmt(r['mfu'], '.1%')} |")
     lines += ["", "| model | LoRA | blocks (ours) | ours/PEFT (eager PEFT) | ours/PEFT (same blocks) "
               "| ours/full (same blocks) | ours/fastest full | fused/unfused | fused/plain | grouped/single "
-              "| ours/PEFT peak memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| Triton/cuBLAS factor products | ours/PEFT peak memory |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for q in ratios:
         lines.append(f"| {q['model']} | r={q['rank']} {q['targets']} | {q['mode']} | {fmt(q['ours_over_peft'], '.2f')}× "
                      f"| {fmt(q['ours_over_peft_same_mode'], '.2f')}× | {fmt(q['ours_over_full'], '.2f')}× "
                      f"| {fmt(q['ours_over_fastest_full'], '.2f')}× | {fmt(q['ours_over_unfused'], '.2f')}× "
                      f"| {fmt(q['ours_over_plain'], '.2f')}× | {fmt(q['ours_over_single'], '.2f')}× "
+                     f"| {fmt(q['ours_over_cublas'], '.2f')}× "
                      f"| {fmt(q['memory_ours_over_peft'], '.2f')} |")
     checks = check_targets(ratios)
     if checks:

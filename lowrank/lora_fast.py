@@ -143,12 +143,14 @@ def t_and_b_grads(gs, Bs, H, scalings) -> list[torch.Tensor]:
     return [T] + [v.view_as(B) for v, B in zip(gb.split([B.numel() for B in Bs]), Bs)]
 
 
-def fused_factor_grads_apply(g: torch.Tensor, rows: int, max_rank: int) -> bool:
+def fused_factor_grads_apply(gs: list[torch.Tensor], rows: int, max_rank: int) -> bool:
     """Whether backward takes t and the B gradients from `t_and_b_grads`: not for ranks above 64 (t's rows
-    would not fit a program's registers), nor under torch.use_deterministic_algorithms (the atomics add in
-    a varying order, so the fp32 B gradient can differ in its last bits from run to run)."""
-    return (FUSED_FACTOR_GRADS and triton is not None and g.is_cuda and g.dtype in _FUSED_DTYPES
-            and rows >= FUSED_MIN_ROWS and max_rank <= 64 and not torch.are_deterministic_algorithms_enabled())
+    would not fit a program's registers), not for a gradient of 2³¹ elements or more (the kernel's offsets are
+    32-bit), nor under torch.use_deterministic_algorithms (the atomics add in a varying order, so the fp32 B
+    gradient can differ in its last bits from run to run)."""
+    return (FUSED_FACTOR_GRADS and triton is not None and gs[0].is_cuda and gs[0].dtype in _FUSED_DTYPES
+            and rows >= FUSED_MIN_ROWS and max_rank <= 64 and all(g.numel() < 2**31 for g in gs)
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -209,7 +211,7 @@ class LoRALinearFunction(torch.autograd.Function):
         rows = gs[used[0]].shape[0]
         gBs = [None] * n
         if ((need_x or need_A) and len(used) == n and all(need[5 + 4 * i] for i in range(n))
-                and fused_factor_grads_apply(gs[0], rows, max(ctx.ranks))):
+                and fused_factor_grads_apply(gs, rows, max(ctx.ranks))):
             # every output has a gradient and every B wants one: each g read once for t and its B gradient
             T, *gBs = t_and_b_grads(gs, Bc, H, ctx.scalings)
         elif need_x or need_A:
