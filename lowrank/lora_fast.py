@@ -148,9 +148,10 @@ def fused_factor_grads_apply(gs: list[torch.Tensor], rows: int, max_rank: int) -
     would not fit a program's registers), not for a gradient of 2³¹ elements or more (the kernel's offsets are
     32-bit), nor under torch.use_deterministic_algorithms (the atomics add in a varying order, so the fp32 B
     gradient can differ in its last bits from run to run)."""
-    return (FUSED_FACTOR_GRADS and triton is not None and gs[0].is_cuda and gs[0].dtype in _FUSED_DTYPES
-            and rows >= FUSED_MIN_ROWS and max_rank <= 64 and all(g.numel() < 2**31 for g in gs)
-            and not torch.are_deterministic_algorithms_enabled())
+    # the checks that every device reaches first, so that CPU tests of compiled blocks trace them too
+    return (FUSED_FACTOR_GRADS and not torch.are_deterministic_algorithms_enabled()
+            and all(g.numel() < 2**31 for g in gs) and max_rank <= 64 and triton is not None and gs[0].is_cuda
+            and gs[0].dtype in _FUSED_DTYPES and rows >= FUSED_MIN_ROWS)
 
 
 def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
