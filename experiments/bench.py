@@ -5,20 +5,22 @@
 
 For each model shape (random init, built from its config directly on the GPU in bf16, SDPA attention with
 its causal flag and no mask built (`lowrank.blocks.causal_attention_without_mask`; --hf-mask: transformers'
-mask building, which syncs the host with the GPU every step), random tokens): full fine-tuning (all weights bf16, fused AdamW with bf16 states), and LoRA r=16 on all
-linear layers and r=8 on q,v, with PEFT (fp32 factors under bf16 autocast, its default) and with ours
-(`lowrank.lora`: bf16 factors, the fused `lowrank.lora_fast` function, FlatMasterAdamW's fp32 masters: the
-same numerics). Variants that isolate where the speed comes from: ours-fp32, ours-unfused, ours-plain,
+mask building, which syncs the host with the GPU every step), random tokens): full fine-tuning (all weights
+bf16, fused AdamW with bf16 states), and LoRA r=16 on all linear layers and r=8 on q,v, with PEFT (fp32
+factors under bf16 autocast, its default) and with ours (`lowrank.lora`: bf16 factors, the fused
+`lowrank.lora_fast` function, FlatMasterAdamW's fp32 masters: the same numerics). Variants that isolate where the speed comes from: ours-fp32, ours-unfused, ours-plain,
 ours-single, ours-cublas.
 Every config runs in each block mode of --modes (`lowrank.blocks`: eager, CUDA graphs, compiled, compiled
-and graphed; and compiled blocks in one CUDA graph of the whole step), for every method alike. Each config: warm-up steps, then timed steps between CUDA syncs; peak
-memory is max_memory_allocated since the config's model was built; GPU busy is the kernel time of one
-profiled step (by kind of kernel; --profile also writes the top kernels to profile_{device}.txt); peak memory
-leaves out what earlier configs left allocated (`memory_held_before_bytes`). MFU counts
+and graphed; and compiled blocks in one CUDA graph of the whole step), for every method alike. Each config:
+warm-up steps, then timed steps between CUDA syncs; peak memory is max_memory_allocated since the config's
+model was built, less what earlier configs left allocated (`memory_held_before_bytes`); GPU busy is the
+kernel time of one profiled step (by kind of kernel; --profile also writes the top kernels to
+profile_{device}.txt). MFU counts
 6N FLOPs per token for trained matmul weights, 4N for frozen ones, plus attention
 (`lowrank.perf.flops_per_token`). Last, a loss-curve parity check from identical weights and identical A, 20
-steps: ours eager, ours compiled and graphed, ours in the step graph, PEFT. Writes `lora_vs_peft_{device}.json` (one row per config),
-`.md` and `_run.json` (the run's settings and parity) under --out; --merge joins such directories into one table.
+steps: ours eager, ours compiled and graphed, ours in the step graph, PEFT. Writes `lora_vs_peft_{device}.json`
+(one row per config), `.md` and `_run.json` (the run's settings and parity) under --out; --merge joins such
+directories into one table.
 """
 import argparse
 import copy
@@ -36,8 +38,9 @@ from torch import nn
 from lowrank.blocks import causal_attention_without_mask, compile_blocks, graph_blocks
 from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
 from lowrank import lora_fast
-from lowrank.lora_fast import FlatMasterAdamW
+from lowrank.atomic import write_text
 from lowrank.budget import free_cuda_memory
+from lowrank.lora_fast import FlatMasterAdamW
 from lowrank.perf import flops_per_token, peak_flops, peak_memory_bytes, sync
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -519,7 +522,6 @@ def main():
                 command="python -m experiments.bench " + " ".join(sys.argv[1:]), hf_mask=args.hf_mask)
     print(meta, flush=True)
 
-    json_path = out / f"lora_vs_peft_{tag}.json"
     rows, par, t_start = [], None, time.perf_counter()
     write_run(out, tag, meta, par)
     samples: dict[tuple, list[dict]] = {}  # config -> its measurements, one per repeat
@@ -549,8 +551,7 @@ def main():
             if row["gpu_busy_by_kind_s"]:
                 print("    kernels (ms): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(
                     row["gpu_busy_by_kind_s"].items(), key=lambda kv: -kv[1])), flush=True)
-            json_path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off run keeps them
-            write_run(out, tag, meta, par, rows)
+            write_run(out, tag, meta, par, rows)  # after every row: a cut-off run keeps them
     if not args.no_parity:
         par_name = "tiny" if args.smoke else "llama-1.1b"
         par = dict(model=par_name, **parity(SHAPES[par_name], device, dtype, args.seed, hf_mask=args.hf_mask))
@@ -565,10 +566,12 @@ def main():
 
 
 def write_run(out: Path, tag: str, meta: dict, par: dict | None, rows=None) -> None:
-    """The run's settings and parity (`lora_vs_peft_{tag}_run.json`), and its markdown table."""
-    (out / f"lora_vs_peft_{tag}_run.json").write_text(json.dumps(dict(meta=meta, parity=par), indent=1) + "\n")
+    """The run's settings and parity (`lora_vs_peft_{tag}_run.json`) and, given rows, the rows (`.json`) and
+    the markdown table (`.md`); each file written whole (atomic.write_text), so a cut-off run keeps the last."""
+    write_text(out / f"lora_vs_peft_{tag}_run.json", json.dumps(dict(meta=meta, parity=par), indent=1) + "\n")
     if rows is not None:
-        (out / f"lora_vs_peft_{tag}.md").write_text(markdown(rows, ratio_rows(rows), par, meta))
+        write_text(out / f"lora_vs_peft_{tag}.json", json.dumps(rows, indent=1) + "\n")
+        write_text(out / f"lora_vs_peft_{tag}.md", markdown(rows, ratio_rows(rows), par, meta))
 
 
 def merge(dirs: list[str], out: Path) -> None:
@@ -586,25 +589,23 @@ def merge(dirs: list[str], out: Path) -> None:
         rows_file = Path(d) / f"lora_vs_peft_{tag}.json"
         if not rows_file.exists():
             raise SystemExit(f"--merge {d}: no {rows_file.name} (the run measured no config)")
-        runs.append((d, json.loads(run_files[0].read_text())))
+        runs.append((d, tag, json.loads(run_files[0].read_text())))
         rows += json.loads(rows_file.read_text())
     setup = ("device", "torch", "transformers", "peft", "hf_mask")
-    for d, run in runs[1:]:
-        differ = [k for k in setup if run["meta"].get(k) != runs[0][1]["meta"].get(k)]
+    for d, _, run in runs[1:]:
+        differ = [k for k in setup if run["meta"].get(k) != runs[0][2]["meta"].get(k)]
         if differ:
             raise SystemExit(f"--merge {d}: its {', '.join(differ)} differ from {runs[0][0]}'s; merge runs of one setup")
     keys = [(r["model"], r["impl"], r["rank"], r["targets"], r.get("mode", "eager")) for r in rows]
     twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
     if twice:
         raise SystemExit(f"--merge: configs measured by more than one run: {twice}; merge runs that split by model")
-    pars = [r["parity"] for _, r in runs if r["parity"]]
+    pars = [r["parity"] for *_, r in runs if r["parity"]]
     if len(pars) > 1:
         raise SystemExit("--merge: more than one run has a parity check; run it in one of them (--no-parity)")
-    meta = dict(runs[0][1]["meta"], command=" ; ".join(r["meta"]["command"] for _, r in runs))
-    par = pars[0] if pars else None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"lora_vs_peft_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    write_run(out, tag, meta, par, rows)
+    _, tag, first = runs[0]
+    meta = dict(first["meta"], command=" ; ".join(r["meta"]["command"] for *_, r in runs))
+    write_run(out, tag, meta, pars[0] if pars else None, rows)
     print_ratios(rows)
 
 

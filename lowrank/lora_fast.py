@@ -210,17 +210,18 @@ class LoRALinearFunction(torch.autograd.Function):
         need_A = any(need[4 + 4 * i] for i in used)
         gx = None
         rows = gs[used[0]].shape[0]
-        gBs = [None] * n
-        if ((need_x or need_A) and len(used) == n and all(need[5 + 4 * i] for i in range(n))
-                and fused_factor_grads_apply(gs, rows, max(ctx.ranks))):
-            # every output has a gradient and every B wants one: each g read once for t and its B gradient
-            T, *gBs = t_and_b_grads(gs, Bc, H, ctx.scalings)
-        elif need_x or need_A:
-            # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha (beta=0: the first argument only gives
-            # shape and dtype); zeros for a layer whose output got no gradient, so every layer keeps its columns
-            T = _cat([Ac.new_zeros(rows, r) if g is None else torch.addmm(Ac.new_empty(rows, r), g, B, beta=0, alpha=s)
-                      for r, g, B, s in zip(ctx.ranks, gs, Bc, ctx.scalings)], 1)
+        gBs = [None] * n  # B gradients, where the fused kernel gives them with T
         if need_x or need_A:
+            if (len(used) == n and all(need[5 + 4 * i] for i in range(n))
+                    and fused_factor_grads_apply(gs, rows, max(ctx.ranks))):
+                # every output has a gradient and every B wants one: each g read once for t and its B gradient
+                T, *gBs = t_and_b_grads(gs, Bc, H, ctx.scalings)
+            else:
+                # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha (beta=0: the first argument only gives
+                # shape and dtype); zeros for a layer whose output got no gradient, so every layer keeps its columns
+                T = _cat([Ac.new_zeros(rows, r) if g is None
+                          else torch.addmm(Ac.new_empty(rows, r), g, B, beta=0, alpha=s)
+                          for r, g, B, s in zip(ctx.ranks, gs, Bc, ctx.scalings)], 1)
             if need_A:
                 for i, gA in enumerate(torch.mm(T.t(), x2).split(ctx.ranks)):  # (Σr, in), one GEMM for all A
                     if need[4 + 4 * i] and gs[i] is not None:
