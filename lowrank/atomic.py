@@ -1,22 +1,45 @@
-"""Write-to-temp-then-rename, so a reader never sees a half-written file (pre-emption, full disks)."""
+"""Write-to-temp-then-rename, so a reader never sees a half-written file (pre-emption, full disks).
+
+Temp files are named `.{name}~{pid}@{host}~{random}.tmp` beside their target, so `remove_stale_temps` can
+tell a dead writer's leftovers (a kill mid-write) from a live writer's file. Files get the mode a plain
+`open()` would give (0666 less the umask), so others on a shared cluster can read results.
+"""
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .integrity import DIGEST_KEY, tensor_digests
+
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"~(?P<pid>\d+)@(?P<host>[^~]+)~[^~]*\.tmp$")
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
+
 
 def write_with(path, write) -> Path:
     """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~{os.getpid()}@{socket.gethostname()}~",
+                               suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)  # atomic on POSIX within one file system
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,5 +67,32 @@ def write_json(path, obj) -> Path:
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors with the SHA-256 of each in the metadata (`integrity.DIGEST_KEY`), for readers to verify."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = dict(metadata or {}) | {DIGEST_KEY: json.dumps(tensor_digests(tensors), sort_keys=True)}
     return write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _writer_is_gone(tmp: Path) -> bool:
+    """True for a temp file whose writer (named in it: host, pid) is a dead process of this host."""
+    m = _TEMP_NAME.search(tmp.name)
+    if m is None or m["host"] != socket.gethostname():
+        return False  # not named by write_with, or written from another machine: not ours to judge
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temps(folder, everything: bool = False) -> list[Path]:
+    """Delete the temp files that killed writers left in `folder` (all of them with `everything`, for a
+    folder whose lock this process holds). Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if everything or _writer_is_gone(tmp):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

@@ -2,15 +2,21 @@
 
 What is saved: the trainable parameters (adapter + head for LoRA, everything for full fine-tuning), the
 optimizer and scheduler state, the RNG states (dropout), the step (which fixes the data position: batches
-are a pure function of seed and step) and the bookkeeping of the loop.
+are a pure function of seed and step) and the bookkeeping of the loop, with a SHA-256 of all of it
+(`torch.load` does not check the CRCs of its own zip records: a flipped byte loads as a wrong weight). A
+checkpoint that cannot be read, fails its hash or does not fit the model is set aside as
+`checkpoint.pt.corrupt[-N]` and the run starts again from step 0.
 """
+import logging
 from pathlib import Path
 
 import torch
 
 from . import atomic
+from .integrity import state_sha256
+from .rundir import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.pt"
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, loop_state: dict) -> Path:
@@ -22,16 +28,51 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, loop_state: dict
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "loop": loop_state,
     }
+    state["sha256"] = state_sha256(state)
     return atomic.write_with(Path(run_dir) / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
 
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never read again) and say so."""
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    path.rename(target)
+    log.warning("%s is damaged (%s); set aside as %s, the run starts again from step 0", path, reason, target.name)
+    return target
+
+
+def _read(path: Path, params: dict) -> dict:
+    """The checkpoint's state, checked; raises ValueError with the reason."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, garbled pickle, an empty file: all unreadable
+        raise ValueError(f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(state, dict) or "sha256" not in state:
+        raise ValueError("not a checkpoint written by this version (no content hash)")
+    digest = state.pop("sha256")
+    if state_sha256(state) != digest:
+        raise ValueError("content hash mismatch")
+    trainable = state.get("trainable", {})
+    wrong = [n for n, t in trainable.items() if n not in params or params[n].shape != t.shape]
+    if wrong or set(trainable) != {n for n, p in params.items() if p.requires_grad}:
+        raise ValueError(f"its parameters do not match the model's ({wrong[:2] or 'a different set'})")
+    return state
+
+
 def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict | None:
-    """Restore state saved by `save_checkpoint`; returns the loop state, or None if there is none."""
+    """Restore state saved by `save_checkpoint`; returns the loop state, or None if there is none (or it was
+    damaged and has been set aside)."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
+    try:
+        state = _read(path, params)
+    except ValueError as e:
+        set_aside(path, str(e))
+        return None
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t)

@@ -5,20 +5,24 @@
   LoRA:             `{name}.lora_A` (r, in) and `{name}.lora_B` (out, r); ΔW = scaling · B @ A
 Metadata (strings): method, scaling, rank, alpha, targets, base_model (path), base_model_name, base_weights
 (path relative to the run dir).
-`RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors` holds W0 of every block linear layer once.
+`RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors` holds W0 of every block linear layer once; the
+fingerprint is a hash of all of W0, so a file of that name holds exactly these weights (checked on reuse).
+Every file carries per-tensor content hashes (`lowrank.integrity`).
 """
-import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .atomic import write_safetensors
+from .atomic import remove_stale_temps, write_safetensors
+from .integrity import DIGEST_KEY, CorruptArtifact, combined_digest, tensor_digests, verify_safetensors
 from .lora import block_linear_names, lora_layers
+from .rundir import BASE_WEIGHTS_DIR, DELTA_FILE
 
-DELTA_FILE = "delta_w.safetensors"
+log = logging.getLogger(__name__)
 
 
 def linear_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -31,22 +35,25 @@ def linear_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor
     return out
 
 
-def fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha1()
-    names = sorted(weights)
-    for n in names:
-        h.update(f"{n}{tuple(weights[n].shape)}".encode())
-    for n in (names[0], names[-1]):  # two whole matrices tell models apart; hashing all of a 7B is slow
-        h.update(weights[n].numpy().tobytes())
-    return h.hexdigest()[:10]
-
-
 def ensure_base_weights(runs_root: Path, model_name: str, model: nn.Module) -> Path:
-    """Write W0 of every block linear layer once per base model; later runs reuse the file."""
-    weights = linear_weights(model, block_linear_names(model))
-    path = Path(runs_root) / "base_weights" / f"{model_name}-{fingerprint(weights)}.safetensors"
-    if not path.exists():
-        write_safetensors(path, {f"{n}.weight": w for n, w in weights.items()}, {"base_model": model_name})
+    """Write W0 of every block linear layer once per base model; later runs reuse the file after checking
+    that it holds exactly these weights (a damaged or truncated one is rewritten, with a warning)."""
+    tensors = {f"{n}.weight": w for n, w in linear_weights(model, block_linear_names(model)).items()}
+    digests = tensor_digests(tensors)  # SHA-256 of all of W0: ~1.5 GB/s, a few seconds for a 7B model
+    folder = Path(runs_root) / BASE_WEIGHTS_DIR
+    path = folder / f"{model_name}-{combined_digest(digests)[:10]}.safetensors"
+    if folder.is_dir():
+        remove_stale_temps(folder)  # what a writer killed mid-write left behind
+    if path.exists():
+        try:
+            _, metadata = verify_safetensors(path)
+            if json.loads(metadata[DIGEST_KEY]) == digests:
+                return path
+            reason = "it holds other weights"
+        except CorruptArtifact as e:
+            reason = str(e)
+        log.warning("%s cannot be reused (%s); writing it again from the model", path, reason)
+    write_safetensors(path, tensors, {"base_model": model_name})
     return path
 
 

@@ -1,10 +1,11 @@
 """Fine-tune a pretrained model on a text-classification task, fully or with LoRA, and write its run directory.
 
 `train(cfg) -> metrics` is a plain function (tests call it directly); `experiments/train.py` wraps it in
-`@hydra.main`. The run directory ends up with `.hydra/config.yaml`, `metrics.json`, `delta_w.safetensors`
-and the log; `RUNS_ROOT/base_weights/` holds W0 once per base model.
+`@hydra.main`. The run directory (its contract: `lowrank/rundir.py`) ends up with `.hydra/config.yaml`,
+`metrics.json`, `delta_w.safetensors` and the log; `RUNS_ROOT/base_weights/` holds W0 once per base model.
+Whatever happens, the run directory says so: bad input ends as `status: invalid` and an unexpected error as
+`status: failed`, each with its one-line `reason`, and what the run set process-wide is undone (`job_scope`).
 """
-import json
 import logging
 import math
 import random
@@ -18,17 +19,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import atomic
+from . import atomic, rundir
 from .blocks import compile_blocks
 from .budget import fit_to_budget, free_cuda_memory
-from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_task
-from .delta import DELTA_FILE, ensure_base_weights, linear_weights, write_delta
+from .delta import ensure_base_weights, linear_weights, write_delta
 from .errors import ConfigError, check_choice
+from .job_scope import job_scope
 from .logger import make_logger
 from .lora import INITS, SCALINGS, freeze_for_lora, inject_lora, lora_scaling, match_targets
 from .models import load_model
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
+from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,6 @@ METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
 LOGGERS = ("none", "wandb")
-FINAL_STATUSES = ("complete", "diverged", "does_not_fit")  # re-running would give the same result: skip
 
 
 def _positive(key: str, value, integer: bool = False, allow_zero: bool = False) -> None:
@@ -174,22 +176,14 @@ def _run_dir_and_group(run_dir) -> tuple[Path, str | None]:
     return Path(run_dir), group
 
 
-def _finished_metrics(run_dir: Path) -> dict | None:
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return metrics if metrics.get("status") in FINAL_STATUSES else None
-
-
 def _does_not_fit(run_dir: Path, cfg, fit: dict, t_start: float) -> dict:
     """A run that cannot fit its budget is a result of the sweep, not a crash."""
     metrics = {"status": "does_not_fit", "method": cfg.method.name, "fits": False, "budget_bytes": fit["budget_bytes"],
                "reason": fit.get("reason"), "failed_at": fit.get("failed_at"), "tried": fit.get("tried"),
                "memory_estimate": fit["memory_estimate"], "wall_seconds": time.perf_counter() - t_start}
     log.warning("budget.gib=%g: does not fit (%s); recorded in %s", fit["budget_bytes"] / 2**30,
-                fit.get("reason"), run_dir / "metrics.json")
-    atomic.write_json(run_dir / "metrics.json", metrics)
+                fit.get("reason"), run_dir / METRICS_FILE)
+    atomic.write_json(run_dir / METRICS_FILE, metrics)
     return metrics
 
 
@@ -209,20 +203,97 @@ def _sigterm_flag():
     return flag, previous
 
 
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _write_config_once(run_dir: Path, cfg: DictConfig) -> None:
+    """The resolved config is written when the run starts and never again; a directory that already holds
+    another configuration is refused (it would mix two configs' results)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        try:
+            stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except Exception:
+            stored = None  # unreadable: a kill can't leave that (atomic writes), but a user's edit can
+        if not isinstance(stored, dict) or rundir.config_hash(stored) != rundir.config_hash(resolved):
+            raise ConfigError(f"{run_dir} already holds a run of another configuration ({CONFIG_FILE} differs); "
+                              f"give this run another `name` or run_dir")
+        return
+    atomic.write_text(path, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    atomic.write_text(run_dir / OVERRIDES_FILE, OmegaConf.to_yaml(OmegaConf.create(_hydra_overrides())))
+
+
+class _RunLog:
+    """train.log: this run's log records (the trainer owns the file; Hydra only prints to the console)."""
+
+    def __init__(self, run_dir: Path):
+        self.handler = logging.FileHandler(run_dir / rundir.LOG_FILE)
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        self.file_only = logging.getLogger("lowrank.run_log")  # why a run ended: the entry point prints it
+        self.file_only.propagate = False
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self.level = root.level
+        root.addHandler(self.handler)
+        root.setLevel(min(root.level, logging.INFO) or logging.INFO)  # train() outside Hydra logs INFO too
+        self.file_only.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        self.file_only.removeHandler(self.handler)
+        root.setLevel(self.level)
+        self.handler.close()
+        return False
+
+
+def _record(run_dir: Path, cfg: DictConfig, status: str, reason: str) -> None:
+    atomic.write_json(run_dir / METRICS_FILE, {"status": status, "reason": reason,
+                                               "method": OmegaConf.select(cfg, "method.name")})
+
+
 def train(cfg: DictConfig, run_dir=None) -> dict:
     """Fine-tune, evaluate, and write the run directory. Returns the metrics written to metrics.json.
 
-    A finished run directory is returned as it is; one with a checkpoint resumes from it."""
-    validate(cfg)
+    A finished run directory is returned as it is; one with a checkpoint resumes from it. Raises ConfigError
+    for bad input (recorded as `status: invalid`) and RunInProgress when another process holds the run."""
     run_dir, group = _run_dir_and_group(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    done = _finished_metrics(run_dir)
-    if done is not None:
-        log.info("%s is finished (%s); skipping it (delete it, or set another `name`, to run again)",
-                 run_dir, done["status"])
-        return done
-    if not (run_dir / ".hydra" / "config.yaml").exists():  # called without Hydra: stay self-describing
-        atomic.write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    rundir.check_run_location(cfg.name, cfg.runs_root)
+    runs_root = Path(cfg.runs_root).resolve()
+    if not run_dir.resolve().is_relative_to(runs_root):
+        raise ConfigError(f"run directory {run_dir} is outside runs_root={cfg.runs_root}; runs stay inside it")
+    with rundir.RunLock(run_dir):
+        done = rundir.finished_metrics(run_dir)
+        if done is not None:
+            # A kill between metrics.json and the checkpoint's removal leaves it behind; it is never needed.
+            (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+            log.info("%s is finished (%s); skipping it (delete it, or set another `name`, to run again)",
+                     run_dir, done["status"])
+            return done
+        for folder in (run_dir, run_dir / CONFIG_FILE.parent):  # we hold the lock: every temp file is stale
+            if folder.is_dir():
+                atomic.remove_stale_temps(folder, everything=True)
+        with _RunLog(run_dir) as run_log, job_scope():
+            try:
+                _write_config_once(run_dir, cfg)  # first: an invalid run's record says what was asked
+                validate(cfg)
+                return _train(cfg, run_dir, group, runs_root)
+            except ConfigError as e:
+                run_log.file_only.error("invalid: %s", e)
+                _record(run_dir, cfg, rundir.INVALID, str(e))
+                raise
+            except Exception as e:
+                run_log.file_only.exception("failed")
+                _record(run_dir, cfg, rundir.FAILED, f"{type(e).__name__}: {e}")
+                raise
+
+
+def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -> dict:
     t_start = time.perf_counter()
     tc, mc = cfg.trainer, cfg.method
     device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -238,7 +309,6 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels, device)
     model.config.use_cache = False  # a k/v cache is for generation; in training it only costs memory
     names = match_targets(model, mc.targets)  # a target matching nothing: ConfigError with the valid suffixes
-    runs_root = Path(cfg.runs_root).resolve()
     base_path = ensure_base_weights(runs_root, cfg.model.name, model)
     if mc.name == "lora":
         widths = {n: min(model.get_submodule(n).weight.shape) for n in names}
@@ -354,7 +424,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
         metrics = {"status": "diverged", "diverged_at_step": diverged_at, "method": mc.name,
                    "eval_history": loop["history"], "wall_seconds": time.perf_counter() - t_start}
         log.error("non-finite loss or gradient at step %d: run marked diverged", diverged_at)
-        atomic.write_json(run_dir / "metrics.json", metrics)
+        atomic.write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         logger.summary(metrics)
         logger.finish()
@@ -406,7 +476,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
         "eval_history": loop["history"],
         "delta_file": DELTA_FILE,
     }
-    atomic.write_json(run_dir / "metrics.json", metrics)
+    atomic.write_json(run_dir / METRICS_FILE, metrics)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is final; ΔW and metrics are what remain
     logger.summary(metrics)
     logger.finish()
