@@ -10,9 +10,13 @@ Writes (each file atomically; re-running on the same runs gives identical tables
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
   report.md                   the figures (analysis/figures.py: figures/*.png, .pdf, .csv) with captions and
                               tables, runs analysed and skipped (with reasons), key numbers, timing
---no-figures writes the tables and the text report only.
+--no-figures writes the tables and the text report only. A run whose files fail a check (lowrank.integrity:
+content hashes, finite values), also while it is analysed, is listed as skipped with the reason. Bad command-line
+input exits with status 2 and one line `error: ...` naming the argument and what would be valid.
 """
 import argparse
+import math
+import os
 import time
 from pathlib import Path
 
@@ -20,10 +24,13 @@ import pandas as pd
 import torch
 
 from lowrank.atomic import write_text
+from lowrank.cli import fail
+from lowrank.integrity import CorruptArtifact
+from lowrank.rundir import CONFIG_FILE, METRICS_FILE
 
 from . import amplification as amp
 from . import spectra
-from .runs import LowRank, Run, collect_runs, layer_and_matrix
+from .runs import LowRank, Run, SkippedRun, collect_runs, layer_and_matrix, roots_problem
 from .subspace import factor_bases, phi_grid, random_phi, random_phi_grid
 
 SETUP = ["model.name", "task.name", "task.train_size", "trainer.max_steps"]  # runs comparable only within one
@@ -250,7 +257,18 @@ def run_report(opts) -> dict:
         opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"}) or [8]
     t_load = time.perf_counter() - t_start
     cache = BaseCache(opts.device, opts.exact_max_dim, opts.topk)
-    results = {run.run_id: analyse_run(run, cache, opts) for run in runs}
+    results, failed = {}, set()
+    for run in runs:
+        try:
+            results[run.run_id] = analyse_run(run, cache, opts)
+        except (CorruptArtifact, SkippedRun, torch.linalg.LinAlgError) as e:
+            # a file damaged or replaced since it was checked, or an SVD that failed: skip the run, not the report
+            skipped.append((run.run_id, f"while analysing: {e}"))
+            failed.add(run.run_id)
+    if failed:
+        runs = [r for r in runs if r.run_id not in failed]
+        table = table[~table.run_id.isin(failed)].reset_index(drop=True)
+        skipped.sort()
     t_runs = time.perf_counter() - t_start - t_load
 
     pairs = select_pairs(table)
@@ -291,41 +309,149 @@ def run_report(opts) -> dict:
     write_text(out / "report.md", summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures))
     for k, v in timing.items():
         print(f"{k}: {v}")
-    print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}")
+    none_found = "" if runs or skipped else (
+        f" (no run directories below {', '.join(map(str, opts.roots))}: a run directory holds {CONFIG_FILE} or "
+        f"{METRICS_FILE})")
+    print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}{none_found}")
     return {"runs": table, "spectrum": spectrum, "singular_values": sigmas, "subspace": subspace,
             "amplification": amps, "skipped": skipped, "pairs": pairs}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors (usage line + message, over two lines) as one line `error: ...`, exit 2."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {text!r}")
+        return value
+    parse.__name__ = f"integer ≥ {low}"
+    return parse
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers ≥ 1 such as 8,64, got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= 1):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (a |cos| threshold), got {text!r}")
+    return value
+
+
+def _device(text: str):
+    """'auto', or a torch.device that is here: cpu, cuda, cuda:N."""
+    if text == "auto":
+        return spectra.default_device()
+    valid = "auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {valid}, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but no CUDA device is available here; "
+                                             f"use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but the CUDA devices here are "
+                                             f"cuda:0..cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected {valid}, got {text!r}")
+    return device
+
+
+def _path(text: str) -> Path:
+    if not text:  # Path("") would be the current directory
+        raise argparse.ArgumentTypeError("expected a directory path, got ''")
+    return Path(text)
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why `out` cannot hold the report (checked before anything is written), else None."""
+    if out.exists():
+        if not out.is_dir():
+            return f"{str(out)!r} exists and is not a directory; pass a directory (created if missing)"
+        for sub, want_dir in (("tables", True), ("figures", True), ("report.md", False)):
+            p = out / sub
+            if p.exists() and p.is_dir() != want_dir:
+                return f"{str(p)!r} is {'a directory' if p.is_dir() else 'not a directory'}; pass another --out"
+        if not os.access(out, os.W_OK | os.X_OK):
+            return f"{str(out)!r} is not writable"
+        return None
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{str(out)!r} cannot be created: {str(parent)!r} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{str(out)!r} cannot be created: {str(parent)!r} is not writable"
+    return None
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The options, checked: a bad one exits with status 2 and one line naming it and what would be valid."""
+    p = _Parser(description=__doc__.split("\n")[0])
     p.add_argument("roots", nargs="+", help="directories holding run directories (searched recursively)")
-    p.add_argument("--out", required=True, help="output directory (tables/ and report.md)")
-    p.add_argument("--max-dim", type=int, default=64,
+    p.add_argument("--out", required=True, type=_path, help="output directory (tables/ and report.md)")
+    p.add_argument("--max-dim", type=_int_at_least(1), default=64,
                    help="largest i, j in the φ grids (LoRA grids also stop at the rank)")
-    p.add_argument("--intruder-k", type=int, default=10, help="top-k singular vectors of W0+ΔW checked")
-    p.add_argument("--intruder-eps", type=float, default=0.5, help="max |cos| below which a vector intrudes")
-    p.add_argument("--amp-ranks", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--intruder-k", type=_int_at_least(1), default=10, help="top-k singular vectors of W0+ΔW checked")
+    p.add_argument("--intruder-eps", type=_fraction, default=0.5, help="max |cos| below which a vector intrudes")
+    p.add_argument("--amp-ranks", type=_int_list, default=None,
                    help="r values for full-FT amplification, e.g. 8,64 (default: the LoRA ranks found)")
-    p.add_argument("--exact-max-dim", type=int, default=None,
+    p.add_argument("--exact-max-dim", type=_int_at_least(1), default=None,
                    help="dense matrices with min(out, in) above this get a randomised top-k SVD (default: all exact)")
-    p.add_argument("--topk", type=int, default=256, help="singular values kept by the randomised SVD")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--topk", type=_int_at_least(1), default=256, help="singular values kept by the randomised SVD")
+    p.add_argument("--device", type=_device, default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="write the tables and report.md without the figures")
     p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto",
                    help="log figures and tables to W&B as an `analysis` run (auto: when the runs used logger=wandb)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="CPU threads for torch (default: torch's); 1 is fastest on a CPU other jobs keep busy, "
                         "where OpenMP threads otherwise wait on each other")
     opts = p.parse_args(argv)
+    if why := roots_problem(opts.roots):
+        fail(f"argument roots: {why}")
+    if why := _out_problem(opts.out):
+        fail(f"argument --out: {why}")
+    try:
+        opts.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"argument --out: {str(opts.out)!r} cannot be created ({e.strerror or e})")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    opts.device = spectra.default_device() if opts.device == "auto" else torch.device(opts.device)
     return opts
 
 
 def main(argv=None) -> None:
-    run_report(parse_args(argv))
+    opts = parse_args(argv)
+    try:
+        run_report(opts)
+    except OSError as e:  # the disk filled up, or --out changed under us; a run's own files never get here
+        where = Path(e.filename).resolve() if e.filename else None
+        if where is None or opts.out.resolve() not in (where, *where.parents):
+            raise
+        fail(f"cannot write the report under --out {str(opts.out)!r}: {e.strerror or e} ({e.filename})")
 
 
 if __name__ == "__main__":

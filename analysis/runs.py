@@ -7,12 +7,17 @@
 
 A run directory holds `.hydra/config.yaml`, `metrics.json` (status 'complete' once final) and
 `delta_w.safetensors`; W0 lives once per base model in `RUNS_ROOT/base_weights/`, named by the delta file's
-`base_weights` metadata (a path relative to the run directory). Nothing here imports the training code.
+`base_weights` metadata (a path relative to the run directory). File names, statuses and the metrics reader
+come from the run-directory contract `lowrank.rundir`; every safetensors file is checked by
+`lowrank.integrity.verify_safetensors` (content hashes, finite values) before a number is computed from it, and
+each tensor read later is checked against the same hashes. Those two small modules are all this imports from
+`lowrank`: never the model or training code. A run that fails any check is skipped with the reason.
 """
 import json
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,10 +26,13 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-DELTA_FILE = "delta_w.safetensors"
-CONFIG_FILE = Path(".hydra") / "config.yaml"
-METRICS_FILE = "metrics.json"
-NOT_RUNS = {"base_weights", "wandb", ".hydra"}  # never run directories, and never hold any
+from lowrank.integrity import DIGEST_KEY, CorruptArtifact, tensor_sha256, verify_safetensors
+from lowrank.rundir import BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, read_metrics
+
+NOT_RUNS = {BASE_WEIGHTS_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
+METHODS = ("full", "lora")
+SUFFIXES = {"full": (".delta",), "lora": (".lora_A", ".lora_B")}
+MAX_REASON = 400  # characters of a metrics `reason` shown in the skip reason (one line)
 
 
 class LowRank(NamedTuple):
@@ -41,15 +49,31 @@ class SkippedRun(Exception):
     """A run directory that cannot be analysed; the message is the reason shown in the report."""
 
 
+def _read_checked(path: Path, keys: list[str], digests: dict[str, str]) -> list[torch.Tensor]:
+    """Tensors of a file that verify_safetensors passed, each checked again against the hash seen then (the
+    file may have been replaced or damaged since); raises CorruptArtifact."""
+    try:
+        with safe_open(path, "pt") as f:
+            tensors = [f.get_tensor(k) for k in keys]
+    except Exception as e:  # missing, truncated, or a key that is gone: the file is not the one checked
+        raise CorruptArtifact(f"{path.name} changed since it was checked ({type(e).__name__}: {e})") from None
+    for k, t in zip(keys, tensors):
+        if tensor_sha256(t) != digests.get(k):
+            raise CorruptArtifact(f"{path.name}: tensor {k} changed since it was checked")
+    return tensors
+
+
 @dataclass(frozen=True)
 class Run:
     run_id: str
     path: Path
     config: dict          # resolved config, nested
     metrics: dict
-    meta: dict            # delta file metadata, JSON values decoded
+    meta: dict            # delta file metadata, JSON values decoded (without the content hashes)
     names: tuple          # module paths that have a ΔW, sorted
     base_path: Path
+    delta_digests: dict = field(repr=False, compare=False)  # SHA-256 per tensor key, as verified at load time
+    base_digests: dict = field(repr=False, compare=False)
 
     @property
     def method(self) -> str:
@@ -64,34 +88,34 @@ class Run:
         return self.config["seed"]
 
     def delta(self, name: str) -> "torch.Tensor | LowRank":
-        """ΔW of one matrix, read now: dense fp32 (out, in) for full fine-tuning, factors for LoRA."""
-        with safe_open(self.path / DELTA_FILE, "pt") as f:
-            if self.meta["method"] == "lora":
-                return LowRank(f.get_tensor(f"{name}.lora_B").float(), f.get_tensor(f"{name}.lora_A").float(),
-                               float(self.meta["scaling"]))
-            return f.get_tensor(f"{name}.delta").float()
+        """ΔW of one matrix, read now: dense fp32 (out, in) for full fine-tuning, factors for LoRA. Raises
+        CorruptArtifact when the file no longer holds what was verified."""
+        path = self.path / DELTA_FILE
+        if self.meta["method"] == "lora":
+            B, A = _read_checked(path, [f"{name}.lora_B", f"{name}.lora_A"], self.delta_digests)
+            return LowRank(B.float(), A.float(), float(self.meta["scaling"]))
+        return _read_checked(path, [f"{name}.delta"], self.delta_digests)[0].float()
 
     def base_weight(self, name: str) -> torch.Tensor:
-        """W0 (out, in) fp32 of one matrix, from the shared base file."""
-        with safe_open(self.base_path, "pt") as f:
-            return f.get_tensor(f"{name}.weight").float()
+        """W0 (out, in) fp32 of one matrix, from the shared base file (checked like `delta`)."""
+        return _read_checked(self.base_path, [f"{name}.weight"], self.base_digests)[0].float()
 
     def base_names(self) -> list[str]:
         """Every block linear layer of the base model (the keys of the W0 file, without `.weight`)."""
-        with safe_open(self.base_path, "pt") as f:
-            return [k.removesuffix(".weight") for k in f.keys()]
+        return [k.removesuffix(".weight") for k in sorted(self.base_digests)]
 
 
 def find_run_dirs(roots) -> list[tuple[Path, Path]]:
-    """(root, run_dir) for every directory below the roots holding `.hydra/config.yaml` or `metrics.json`,
-    sorted. Run directories are not searched further (their `wandb/` holds no runs)."""
+    """(root, run_dir) for every directory below the roots holding `.hydra/config.yaml` or `metrics.json`
+    (as a file or, damaged, as anything else), sorted. Run directories are not searched further (their
+    `wandb/` holds no runs)."""
     found = []
     for root in map(Path, roots):
         if not root.is_dir():
             raise FileNotFoundError(f"runs root {root} is not a directory")
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
-            if (here / CONFIG_FILE).is_file() or METRICS_FILE in filenames:
+            if os.path.lexists(here / CONFIG_FILE) or METRICS_FILE in filenames or METRICS_FILE in dirnames:
                 found.append((root, here))
                 dirnames.clear()
             else:
@@ -99,60 +123,195 @@ def find_run_dirs(roots) -> list[tuple[Path, Path]]:
     return sorted(found, key=lambda rp: (str(rp[0]), str(rp[1])))
 
 
-def check_safetensors(path: Path) -> list[str]:
-    """Keys of a safetensors file; raises SkippedRun when it is missing, truncated or its header is corrupt.
-    Opening reads the header and checks that the data it describes covers the file exactly."""
-    if not path.is_file():
-        raise SkippedRun(f"{path.name} missing")
+def roots_problem(roots) -> str | None:
+    """Why these runs roots cannot be analysed together (one missing or not a directory, or two of them with
+    the same name: with several roots, a run id starts with its root's name), else None."""
+    if any(str(r) == "" for r in roots):  # Path("") is the current directory: never what was meant
+        return "an empty path is not a runs root; pass directories that hold run directories"
+    roots = [Path(r) for r in roots]
+    if not roots:
+        return "no runs root given; pass one or more directories that hold run directories"
+    seen = {}
+    for root in roots:
+        if not root.exists():
+            return f"runs root {str(root)!r} does not exist; pass directories that hold run directories"
+        if not root.is_dir():
+            return f"runs root {str(root)!r} is not a directory; pass directories that hold run directories"
+        if not os.access(root, os.R_OK | os.X_OK):
+            return f"runs root {str(root)!r} is not readable"
+        name = root.resolve().name
+        if len(roots) > 1 and name in seen:
+            other = seen[name]
+            if other.resolve() == root.resolve():
+                return f"runs root {str(root)!r} is given twice"
+            return (f"runs roots {str(other)!r} and {str(root)!r} are both named {name!r}, which starts the run "
+                    f"ids of each; pass roots with distinct names (or their common parent)")
+        seen[name] = root
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    if path.is_file():
+        return None
+    return "missing" if not os.path.lexists(path) else "is not a file"
+
+
+def _one_line(text, limit: int = MAX_REASON) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _metrics_problem(path: Path) -> str:
+    """What is wrong with a metrics.json that read_metrics refused (for the skip reason only)."""
     try:
-        with safe_open(path, "pt") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises its own error types; all mean "unreadable"
-        raise SkippedRun(f"{path.name} truncated or corrupt ({type(e).__name__}: {e})") from None
+        value = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON: {e}"
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    return f"a JSON {type(value).__name__}, not an object"
 
 
-def _load_config(run_dir: Path) -> dict:
-    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+def _load_config(path: Path):
+    cfg = OmegaConf.load(path)
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation needing Hydra's resolvers (e.g. ${now:}); keys we read are plain
         return OmegaConf.to_container(cfg, resolve=False)
 
 
-def load_run(run_dir: Path, run_id: str) -> Run:
-    """Read and check one run directory; raises SkippedRun with the reason when it cannot be analysed."""
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise SkippedRun(f"{CONFIG_FILE} missing")
-    if not (run_dir / METRICS_FILE).is_file():
-        raise SkippedRun(f"{METRICS_FILE} missing (still running or crashed)")
-    try:
-        config = _load_config(run_dir)
-        metrics = json.loads((run_dir / METRICS_FILE).read_text())
-        if not isinstance(config, dict) or not isinstance(metrics, dict):
-            raise ValueError("not a mapping")
-    except Exception as e:
-        raise SkippedRun(f"unreadable config or metrics ({type(e).__name__}: {e})") from None
-    needed = ["seed", "method.name"] + (["method.rank"] if config.get("method", {}).get("name") == "lora" else [])
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, dict):
+        raise SkippedRun(f"{CONFIG_FILE} holds a {type(config).__name__}, not a mapping")
+    method = config.get("method")
+    name = method.get("name") if isinstance(method, dict) else None
+    needed = ["seed", "method.name"] + (["method.rank"] if name == "lora" else [])
     flat = _flatten(config)
     if any(k not in flat for k in needed):
         raise SkippedRun(f"config lacks {[k for k in needed if k not in flat]}")
-    if metrics.get("status") != "complete":
-        raise SkippedRun(f"metrics status is {metrics.get('status')!r}, not 'complete'")
-    keys = check_safetensors(run_dir / DELTA_FILE)
-    with safe_open(run_dir / DELTA_FILE, "pt") as f:
-        meta = {k: _decode(v) for k, v in (f.metadata() or {}).items()}
-    if meta.get("method") not in ("full", "lora") or "base_weights" not in meta:
+    if name not in METHODS:
+        raise SkippedRun(f"config method.name is {name!r}; analysis knows {list(METHODS)}")
+    if not _is_int(config["seed"]):
+        raise SkippedRun(f"config seed is {config['seed']!r}, not an integer")
+    if name == "lora" and not (_is_int(method["rank"]) and method["rank"] >= 1):
+        raise SkippedRun(f"config method.rank is {method['rank']!r}, not an integer ≥ 1")
+
+
+def _verify(path: Path, what: str = "") -> tuple[list[str], dict, dict[str, str]]:
+    """(keys, metadata, {key: sha256}) of a safetensors file whose every tensor matches its content hash and
+    is finite; SkippedRun with the reason otherwise."""
+    try:
+        keys, metadata = verify_safetensors(path)
+    except CorruptArtifact as e:
+        raise SkippedRun(f"{what}{e}") from None
+    return keys, metadata, json.loads(metadata[DIGEST_KEY])  # verify_safetensors has parsed it already
+
+
+def _tensor_info(path: Path, keys, what: str = "") -> dict[str, tuple[str, tuple]]:
+    """(dtype, shape) per key, from the header of a verified file."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
+    except Exception as e:
+        raise SkippedRun(f"{what}{path.name} changed since it was checked ({type(e).__name__}: {e})") from None
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith("F") or dtype == "BF16"  # F64 F32 F16 BF16 F8_*: the others are ints and bools
+
+
+def _base_path(run_dir: Path, rel) -> Path:
+    """W0's file from the delta file's `base_weights` metadata: RUNS_ROOT/base_weights/FILE, RUNS_ROOT
+    being a folder above the run. Taken lexically (as os.path.relpath wrote it), so a RUNS_ROOT reached
+    through a symbolic link still matches."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise SkippedRun(f"{DELTA_FILE} metadata base_weights is {rel!r}, not a path")
+    run_abs = Path(os.path.abspath(run_dir))
+    path = Path(os.path.normpath(run_abs / rel))
+    if path.parent.name != BASE_WEIGHTS_DIR or path.parent.parent not in run_abs.parents:
+        raise SkippedRun(f"{DELTA_FILE} metadata base_weights {rel!r} points outside RUNS_ROOT/{BASE_WEIGHTS_DIR}/ "
+                         f"of a folder above the run")
+    return path
+
+
+def load_run(run_dir: Path, run_id: str) -> Run:
+    """Read and check one run directory; raises SkippedRun with the reason when it cannot be analysed."""
+    run_dir = Path(run_dir)
+    if why := _file_problem(run_dir / CONFIG_FILE):
+        raise SkippedRun(f"{CONFIG_FILE} {why}")
+    if why := _file_problem(run_dir / METRICS_FILE):
+        raise SkippedRun(f"{METRICS_FILE} {why}" + (" (still running or crashed)" if why == "missing" else ""))
+    metrics = read_metrics(run_dir)
+    if metrics is None:
+        raise SkippedRun(f"{METRICS_FILE} unreadable: {_metrics_problem(run_dir / METRICS_FILE)}")
+    status = metrics.get("status")
+    if status != COMPLETE:
+        reason = metrics.get("reason")
+        raise SkippedRun(f"metrics status is {status!r}" + (f": {_one_line(reason)}" if reason not in (None, "")
+                                                             else f", not {COMPLETE!r}"))
+    try:
+        config = _load_config(run_dir / CONFIG_FILE)
+    except Exception as e:  # YAML errors, bad bytes, OmegaConf's own: all mean "unreadable"
+        raise SkippedRun(f"{CONFIG_FILE} unreadable ({type(e).__name__}: {_one_line(e)})") from None
+    _check_config(config)
+
+    delta_path = run_dir / DELTA_FILE
+    keys, raw_meta, delta_digests = _verify(delta_path)
+    meta = {k: _decode(v) for k, v in raw_meta.items() if k != DIGEST_KEY}
+    if "method" not in meta or "base_weights" not in meta:
         raise SkippedRun(f"{DELTA_FILE} metadata lacks method/base_weights")
+    if meta["method"] not in METHODS:
+        raise SkippedRun(f"{DELTA_FILE} says method {meta['method']!r}; analysis knows {list(METHODS)}")
     if meta["method"] != config["method"]["name"]:
         raise SkippedRun(f"{DELTA_FILE} says method {meta['method']!r}, the config {config['method']['name']!r}")
-    suffixes = (".delta",) if meta["method"] == "full" else (".lora_A", ".lora_B")
-    names = tuple(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys))
+    suffixes = SUFFIXES[meta["method"]]
+    names = tuple(sorted(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys)))
     missing = [n + s for n in names for s in suffixes if n + s not in keys]
     if missing or not names:
         raise SkippedRun(f"{DELTA_FILE} lacks tensors: {missing[:3] or 'none stored'}")
-    base_path = (run_dir / meta["base_weights"]).resolve()
-    check_safetensors(base_path)
-    return Run(run_id, run_dir, config, metrics, meta, names, base_path)
+    extra = sorted(set(keys) - {n + s for n in names for s in suffixes})
+    if extra:
+        raise SkippedRun(f"{DELTA_FILE} holds tensors a {meta['method']} ΔW has not: {extra[:3]}")
+    if meta["method"] == "lora":
+        scaling = meta.get("scaling")
+        if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling)):
+            raise SkippedRun(f"{DELTA_FILE} metadata scaling is {scaling!r}, not a finite number")
+
+    base_rel = raw_meta["base_weights"]
+    base_path = _base_path(run_dir, base_rel)
+    what = f"base weights {base_rel!r} (named by {DELTA_FILE}): "
+    base_keys, _, base_digests = _verify(base_path, what)
+    info, base_info = _tensor_info(delta_path, keys), _tensor_info(base_path, base_keys, what)
+    for n in names:
+        if f"{n}.weight" not in base_info:
+            raise SkippedRun(f"{what}no tensor {n}.weight for the ΔW of {n}")
+        w_dtype, w_shape = base_info[f"{n}.weight"]
+        if meta["method"] == "full":
+            d_dtype, d_shape = info[f"{n}.delta"]
+            dtypes, ok = [d_dtype], d_shape == w_shape
+        else:
+            (a_dtype, a_shape), (b_dtype, b_shape) = info[f"{n}.lora_A"], info[f"{n}.lora_B"]
+            dtypes = [a_dtype, b_dtype]
+            ok = (len(a_shape) == len(b_shape) == 2 and len(w_shape) == 2 and a_shape[0] == b_shape[1]
+                  and (b_shape[0], a_shape[1]) == w_shape)
+            if ok and a_shape[0] != config["method"]["rank"]:
+                raise SkippedRun(f"{DELTA_FILE}: {n} has rank-{a_shape[0]} factors, the config rank "
+                                 f"{config['method']['rank']}")
+        if not all(map(_is_float, dtypes + [w_dtype])):
+            raise SkippedRun(f"{DELTA_FILE} or its base weights store {n} as {dtypes + [w_dtype]}, not floats")
+        if not ok or len(w_shape) != 2:
+            raise SkippedRun(f"{DELTA_FILE}: the shapes stored for {n} do not fit W0 {list(w_shape)}")
+    try:
+        layer_and_matrix(dict.fromkeys([k.removesuffix(".weight") for k in base_keys] + list(names)))
+    except ValueError as e:
+        raise SkippedRun(f"{DELTA_FILE} or its base weights: {e}") from None
+    return Run(run_id, run_dir, config, metrics, meta, names, base_path, delta_digests, base_digests)
 
 
 def _decode(value: str):
@@ -176,21 +335,30 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def run_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: run_id, path, the flattened config (`method.rank`, `task.name`, ...) and every scalar
     metric (`eval_accuracy`, `wall_seconds`, ...), metrics that are dicts flattened too
-    (`memory_estimate.weights_bytes`, ...); lists such as `eval_history` are left out."""
+    (`memory_estimate.weights_bytes`, ...); lists such as `eval_history` are left out. A metric named like
+    a config column (or run_id, path) never replaces it: the config says what the run was."""
     rows = []
     for r in runs:
+        ident = {"run_id": r.run_id, "path": str(r.path)} | _flatten(r.config)
         scalars = {k: v for k, v in r.metrics.items() if not isinstance(v, (list, dict))}
         nested = _flatten({k: v for k, v in r.metrics.items() if isinstance(v, dict)})
-        rows.append({"run_id": r.run_id, "path": str(r.path)} | _flatten(r.config) | scalars | nested)
+        rows.append(ident | {k: v for k, v in (scalars | nested).items() if k not in ident})
     return pd.DataFrame(rows)
 
 
 def collect_runs(roots) -> tuple[list[Run], pd.DataFrame, list[tuple[str, str]]]:
     """Every run directory below `roots`: (analysable runs, their table, [(run_id, reason) skipped]).
-    run_id is the path below its root; with several roots the root's name goes first."""
+    run_id is the path below its root; with several roots the root's name goes first. A run directory below
+    two of the roots (one inside the other) is taken once. Raises ValueError for roots that cannot be read
+    together (`roots_problem`)."""
     roots = [Path(r) for r in roots]
-    runs, skipped = [], []
+    if why := roots_problem(roots):
+        raise ValueError(why)
+    runs, skipped, seen = [], [], set()
     for root, run_dir in find_run_dirs(roots):
+        if run_dir.resolve() in seen:
+            continue
+        seen.add(run_dir.resolve())
         rel = run_dir.relative_to(root).as_posix()
         run_id = f"{root.resolve().name}/{rel}" if len(roots) > 1 else rel
         try:

@@ -120,14 +120,44 @@ def parse_args(argv=None):
     return opts
 
 
+def check_inputs(opts) -> list:
+    """Every job's config, each checked as `experiments.train` checks one, before anything runs: one line
+    naming the bad option, override or value, and exit 2."""
+    from lowrank.cli import (check_group_overrides, check_locations, check_value_overrides, compose_first_job, fail,
+                             group_options)
+    from lowrank.errors import ConfigError
+    from lowrank.trainer import validate
+    if opts.jobs < 1:
+        fail(f"--jobs={opts.jobs} is not valid; it must be an integer >= 1")
+    sweeps = opts.sweeps.split(",")
+    known = group_options("experiment")
+    for sweep in sweeps:
+        if sweep not in known:
+            fail(f"--sweeps: {sweep!r} is not an experiment file; choose from {known}")
+    for arg in opts.overrides:
+        if "=" not in arg:
+            fail(f"{arg!r} is not an override; write key=value (e.g. trainer.max_steps=20)")
+    common = [f"runs_root={Path(opts.runs_root).resolve()}", *opts.overrides]
+    check_group_overrides(common)
+    check_value_overrides(common, compose_first_job([f"+experiment={sweeps[0]}", *common]))
+    jobs = [job for sweep in sweeps for job in sweep_jobs(sweep, common)]
+    configs = [compose(job) for job in jobs]
+    check_locations(common, configs[0])
+    for job, cfg in zip(jobs, configs):
+        try:
+            validate(cfg)
+        except ConfigError as e:
+            fail(f"{e} (in {' '.join(job)})")
+    return list(zip(jobs, configs))
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
     t0 = time.perf_counter()
     runs_root, out = Path(opts.runs_root).resolve(), Path(opts.out).resolve()
     common = [f"runs_root={runs_root}", *opts.overrides]
     common_keys = {_key(a) for a in common}
-    jobs = [job for sweep in opts.sweeps.split(",") for job in sweep_jobs(sweep, common)]
-    configs = [compose(job) for job in jobs]  # fails here, before anything runs, on a wrong override
+    jobs, configs = map(list, zip(*check_inputs(opts)))
     study = {c.name for c in configs}
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONPATH": str(ROOT)}
     env.setdefault("OMP_NUM_THREADS", str(opts.threads))

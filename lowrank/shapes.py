@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from .errors import ConfigError
-from .models import conv1d_to_linear, resolve_path
+from .models import conv1d_to_linear, load_from_folder, resolve_path
 
 
 def _plain(mapping) -> dict:
@@ -54,12 +54,13 @@ def load_hf_config(cfg_model, num_labels: int) -> PretrainedConfig:
         if (cached / "config.json").exists():
             resolved = str(cached)
         else:
-            try:
-                return AutoConfig.from_pretrained(resolved, gguf_file=cfg_model.gguf_file, num_labels=num_labels)
+            try:  # a local folder's unreadable GGUF is a ConfigError from load_from_folder
+                return load_from_folder(cfg_model, resolved, "GGUF config", AutoConfig.from_pretrained,
+                                        gguf_file=cfg_model.gguf_file, num_labels=num_labels)
             except (OSError, ImportError) as e:
                 raise ConfigError(f"model.path={cfg_model.path!r}: cannot read the GGUF config ({e})") from None
-    try:
-        return AutoConfig.from_pretrained(resolved, num_labels=num_labels)
+    try:  # a local folder's unreadable or garbled config.json is a ConfigError from load_from_folder
+        return load_from_folder(cfg_model, resolved, "config.json", AutoConfig.from_pretrained, num_labels=num_labels)
     except OSError:
         raise ConfigError(f"model.path={cfg_model.path!r}: no config.json there (and the Hub is not reachable "
                           f"offline); set model.path to a local folder or use a *_shape model") from None

@@ -208,22 +208,27 @@ def _hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _write_config_once(run_dir: Path, cfg: DictConfig) -> None:
-    """The resolved config is written when the run starts and never again; a directory that already holds
-    another configuration is refused (it would mix two configs' results)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+def _check_same_config(run_dir: Path, cfg: DictConfig) -> None:
+    """A directory that already holds another configuration is refused: it would mix two configs' results
+    (or hand back another config's metrics as this one's)."""
     path = run_dir / CONFIG_FILE
-    if path.exists():
-        try:
-            stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        except Exception:
-            stored = None  # unreadable: a kill can't leave that (atomic writes), but a user's edit can
-        if not isinstance(stored, dict) or rundir.config_hash(stored) != rundir.config_hash(resolved):
-            raise ConfigError(f"{run_dir} already holds a run of another configuration ({CONFIG_FILE} differs); "
-                              f"give this run another `name` or run_dir")
+    if not path.exists():
         return
-    atomic.write_text(path, OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    atomic.write_text(run_dir / OVERRIDES_FILE, OmegaConf.to_yaml(OmegaConf.create(_hydra_overrides())))
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception:
+        stored = None  # unreadable: a kill can't leave that (atomic writes), but an edit or a disk fault can
+    if not isinstance(stored, dict) or rundir.config_hash(stored) != rundir.config_hash(
+            OmegaConf.to_container(cfg, resolve=True)):
+        raise ConfigError(f"{run_dir} already holds a run of another configuration ({CONFIG_FILE} differs); "
+                          f"give this run another `name` or run_dir")
+
+
+def _write_config_once(run_dir: Path, cfg: DictConfig) -> None:
+    """The resolved config and the overrides, written when the run starts and never again."""
+    if not (run_dir / CONFIG_FILE).exists():
+        atomic.write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic.write_text(run_dir / OVERRIDES_FILE, OmegaConf.to_yaml(OmegaConf.create(_hydra_overrides())))
 
 
 class _RunLog:
@@ -268,6 +273,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     if not run_dir.resolve().is_relative_to(runs_root):
         raise ConfigError(f"run directory {run_dir} is outside runs_root={cfg.runs_root}; runs stay inside it")
     with rundir.RunLock(run_dir):
+        _check_same_config(run_dir, cfg)
         done = rundir.finished_metrics(run_dir)
         if done is not None:
             # A kill between metrics.json and the checkpoint's removal leaves it behind; it is never needed.

@@ -1,5 +1,6 @@
-"""`python -m analysis.report` on a synthetic runs root written in the run-directory format by hand:
-tables are written, broken runs are named as skipped, and the numbers equal the math functions' answers."""
+"""`python -m analysis.report` on a synthetic runs root written in the run-directory format by hand (ΔW and W0
+through lowrank.atomic.write_safetensors, so they carry content hashes as the trainer's do): tables are written,
+broken runs are named as skipped, and the numbers equal the math functions' answers."""
 import json
 import os
 from pathlib import Path
@@ -8,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from analysis import amplification as amp
 from analysis import spectra
 from analysis.report import main, select_pairs
 from analysis.runs import collect_runs
 from analysis.subspace import factor_bases, phi_grid
+from lowrank.atomic import write_safetensors
 
 from .conftest import run_cli
 
@@ -33,7 +34,7 @@ def write_base(root: Path) -> Path:
     path = root / "base_weights" / "tiny-0123456789.safetensors"
     path.parent.mkdir(parents=True)
     w0 = {f"{module(i, k)}.weight": torch.randn(*s, generator=g) for i in range(LAYERS) for k, s in SHAPES.items()}
-    save_file(w0, str(path), metadata={"base_model": "tiny"})
+    write_safetensors(path, w0, {"base_model": "tiny"})
     return path
 
 
@@ -64,7 +65,7 @@ def write_run(root: Path, base: Path, name: str, method: str, seed: int, rank: i
     meta = {"method": method, "scaling": json.dumps(2.0 if method == "lora" else 1.0), "rank": json.dumps(rank),
             "alpha": json.dumps(2 * rank if rank else None), "targets": json.dumps(names),
             "base_model": "nowhere", "base_model_name": "tiny", "base_weights": os.path.relpath(base, run)}
-    save_file(tensors, str(run / "delta_w.safetensors"), metadata=meta)
+    write_safetensors(run / "delta_w.safetensors", tensors, meta)
     (run / "metrics.json").write_text(json.dumps({"status": "complete", "eval_accuracy": 0.5 + seed / 10,
                                                   "eval_history": [{"step": 10}], "wall_seconds": 1.0}))
     return run

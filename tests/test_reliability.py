@@ -1,11 +1,12 @@
 """Resume after SIGKILL, checkpoint on SIGTERM, divergence marked and the sweep going on."""
 import json
-import random
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -17,7 +18,6 @@ RESUMABLE = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.
 
 
 def start(args, cwd):
-    import os
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -37,22 +37,27 @@ def final_state(runs_root):
     return metrics, load_file(str(run / "delta_w.safetensors")), run
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("mode", ["before", "mid"])
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, mode):
+    """Killed at step 8 (checkpoints every 2 steps), before or halfway through writing that checkpoint: the
+    re-run resumes from step 6, removes the half-written temp file, and ends bit-identical to a run never
+    interrupted."""
     ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
     for root in (ref_root, cut_root):
         root.mkdir()
     args = lambda root: [*RESUMABLE, "method.rank=2", f"runs_root={root}"]  # noqa: E731
     assert run_cli(["-m", "experiments.train", *args(ref_root)], cwd=ref_root).returncode == 0
 
-    proc = start(args(cut_root), cut_root)
-    wait_for(lambda: any(cut_root.glob("default/*/checkpoint.pt")), proc)
-    time.sleep(random.uniform(0, 1.5))  # a random step after the first checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not any(cut_root.glob("default/*/metrics.json")), "killed before it could finish"
+    killed = run_cli(["-m", "tests.kill_at_step", "8", mode, *args(cut_root)], cwd=cut_root)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run,) = [p.parent for p in cut_root.glob("default/*/checkpoint.pt")]
+    assert not (run / "metrics.json").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["loop"]["step"] == 6
+    assert len(list(run.glob(".checkpoint.pt*.tmp"))) == (mode == "mid")
     resumed = run_cli(["-m", "experiments.train", *args(cut_root)], cwd=cut_root)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in next(cut_root.glob("default/*/train.log")).read_text()
+    assert "resuming" in (run / "train.log").read_text() and "from step 6" in (run / "train.log").read_text()
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
 
     (m_ref, d_ref, _), (m_cut, d_cut, run) = final_state(ref_root), final_state(cut_root)
     for key in ("eval_accuracy", "eval_loss", "train_loss", "train_accuracy", "eval_history"):
@@ -90,3 +95,57 @@ def test_divergence_is_marked_and_the_sweep_goes_on(tmp_path):
     assert diverged["status"] == "diverged" and diverged["diverged_at_step"] >= 1
     assert by_lr[5e-5][0]["status"] == "complete"
     assert not (diverged_dir / "delta_w.safetensors").exists()  # no ΔW from a diverged run
+
+
+def test_a_bad_value_ends_its_job_and_the_sweep_goes_on(tmp_path):
+    """`method.rank=4,0,8`: rank 0 is recorded as invalid with its reason, rank 8 still runs, and the exit
+    code counts the one job that did not finish."""
+    result = run_cli(["-m", "experiments.train", "-m", "method.rank=4,0,8", *TINY, f"runs_root={tmp_path}"],
+                     cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    by_rank = {}
+    for path in tmp_path.glob("default/*/metrics.json"):
+        rank = yaml.safe_load((path.parent / ".hydra" / "config.yaml").read_text())["method"]["rank"]
+        by_rank[rank] = json.loads(path.read_text())
+    assert {r: m["status"] for r, m in by_rank.items()} == {4: "complete", 0: "invalid", 8: "complete"}
+    assert by_rank[0]["reason"] == "method.rank=0 is not valid; it must be an integer > 0"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "method.rank=0 is not valid" in errors[0]
+    assert result.stderr.strip().splitlines()[-1].startswith("sweep: 1 of 3 jobs did not finish")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_again(tiny_run, tmp_path):
+    """Empty, garbage, or a sound checkpoint of another model: each is renamed out of the way with one warning,
+    and the run trains from step 0 to exactly the result of a run that never had it."""
+    from lowrank.checkpoint import save_checkpoint
+    ref, _ = tiny_run(name="ref")
+    other = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(other.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for kind in ("empty", "garbage", "another_model"):
+        run = tmp_path / kind
+        if kind == "another_model":
+            save_checkpoint(run, other, optimizer, scheduler, {"step": 2})
+        else:
+            run.mkdir()
+            (run / "checkpoint.pt").write_bytes(b"" if kind == "empty" else b"PK\x03\x04 not a checkpoint")
+        damaged = (run / "checkpoint.pt").read_bytes()
+        metrics, _ = tiny_run(name=kind)
+        assert metrics["status"] == "complete"
+        assert (metrics["eval_history"], metrics["train_loss"]) == (ref["eval_history"], ref["train_loss"])
+        assert (run / "checkpoint.pt.corrupt").read_bytes() == damaged and not (run / "checkpoint.pt").exists()
+        assert "set aside as checkpoint.pt.corrupt" in (run / "train.log").read_text()
+
+
+def test_damaged_base_weights_are_written_again_not_reused(tiny_run, tmp_path):
+    tiny_run(name="first")
+    (base,) = (tmp_path / "base_weights").glob("*.safetensors")
+    data = bytearray(base.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + 100] ^= 0xFF  # the data part: the header still parses
+    base.write_bytes(bytes(data))
+    tiny_run("method.rank=2", name="second")
+    from lowrank.integrity import verify_safetensors
+    verify_safetensors(base)  # intact again: the same weights, rewritten from the model
+    assert "cannot be reused" in (tmp_path / "second" / "train.log").read_text()
