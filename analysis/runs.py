@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from lowrank.integrity import DIGEST_KEY, CorruptArtifact, tensor_sha256, verify_safetensors
-from lowrank.rundir import BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, read_metrics
+from lowrank.rundir import BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, config_sha256, load_metrics
 
 NOT_RUNS = {BASE_WEIGHTS_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
 METHODS = ("full", "lora")
@@ -161,19 +161,6 @@ def _one_line(text, limit: int = MAX_REASON) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _metrics_problem(path: Path) -> str:
-    """What is wrong with a metrics.json that read_metrics refused (for the skip reason only)."""
-    try:
-        value = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        return "not UTF-8 text"
-    except json.JSONDecodeError as e:
-        return f"not valid JSON: {e}"
-    except OSError as e:
-        return f"cannot be read: {e.strerror or e}"
-    return f"a JSON {type(value).__name__}, not an object"
-
-
 def _load_config(path: Path):
     cfg = OmegaConf.load(path)
     try:
@@ -247,9 +234,10 @@ def load_run(run_dir: Path, run_id: str) -> Run:
         raise SkippedRun(f"{CONFIG_FILE} {why}")
     if why := _file_problem(run_dir / METRICS_FILE):
         raise SkippedRun(f"{METRICS_FILE} {why}" + (" (still running or crashed)" if why == "missing" else ""))
-    metrics = read_metrics(run_dir)
-    if metrics is None:
-        raise SkippedRun(f"{METRICS_FILE} unreadable: {_metrics_problem(run_dir / METRICS_FILE)}")
+    try:
+        metrics = load_metrics(run_dir)
+    except CorruptArtifact as e:
+        raise SkippedRun(str(e)) from None
     status = metrics.get("status")
     if status != COMPLETE:
         reason = metrics.get("reason")
@@ -260,6 +248,9 @@ def load_run(run_dir: Path, run_id: str) -> Run:
     except Exception as e:  # YAML errors, bad bytes, OmegaConf's own: all mean "unreadable"
         raise SkippedRun(f"{CONFIG_FILE} unreadable ({type(e).__name__}: {_one_line(e)})") from None
     _check_config(config)
+    if metrics.get("config_sha256") != config_sha256(config):
+        raise SkippedRun(f"{CONFIG_FILE} is not the config {METRICS_FILE} was computed with (its hash differs "
+                         f"from the one recorded there)")
 
     delta_path = run_dir / DELTA_FILE
     keys, raw_meta, delta_digests = _verify(delta_path)

@@ -51,19 +51,19 @@ def write_text(path, text: str) -> Path:
     return write_with(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _finite(obj):
+def finite(obj):
     """NaN/inf are not JSON: store them as null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
 def write_json(path, obj) -> Path:
-    return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+    return write_text(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .atomic import remove_stale_temps, write_safetensors
+from .errors import ConfigError
 from .integrity import DIGEST_KEY, CorruptArtifact, combined_digest, tensor_digests, verify_safetensors
 from .lora import block_linear_names, lora_layers
 from .rundir import BASE_WEIGHTS_DIR, DELTA_FILE
@@ -44,6 +45,9 @@ def ensure_base_weights(runs_root: Path, model_name: str, model: nn.Module) -> P
     path = folder / f"{model_name}-{combined_digest(digests)[:10]}.safetensors"
     if folder.is_dir():
         remove_stale_temps(folder)  # what a writer killed mid-write left behind
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder where the base weights file belongs; remove it (runs_root="
+                          f"{runs_root})")
     if path.exists():
         try:
             _, metadata = verify_safetensors(path)

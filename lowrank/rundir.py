@@ -23,7 +23,9 @@ import os
 import socket
 from pathlib import Path
 
+from . import atomic
 from .errors import ConfigError
+from .integrity import CorruptArtifact
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -43,13 +45,61 @@ FINAL_STATUSES = (COMPLETE, DIVERGED, DOES_NOT_FIT)
 STATUSES = FINAL_STATUSES + (INVALID, FAILED)
 
 
-def read_metrics(run_dir) -> dict | None:
-    """metrics.json of a run directory, or None when it is missing or unreadable (not a JSON object)."""
+METRICS_DIGEST_KEY = "content_sha256"  # in metrics.json: SHA-256 of the rest, as canonical JSON
+
+
+def _metrics_digest(metrics: dict) -> str:
+    text = json.dumps(metrics, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_sha256(config: dict) -> str:
+    """SHA-256 of a whole resolved config, every key included: what ties metrics.json to .hydra/config.yaml."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def write_metrics(run_dir, metrics: dict, config: dict) -> dict:
+    """Write metrics.json with the hashes of the resolved config it belongs to (`config_hash`: its identity,
+    as in the directory name; `config_sha256`: all of it, which readers check .hydra/config.yaml against)
+    and a content hash of the whole (a changed digit is caught, not read as a result). Returns the metrics
+    as `load_metrics` will read them back."""
+    body = metrics | {"config_hash": config_hash(config), "config_sha256": config_sha256(config)}
+    body = json.loads(json.dumps(atomic.finite(body), allow_nan=False))
+    atomic.write_json(Path(run_dir) / METRICS_FILE, body | {METRICS_DIGEST_KEY: _metrics_digest(body)})
+    return body
+
+
+def load_metrics(run_dir) -> dict:
+    """metrics.json of a run directory, checked against its content hash; raises CorruptArtifact with the
+    reason (missing, not a file, unreadable, not a JSON object, no hash, hash mismatch)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise CorruptArtifact(f"{METRICS_FILE} {'missing' if not path.exists() else 'is not a file'}")
     try:
-        metrics = json.loads((Path(run_dir) / METRICS_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptArtifact(f"{METRICS_FILE} unreadable ({type(e).__name__})") from None
+    if not isinstance(metrics, dict):
+        raise CorruptArtifact(f"{METRICS_FILE} holds a JSON {type(metrics).__name__}, not an object")
+    digest = metrics.pop(METRICS_DIGEST_KEY, None)
+    if digest is None:
+        raise CorruptArtifact(f"{METRICS_FILE} has no content hash ({METRICS_DIGEST_KEY}); it was not written by "
+                              f"this version of lowrank")
+    try:
+        intact = digest == _metrics_digest(metrics)
+    except ValueError:  # NaN or inf, which our writer never stores
+        intact = False
+    if not intact:
+        raise CorruptArtifact(f"{METRICS_FILE} does not match its content hash (damaged or edited)")
+    return metrics
+
+
+def read_metrics(run_dir) -> dict | None:
+    """load_metrics, or None when the file is missing or cannot be trusted."""
+    try:
+        return load_metrics(run_dir)
+    except CorruptArtifact:
         return None
-    return metrics if isinstance(metrics, dict) else None
 
 
 def finished_metrics(run_dir) -> dict | None:

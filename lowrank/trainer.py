@@ -183,7 +183,7 @@ def _does_not_fit(run_dir: Path, cfg, fit: dict, t_start: float) -> dict:
                "memory_estimate": fit["memory_estimate"], "wall_seconds": time.perf_counter() - t_start}
     log.warning("budget.gib=%g: does not fit (%s); recorded in %s", fit["budget_bytes"] / 2**30,
                 fit.get("reason"), run_dir / METRICS_FILE)
-    atomic.write_json(run_dir / METRICS_FILE, metrics)
+    metrics = _write_metrics(run_dir, cfg, metrics)
     return metrics
 
 
@@ -257,9 +257,18 @@ class _RunLog:
         return False
 
 
+def _write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict) -> dict:
+    """metrics.json, tied to .hydra/config.yaml as stored: the same config as `cfg` (checked when the run
+    started) but for where it lives, which may have moved (`runs_root`) since the run began."""
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
+    except Exception:  # not written yet (bad input found before it) or unreadable
+        config = OmegaConf.to_container(cfg, resolve=True)
+    return rundir.write_metrics(run_dir, metrics, config)
+
+
 def _record(run_dir: Path, cfg: DictConfig, status: str, reason: str) -> None:
-    atomic.write_json(run_dir / METRICS_FILE, {"status": status, "reason": reason,
-                                               "method": OmegaConf.select(cfg, "method.name")})
+    _write_metrics(run_dir, cfg, {"status": status, "reason": reason, "method": OmegaConf.select(cfg, "method.name")})
 
 
 def train(cfg: DictConfig, run_dir=None) -> dict:
@@ -430,7 +439,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         metrics = {"status": "diverged", "diverged_at_step": diverged_at, "method": mc.name,
                    "eval_history": loop["history"], "wall_seconds": time.perf_counter() - t_start}
         log.error("non-finite loss or gradient at step %d: run marked diverged", diverged_at)
-        atomic.write_json(run_dir / METRICS_FILE, metrics)
+        metrics = _write_metrics(run_dir, cfg, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         logger.summary(metrics)
         logger.finish()
@@ -482,7 +491,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "eval_history": loop["history"],
         "delta_file": DELTA_FILE,
     }
-    atomic.write_json(run_dir / METRICS_FILE, metrics)
+    metrics = _write_metrics(run_dir, cfg, metrics)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is final; ΔW and metrics are what remain
     logger.summary(metrics)
     logger.finish()

@@ -22,7 +22,7 @@ from lowrank.integrity import DIGEST_KEY, CorruptArtifact
 from lowrank.rundir import DELTA_FILE
 
 from .conftest import run_cli
-from .test_analysis_report import module, write_base, write_run
+from .test_analysis_report import module, write_base, write_metrics, write_run
 
 DAY = "2026-01-01"
 GOOD = ["full_s0", "lora_r2_s0", "lora_r4_s0", "full_s2_metrics_shadow"]
@@ -88,8 +88,8 @@ EXPECTED = {
     "lora_r2_s5_inf_base": ["base weights", "tiny-inf.safetensors", "holds NaN or inf"],
     "lora_r2_s6_invalid": ["metrics status is 'invalid': method.rank=0 is not valid; choose a rank ≥ 1"],
     "full_s7_failed": ["metrics status is 'failed': RuntimeError: boom in step 3"],
-    "full_s8_metrics_list": ["metrics.json unreadable", "JSON list, not an object"],
-    "full_s9_metrics_garbage": ["metrics.json unreadable", "not valid JSON"],
+    "full_s8_metrics_list": ["metrics.json holds a JSON list, not an object"],
+    "full_s9_metrics_garbage": ["metrics.json unreadable", "JSONDecodeError"],
     "full_s10_metrics_dir": ["metrics.json is not a file"],
     "full_s11_config_list": ["config.yaml holds a list, not a mapping"],
     "full_s12_config_garbage": ["config.yaml unreadable"],
@@ -104,6 +104,9 @@ EXPECTED = {
     "full_s21_shape_mismatch": ["intermediate.dense", "do not fit W0"],
     "lora_r2_s22_rank_mismatch": ["rank-2 factors, the config rank 4"],
     "lora_r2_s23_int_delta": ["not floats"],
+    "full_s24_metrics_edited": ["metrics.json does not match its content hash"],
+    "full_s25_metrics_unhashed": ["metrics.json has no content hash"],
+    "full_s26_config_edited": ["config.yaml is not the config metrics.json was computed with"],
 }
 
 
@@ -115,8 +118,8 @@ def damaged_root(tmp_path_factory):
                                      ("lora_r4_s0", "lora", 0, 4)]:
         write_run(root, base, name, method, seed, rank)
     shadow = write_run(root, base, "full_s2_metrics_shadow", "full", 2)  # metrics never replace config columns
-    (shadow / "metrics.json").write_text(json.dumps({"status": "complete", "run_id": "evil", "seed": "x",
-                                                     "method.name": "lora", "eval_accuracy": 0.7}))
+    write_metrics(shadow, {"status": "complete", "run_id": "evil", "seed": "x", "method.name": "lora",
+                           "eval_accuracy": 0.7})
 
     flip_data_byte(write_run(root, base, "full_s1_delta_flipped", "full", 1) / DELTA_FILE)
     flipped_base = root / "base_weights" / "tiny-flipped.safetensors"
@@ -130,11 +133,10 @@ def damaged_root(tmp_path_factory):
     write_run(root, inf_base, "lora_r2_s5_inf_base", "lora", 5, 2)
 
     invalid = write_run(root, base, "lora_r2_s6_invalid", "lora", 6, 2)
-    (invalid / "metrics.json").write_text(json.dumps(
-        {"status": "invalid", "reason": "method.rank=0 is not valid; choose a rank ≥ 1"}))
+    write_metrics(invalid, {"status": "invalid", "reason": "method.rank=0 is not valid; choose a rank ≥ 1"})
     (invalid / DELTA_FILE).unlink()  # an invalid run stops before writing ΔW: the status is the reason
     failed = write_run(root, base, "full_s7_failed", "full", 7)
-    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "reason": "RuntimeError: boom\n in step 3"}))
+    write_metrics(failed, {"status": "failed", "reason": "RuntimeError: boom\n in step 3"})
 
     (write_run(root, base, "full_s8_metrics_list", "full", 8) / "metrics.json").write_text("[1, 2]")
     (write_run(root, base, "full_s9_metrics_garbage", "full", 9) / "metrics.json").write_bytes(b'{"status": "comp')
@@ -171,11 +173,18 @@ def damaged_root(tmp_path_factory):
     rank_mismatch = write_run(root, base, "lora_r2_s22_rank_mismatch", "lora", 22, 2)
     edit_config(rank_mismatch, method=yaml.safe_load((rank_mismatch / ".hydra" / "config.yaml").read_text())["method"]
                 | {"rank": 4})
+    write_metrics(rank_mismatch, {"status": "complete", "eval_accuracy": 0.5})  # recorded with the rank-4 config
 
     def to_int(tensors):
         k = sorted(tensors)[0]
         tensors[k] = tensors[k].round().to(torch.int32)
     rewrite_safetensors(write_run(root, base, "lora_r2_s23_int_delta", "lora", 23, 2) / DELTA_FILE, to_int)
+    edited = write_run(root, base, "full_s24_metrics_edited", "full", 24) / "metrics.json"
+    edited.write_text(edited.read_text().replace('"eval_accuracy": 2.9', '"eval_accuracy": 0.9'))  # 0.5 + 24/10
+    unhashed = write_run(root, base, "full_s25_metrics_unhashed", "full", 25) / "metrics.json"
+    unhashed.write_text(json.dumps({k: v for k, v in json.loads(unhashed.read_text()).items()
+                                    if k != "content_sha256"}))
+    edit_config(write_run(root, base, "full_s26_config_edited", "full", 26), trainer={"max_steps": 10, "lr": 2e-3})
     return root
 
 

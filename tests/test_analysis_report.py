@@ -9,12 +9,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from analysis import amplification as amp
 from analysis import spectra
 from analysis.report import main, select_pairs
 from analysis.runs import collect_runs
 from analysis.subspace import factor_bases, phi_grid
+from lowrank import rundir
 from lowrank.atomic import write_safetensors
 
 from .conftest import run_cli
@@ -66,9 +68,15 @@ def write_run(root: Path, base: Path, name: str, method: str, seed: int, rank: i
             "alpha": json.dumps(2 * rank if rank else None), "targets": json.dumps(names),
             "base_model": "nowhere", "base_model_name": "tiny", "base_weights": os.path.relpath(base, run)}
     write_safetensors(run / "delta_w.safetensors", tensors, meta)
-    (run / "metrics.json").write_text(json.dumps({"status": "complete", "eval_accuracy": 0.5 + seed / 10,
-                                                  "eval_history": [{"step": 10}], "wall_seconds": 1.0}))
+    write_metrics(run, {"status": "complete", "eval_accuracy": 0.5 + seed / 10, "eval_history": [{"step": 10}],
+                        "wall_seconds": 1.0})
     return run
+
+
+def write_metrics(run: Path, metrics: dict) -> None:
+    """metrics.json as the trainer writes it: with the hash of the run's config and a content hash."""
+    config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=True)
+    rundir.write_metrics(run, metrics, config)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +245,7 @@ def test_report_with_nothing_analysable_still_writes(tmp_path):
     run = root / "crashed"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("seed: 0\nmethod: {name: full}\n")
-    (run / "metrics.json").write_text(json.dumps({"status": "running"}))
+    write_metrics(run, {"status": "running"})
     main([str(root), "--out", str(tmp_path / "out")])
     assert "`crashed`: metrics status is 'running'" in (tmp_path / "out" / "report.md").read_text()
     assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {

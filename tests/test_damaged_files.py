@@ -26,7 +26,7 @@ DAMAGE = st.one_of(
     st.tuples(st.sampled_from(["flip_header", "flip_data"]), st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
     st.tuples(st.sampled_from(["empty", "folder", "swap"])),
 )
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def header_length(data: bytes) -> int:
@@ -109,10 +109,21 @@ def test_analysis_reads_what_was_written_or_skips_the_run(study, target, how):
             assert metrics == want[0] and config == want[1]
             assert deltas.keys() == want[2].keys() and all(same(deltas[n], want[2][n]) for n in deltas)
             assert all(torch.equal(bases[n], want[3][n]) for n in bases)
-        if target in ("metrics", "config"):  # the trainer reads these too: is the run finished, is it the same?
-            run_dir = (root / TARGETS[target]).parents[1 if target == "config" else 0]
-            if target == "metrics":
-                assert rundir.read_metrics(run_dir) in (None, intact[run_dir.parent.name + "/" + run_dir.name][0])
+        # The trainer reads these too: is the run finished (metrics), is its directory this config's (config)?
+        if target == "metrics":
+            run_dir = (root / TARGETS[target]).parent
+            assert rundir.read_metrics(run_dir) in (None, intact["2026-01-01/full"][0])
+        if target == "config":
+            from lowrank.trainer import _check_same_config
+            run_dir = (root / TARGETS[target]).parents[1]
+            config = OmegaConf.create(intact["2026-01-01/lora"][1])
+            try:
+                _check_same_config(run_dir, config)  # passes only for the same config (hash of every key)
+            except ConfigError as e:
+                assert "another configuration" in str(e)
+            else:
+                stored = OmegaConf.to_container(OmegaConf.load(root / TARGETS[target]), resolve=True)
+                assert rundir.config_hash(stored) == rundir.config_hash(intact["2026-01-01/lora"][1])
 
 
 # --- what the trainer reads: its checkpoint, and W0 it reuses --------------------------------------------------
@@ -176,8 +187,10 @@ def test_reused_base_weights_are_checked_and_rewritten_when_damaged(tiny_bert, h
     with tempfile.TemporaryDirectory() as tmp:
         path = ensure_base_weights(Path(tmp), "tiny", tiny_bert)
         damage(path, how, b'{"status": "complete"}')
-        if path.is_dir():
-            shutil.rmtree(path)  # a folder where the file was: removed by hand before the rewrite can take its place
+        if path.is_dir():  # nothing to rewrite in place: one line that says what to remove
+            with pytest.raises(ConfigError, match="is a folder where the base weights file belongs"):
+                ensure_base_weights(Path(tmp), "tiny", tiny_bert)
+            return
         assert ensure_base_weights(Path(tmp), "tiny", tiny_bert) == path
         verify_safetensors(path)
         from safetensors.torch import load_file

@@ -81,3 +81,20 @@ def test_demo_command_runs_a_tiny_study_and_names_its_report(tmp_path):
     assert "Runs analysed (2)" in report
     assert "![Figure 10](figures/fig10_checkpoint_size.png)" in report   # 32 examples: only data-size-free figures
     assert "### Figure 1\n\nSkipped: no full-data LoRA runs" in report
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["trainer.max_step=5"], ["trainer.max_step is not a config key", "max_steps"]),
+    (["method=lorra"], ["method='lorra'", "lora"]),
+    (["trainer.lr=abc"], ["trainer.lr='abc'", "a number"]),
+    (["--sweeps", "nope"], ["--sweeps", "'nope'", "demo_lora"]),
+    (["--jobs", "0"], ["--jobs=0", ">= 1"]),
+    (["name=../up"], ["name='../up'", "one folder name"]),
+])
+def test_demo_checks_every_job_before_it_starts_any(tmp_path, args, needles):
+    res = run_cli(["-m", "experiments.demo", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                   *args], cwd=ROOT, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ from torch import nn
 from analysis import figures as F
 from analysis.report import main as report_main
 from analysis.style import GIB, MIB
-from lowrank import atomic
+from lowrank import atomic, rundir
 from lowrank.delta import ensure_base_weights, linear_weights, write_delta
 from lowrank.lora import inject_lora, lora_layers
 
@@ -98,7 +98,7 @@ def write_run(root: Path, overrides: list[str], estimate: bool) -> Path:
                                       "optimizer_bytes": n_adapter * 8, "weight_copies_bytes": 0,
                                       "activations_bytes": 300_000_000, "total_bytes": 391_000_000 + n_adapter * 12}
         metrics["budget_bytes"] = None
-    atomic.write_json(run_dir / "metrics.json", metrics)
+    rundir.write_metrics(run_dir, metrics, OmegaConf.to_container(cfg, resolve=True))
     return run_dir
 
 
