@@ -4,8 +4,8 @@
     python -m experiments.demo --runs-root runs --out reports/demo --jobs 2 [hydra overrides for every run]
 
 Each run of the sweeps in conf/experiment/demo_{lora,targets,full,scarce}.yaml is one
-`python -m experiments.train -m +experiment=demo_X <its grid values> runs_root=...` subprocess: the same run
-directory a plain `-m +experiment=demo_X` sweep writes, so runs that finished are skipped when the demo is
+`python -m experiments.train -m experiment=demo_X <its grid values> runs_root=...` subprocess: the same run
+directory a plain `-m experiment=demo_X` sweep writes, so runs that finished are skipped when the demo is
 launched again, and the sweeps' group on W&B is the same. `--jobs` runs go side by side (default: 2 on a machine
 with two or more cores, each with cores/jobs threads: small models train faster as two one-thread processes than as one
 two-thread process). One progress bar counts training steps over all runs; then `analysis.report` writes the
@@ -24,11 +24,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from lowrank import rundir
+
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ["demo_full", "demo_scarce", "demo_lora", "demo_targets"]  # full fine-tuning first: the longest runs
-STEP = re.compile(r"(\d+)/(\d+) \[")                                # a tqdm update: "37/80 ["
-DONE = re.compile(r"done: eval_accuracy ([\d.]+) in ([\d.]+) s")
-SKIPPED = "is finished"
 
 
 def compose(overrides: list[str], hydra_config: bool = False):
@@ -41,12 +40,12 @@ def compose(overrides: list[str], hydra_config: bool = False):
 
 
 def sweep_jobs(experiment: str, overrides: list[str] = ()) -> list[list[str]]:
-    """The overrides of every job `python -m experiments.train -m +experiment=EXPERIMENT OVERRIDES` launches: the
+    """The overrides of every job `python -m experiments.train -m experiment=EXPERIMENT OVERRIDES` launches: the
     experiment's `hydra.sweeper.params` grid (command-line values replace a key's list, as in Hydra), expanded as
-    the basic sweeper does, one list of `key=value` per job, each starting with `+experiment=EXPERIMENT`."""
+    the basic sweeper does, one list of `key=value` per job, each starting with `experiment=EXPERIMENT`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     parser = OverridesParser.create()
-    arguments = [f"+experiment={experiment}", *overrides]
+    arguments = [f"experiment={experiment}", *overrides]
     fixed = [o.input_line for o in parser.parse_overrides(arguments) if not o.is_sweep_override()]
     params = compose(fixed, hydra_config=True).hydra.sweeper.params or {}
     axes = {}  # as hydra's BasicSweeper.split_arguments: a key keeps its first place, the last value wins
@@ -62,7 +61,7 @@ def _key(override: str) -> str:
 
 
 class Progress:
-    """One bar over the training steps of every run; each job reports its run's current step."""
+    """One bar over the training steps of every run; a run's steps count when it ends."""
 
     def __init__(self, total: int):
         self.bar = tqdm(total=total, desc="demo: training", unit="step", dynamic_ncols=True)
@@ -77,33 +76,41 @@ class Progress:
             self.bar.write(line)
 
 
-def run_job(job: list[str], name: str, steps: int, log_path: Path, env: dict, progress: Progress) -> bool:
-    """One training run as a subprocess; its output goes to log_path, its steps to the bar. True if it ended well."""
+def run_dir_of(job: list[str]) -> Path:
+    """The run directory `python -m experiments.train -m JOB` uses (Hydra's sweep dir and subdir, resolved)."""
+    from hydra.core.hydra_config import HydraConfig
+    cfg = compose(job, hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+
+
+def outcome(metrics: dict | None, before: dict | None) -> str:
+    """One line on how a run ended, from its metrics.json (and whether it had ended before this launch)."""
+    if metrics is None:
+        return "no metrics.json"
+    if before is not None and before.get("status") in rundir.FINAL_STATUSES and before == metrics:
+        return f"finished before ({metrics['status']}): skipped"
+    if metrics["status"] == rundir.COMPLETE:
+        return f"eval_accuracy {metrics['eval_accuracy']:.3f}, {metrics['wall_seconds']:.0f} s"
+    return f"{metrics['status']}" + (f": {metrics['reason']}" if metrics.get("reason") else "")
+
+
+def run_job(job: list[str], name: str, run_dir: Path, steps: int, log_path: Path, env: dict,
+            progress: Progress) -> bool:
+    """One training run as a subprocess, its output in log_path; how it ended comes from its exit code and its
+    metrics.json. True if it ended well."""
     cmd = [sys.executable, "-m", "experiments.train", "-m", *job]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    seen, result = 0, None
+    before = rundir.read_metrics(run_dir)
     t0 = time.perf_counter()
-    with open(log_path, "wb") as log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                                        stderr=subprocess.STDOUT) as proc:
-        pending = b""
-        while chunk := proc.stdout.read1(4096):
-            log.write(chunk)
-            pending += chunk
-            *lines, pending = re.split(rb"[\r\n]", pending)
-            for line in (ln.decode(errors="replace") for ln in lines):
-                if (m := STEP.search(line)) and int(m.group(2)) == steps and int(m.group(1)) > seen:
-                    progress.advance(int(m.group(1)) - seen)
-                    seen = int(m.group(1))
-                elif m := DONE.search(line):
-                    result = f"eval_accuracy {float(m.group(1)):.3f}, {float(m.group(2)):.0f} s"
-                elif SKIPPED in line:
-                    result = "finished before: skipped"
-        code = proc.wait()
-    progress.advance(steps - seen)  # a skipped or failed run counts as done for the bar
+    with open(log_path, "wb") as log:
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    progress.advance(steps)
+    result = outcome(rundir.read_metrics(run_dir), before)
     if code != 0:
-        progress.write(f"FAILED ({code}) {name}: see {log_path}")
+        progress.write(f"FAILED ({code}) {name}: {result}; see {log_path}")
         return False
-    progress.write(f"{name}: {result or 'done'} [{time.perf_counter() - t0:.0f} s]")
+    progress.write(f"{name}: {result} [{time.perf_counter() - t0:.0f} s]")
     return True
 
 
@@ -126,7 +133,7 @@ def check_inputs(opts) -> list:
     from lowrank.cli import (check_group_overrides, check_locations, check_value_overrides, compose_first_job, fail,
                              group_options)
     from lowrank.errors import ConfigError
-    from lowrank.trainer import validate
+    from lowrank.validation import validate
     if opts.jobs < 1:
         fail(f"--jobs={opts.jobs} is not valid; it must be an integer >= 1")
     sweeps = opts.sweeps.split(",")
@@ -139,7 +146,7 @@ def check_inputs(opts) -> list:
             fail(f"{arg!r} is not an override; write key=value (e.g. trainer.max_steps=20)")
     common = [f"runs_root={Path(opts.runs_root).resolve()}", *opts.overrides]
     check_group_overrides(common)
-    check_value_overrides(common, compose_first_job([f"+experiment={sweeps[0]}", *common]))
+    check_value_overrides(common, compose_first_job([f"experiment={sweeps[0]}", *common]))
     jobs = [job for sweep in sweeps for job in sweep_jobs(sweep, common)]
     configs = [compose(job) for job in jobs]
     check_locations(common, configs[0])
@@ -165,15 +172,17 @@ def main(argv=None) -> int:
           f"time with {env['OMP_NUM_THREADS']} thread(s) each; logs in {out}/logs/")
     progress = Progress(sum(c.trainer.max_steps for c in configs))
 
-    def one(job_cfg):
-        job, cfg = job_cfg
-        experiment = next(a for a in job if a.startswith("+experiment=")).split("=", 1)[1]
+    run_dirs = [run_dir_of(job) for job in jobs]  # here, not in the threads: Hydra's config is process-wide
+
+    def one(job_cfg_dir):
+        job, cfg, run_dir = job_cfg_dir
+        experiment = next(a for a in job if a.startswith("experiment=")).split("=", 1)[1]
         own = ",".join(a for a in job if _key(a) not in common_keys | {"experiment"})  # the grid values
         log = out / "logs" / experiment / (re.sub(r"[^\w=.,+-]", "_", own or "defaults") + ".log")
-        return run_job(job, f"{experiment} {own}", cfg.trainer.max_steps, log, env, progress)
+        return run_job(job, f"{experiment} {own}", run_dir, cfg.trainer.max_steps, log, env, progress)
 
     with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-        ok = list(pool.map(one, zip(jobs, configs)))
+        ok = list(pool.map(one, zip(jobs, configs, run_dirs)))
     progress.bar.close()
     t_train = time.perf_counter() - t0
     print(f"training: {sum(ok)}/{len(ok)} runs ended well in {t_train / 60:.1f} min")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .model_files import hub_reachable
 
 
 @dataclass
@@ -138,7 +139,6 @@ def load_hub(cfg):
         from datasets import load_dataset
     except ImportError as e:
         raise ConfigError(f"task={cfg.name} loads from the Hub and needs `pip install datasets`") from e
-    from .models import hub_reachable
     if not hub_reachable():
         raise ConfigError(f"task={cfg.name}: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1); "
                           "use a local task such as task=fine_foods")

@@ -39,7 +39,7 @@ class LoRALinear(nn.Module):
                  scaling: str = "standard", init: str = "kaiming_uniform"):
         super().__init__()
         if rank < 1:
-            raise ValueError(f"method.rank={rank} is not valid; it must be an integer >= 1")
+            raise ValueError(f"LoRALinear needs rank >= 1, got {rank}")  # configs are checked by lowrank.validation
         self.base_layer = base_layer
         self.rank, self.alpha = rank, alpha
         self.scaling = lora_scaling(alpha, rank, scaling)

@@ -50,11 +50,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError, check_choice
+from .validation import METHODS, check_positive, check_rank_fits, resolve_precision
 from .targets import ALL_LINEAR, select_targets
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-METHODS = ("full", "lora")
 HEADS = ("classification", "causal_lm")
 LLAMA_LIKE = ("llama", "mistral")
 BERT_LIKE = ("bert", "roberta")
@@ -93,7 +93,6 @@ class Arch:
     tie_embeddings: bool
     activation: str
     hidden_dropout: float
-    attention_dropout: float
     linears: tuple[Linear, ...]  # one layer's linear modules, in model order
     kv_cache: bool = False  # config.use_cache: transformers builds a k/v cache even in a training forward
 
@@ -120,8 +119,8 @@ def arch_from_config(config) -> Arch:
                    Linear("mlp.gate_proj", h, i, mb), Linear("mlp.up_proj", h, i, mb),
                    Linear("mlp.down_proj", i, h, mb))
         return Arch("llama", mt, h, i, L, a, g, d, config.vocab_size, config.max_position_embeddings, 0,
-                    bool(config.tie_word_embeddings), config.hidden_act, 0.0, float(config.attention_dropout),
-                    linears, bool(getattr(config, "use_cache", False)))
+                    bool(config.tie_word_embeddings), config.hidden_act, 0.0, linears,
+                    bool(getattr(config, "use_cache", False)))
     if mt in BERT_LIKE:
         a, i = config.num_attention_heads, config.intermediate_size
         linears = (Linear("attention.self.query", h, h, True), Linear("attention.self.key", h, h, True),
@@ -129,14 +128,14 @@ def arch_from_config(config) -> Arch:
                    Linear("intermediate.dense", h, i, True), Linear("output.dense", i, h, True))
         return Arch("bert", mt, h, i, L, a, a, h // a, config.vocab_size, config.max_position_embeddings,
                     config.type_vocab_size, bool(config.tie_word_embeddings), config.hidden_act,
-                    float(config.hidden_dropout_prob), float(config.attention_probs_dropout_prob), linears)
+                    float(config.hidden_dropout_prob), linears)
     if mt == "gpt2":
         a, i = config.n_head, config.n_inner or 4 * h
         linears = (Linear("attn.c_attn", h, 3 * h, True), Linear("attn.c_proj", h, h, True),
                    Linear("mlp.c_fc", h, i, True), Linear("mlp.c_proj", i, h, True))
         return Arch("gpt2", mt, h, i, L, a, a, h // a, config.vocab_size, config.n_positions, 0,
                     bool(config.tie_word_embeddings), config.activation_function, float(config.resid_pdrop),
-                    float(config.attn_pdrop), linears, bool(getattr(config, "use_cache", False)))
+                    linears, bool(getattr(config, "use_cache", False)))
     raise ConfigError(f"model_type={mt!r}: the memory model knows {list(LLAMA_LIKE + BERT_LIKE) + ['gpt2']}")
 
 
@@ -205,7 +204,7 @@ def lora_adapter_params(config, targets, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------- activations
 
 def _layer_bytes_per_token(arch: Arch, adapted: set[str], full: bool, rank: int, c: int, r: int,
-                           fused_attention: bool, padded: bool, seq_len: int, grouped: bool = True) -> float:
+                           padded: bool, grouped: bool = True) -> float:
     """Bytes one layer saves for the backward, per token. c: compute dtype bytes (2 under bf16 autocast),
     r: bytes of the residual stream feeding the projections (the weight dtype for Llama; fp32 for the
     LayerNorm models, whose norms autocast runs in fp32). `adapted`: names of linears with a LoRA adapter;
@@ -228,12 +227,8 @@ def _layer_bytes_per_token(arch: Arch, adapted: set[str], full: bool, rank: int,
     kv_dim = arch.kv_heads * arch.head_dim
     if padded and arch.kv_heads != a:
         kv_dim = q_dim  # with a mask, transformers repeats k/v to every head before SDPA (no native GQA)
-    if fused_attention:  # flash / memory-efficient SDPA: q, k, v, output, log-sum-exp (fp32 per head)
-        attention = c * (q_dim + 2 * kv_dim) + c * q_dim + 4 * a
-    else:  # eager: q, k, v, fp32 softmax output, probabilities in c (and dropout mask + dropped copy)
-        attention = c * (q_dim + 2 * kv_dim) + (4 + c) * a * seq_len
-        if arch.attention_dropout > 0:
-            attention += (1 + c) * a * seq_len
+    # SDPA (flash / memory-efficient, what every model here runs): q, k, v, output, log-sum-exp (fp32 per head)
+    attention = c * (q_dim + 2 * kv_dim) + c * q_dim + 4 * a
     act = ACTIVATION_SAVES.get(arch.activation, 1) * c * i
     drop = 1 if arch.hidden_dropout > 0 else 0  # a bool mask per element
 
@@ -336,7 +331,7 @@ class MemoryEstimate:
 def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank: int = 8,
                     targets=ALL_LINEAR, num_labels: int = 2, weight_dtype: str = "fp32", precision: str = "bf16",
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
-                    fused_attention: bool = True, padded: bool = True, kv_cache: bool | None = None,
+                    padded: bool = True, kv_cache: bool | None = None,
                     lora_dropout: float = 0.0) -> MemoryEstimate:
     """Peak memory of one training step with AdamW. `config`: an HF config or a shape mapping.
     `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
@@ -360,13 +355,8 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     adapter = 0
     if not full:
         chosen = match_layer_targets(arch, targets)
-        too_small = [lin for lin in chosen if rank > min(lin.in_features, lin.out_features)]
-        if rank < 1:
-            raise ConfigError(f"method.rank={rank} is not valid; it must be an integer >= 1")
-        if too_small:
-            lin = too_small[0]
-            raise ConfigError(f"method.rank={rank} is larger than min(in, out)="
-                              f"{min(lin.in_features, lin.out_features)} of target {lin.name}")
+        check_positive("method.rank", rank, integer=True)
+        check_rank_fits(rank, {lin.name: min(lin.in_features, lin.out_features) for lin in chosen})
         adapted = {lin.name for lin in chosen}
         adapter = lora_adapter_params(arch, targets, rank)
     head_params = counts.head if head == "classification" else 0  # the trainer trains the classifier
@@ -391,8 +381,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
 
     r = w if arch.family == "llama" else 4  # LayerNorm (autocast fp32 op) makes the residual stream fp32
     tokens = batch_size * seq_len
-    per_layer = _layer_bytes_per_token(arch, adapted, full, rank, c, r, fused_attention, padded, seq_len,
-                                       grouped=lora_dropout == 0)
+    per_layer = _layer_bytes_per_token(arch, adapted, full, rank, c, r, padded, grouped=lora_dropout == 0)
     if activation_checkpointing:  # HF checkpoints each layer: keep its input, recompute one at a time
         layers = arch.layers * r * arch.hidden + per_layer
     else:
@@ -437,7 +426,7 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     grad_accum = grad_accum or max(1, t.batch_size // micro_batch)
     if activation_checkpointing is None:
         activation_checkpointing = bool(t.get("activation_checkpointing", False))
-    precision = t.precision if t.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    precision = resolve_precision(t.precision, device_type)
     targets = m.targets if isinstance(m.targets, str) else list(m.targets)
     return estimate_memory(config, m.name, micro_batch, t.max_length, rank=m.get("rank") or 8, targets=targets,
                            num_labels=cfg.task.num_labels, weight_dtype=t.get("weight_dtype", "fp32"),

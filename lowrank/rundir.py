@@ -185,7 +185,7 @@ class RunInProgress(Exception):
 
 
 class RunLock:
-    """An exclusive lock on a run directory (`fcntl.flock` of `.lock`, released when the process ends, even
+    """An exclusive lock on a run directory (`fcntl.flock` of `.lock`, dropped when the process ends, even
     by SIGKILL), so the same run launched twice trains once. The file names the holder for the message."""
 
     def __init__(self, run_dir):
@@ -209,6 +209,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # releases the lock
+        os.close(self.fd)  # drops the lock
         self.fd = None
         return False

@@ -8,14 +8,13 @@ Nothing here downloads or reads weights: a shape model's config comes from `Auto
 model's from the config.json in its resolved folder.
 """
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from .errors import ConfigError
-from .models import conv1d_to_linear, load_from_folder, resolve_path
+from .model_files import conv1d_to_linear, gguf_cache_dir, load_from_folder, resolve_path
 
 
 def _plain(mapping) -> dict:
@@ -50,7 +49,7 @@ def load_hf_config(cfg_model, num_labels: int) -> PretrainedConfig:
         raise ConfigError(f"model={cfg_model.name}: set model.path (weights) or model.shape (random init)")
     resolved = resolve_path(cfg_model.path)
     if cfg_model.get("gguf_file"):
-        cached = Path(resolve_path(cfg_model.cache_dir)) / cfg_model.name  # written by models._gguf_cache
+        cached = gguf_cache_dir(cfg_model)  # written by models._gguf_cache
         if (cached / "config.json").exists():
             resolved = str(cached)
         else:

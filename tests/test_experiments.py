@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments.demo import compose, sweep_jobs
-from lowrank.trainer import validate
+from lowrank.validation import validate
 
 from .conftest import CONF, ROOT, run_cli
 
@@ -29,7 +29,7 @@ def test_experiment_file_is_a_global_override_with_its_command(experiment):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_job_of_every_sweep_composes_and_validates(experiment, tmp_path):
     jobs = sweep_jobs(experiment, [f"runs_root={tmp_path}"])
-    params = compose([f"+experiment={experiment}"], hydra_config=True).hydra.sweeper.params or {}
+    params = compose([f"experiment={experiment}"], hydra_config=True).hydra.sweeper.params or {}
     assert len({tuple(j) for j in jobs}) == len(jobs)
     assert all(any(o.startswith(f"{key}=") for o in job) for job in jobs for key in params)
     names = set()
@@ -57,7 +57,7 @@ def test_command_line_values_replace_a_grid_axis():
 
 @pytest.mark.slow
 def test_a_sweep_starts_and_finishes_as_a_tiny_multirun(tmp_path):
-    res = run_cli(["-m", "experiments.train", "-m", "+experiment=subspace", "method.rank=8", "seed=0",
+    res = run_cli(["-m", "experiments.train", "-m", "experiment=subspace", "method.rank=8", "seed=0",
                    f"runs_root={tmp_path}", *TINY_RUN], cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (metrics,) = (tmp_path / "subspace").glob("*/metrics.json")

@@ -18,7 +18,7 @@ def wandb_cfg(mode=None):
 
 
 def closed_port() -> int:
-    """A local port with nothing listening: bound once by us to pick it, then released."""
+    """A local port with nothing listening: bound once by us to pick it, then closed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

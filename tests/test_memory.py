@@ -17,7 +17,7 @@ from lowrank.errors import ConfigError
 from lowrank.lora import inject_lora
 from lowrank.memory import (GIB, arch_from_config, count_params, estimate_memory, lora_adapter_params,
                             _layer_bytes_per_token)
-from lowrank.models import conv1d_to_linear, resolve_path
+from lowrank.model_files import conv1d_to_linear, resolve_path
 from lowrank.shapes import build_random_model, hf_config_from_shape, load_hf_config
 
 from .conftest import CONF, compose_cfg, run_cli
@@ -150,13 +150,13 @@ def test_one_llama_layer_saves_by_hand():
     # + o input 2h + gate/up input 2h + SiLU input, SiLU output, up output 6i + down input 2i = 26h + 8i + 4a
     arch = arch_from_config(shape("llama_1b_shape"))
     h, i, a = 2048, 5632, 32
-    full = _layer_bytes_per_token(arch, set(), True, 0, c=2, r=2, fused_attention=True, padded=True, seq_len=1024)
+    full = _layer_bytes_per_token(arch, set(), True, 0, c=2, r=2, padded=True)
     assert full == 26 * h + 8 * i + 4 * a
     # unpadded: native grouped-query attention saves k and v at 4 heads of 64: 2·(h - 256) bytes less each
-    native = _layer_bytes_per_token(arch, set(), True, 0, 2, 2, True, padded=False, seq_len=1024)
+    native = _layer_bytes_per_token(arch, set(), True, 0, 2, 2, padded=False)
     assert full - native == 2 * 2 * (h - 4 * 64)
     # LoRA r=8 on q, v: no normalised copies, no frozen-linear inputs; A's shared input and two r-wide mids
-    lora = _layer_bytes_per_token(arch, {"self_attn.q_proj", "self_attn.v_proj"}, False, 8, 2, 2, True, True, 1024)
+    lora = _layer_bytes_per_token(arch, {"self_attn.q_proj", "self_attn.v_proj"}, False, 8, 2, 2, True)
     assert lora == 2 * 4 * h + 2 * h + 8 * h + 4 * a + 6 * i + 2 * 2 * 8
 
 
@@ -166,7 +166,7 @@ def test_checkpointing_keeps_layer_inputs_and_one_layer():
     plain = estimate_memory(config, "full", 8, 1024, **kw)
     ckpt = estimate_memory(config, "full", 8, 1024, activation_checkpointing=True, **kw)
     arch = arch_from_config(config)
-    per_layer = _layer_bytes_per_token(arch, set(), True, 0, 2, 2, True, False, 1024)
+    per_layer = _layer_bytes_per_token(arch, set(), True, 0, 2, 2, False)
     tokens = 8 * 1024
     # 22 layers of saved tensors become 22 layer inputs (2h bytes each) plus one recomputed layer
     assert plain.activations_bytes - ckpt.activations_bytes == tokens * (21 * per_layer - 22 * 2 * 2048)
@@ -318,16 +318,9 @@ def test_cap_process_memory_is_a_no_op_on_cpu():
 
 # ---------------------------------------------------------------------------------------------- configs + CLI
 
-def budget_override(name: str) -> str:
-    """`budget=X` once conf/config.yaml lists the budget group in its defaults, `+budget=X` before."""
-    defaults = OmegaConf.load(CONF / "config.yaml").get("defaults", [])
-    listed = any(isinstance(d, dict) and "budget" in d for d in OmegaConf.to_container(defaults))
-    return f"budget={name}" if listed else f"+budget={name}"
-
-
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "budget").glob("*.yaml")))
 def test_every_budget_config_composes(name):
-    cfg = compose_cfg([budget_override(name)])
+    cfg = compose_cfg([f"budget={name}"])
     b = budget_bytes(cfg.budget)
     assert (b is None) == (name == "none")
     if b is not None:
@@ -336,7 +329,7 @@ def test_every_budget_config_composes(name):
 
 def test_estimate_entry_point_prints_json_last_and_writes_nothing(tmp_path):
     result = run_cli(["-m", "experiments.estimate", "model=llama2_7b_shape", "method=full", "trainer.batch_size=1",
-                      "trainer.max_length=512", budget_override("80gb")], cwd=tmp_path, timeout=120)
+                      "trainer.max_length=512", "budget=80gb"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     out = json.loads(lines[-1])
@@ -380,12 +373,11 @@ def test_grouped_lora_layers_save_one_cast_copy_of_their_input():
     assert saved[False] - saved[True] == n_layers * tokens * 3 * 2 * h
     arch = arch_from_config(cfg)
     adapted = {lin.name for lin in arch.linears}
-    per_token = _layer_bytes_per_token(arch, adapted, False, 4, c=2, r=4, fused_attention=True, padded=False,
-                                       seq_len=16)
+    per_token = _layer_bytes_per_token(arch, adapted, False, 4, c=2, r=4, padded=False)
     # the model's count: adding q, k, v, gate and up to o and down adds one bf16 copy of the q/k/v input and
     # one of the gate/up input (2h bytes each), and five rank-4 intermediates (2·4 bytes each)
-    o_down = _layer_bytes_per_token(arch, {"self_attn.o_proj", "mlp.down_proj"}, False, 4, 2, 4, True, False, 16)
+    o_down = _layer_bytes_per_token(arch, {"self_attn.o_proj", "mlp.down_proj"}, False, 4, 2, 4, False)
     assert per_token - o_down == 2 * (2 * h) + 5 * 2 * 4
     # with LoRA dropout the layers compute one by one: a copy per layer (3 for q/k/v, 2 for gate/up)
-    alone = _layer_bytes_per_token(arch, adapted, False, 4, 2, 4, True, False, 16, grouped=False)
+    alone = _layer_bytes_per_token(arch, adapted, False, 4, 2, 4, False, grouped=False)
     assert alone - per_token == 3 * 2 * h

@@ -23,8 +23,8 @@ def run_dir_of(overrides: list[str], runs_root) -> str:
 
 
 def test_settings_from_an_experiment_file_give_another_directory(tmp_path):
-    lora = run_dir_of(["+experiment=demo_lora", "seed=0", "method.rank=8"], tmp_path)
-    targets = run_dir_of(["+experiment=demo_targets", "seed=0", "method.rank=8"], tmp_path)
+    lora = run_dir_of(["experiment=demo_lora", "seed=0", "method.rank=8"], tmp_path)
+    targets = run_dir_of(["experiment=demo_targets", "seed=0", "method.rank=8"], tmp_path)
     assert lora != targets  # same command-line overrides, different targets from the experiment files
     assert os.path.basename(lora).startswith("method.rank=8,seed=0-")
 

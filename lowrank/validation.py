@@ -1,0 +1,75 @@
+"""Config checks, each with one line naming the key and what would be valid: the cheap ones before anything
+is loaded (`validate`), the ones that need the model (`check_rank_fits`), and the settings resolved once for
+everyone (`resolve_device`, `resolve_precision`).
+"""
+import torch
+from omegaconf import DictConfig
+
+from .errors import ConfigError, check_choice
+from .lora import INITS, SCALINGS
+
+METHODS = ("full", "lora")
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("linear", "cosine", "constant")
+LOGGERS = ("none", "wandb")
+
+
+def check_positive(key: str, value, integer: bool = False, allow_zero: bool = False) -> None:
+    """A number (an integer with `integer`) > 0, or >= 0 with `allow_zero`; a bool is neither."""
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}={value!r} is not valid; it must be {kind} {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks before anything is loaded; model-dependent ones (rank vs width, targets) come later."""
+    m, t = cfg.method, cfg.trainer
+    check_choice("method.name", m.name, METHODS)
+    if m.name == "lora":
+        check_positive("method.rank", m.rank, integer=True)
+        check_positive("method.alpha", m.alpha)
+        if not (isinstance(m.dropout, (int, float)) and 0 <= m.dropout < 1):
+            raise ConfigError(f"method.dropout={m.dropout!r} is not valid; it must be in [0, 1)")
+        check_choice("method.scaling", m.scaling, SCALINGS)
+        check_choice("method.init", m.init, INITS)
+    if not m.targets:
+        raise ConfigError("method.targets is empty; give module-name suffixes such as [query,value] or all-linear")
+    for key in ("max_steps", "batch_size", "max_length", "eval_interval", "eval_batch_size"):
+        check_positive(f"trainer.{key}", t[key], integer=True)
+    for key in ("micro_batch_size", "checkpoint_every"):
+        if t[key] is not None:
+            check_positive(f"trainer.{key}", t[key], integer=True, allow_zero=key == "checkpoint_every")
+    check_positive("trainer.warmup_steps", t.warmup_steps, integer=True, allow_zero=True)
+    check_positive("trainer.lr", t.lr)
+    check_positive("trainer.weight_decay", t.weight_decay, allow_zero=True)
+    if t.grad_clip is not None:
+        check_positive("trainer.grad_clip", t.grad_clip)
+    check_choice("trainer.precision", t.precision, PRECISIONS)
+    if not isinstance(t.get("compile", False), bool):
+        raise ConfigError(f"trainer.compile={t.compile!r} is not valid; it must be true or false")
+    check_choice("trainer.schedule", t.schedule, SCHEDULES)
+    check_choice("logger.name", cfg.logger.name, LOGGERS)
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer")
+
+
+def check_rank_fits(rank: int, widths: dict[str, int]) -> None:
+    """LoRA's rank must not exceed min(in, out) of any target; `widths` maps each target to that minimum."""
+    too_small = {name: width for name, width in widths.items() if rank > width}
+    if too_small:
+        name, width = next(iter(too_small.items()))
+        raise ConfigError(f"method.rank={rank} is not valid; it must be <= min(in, out)={width} of target {name}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA where there is one, else the CPU; a CUDA device gets its index (caps and stats want one)."""
+    device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """`auto`: bf16 autocast on CUDA, fp32 on the CPU (where bf16 speed depends on the CPU's arithmetic)."""
+    return precision if precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
