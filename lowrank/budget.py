@@ -8,8 +8,8 @@ even a micro-batch of 1 does not fit. A run that cannot fit is a result (`fits: 
 
 On CPU nothing is capped: `fit_with_estimate(batch, estimate, budget)` asks the memory model instead.
 The search is device-agnostic: it only calls `probe(micro_batch, checkpointing) -> bool`, so tests inject one.
-`fit_to_budget(cfg, model, optimizer, device, autocast, micro)` is what the trainer calls: both paths, plus
-the memory estimate at the chosen setting.
+`fit_to_budget(budget, model, optimizer, ...)` is what the trainer calls: both paths, plus the memory
+estimate at the chosen setting, as a `BudgetFit`.
 """
 import dataclasses
 import gc
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
-from .memory import GIB, MemoryEstimate, estimate_from_cfg
+from .memory import GIB, MemoryEstimate
 
 Probe = Callable[[int, bool], bool]  # (micro_batch, activation_checkpointing) -> ran without running out
 
@@ -158,30 +158,49 @@ def _weights_too_big(estimate, budget: int) -> str | None:
     return None
 
 
-def fit_to_budget(cfg, model, optimizer, device, autocast, micro: int) -> dict:
-    """Choose micro-batch and activation checkpointing under `budget.gib`.
+@dataclass
+class BudgetFit:
+    """What `fit_to_budget` chose, or why nothing fits: the run's memory settings and the estimate at them,
+    recorded in its metrics.json next to the measured peak."""
+    fits: bool
+    budget_bytes: int | None
+    micro_batch: int | None
+    activation_checkpointing: bool
+    memory_estimate: dict
+    reason: str | None = None
+    failed_at: dict | None = None
+    tried: list[dict] = field(default_factory=list)
+
+    def out_of_memory_at(self, step: int) -> "BudgetFit":
+        """The probes fit, yet training step `step` did not (fragmentation, a longer eval batch)."""
+        return dataclasses.replace(self, fits=False, reason=(
+            f"out of memory at step {step} after fitting micro-batch {self.micro_batch} "
+            f"(checkpointing {self.activation_checkpointing})"), failed_at={
+            "step": step, "micro_batch": self.micro_batch, "activation_checkpointing": self.activation_checkpointing})
+
+
+def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_size: int, max_length: int,
+                  micro: int, checkpointing: bool, estimate: Callable[..., MemoryEstimate]) -> BudgetFit:
+    """Choose micro-batch and activation checkpointing under `budget` bytes (None: keep `micro` and
+    `checkpointing` as configured). `estimate(**setting)` is the memory model for this run.
 
     CUDA: cap the process at the budget and probe real steps (largest micro-batch first, then with
-    checkpointing); the probes use lr 0 and their optimizer state and gradients are discarded, so the run
-    itself starts from the same weights. CPU: the memory model decides (nothing can be probed safely).
-    Always returns the memory estimate at the chosen setting, next to which the measured peak is recorded."""
-    tc = cfg.trainer
-    budget = budget_bytes(cfg.get("budget"))
-
-    def estimate(**kw):
-        return estimate_from_cfg(cfg, model.config, device_type=device.type, **kw)
+    checkpointing); the probes use lr 0 and their optimizer state and gradients are discarded (they draw
+    random numbers: re-seed after). CPU: the memory model decides (nothing can be probed safely)."""
+    def at(fit: FitResult) -> dict:
+        return estimate(micro_batch=fit.micro_batch, grad_accum=fit.grad_accum,
+                        activation_checkpointing=fit.activation_checkpointing).as_dict()
     if budget is None:
-        result = {"fits": True, "micro_batch": micro, "activation_checkpointing": bool(tc.activation_checkpointing)}
-    elif (too_big := _weights_too_big(estimate, budget)) is not None:
-        return {"fits": False, "budget_bytes": budget, "reason": too_big, "failed_at": None,
-                "memory_estimate": estimate().as_dict()}
-    elif device.type == "cuda":
+        return BudgetFit(True, None, micro, checkpointing, at(FitResult(micro, batch_size // micro, checkpointing, True)))
+    if (too_big := _weights_too_big(estimate, budget)) is not None:
+        return BudgetFit(False, budget, None, False, estimate().as_dict(), reason=too_big)
+    if device.type == "cuda":
         free_cuda_memory(device)  # what an earlier job of this multirun left in the cache
         cap_process_memory(budget, device)
         lrs = [g["lr"] for g in optimizer.param_groups]
 
-        def run_steps(m: int, checkpointing: bool) -> None:
-            if checkpointing:
+        def run_steps(m: int, ckpt: bool) -> None:
+            if ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_disable()
@@ -192,9 +211,9 @@ def fit_to_budget(cfg, model, optimizer, device, autocast, micro: int) -> dict:
                 # every real step after the first does; two micro-batches each, so gradients and activations
                 # coexist as under accumulation.
                 for _ in range(2):
-                    for _ in range(min(2, tc.batch_size // m)):
+                    for _ in range(min(2, batch_size // m)):
                         with autocast():
-                            model(**_worst_case_batch(m, tc.max_length, device)).loss.backward()
+                            model(**_worst_case_batch(m, max_length, device)).loss.backward()
                     optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)
@@ -202,17 +221,12 @@ def fit_to_budget(cfg, model, optimizer, device, autocast, micro: int) -> dict:
                 for g, lr in zip(optimizer.param_groups, lrs):
                     g["lr"] = lr
                 model.gradient_checkpointing_disable()
-        fit = fit_micro_batch(tc.batch_size, cuda_oom_probe(run_steps, device))
-        torch.manual_seed(cfg.seed)  # the probes drew random numbers (dropout); the run starts from the seed again
-        result = fit.as_dict() | {"reason": None if fit.fits else "no micro-batch fits, even with checkpointing"}
+        fit = fit_micro_batch(batch_size, cuda_oom_probe(run_steps, device))
+        reason = "no micro-batch fits, even with checkpointing"
     else:
-        fit, est = fit_with_estimate(tc.batch_size, estimate, budget)
-        result = fit.as_dict() | {"reason": None if fit.fits else "the estimate exceeds the budget at every setting",
-                                  "memory_estimate": est.as_dict()}
-    result["budget_bytes"] = budget
-    if "memory_estimate" not in result:  # (the memory model's fit comes with its estimate)
-        result["memory_estimate"] = (estimate(micro_batch=result["micro_batch"],
-                                              grad_accum=tc.batch_size // result["micro_batch"],
-                                              activation_checkpointing=result["activation_checkpointing"])
-                                     if result["fits"] else estimate()).as_dict()
-    return result
+        fit = fit_micro_batch(batch_size, estimate_probe(estimate, budget, batch_size))
+        reason = "the estimate exceeds the budget at every setting"
+    if not fit.fits:  # the estimate at the configured batch without checkpointing: what did not fit
+        return BudgetFit(False, budget, None, fit.activation_checkpointing, estimate().as_dict(), reason=reason,
+                         failed_at=fit.failed_at, tried=fit.tried)
+    return BudgetFit(True, budget, fit.micro_batch, fit.activation_checkpointing, at(fit), tried=fit.tried)

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 from . import atomic, rundir
 from .batches import Batches
 from .blocks import compile_blocks
-from .budget import fit_to_budget, free_cuda_memory
+from .budget import BudgetFit, budget_bytes, fit_to_budget, free_cuda_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_task
 from .delta import ensure_base_weights, linear_weights, write_delta
 from .errors import ConfigError
 from .job_scope import job_scope
 from .logger import make_logger
+from .memory import estimate_from_cfg
 from .lora import freeze_for_lora, inject_lora, lora_scaling, match_targets
 from .models import load_model
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
@@ -87,15 +88,14 @@ def _run_dir_and_group(run_dir) -> tuple[Path, str | None]:
     return Path(run_dir), group
 
 
-def _does_not_fit(run_dir: Path, cfg, fit: dict, t_start: float) -> dict:
+def _does_not_fit(run_dir: Path, cfg, fit: BudgetFit, t_start: float) -> dict:
     """A run that cannot fit its budget is a result of the sweep, not a crash."""
-    metrics = {"status": "does_not_fit", "method": cfg.method.name, "fits": False, "budget_bytes": fit["budget_bytes"],
-               "reason": fit.get("reason"), "failed_at": fit.get("failed_at"), "tried": fit.get("tried"),
-               "memory_estimate": fit["memory_estimate"], "wall_seconds": time.perf_counter() - t_start}
-    log.warning("budget.gib=%g: does not fit (%s); recorded in %s", fit["budget_bytes"] / 2**30,
-                fit.get("reason"), run_dir / METRICS_FILE)
-    metrics = _write_metrics(run_dir, cfg, metrics)
-    return metrics
+    metrics = {"status": "does_not_fit", "method": cfg.method.name, "fits": False, "budget_bytes": fit.budget_bytes,
+               "reason": fit.reason, "failed_at": fit.failed_at, "tried": fit.tried,
+               "memory_estimate": fit.memory_estimate, "wall_seconds": time.perf_counter() - t_start}
+    log.warning("budget.gib=%g: does not fit (%s); recorded in %s", fit.budget_bytes / 2**30, fit.reason,
+                run_dir / METRICS_FILE)
+    return _write_metrics(run_dir, cfg, metrics)
 
 
 def _hydra_overrides() -> list[str]:
@@ -243,19 +243,22 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     if tc.batch_size % micro:
         raise ConfigError(f"trainer.micro_batch_size={micro} is not valid; it must divide trainer.batch_size="
                           f"{tc.batch_size}")
-    fit = fit_to_budget(cfg, model, optimizer, device, autocast, micro)
-    if not fit["fits"]:
+    fit = fit_to_budget(budget_bytes(cfg.get("budget")), model, optimizer, device, autocast, tc.batch_size,
+                        tc.max_length, micro, bool(tc.activation_checkpointing),
+                        lambda **kw: estimate_from_cfg(cfg, model.config, device_type=device.type, **kw))
+    seed_everything(cfg.seed)  # the budget probes drew random numbers (dropout): start from the seed again
+    if not fit.fits:
         return _does_not_fit(run_dir, cfg, fit, t_start)
-    micro, checkpointing = fit["micro_batch"], fit["activation_checkpointing"]
-    if fit["budget_bytes"]:
+    micro, checkpointing = fit.micro_batch, fit.activation_checkpointing
+    if fit.budget_bytes:
         log.info("budget.gib=%g: micro-batch %d × %d accumulated, activation checkpointing %s (estimate %.2f GiB)",
-                 fit["budget_bytes"] / 2**30, micro, tc.batch_size // micro, checkpointing,
-                 fit["memory_estimate"]["total_bytes"] / 2**30)
+                 fit.budget_bytes / 2**30, micro, tc.batch_size // micro, checkpointing,
+                 fit.memory_estimate["total_bytes"] / 2**30)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.get("compile"):
         compile_blocks(model)  # after the budget probes: they measure the eager step, which needs more memory
-    eval_batch_size = min(tc.eval_batch_size, micro) if fit["budget_bytes"] else tc.eval_batch_size
+    eval_batch_size = min(tc.eval_batch_size, micro) if fit.budget_bytes else tc.eval_batch_size
 
     loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {
         "step": 0, "history": [], "recent_losses": [], "tokens": 0, "train_time": 0.0}
@@ -309,16 +312,11 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                 logger.finish()
                 raise Preempted(143)
     except torch.OutOfMemoryError:
-        if not fit["budget_bytes"]:
+        if not fit.budget_bytes:
             raise
-        # The probes fit, yet a later step did not (fragmentation, a longer eval batch): still a result.
-        free_cuda_memory(device)
-        fit |= {"fits": False, "reason": f"out of memory at step {loop['step'] + 1} after fitting micro-batch "
-                                         f"{micro} (checkpointing {checkpointing})",
-                "failed_at": {"step": loop["step"] + 1, "micro_batch": micro,
-                              "activation_checkpointing": checkpointing}}
+        free_cuda_memory(device)  # the probes fit, yet a later step did not: still a result of the sweep
         logger.finish()
-        return _does_not_fit(run_dir, cfg, fit, t_start)
+        return _does_not_fit(run_dir, cfg, fit.out_of_memory_at(loop["step"] + 1), t_start)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -371,9 +369,9 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "micro_batch": micro,
         "grad_accum": tc.batch_size // micro,
         "activation_checkpointing": checkpointing,
-        "budget_bytes": fit["budget_bytes"],
+        "budget_bytes": fit.budget_bytes,
         "fits": True,
-        "memory_estimate": fit["memory_estimate"],
+        "memory_estimate": fit.memory_estimate,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
         "wall_seconds": time.perf_counter() - t_start,

@@ -46,7 +46,7 @@ def test_delta_weight_has_rank_at_most_r_and_scaling_rules():
     assert layer.scaling == 8 / 3
     rs = LoRALinear(nn.Linear(4, 4), rank=4, alpha=8, scaling="rslora")
     assert rs.scaling == 8 / 2
-    with pytest.raises(ValueError, match="method.rank"):
+    with pytest.raises(ValueError, match="LoRALinear needs rank >= 1, got 0"):
         LoRALinear(nn.Linear(4, 4), rank=0, alpha=8)
 
 
