@@ -35,6 +35,7 @@ from .models import load_model
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
 from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
+from .throughput import StepClock, compile_seconds
 from .validation import check_rank_fits, resolve_device, resolve_precision, validate
 
 log = logging.getLogger(__name__)
@@ -261,9 +262,11 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     eval_batch_size = min(tc.eval_batch_size, micro) if fit.budget_bytes else tc.eval_batch_size
 
     loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {
-        "step": 0, "history": [], "recent_losses": [], "tokens": 0, "train_time": 0.0}
+        "step": 0, "history": [], "recent_losses": [], "timing": None}
     if loop["step"]:
         log.info("resuming %s from step %d", run_dir, loop["step"])
+    clock = StepClock(tc.timing_warmup_steps, tc.max_steps - loop["step"])
+    clock.load_state_dict(loop.get("timing"))
     run_name = f"{mc.name}" + (f"-r{mc.rank}" if mc.name == "lora" else "") + f"-s{cfg.seed}"
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          cfg.logger.get("group") or group, run_name)
@@ -275,15 +278,17 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     try:
         for step in bar:
             idx = train_batches.indices_at(step, tc.batch_size, cfg.seed)
-            t0 = time.perf_counter()
-            loss_value = 0.0
+            t0 = clock.now()
+            loss_value, tokens, padded_tokens = 0.0, 0, 0
             for s in range(0, tc.batch_size, micro):  # gradient accumulation over micro-batches
-                batch = {k: v.to(device, non_blocking=True) for k, v in train_batches.collate(idx[s:s + micro]).items()}
+                cpu_batch = train_batches.collate(idx[s:s + micro])
+                tokens += int(cpu_batch["attention_mask"].sum())  # real tokens; padding is counted apart
+                padded_tokens += cpu_batch["input_ids"].numel()
+                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
                 with autocast():
                     loss = model(**batch).loss * (micro / tc.batch_size)
                 loss.backward()
                 loss_value += loss.item()  # a CPU-GPU sync point, so the step time below is real
-                loop["tokens"] += batch["input_ids"].numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip else math.inf)
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
                 diverged_at = step + 1
@@ -291,11 +296,11 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loop["train_time"] += time.perf_counter() - t0
-            loop["step"] = step + 1
+            step_rate = clock.record(t0, tokens, padded_tokens)
+            loop["step"], loop["timing"] = step + 1, clock.state_dict()
             loop["recent_losses"] = (loop["recent_losses"] + [loss_value])[-tc.eval_interval:]
             logger.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                        "train/tokens_per_second": loop["tokens"] / loop["train_time"]}, step=step + 1)
+                        "train/tokens_per_second": step_rate}, step=step + 1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
                 ev = evaluate(model, test_batches, eval_batch_size, device, autocast)
@@ -341,9 +346,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                  "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
                  "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": names})
 
-    tokens_per_second = loop["tokens"] / loop["train_time"]
-    seq = loop["tokens"] / tc.max_steps / tc.batch_size
-    fpt = flops_per_token(model, int(seq), model.config.num_hidden_layers, model.config.hidden_size)
+    timing = clock.summary()
+    tokens_per_second = timing["tokens_per_second"]
+    seq = timing["timed_tokens"] / max(1, timing["timed_steps"]) / tc.batch_size  # real tokens per sequence
+    fpt = flops_per_token(model, max(1, int(seq)), model.config.num_hidden_layers, model.config.hidden_size)
     peak = peak_flops(device, precision)
     last = loop["history"][-1]
     metrics = {
@@ -358,9 +364,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "head_params": head_params,
         "adapted_params": sum(p.numel() for p in trainable) - head_params,
         "total_params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_second": tokens_per_second,
+        **timing,  # tokens_per_second (real tokens, steady steps), padded_tokens_per_second, warm-up, ...
+        "compile_seconds": compile_seconds() if tc.compile else None,
         "flops_per_token": fpt,
-        "mfu": fpt * tokens_per_second / peak if peak else None,
+        "mfu": fpt * tokens_per_second / peak if peak and tokens_per_second else None,
         "peak_memory_bytes": peak_memory_bytes(device),
         "checkpoint_bytes": state_bytes(trainable),  # adapter + head for LoRA, every weight for full
         "train_examples": len(train_split.labels),

@@ -41,6 +41,7 @@ def validate(cfg: DictConfig) -> None:
         if t[key] is not None:
             check_positive(f"trainer.{key}", t[key], integer=True, allow_zero=key == "checkpoint_every")
     check_positive("trainer.warmup_steps", t.warmup_steps, integer=True, allow_zero=True)
+    check_positive("trainer.timing_warmup_steps", t.timing_warmup_steps, integer=True, allow_zero=True)
     check_positive("trainer.lr", t.lr)
     check_positive("trainer.weight_decay", t.weight_decay, allow_zero=True)
     if t.grad_clip is not None:
