@@ -8,8 +8,9 @@
 Prints a breakdown in GiB and, last, one JSON line (weights_bytes, grads_bytes, optimizer_bytes,
 activations_bytes, total_bytes, budget_bytes, fits, and the micro_batch / grad_accum / activation_checkpointing
 the fit chose). With a budget, the fit is the trainer's search with the estimate standing in for the device.
-Writes no files. `trainer.precision=auto` counts as bf16: budgets are about GPU memory. `+trainer.weight_dtype=bf16`
-estimates bf16 weights (and bf16 AdamW moments) instead of the trainer's fp32 weights.
+Writes no files. `trainer.precision=auto` counts as bf16: budgets are about GPU memory. Frozen
+weights are counted in `model.dtype` as the trainer resolves it (auto: bf16 for LoRA computing in bf16, else
+fp32); `model.dtype=bf16` with method=full counts bf16 weights and bf16 AdamW moments.
 """
 import json
 import sys

@@ -5,7 +5,8 @@
     est.total_bytes / 2**30, est.as_dict()
 
 Terms (bytes):
-- weights: every parameter, in `weight_dtype` (the trainer loads fp32).
+- weights: frozen parameters in `weight_dtype`, trained ones in `trainable_dtype` (the trainer: `model.dtype`
+  for the frozen base, fp32 for LoRA factors and head).
 - grads: one per trainable parameter, in the weight dtype (autograd accumulates into `.grad` of that dtype).
 - optimizer: AdamW's two moments per trainable parameter, in the parameter's dtype (torch's AdamW allocates
   them with `zeros_like(param)`, fused or not): fp32 weights give 4 + 4 + 8 = 16 bytes per trained parameter.
@@ -50,7 +51,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError, check_choice
-from .validation import METHODS, check_positive, check_rank_fits, resolve_precision
+from .validation import METHODS, check_positive, check_rank_fits, resolve_precision, resolve_weight_dtype
 from .targets import ALL_LINEAR, select_targets
 
 GIB = 2 ** 30
@@ -330,6 +331,7 @@ class MemoryEstimate:
 
 def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank: int = 8,
                     targets=ALL_LINEAR, num_labels: int = 2, weight_dtype: str = "fp32", precision: str = "bf16",
+                    trainable_dtype: str | None = None,
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
                     padded: bool = True, kv_cache: bool | None = None,
                     lora_dropout: float = 0.0) -> MemoryEstimate:
@@ -350,6 +352,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
         arch = dataclasses.replace(arch, kv_cache=kv_cache)
     counts = count_params(arch, num_labels, head)
     w, c = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[precision]
+    tw = DTYPE_BYTES[trainable_dtype or weight_dtype]  # LoRA factors and head (fp32 over a bf16 base, in the trainer)
     full = method == "full"
     adapted = set()
     adapter = 0
@@ -363,9 +366,11 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     trainable = counts.total if full else adapter + head_params
     params = counts.total + adapter
 
-    weights = params * w
-    grads = trainable * w
-    optimizer = 2 * trainable * w
+    if full:
+        tw = w
+    weights = (params - trainable) * w + trainable * tw
+    grads = trainable * tw
+    optimizer = 2 * trainable * tw
     # fp32 weights under bf16 autocast: a bf16 copy of every linear weight lives from forward to backward.
     # With checkpointing, frozen weights' copies are dropped at once (only one recomputed layer's exist) and
     # trainable ones stay in autocast's cache until the forward ends.
@@ -378,6 +383,8 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
             copies = c * counts.linear_weights
         else:
             copies = c * (one_layer + adapter)
+    elif c < tw:  # a bf16 base with fp32 factors: only the factors are cast
+        copies = c * adapter
 
     r = w if arch.family == "llama" else 4  # LayerNorm (autocast fp32 op) makes the residual stream fp32
     tokens = batch_size * seq_len
@@ -415,7 +422,7 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     """The estimate for a composed run config (`cfg.model`, `cfg.method`, `cfg.trainer`, `cfg.task`).
     `config`: the HF config if already at hand (else read without weights via lowrank.shapes). Settings left
     None come from the trainer config: `trainer.micro_batch_size` (null = the batch), grad_accum = batch /
-    micro-batch, `trainer.activation_checkpointing`, `trainer.weight_dtype` (fp32 when absent).
+    micro-batch, `trainer.activation_checkpointing`, `model.dtype` (as the trainer resolves it).
     precision "auto" means bf16 on CUDA and fp32 on CPU, and no k/v cache, as in the trainer (which turns
     `use_cache` off; a fresh config still has it on)."""
     from .shapes import load_hf_config
@@ -429,7 +436,8 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     precision = resolve_precision(t.precision, device_type)
     targets = m.targets if isinstance(m.targets, str) else list(m.targets)
     return estimate_memory(config, m.name, micro_batch, t.max_length, rank=m.get("rank") or 8, targets=targets,
-                           num_labels=cfg.task.num_labels, weight_dtype=t.get("weight_dtype", "fp32"),
+                           num_labels=cfg.task.num_labels, trainable_dtype="fp32",
+                           weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
                            precision=precision, activation_checkpointing=activation_checkpointing,
                            grad_accum=grad_accum, padded=padded, kv_cache=kv_cache,
                            lora_dropout=float(m.get("dropout") or 0.0))

@@ -36,7 +36,7 @@ from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
 from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
 from .throughput import StepClock, compile_seconds
-from .validation import check_rank_fits, resolve_device, resolve_precision, validate
+from .validation import check_rank_fits, resolve_device, resolve_precision, resolve_weight_dtype, validate
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     tc, mc = cfg.trainer, cfg.method
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device.type)
+    weight_dtype = resolve_weight_dtype(cfg.model.get("dtype", "auto"), mc.name, precision)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
@@ -218,6 +219,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels, device)
     model.config.use_cache = False  # a k/v cache is for generation; in training it only costs memory
     names = match_targets(model, mc.targets)  # a target matching nothing: ConfigError with the valid suffixes
+    if weight_dtype == "bf16":
+        with torch.no_grad():  # bf16 values from the start, so W0 on disk is the W0 the run uses
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16))
     base_path = ensure_base_weights(runs_root, cfg.model.name, model)
     if mc.name == "lora":
         check_rank_fits(mc.rank, {n: min(model.get_submodule(n).weight.shape) for n in names})
@@ -226,6 +231,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         w0 = None
     else:
         w0 = linear_weights(model, names)  # kept on CPU so ΔW is exactly W_ft − W_0
+    if weight_dtype == "bf16":
+        for p in model.parameters():  # what does not train (everything, with method=full) is held in bf16
+            if not p.requires_grad or mc.name == "full":
+                p.data = p.data.to(torch.bfloat16)
     model.to(device).train()
 
     trainable = [p for p in model.parameters() if p.requires_grad]

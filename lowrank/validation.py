@@ -10,6 +10,7 @@ from .lora import INITS, SCALINGS
 
 METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
 LOGGERS = ("none", "wandb")
 
@@ -47,6 +48,9 @@ def validate(cfg: DictConfig) -> None:
     if t.grad_clip is not None:
         check_positive("trainer.grad_clip", t.grad_clip)
     check_choice("trainer.precision", t.precision, PRECISIONS)
+    check_choice("model.dtype", cfg.model.get("dtype", "auto"), DTYPES)
+    if cfg.model.get("dtype") == "bf16" and t.precision == "fp32":
+        raise ConfigError("model.dtype=bf16 is not valid with trainer.precision=fp32; bf16 weights compute in bf16")
     if not isinstance(t.get("compile", False), bool):
         raise ConfigError(f"trainer.compile={t.compile!r} is not valid; it must be true or false")
     check_choice("trainer.schedule", t.schedule, SCHEDULES)
@@ -74,3 +78,13 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(precision: str, device_type: str) -> str:
     """`auto`: bf16 autocast on CUDA, fp32 on the CPU (where bf16 speed depends on the CPU's arithmetic)."""
     return precision if precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+
+
+def resolve_weight_dtype(dtype: str, method: str, precision: str) -> str:
+    """The dtype of the frozen weights. `auto`: bf16 for LoRA computing in bf16 (a frozen base needs no fp32
+    master, and bf16 autocast would make bf16 copies of it anyway), fp32 otherwise. LoRA's factors and the
+    head train in fp32 whatever it is; with `bf16`, full fine-tuning trains bf16 weights. `precision` is
+    the resolved one (`resolve_precision`)."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if method == "lora" and precision == "bf16" else "fp32"

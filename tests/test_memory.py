@@ -15,8 +15,8 @@ from lowrank.budget import (FitResult, budget_bytes, cap_process_memory, cuda_oo
                             fit_micro_batch, fit_with_estimate, micro_batch_candidates, require_weights_fit)
 from lowrank.errors import ConfigError
 from lowrank.lora import inject_lora
-from lowrank.memory import (GIB, arch_from_config, count_params, estimate_memory, lora_adapter_params,
-                            _layer_bytes_per_token)
+from lowrank.memory import (GIB, arch_from_config, count_params, estimate_from_cfg, estimate_memory,
+                            lora_adapter_params, _layer_bytes_per_token)
 from lowrank.model_files import conv1d_to_linear, resolve_path
 from lowrank.shapes import build_random_model, hf_config_from_shape, load_hf_config
 
@@ -381,3 +381,19 @@ def test_grouped_lora_layers_save_one_cast_copy_of_their_input():
     # with LoRA dropout the layers compute one by one: a copy per layer (3 for q/k/v, 2 for gate/up)
     alone = _layer_bytes_per_token(arch, adapted, False, 4, 2, 4, False, grouped=False)
     assert alone - per_token == 3 * 2 * h
+
+
+def test_a_bf16_base_with_fp32_factors_by_hand():
+    """LoRA over a bf16 frozen base (model.dtype auto under bf16): 2 bytes per frozen weight, 4 per trained
+    one, fp32 gradients and moments for the trained ones, and bf16 copies of the factors only."""
+    config = hf_config_from_shape(shape("llama2_7b_shape"), 2)
+    n = count_params(config).total
+    adapter, head = 32 * 2 * 8 * 8192, 2 * 4096
+    est = estimate_memory(config, "lora", 1, 512, rank=8, targets=["q_proj", "v_proj"], weight_dtype="bf16",
+                          trainable_dtype="fp32")
+    assert est.weights_bytes == 2 * (n - head) + 4 * (adapter + head)
+    assert (est.grads_bytes, est.optimizer_bytes) == (4 * (adapter + head), 8 * (adapter + head))
+    assert est.weight_copies_bytes == 2 * adapter
+    cfg = compose_cfg(["model=llama2_7b_shape", "method.rank=8"])
+    assert estimate_from_cfg(cfg, config, device_type="cuda").weight_dtype == "bf16"
+    assert estimate_from_cfg(cfg, config, device_type="cpu").weight_dtype == "fp32"

@@ -135,3 +135,14 @@ def test_compiled_run_compiles_the_blocks_and_trains_like_eager(tiny_run, monkey
     # dropout masks come from another generator once compiled, so the two runs differ a little, not more
     assert abs(metrics["train_loss"] - eager["train_loss"]) < 0.05
     assert abs(metrics["eval_loss"] - eager["eval_loss"]) < 0.05
+
+
+def test_a_bf16_base_trains_fp32_factors_and_stores_the_w0_it_used(tiny_run):
+    from safetensors.torch import load_file as load
+    metrics, run_dir = tiny_run("model.dtype=bf16", "trainer.precision=bf16")
+    assert metrics["status"] == "complete"
+    meta = read_delta(run_dir)[1]
+    w0 = load(str((run_dir / meta["base_weights"]).resolve()))
+    assert all(torch.equal(w, w.to(torch.bfloat16).float()) for w in w0.values())  # bf16 values exactly
+    factors = read_delta(run_dir)[0]
+    assert all(t.dtype == torch.float32 for t in factors.values())
