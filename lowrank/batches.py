@@ -25,6 +25,11 @@ class Batches:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def unpadded(self) -> bool:
+        """Every example has the same length: no batch is ever padded (task=synthetic)."""
+        return len({len(f["input_ids"]) for f in self.features}) <= 1
+
     def collate(self, idx) -> dict:
         feats = [self.features[i] for i in idx]
         n = max(len(f["input_ids"]) for f in feats)

@@ -191,7 +191,8 @@ def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_
         return estimate(micro_batch=fit.micro_batch, grad_accum=fit.grad_accum,
                         activation_checkpointing=fit.activation_checkpointing).as_dict()
     if budget is None:
-        return BudgetFit(True, None, micro, checkpointing, at(FitResult(micro, batch_size // micro, checkpointing, True)))
+        fit = FitResult(micro, batch_size // micro, checkpointing, True)
+        return BudgetFit(True, None, micro, checkpointing, at(fit))
     if (too_big := _weights_too_big(estimate, budget)) is not None:
         return BudgetFit(False, budget, None, False, estimate().as_dict(), reason=too_big)
     if device.type == "cuda":

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import atomic, rundir
 from .batches import Batches
-from .blocks import compile_blocks
+from .blocks import causal_attention_without_mask, compile_blocks
 from .budget import BudgetFit, budget_bytes, fit_to_budget, free_cuda_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_task
@@ -39,6 +39,7 @@ from .throughput import StepClock, compile_seconds
 from .validation import check_rank_fits, resolve_device, resolve_precision, resolve_weight_dtype, validate
 
 log = logging.getLogger(__name__)
+CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")  # decoders: attention is causal, SDPA's flag suffices
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -60,11 +61,11 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 @torch.no_grad()
-def evaluate(model, batches: Batches, batch_size: int, device, autocast) -> dict:
+def evaluate(model, batches: Batches, batch_size: int, device, autocast, mask_free: bool = False) -> dict:
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for batch in batches.by_length(batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if not (mask_free and k == "attention_mask")}
         with autocast():
             out = model(**batch)
         k = batch["labels"].numel()
@@ -246,6 +247,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     train_batches = Batches(tokenizer, train_split, tc.max_length, pad_id)
     test_batches = Batches(tokenizer, test_split, tc.max_length, pad_id)
+    # Attention without a mask for causal models whose batches are never padded: transformers would build a
+    # mask every step, and its packed-sequence check makes the host wait for the GPU (lowrank/blocks.py).
+    mask_free = (tc.mask_free_attention and train_batches.unpadded and test_batches.unpadded
+                 and model.config.model_type in CAUSAL_MODEL_TYPES)
     if tc.batch_size > len(train_batches):
         raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
                           f"size ({len(train_batches)})")
@@ -266,6 +271,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                  fit.memory_estimate["total_bytes"] / 2**30)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mask_free:  # after the budget probes, whose worst-case batches carry a mask
+        causal_attention_without_mask(model)
     if tc.get("compile"):
         compile_blocks(model)  # after the budget probes: they measure the eager step, which needs more memory
     eval_batch_size = min(tc.eval_batch_size, micro) if fit.budget_bytes else tc.eval_batch_size
@@ -293,7 +300,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                 cpu_batch = train_batches.collate(idx[s:s + micro])
                 tokens += int(cpu_batch["attention_mask"].sum())  # real tokens; padding is counted apart
                 padded_tokens += cpu_batch["input_ids"].numel()
-                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()
+                         if not (mask_free and k == "attention_mask")}
                 with autocast():
                     loss = model(**batch).loss * (micro / tc.batch_size)
                 loss.backward()
@@ -312,7 +320,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                         "train/tokens_per_second": step_rate}, step=step + 1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
-                ev = evaluate(model, test_batches, eval_batch_size, device, autocast)
+                ev = evaluate(model, test_batches, eval_batch_size, device, autocast, mask_free)
                 loop["history"].append({"step": step + 1, "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"],
                                         "train_loss": float(np.mean(loop["recent_losses"]))})
                 logger.log({"eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}, step=step + 1)
@@ -349,7 +357,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     # Training accuracy on (up to) as many training examples as the test set has, for over-fitting plots.
     n_train_eval = min(len(train_split.labels), len(test_split.labels))
     train_eval = evaluate(model, Batches(tokenizer, train_split.subset(n_train_eval, 0), tc.max_length, pad_id),
-                          eval_batch_size, device, autocast)
+                          eval_batch_size, device, autocast, mask_free)
     write_delta(run_dir, model, mc.name, names, w0, base_path,
                 {"base_model": cfg.model.path, "base_model_name": cfg.model.name,
                  "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
@@ -390,6 +398,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "memory_estimate": fit.memory_estimate,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
+        "weight_dtype": weight_dtype,
+        "mask_free_attention": mask_free,
         "wall_seconds": time.perf_counter() - t_start,
         "eval_history": loop["history"],
         "delta_file": DELTA_FILE,

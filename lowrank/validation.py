@@ -51,8 +51,9 @@ def validate(cfg: DictConfig) -> None:
     check_choice("model.dtype", cfg.model.get("dtype", "auto"), DTYPES)
     if cfg.model.get("dtype") == "bf16" and t.precision == "fp32":
         raise ConfigError("model.dtype=bf16 is not valid with trainer.precision=fp32; bf16 weights compute in bf16")
-    if not isinstance(t.get("compile", False), bool):
-        raise ConfigError(f"trainer.compile={t.compile!r} is not valid; it must be true or false")
+    for key in ("compile", "mask_free_attention"):
+        if not isinstance(t.get(key, False), bool):
+            raise ConfigError(f"trainer.{key}={t[key]!r} is not valid; it must be true or false")
     check_choice("trainer.schedule", t.schedule, SCHEDULES)
     check_choice("logger.name", cfg.logger.name, LOGGERS)
     if not isinstance(cfg.seed, int):

@@ -1,6 +1,7 @@
 """Tiny real runs through train(cfg): the run directory is complete and ΔW is what it claims to be."""
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -146,3 +147,19 @@ def test_a_bf16_base_trains_fp32_factors_and_stores_the_w0_it_used(tiny_run):
     assert all(torch.equal(w, w.to(torch.bfloat16).float()) for w in w0.values())  # bf16 values exactly
     factors = read_delta(run_dir)[0]
     assert all(t.dtype == torch.float32 for t in factors.values())
+
+
+TINY_LLAMA = ["model=llama_1b_shape", "task=synthetic", "model.shape.hidden_size=64",
+              "model.shape.intermediate_size=128", "model.shape.num_hidden_layers=2", "model.shape.num_attention_heads=4",
+              "model.shape.num_key_value_heads=2", "model.shape.vocab_size=1000", "task.train_examples=64", "task.test_examples=32", "method.targets=all-linear"]
+
+
+def test_unpadded_causal_batches_train_without_a_mask_and_to_the_same_result(tiny_run):
+    """A Llama-shaped model on synthetic (never padded) batches skips mask building; the result equals the
+    masked run's (an all-ones causal mask is the causal flag)."""
+    fast, _ = tiny_run(*TINY_LLAMA, name="mask_free")
+    plain, _ = tiny_run(*TINY_LLAMA, "trainer.mask_free_attention=false", name="masked")
+    assert fast["mask_free_attention"] and not plain["mask_free_attention"]
+    assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    assert fast["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert fast["tokens_per_second"] == fast["padded_tokens_per_second"]  # nothing is padded
