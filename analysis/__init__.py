@@ -1,5 +1,17 @@
-"""ΔW analysis from run directories; never imports the training code (`lowrank`).
+"""ΔW analysis from run directories. It never imports the model or training code: from `lowrank` it takes only the
+run-directory contract `lowrank.rundir` (file names, statuses, the metrics reader), `lowrank.integrity` (content
+hashes, checked on every read), `lowrank.atomic` (every file it writes), `lowrank.logger` (`has_wandb_key`) and
+`lowrank.errors` (`fail`: the one-line `error: ...` of every entry point). tests/test_analysis_imports.py checks it.
 
-runs.py (read run dirs) -> spectra.py, subspace.py, amplification.py (pure math over tensors) -> report.py (CLI:
-`python -m analysis.report RUNS_ROOT ... --out DIR`, writes the tables figures are built from).
+    runs.py              read and check run directories
+    spectra.py, subspace.py, amplification.py    the math: pure functions over tensors
+    report.py            `python -m analysis.report ROOT ... --out DIR`: the tables, the figures, report.md
+    report_cli.py        its command line, checked before anything is written
+    tables.py            DIR's layout, the CSV writer, markdown tables
+    figure_data.py       what each figure plots: pure functions over the tables
+    figures.py, style.py the drawing: one function per figure, one style
+    figure_registry.py   every figure with its caption and sweep; the report's figure section
+    wandb_sync.py        the `analysis` W&B run
+
+Imports go one way, with no cycle: report -> figure_registry -> figures -> figure_data, style, tables.
 """

@@ -1,97 +1,47 @@
-"""The paper's figures, from the analysis tables: one function per figure, `figure_N(tables, out_dir) -> path`.
+"""The paper's figures, drawn: `plot_*(data) -> Figure` draws what a `figure_data` function computed, and
+`figure_N(tables, out_dir) -> Drawn` writes figure N from the analysis tables (DataFrames).
 
-    python -m analysis.figures runs/rank_sweep runs/subspace runs/data_scarce --out reports/paper
-    python -m analysis.report  runs/demo --out reports/demo          # the same: tables, figures, report.md
+    drawn = figure_1(tables, out / "figures")   # fig1_accuracy_vs_rank.{png,pdf,csv} and _table.csv
+    drawn.path, drawn.data, drawn.table          # the PNG, the plotted data, the table report.md shows
 
-Each figure is computed apart from drawing: a pure function turns the tables (DataFrames, as
-`analysis.report` writes them to DIR/tables/) into the plotted data, a `plot_*` function draws that data and
-returns the Figure, and `figure_N` writes DIR/figures/figN_*.{png,pdf,csv} (the CSV holds the plotted
-summary; `*_table.csv`, where present, is the table the report shows). A figure whose runs are missing raises
-MissingRuns naming the sweep that produces them, and is skipped. Same tables, same files (PNG and PDF carry no
-dates or versions). With `--wandb` (default: when the runs were logged with logger=wandb) the figures and
-tables also go to W&B as an `analysis` run in the sweeps' group, offline without an API key.
+Figure N writes figN_*.{png,pdf,csv} (the CSV holds the plotted data; `*_table.csv`, where present, the table
+the report shows) in the one style of `analysis.style`, with no dates or versions in the files: the same tables
+give the same bytes. A figure whose runs are missing raises figure_data.MissingRuns. The ten plots (20-50 lines
+each) share this file's axis and heat-map helpers, which is why it runs past 400 lines.
 """
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from lowrank.logger import has_wandb_key
+from .figure_data import (GIB, MEMORY_PARTS, SHORT, accuracy_by_rank, accuracy_memory_data, accuracy_table,
+                          amplification_data, amplification_table, checkpoint_data, data_scarce_data, memory_data,
+                          phi_layers_data, phi_rank_data, phi_seed_data, spectra_data)
+from .style import FULL_COLOR, color, marker, new_figure, save, styled
+from .tables import write_csv
 
-from .style import FULL_COLOR, GIB, MIB, color, marker, new_figure, save, styled
-
-FIG_DIR = "figures"
-PAPER_RANKS = (8, 64)        # Figure 3 of the paper compares A at r = 8 and r = 64
 ZOOM = 8                     # the paper's zoom into i, j <= 8
-SHORT = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "o", "q_proj": "q", "k_proj": "k",
-         "v_proj": "v", "o_proj": "o", "c_attn": "qkv", "attn.c_proj": "o"}  # target names as the paper's W_q...
-MEMORY_PARTS = ["weights_bytes", "grads_bytes", "optimizer_bytes", "weight_copies_bytes", "activations_bytes"]
 
 
-class MissingRuns(Exception):
-    """The tables lack the runs a figure needs; the message says what is missing."""
+class Drawn(NamedTuple):
+    """What figure_N wrote: the PNG (NAME.pdf and NAME.csv lie beside it), the plotted data (NAME.csv) and the
+    table report.md shows under the figure (NAME_table.csv), if any."""
+    path: Path
+    data: pd.DataFrame
+    table: pd.DataFrame | None = None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reading: the tables as analysis.report wrote them, plus the memory breakdown from each run's metrics.json
-# ---------------------------------------------------------------------------------------------------------------
-
-def read_tables(out_dir: Path) -> dict[str, pd.DataFrame]:
-    """DIR/tables/*.csv as DataFrames."""
-    tables = {}
-    for name in ["runs", "spectrum", "singular_values", "subspace", "amplification"]:
-        path = Path(out_dir) / "tables" / f"{name}.csv"
-        try:
-            tables[name] = pd.read_csv(path)
-        except (FileNotFoundError, pd.errors.EmptyDataError):
-            tables[name] = pd.DataFrame()
-    return tables
-
-
-def targets_label(value) -> str:
-    """'["query", "value"]' -> 'q,v'; 'all-linear' stays; unknown names stay whole."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "?"
-    try:
-        names = json.loads(value)
-    except (TypeError, json.JSONDecodeError):
-        return str(value)
-    if isinstance(names, str):
-        return names
-    return ",".join(SHORT.get(n, n) for n in names)
-
-
-def prepare(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs table with the labels every figure uses:
-      method ('full' | 'lora'), rank (LoRA, else NaN), targets ('q,v'; '' for full), config ('full' or
-      'LoRA r=8 (q,v)'), family ('full' or 'LoRA (q,v)'), setup ('minilm · fine_foods · 80 steps': runs are
-      compared only within one), data ('minilm · fine_foods': checkpoint sizes), full_data (no task.train_size)."""
-    need(runs, ["run_id", "method.name", "seed"], "runs")
-    r = runs.copy()
-
-    def col(name, default=np.nan) -> pd.Series:  # a column, or a constant where the runs lack the key
-        return r[name] if name in r else pd.Series(default, index=r.index, dtype=object)
-
-    r["method"] = r["method.name"]
-    r["rank"] = pd.to_numeric(col("method.rank"), errors="coerce").where(r.method == "lora")
-    r["targets"] = [targets_label(t) if m == "lora" else "" for m, t in zip(r.method, col("method.targets"))]
-    r["family"] = ["full" if m == "full" else f"LoRA ({t})" for m, t in zip(r.method, r.targets)]
-    r["config"] = ["full" if m == "full" else f"LoRA r={int(k)} ({t})" for m, k, t in zip(r.method, r["rank"], r.targets)]
-    r["data"] = [f"{m} · {t}" for m, t in zip(col("model.name", "?"), col("task.name", "?"))]
-    r["setup"] = [f"{d} · {s:g} steps" if pd.notna(s) else d for d, s in zip(r.data, col("trainer.max_steps"))]
-    r["full_data"] = col("task.train_size").isna()
-    r["order"] = [(0, "", 0) if m == "full" else (1, t, k) for m, t, k in zip(r.method, r.targets, r["rank"])]
-    return r
-
-
-def need(df: pd.DataFrame, columns, what: str) -> None:
-    missing = [c for c in columns if c not in df]
-    if df.empty or missing:
-        raise MissingRuns(f"no {what} in the tables" + (f" (columns {missing} absent)" if missing and not df.empty
-                                                         else ""))
+def _write(out_dir: Path, name: str, fig, data: pd.DataFrame, table: pd.DataFrame | None = None,
+           **extra: pd.DataFrame) -> Drawn:
+    """NAME.png, .pdf, .csv (data), NAME_table.csv and NAME_{key}.csv for each extra table."""
+    write_csv(out_dir / f"{name}.csv", data)
+    for key, df in extra.items():
+        write_csv(out_dir / f"{name}_{key}.csv", df)
+    if table is not None:
+        write_csv(out_dir / f"{name}_table.csv", table)
+    return Drawn(save(fig, out_dir, name), data, table)
 
 
 def _ordered(values, key_frame: pd.DataFrame) -> list:
@@ -122,67 +72,7 @@ def _index_ticks(top: int) -> list[int]:
     return ticks
 
 
-def _mean_std(g: pd.DataFrame, col: str) -> dict:
-    v = g[col].astype(float)
-    return {"mean": v.mean(), "std": v.std(ddof=1), "n": len(v)}  # std of one value: NaN
-
-
-def _md(df: pd.DataFrame) -> str:
-    from .report import _md as md
-    return md(df)
-
-
-def write_table(path: Path, df: pd.DataFrame) -> None:
-    from .report import write_csv
-    write_csv(path, df)
-
-
-SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure needs; demo_*: the small versions
-    "rank": "rank_sweep + full_baseline (`python -m experiments.train -m +experiment=rank_sweep`, then "
-            "`+experiment=full_baseline`; demo: demo_lora, demo_targets, demo_full)",
-    "subspace": "subspace (`python -m experiments.train -m +experiment=subspace`; demo: demo_lora)",
-    "subspace_full": "subspace + subspace_full (`python -m experiments.train -m +experiment=subspace`, then "
-                     "`+experiment=subspace_full`; demo: demo_lora, demo_full)",
-    "scarce": "data_scarce (`python -m experiments.train -m +experiment=data_scarce`; demo: demo_scarce with "
-              "demo_lora and demo_full)",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Figure 1: accuracy against LoRA rank per target set, full fine-tuning as the reference (Table 6 analogue)
-# ---------------------------------------------------------------------------------------------------------------
-
-def accuracy_by_rank(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Full-data runs only. points: setup, config, method, targets, rank, seed, eval_accuracy (one row per run);
-    summary: setup, method, targets, rank, mean, std (ddof 1; empty for one seed), n. Full fine-tuning has
-    method 'full', empty targets and no rank."""
-    need(runs, ["eval_accuracy"], "runs with eval_accuracy")
-    r = prepare(runs)
-    r = r[r.full_data & r.eval_accuracy.notna()]
-    if not (r.method == "lora").any():
-        raise MissingRuns("no full-data LoRA runs")
-    points = r[["setup", "config", "method", "targets", "rank", "seed", "eval_accuracy", "run_id"]]
-    points = points.sort_values(["setup", "method", "targets", "rank", "seed", "run_id"], ignore_index=True)
-    summary = pd.DataFrame([{"setup": s, "method": m, "targets": t, "rank": k} | _mean_std(g, "eval_accuracy")
-                            for (s, m, t, k), g in points.groupby(["setup", "method", "targets", "rank"],
-                                                                  dropna=False, sort=True)])
-    return {"points": points, "summary": summary}
-
-
-def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Table 6 layout: one row per setup and target set, one column per rank, and full fine-tuning."""
-    def cell(row):
-        std = "" if pd.isna(row["std"]) else f" ± {row['std']:.3f}"
-        return f"{row['mean']:.3f}{std} (n={row['n']})"
-    s = summary.assign(cell=summary.apply(cell, axis=1))
-    lora = s[s.method == "lora"]
-    table = lora.pivot(index=["setup", "targets"], columns="rank", values="cell")
-    table.columns = [f"r={int(c)}" for c in table.columns]
-    table = table.reset_index()
-    full = s[s.method == "full"].set_index("setup")["cell"]
-    table["full FT"] = [full.get(x, "") for x in table.setup]
-    return table.fillna("")
-
+# ---- Figure 1: accuracy against LoRA rank per target set, full fine-tuning as the reference (Table 6 analogue) ----
 
 @styled
 def plot_accuracy_vs_rank(data: dict[str, pd.DataFrame]):
@@ -211,70 +101,13 @@ def plot_accuracy_vs_rank(data: dict[str, pd.DataFrame]):
     return fig
 
 
-def figure_1(tables, out_dir: Path) -> Path:
+def figure_1(tables, out_dir: Path) -> Drawn:
     data = accuracy_by_rank(tables["runs"])
-    write_table(out_dir / "fig1_accuracy_vs_rank.csv", data["summary"])
-    write_table(out_dir / "fig1_accuracy_vs_rank_table.csv", accuracy_table(data["summary"]))
-    return save(plot_accuracy_vs_rank(data), out_dir, "fig1_accuracy_vs_rank")
+    return _write(out_dir, "fig1_accuracy_vs_rank", plot_accuracy_vs_rank(data), data["summary"],
+                  table=accuracy_table(data["summary"]))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figures 2-4: φ heat maps (paper Figures 3, 4; Appendix H.1 Figures 6, 7)
-# ---------------------------------------------------------------------------------------------------------------
-
-def subspace_pairs(subspace: pd.DataFrame, runs: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """The (run_a, run_b) pairs of one kind with their ranks, seeds, targets and setup, sorted."""
-    need(subspace, ["run_a", "run_b", "kind"], "subspace grids")
-    pairs = subspace.loc[subspace.kind == kind, ["run_a", "run_b"]].drop_duplicates()
-    r = prepare(runs).set_index("run_id")
-    for side in "ab":
-        ids = pairs[f"run_{side}"]
-        pairs[f"rank_{side}"] = r.loc[ids, "rank"].values
-        pairs[f"seed_{side}"] = r.loc[ids, "seed"].values
-    pairs["targets"] = r.loc[pairs.run_a, "targets"].values
-    pairs["setup"] = r.loc[pairs.run_a, "setup"].values
-    pairs["full_data"] = r.loc[pairs.run_a, "full_data"].values
-    pairs = pairs[pairs.full_data].sort_values(["setup", "targets", "seed_a", "rank_a", "rank_b", "run_a", "run_b"],
-                                               ignore_index=True)
-    # the paper adapts W_q and W_v: its target set goes first where a sweep has several
-    return pairs.sort_values("targets", key=lambda t: t != "q,v", kind="stable", ignore_index=True)
-
-
-def pick_rank_pair(subspace, runs) -> pd.Series:
-    """LoRA at r=8 vs r=64 (same seed and targets) when present, else the pair with the largest rank ratio;
-    targets q,v first, then the smallest seed."""
-    pairs = subspace_pairs(subspace, runs, "rank")
-    if pairs.empty:
-        raise MissingRuns("no LoRA runs at two ranks with the same seed")
-    paper = pairs[(pairs.rank_a == PAPER_RANKS[0]) & (pairs.rank_b == PAPER_RANKS[1])]
-    if len(paper):
-        return paper.iloc[0]
-    ratio = pairs.rank_b / pairs.rank_a
-    return pairs[ratio == ratio.max()].iloc[0]
-
-
-def pick_seed_pair(subspace, runs) -> pd.Series:
-    """Two seeds at r=64 when present, else at the largest rank with two seeds."""
-    pairs = subspace_pairs(subspace, runs, "seed")
-    if pairs.empty:
-        raise MissingRuns("no LoRA runs at one rank with two seeds")
-    best = PAPER_RANKS[1] if (pairs.rank_a == PAPER_RANKS[1]).any() else pairs.rank_a.max()
-    return pairs[pairs.rank_a == best].iloc[0]
-
-
-def middle_layer(layers) -> int:
-    layers = sorted(set(int(x) for x in layers))
-    return layers[len(layers) // 2]
-
-
-def phi_grids(subspace: pd.DataFrame, pair: pd.Series, layers, side: str = "input") -> pd.DataFrame:
-    """φ(i, j) of one pair at the given layers on one side (input: right-singular directions of A, the paper's
-    choice): columns layer, matrix_type, i, j, phi, random_baseline (E[φ] for random subspaces)."""
-    g = subspace[(subspace.run_a == pair.run_a) & (subspace.run_b == pair.run_b) & (subspace.side == side)
-                 & subspace.layer.isin(list(layers))]
-    return g[["layer", "matrix_type", "i", "j", "phi", "random_baseline"]].sort_values(
-        ["layer", "matrix_type", "i", "j"], ignore_index=True)
-
+# ---- Figures 2-4: φ heat maps (paper Figures 3, 4; Appendix H.1 Figures 6, 7) -------------------------------------
 
 def _grid(df: pd.DataFrame, value: str = "phi") -> np.ndarray:
     """(I, J) array of one heat map from its long rows (i, j from 1)."""
@@ -301,30 +134,11 @@ def _panel_title(matrix_type: str) -> str:
     return f"ΔW_{short} ({matrix_type})" if short else f"ΔW ({matrix_type})"
 
 
-def _pair_grids(subspace, pair, layer: int | None) -> pd.DataFrame:
-    """φ grids of one pair of runs at one layer (default: the middle one)."""
-    g = subspace[(subspace.run_a == pair.run_a) & (subspace.run_b == pair.run_b)]
-    layer = middle_layer(g.layer) if layer is None else layer
-    grids = phi_grids(subspace, pair, [layer])
-    if grids.empty:
-        raise MissingRuns(f"no φ grids at layer {layer} for {pair.run_a} vs {pair.run_b}")
-    return grids
-
-
 def _phi_panels(data: pd.DataFrame) -> list:
     """(name, rows, value column, title) per matrix type, and the random baseline last."""
     kinds = sorted(data.matrix_type.unique())
     panels = [(k, data[data.matrix_type == k], "phi", _panel_title(k)) for k in kinds]
     return panels + [("random", data[data.matrix_type == kinds[0]], "random_baseline", "random subspaces: E[φ]")]
-
-
-def phi_rank_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
-    """Figure 2's data: φ between LoRA's A at two ranks (same seed), at one layer (default: the middle one).
-    Columns: run_a, run_b, rank_a, rank_b, seed, layer, matrix_type, i, j, phi, random_baseline."""
-    pair = pick_rank_pair(subspace, runs)
-    grids = _pair_grids(subspace, pair, layer)
-    return grids.assign(run_a=pair.run_a, run_b=pair.run_b, rank_a=int(pair.rank_a), rank_b=int(pair.rank_b),
-                        seed=pair.seed_a)[["run_a", "run_b", "rank_a", "rank_b", "seed"] + list(grids.columns)]
 
 
 @styled
@@ -348,21 +162,9 @@ def plot_phi_rank(data: pd.DataFrame):
     return fig
 
 
-def figure_2(tables, out_dir: Path, layer: int | None = None) -> Path:
+def figure_2(tables, out_dir: Path, layer: int | None = None) -> Drawn:
     data = phi_rank_data(tables["subspace"], tables["runs"], layer)
-    write_table(out_dir / "fig2_phi_rank.csv", data)
-    return save(plot_phi_rank(data), out_dir, "fig2_phi_rank")
-
-
-def phi_seed_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
-    """Figure 3's data: φ between LoRA's A from two seeds at r=64 (else the largest rank with two seeds), at one
-    layer (default: the middle one). Columns: run_a, run_b, rank, seed_a, seed_b, layer, matrix_type, i, j, phi,
-    random_baseline."""
-    pair = pick_seed_pair(subspace, runs)
-    grids = _pair_grids(subspace, pair, layer)
-    return grids.assign(run_a=pair.run_a, run_b=pair.run_b, rank=int(pair.rank_a), seed_a=pair.seed_a,
-                        seed_b=pair.seed_b)[["run_a", "run_b", "rank", "seed_a", "seed_b"] + list(grids.columns)]
-
+    return _write(out_dir, "fig2_phi_rank", plot_phi_rank(data), data)
 
 @styled
 def plot_phi_seed(data: pd.DataFrame):
@@ -377,31 +179,9 @@ def plot_phi_seed(data: pd.DataFrame):
     return fig
 
 
-def figure_3(tables, out_dir: Path, layer: int | None = None) -> Path:
+def figure_3(tables, out_dir: Path, layer: int | None = None) -> Drawn:
     data = phi_seed_data(tables["subspace"], tables["runs"], layer)
-    write_table(out_dir / "fig3_phi_seed.csv", data)
-    return save(plot_phi_seed(data), out_dir, "fig3_phi_seed")
-
-
-def phi_layers_data(subspace, runs) -> pd.DataFrame:
-    """Figure 4's data: the comparisons of Figures 2 and 3 (whichever exist) at the first, middle and last layer.
-    Columns: comparison, run_a, run_b, layer, matrix_type, i, j, phi, random_baseline."""
-    blocks = []
-    for pick, label in ((pick_rank_pair, lambda p: f"r={int(p.rank_a)} vs r={int(p.rank_b)}, seed {p.seed_a}"),
-                        (pick_seed_pair, lambda p: f"seeds {p.seed_a} vs {p.seed_b}, r={int(p.rank_a)}")):
-        try:
-            pair = pick(subspace, runs)
-        except MissingRuns:
-            continue
-        layers = sorted(subspace.loc[(subspace.run_a == pair.run_a) & (subspace.run_b == pair.run_b), "layer"].unique())
-        chosen = sorted({layers[0], middle_layer(layers), layers[-1]})
-        blocks.append(phi_grids(subspace, pair, chosen).assign(comparison=label(pair), run_a=pair.run_a,
-                                                               run_b=pair.run_b))
-    if not blocks:
-        raise MissingRuns("no LoRA runs at two ranks or two seeds")
-    data = pd.concat(blocks, ignore_index=True)
-    return data[["comparison", "run_a", "run_b", "layer", "matrix_type", "i", "j", "phi", "random_baseline"]]
-
+    return _write(out_dir, "fig3_phi_seed", plot_phi_seed(data), data)
 
 @styled
 def plot_phi_layers(data: pd.DataFrame):
@@ -422,56 +202,12 @@ def plot_phi_layers(data: pd.DataFrame):
     return fig
 
 
-def figure_4(tables, out_dir: Path) -> Path:
+def figure_4(tables, out_dir: Path) -> Drawn:
     data = phi_layers_data(tables["subspace"], tables["runs"])
-    write_table(out_dir / "fig4_phi_layers.csv", data)
-    return save(plot_phi_layers(data), out_dir, "fig4_phi_layers")
+    return _write(out_dir, "fig4_phi_layers", plot_phi_layers(data), data)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figure 5: amplification (paper Table 7) and the overlap of ΔW's directions with W's (Figure 8 analogue)
-# ---------------------------------------------------------------------------------------------------------------
-
-AMP_COLUMNS = ["w_fro", "delta_fro", "proj_delta", "proj_w", "proj_random", "amplification", "phi_out", "phi_in",
-               "random_phi_out", "random_phi_in"]
-
-
-def amplification_data(amplification: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Full-data runs; the matrix types every LoRA target set adapted (all when there is no LoRA run).
-    points: one row per run × layer × matrix × r (setup, family, config, matrix_type, r, seed, layer, ...);
-    summary: means over runs and layers per setup, family, config, matrix_type, r, with amplification_std, n."""
-    need(amplification, ["run_id", "r", "amplification"], "amplification rows")
-    r = prepare(runs).set_index("run_id")
-    a = amplification[amplification.run_id.isin(r.index[r.full_data])].copy()
-    for c in ("setup", "family", "config", "order"):
-        a[c] = r.loc[a.run_id, c].values
-    lora = a[a.method == "lora"]
-    per_family = [set(g.matrix_type) for _, g in lora.groupby("family")]
-    if per_family:  # the matrices every LoRA target set adapted (W_q, W_v for the paper's), else any LoRA adapted
-        a = a[a.matrix_type.isin(set.intersection(*per_family) or set.union(*per_family))]
-    if a.empty:
-        raise MissingRuns("no full-data amplification rows")
-    keys = ["setup", "family", "config", "matrix_type", "r"]
-    points = a[keys + ["run_id", "seed", "layer"] + AMP_COLUMNS].sort_values(keys + ["run_id", "layer"],
-                                                                            ignore_index=True)
-    summary = points.groupby(keys, sort=True).agg(
-        **{c: (c, "mean") for c in AMP_COLUMNS}, amplification_std=("amplification", "std"),
-        n=("amplification", "size")).reset_index()
-    order = a.drop_duplicates("config").set_index("config")["order"]
-    summary = summary.assign(order=summary.config.map(order)).sort_values(
-        ["setup", "order", "matrix_type", "r"], ignore_index=True).drop(columns="order")
-    return {"points": points, "summary": summary}
-
-
-def amplification_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Table 7's rows, in the paper's notation: ‖UᵀWVᵀ‖_F with U, V from ΔW, from W and random; ‖W‖_F,
-    ‖ΔW‖_F; their ratio."""
-    t = summary.rename(columns={"proj_delta": "‖UᵀWV‖ ΔW", "proj_w": "‖UᵀWV‖ W", "proj_random": "‖UᵀWV‖ random",
-                                "w_fro": "‖W‖_F", "delta_fro": "‖ΔW‖_F", "phi_out": "φ(ΔW, W) out",
-                                "random_phi_out": "random φ out"})
-    return t[["setup", "config", "matrix_type", "r", "‖UᵀWV‖ ΔW", "‖UᵀWV‖ W", "‖UᵀWV‖ random", "‖W‖_F", "‖ΔW‖_F",
-              "amplification", "φ(ΔW, W) out", "random φ out", "n"]]
-
+# ---- Figure 5: amplification (paper Table 7) and the overlap of ΔW's directions with W's (Figure 8 analogue) ------
 
 @styled
 def plot_amplification(data: dict[str, pd.DataFrame]):
@@ -511,42 +247,13 @@ def plot_amplification(data: dict[str, pd.DataFrame]):
     return fig
 
 
-def figure_5(tables, out_dir: Path) -> Path:
+def figure_5(tables, out_dir: Path) -> Drawn:
     data = amplification_data(tables["amplification"], tables["runs"])
-    write_table(out_dir / "fig5_amplification.csv", data["summary"])
-    write_table(out_dir / "fig5_amplification_table.csv", amplification_table(data["summary"]))
-    return save(plot_amplification(data), out_dir, "fig5_amplification")
+    return _write(out_dir, "fig5_amplification", plot_amplification(data), data["summary"],
+                  table=amplification_table(data["summary"]))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figure 6: singular values of full fine-tuning's ΔW vs LoRA's, per matrix type, r90 marked
-# ---------------------------------------------------------------------------------------------------------------
-
-def spectra_data(singular_values: pd.DataFrame, spectrum: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Full-data runs, matrix types with a full fine-tuning ΔW. curves: setup, config, matrix_type, index,
-    mean / min / max of σ_index / σ_1 over runs and layers, n; r90: setup, config, matrix_type, r90 (mean over
-    runs and layers), r90_min, r90_max, width (min(out, in))."""
-    need(singular_values, ["run_id", "sigma", "index"], "singular values")
-    need(spectrum, ["run_id", "r90"], "spectra")
-    r = prepare(runs).set_index("run_id")
-    sv = singular_values[singular_values.run_id.isin(r.index[r.full_data])].copy()
-    full_types = set(sv.loc[sv.method == "full", "matrix_type"])
-    if not full_types:
-        raise MissingRuns("no full fine-tuning ΔW")
-    sv = sv[sv.matrix_type.isin(full_types)]
-    sv["setup"], sv["config"] = r.loc[sv.run_id, "setup"].values, r.loc[sv.run_id, "config"].values
-    first = sv[sv["index"] == 1].set_index(["run_id", "layer", "matrix_type"]).sigma
-    sv["norm"] = sv.sigma.values / first.loc[list(zip(sv.run_id, sv.layer, sv.matrix_type))].values
-    keys = ["setup", "config", "matrix_type"]
-    curves = sv.groupby(keys + ["index"], sort=True).agg(mean=("norm", "mean"), min=("norm", "min"),
-                                                          max=("norm", "max"), n=("norm", "size")).reset_index()
-    sp = spectrum[spectrum.run_id.isin(sv.run_id.unique()) & spectrum.matrix_type.isin(full_types)].copy()
-    sp["setup"], sp["config"] = r.loc[sp.run_id, "setup"].values, r.loc[sp.run_id, "config"].values
-    sp["width"] = sp[["out_features", "in_features"]].min(axis=1) if "in_features" in sp else np.nan
-    r90 = sp.groupby(keys, sort=True).agg(r90=("r90", "mean"), r90_min=("r90", "min"), r90_max=("r90", "max"),
-                                          width=("width", "min")).reset_index()
-    return {"curves": curves, "r90": r90, "order": r.reset_index()[["config", "order"]]}
-
+# ---- Figure 6: singular values of full fine-tuning's ΔW vs LoRA's, per matrix type, r90 marked --------------------
 
 @styled
 def plot_spectra(data: dict[str, pd.DataFrame]):
@@ -583,42 +290,12 @@ def plot_spectra(data: dict[str, pd.DataFrame]):
     return fig
 
 
-def figure_6(tables, out_dir: Path) -> Path:
+def figure_6(tables, out_dir: Path) -> Drawn:
     data = spectra_data(tables["singular_values"], tables["spectrum"], tables["runs"])
-    write_table(out_dir / "fig6_spectra.csv", data["curves"])
-    write_table(out_dir / "fig6_spectra_r90.csv", data["r90"])
-    return save(plot_spectra(data), out_dir, "fig6_spectra")
+    return _write(out_dir, "fig6_spectra", plot_spectra(data), data["curves"], r90=data["r90"])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figure 7: peak memory (stacked estimate where known) and throughput by method and rank
-# ---------------------------------------------------------------------------------------------------------------
-
-def memory_data(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Full-data runs. points: setup, config, run_id, seed, peak_memory_bytes, tokens_per_second;
-    summary per setup and config: peak mean/std, tokens/s mean/std, n, and the mean of each memory_estimate
-    part (runs.csv's `memory_estimate.*` columns, from budget-aware trainers: weights, grads, optimizer,
-    weight copies, activations, total; NaN where no run has an estimate)."""
-    need(runs, ["peak_memory_bytes", "tokens_per_second"], "runs with peak memory and throughput")
-    r = prepare(runs)
-    r = r[r.full_data & r.peak_memory_bytes.notna()]
-    if r.empty:
-        raise MissingRuns("no full-data runs with a measured peak")
-    parts = [f"estimate_{p}" for p in MEMORY_PARTS + ["total_bytes"]]
-    for p in MEMORY_PARTS + ["total_bytes"]:
-        r[f"estimate_{p}"] = r[f"memory_estimate.{p}"] if f"memory_estimate.{p}" in r else np.nan
-    points = r[["setup", "config", "run_id", "seed", "peak_memory_bytes", "tokens_per_second"]].sort_values(
-        ["setup", "config", "run_id"], ignore_index=True)
-    rows = []
-    for (setup, config), g in r.groupby(["setup", "config"], sort=True):
-        peak, tps = _mean_std(g, "peak_memory_bytes"), _mean_std(g, "tokens_per_second")
-        rows.append({"setup": setup, "config": config, "order": g.order.iloc[0], "peak_mean": peak["mean"],
-                     "peak_std": peak["std"], "tokens_per_second_mean": tps["mean"], "tokens_per_second_std": tps["std"],
-                     "n": peak["n"], "device": g["device"].iloc[0] if "device" in g else ""}
-                    | {p: g[p].astype(float).mean() for p in parts})
-    summary = pd.DataFrame(rows).sort_values(["setup", "order"], ignore_index=True).drop(columns="order")
-    return {"points": points, "summary": summary}
-
+# ---- Figure 7: peak memory (stacked estimate where known) and throughput by method and rank -----------------------
 
 PART_LABELS = {"weights_bytes": "weights", "grads_bytes": "gradients", "optimizer_bytes": "optimizer state",
                "weight_copies_bytes": "bf16 weight copies", "activations_bytes": "activations"}
@@ -673,33 +350,12 @@ def plot_memory(data: dict[str, pd.DataFrame]):
     return fig
 
 
-def figure_7(tables, out_dir: Path) -> Path:
+def figure_7(tables, out_dir: Path) -> Drawn:
     data = memory_data(tables["runs"])
-    write_table(out_dir / "fig7_memory_throughput.csv", data["summary"])
-    return save(plot_memory(data), out_dir, "fig7_memory_throughput")
+    return _write(out_dir, "fig7_memory_throughput", plot_memory(data), data["summary"])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figure 8: accuracy against peak memory, one point per run, with the Pareto front
-# ---------------------------------------------------------------------------------------------------------------
-
-def accuracy_memory_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """Full-data runs: setup, config, run_id, seed, peak_gib, eval_accuracy, pareto (no run of the setup has both
-    less or equal memory and higher accuracy)."""
-    need(runs, ["peak_memory_bytes", "eval_accuracy"], "runs with peak memory and accuracy")
-    r = prepare(runs)
-    r = r[r.full_data & r.peak_memory_bytes.notna() & r.eval_accuracy.notna()]
-    if r.empty:
-        raise MissingRuns("no full-data runs with accuracy and peak memory")
-    d = r.assign(peak_gib=r.peak_memory_bytes / GIB)[["setup", "config", "order", "run_id", "seed", "peak_gib",
-                                                      "eval_accuracy"]]
-    d = d.sort_values(["setup", "peak_gib", "eval_accuracy", "run_id"], ascending=[True, True, False, True],
-                      ignore_index=True)
-    best = d.groupby("setup").eval_accuracy.cummax()
-    d["pareto"] = d.eval_accuracy >= best  # the most accurate run so far, in increasing memory
-    d["pareto"] &= ~d.duplicated(["setup", "eval_accuracy"]) | ~d.pareto  # ties: the cheaper run only
-    return d
-
+# ---- Figure 8: accuracy against peak memory, one point per run, with the Pareto front -----------------------------
 
 @styled
 def plot_accuracy_memory(data: pd.DataFrame):
@@ -723,36 +379,12 @@ def plot_accuracy_memory(data: pd.DataFrame):
     return fig
 
 
-def figure_8(tables, out_dir: Path) -> Path:
+def figure_8(tables, out_dir: Path) -> Drawn:
     data = accuracy_memory_data(tables["runs"])
-    write_table(out_dir / "fig8_accuracy_vs_memory.csv", data.drop(columns="order"))
-    return save(plot_accuracy_memory(data), out_dir, "fig8_accuracy_vs_memory")
+    return _write(out_dir, "fig8_accuracy_vs_memory", plot_accuracy_memory(data), data.drop(columns="order"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figure 9: train vs test accuracy against training-set size, full vs LoRA
-# ---------------------------------------------------------------------------------------------------------------
-
-def data_scarce_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """Configurations run at two or more training-set sizes (same model, task, steps and learning rate):
-    setup, config, lr, train_examples, test_mean/std, train_mean/std, n."""
-    need(runs, ["eval_accuracy", "train_accuracy", "train_examples"], "runs with train and test accuracy")
-    r = prepare(runs)
-    r = r[r.eval_accuracy.notna() & r.train_accuracy.notna()]
-    r = r.assign(lr=r["trainer.lr"] if "trainer.lr" in r else np.nan)
-    rows = []
-    for (setup, config, lr), g in r.groupby(["setup", "config", "lr"], sort=True, dropna=False):
-        if g.train_examples.nunique() < 2:
-            continue
-        for n_train, h in g.groupby("train_examples", sort=True):
-            test, train = _mean_std(h, "eval_accuracy"), _mean_std(h, "train_accuracy")
-            rows.append({"setup": setup, "config": config, "lr": lr, "train_examples": int(n_train),
-                         "test_mean": test["mean"], "test_std": test["std"], "train_mean": train["mean"],
-                         "train_std": train["std"], "n": test["n"], "order": g.order.iloc[0]})
-    if not rows:
-        raise MissingRuns("no configuration run at two training-set sizes")
-    return pd.DataFrame(rows).sort_values(["setup", "order", "lr", "train_examples"], ignore_index=True)
-
+# ---- Figure 9: train vs test accuracy against training-set size, full vs LoRA -------------------------------------
 
 @styled
 def plot_data_scarce(data: pd.DataFrame):
@@ -777,32 +409,12 @@ def plot_data_scarce(data: pd.DataFrame):
     return fig
 
 
-def figure_9(tables, out_dir: Path) -> Path:
+def figure_9(tables, out_dir: Path) -> Drawn:
     data = data_scarce_data(tables["runs"])
-    write_table(out_dir / "fig9_data_scarce.csv", data.drop(columns="order"))
-    return save(plot_data_scarce(data), out_dir, "fig9_data_scarce")
+    return _write(out_dir, "fig9_data_scarce", plot_data_scarce(data), data.drop(columns="order"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figure 10: checkpoint size per task, full model vs adapter
-# ---------------------------------------------------------------------------------------------------------------
-
-def checkpoint_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every run with checkpoint_bytes, per model · task and config: checkpoint_mib (mean; equal across seeds),
-    n, and the fraction of the full model's checkpoint (NaN without a full run)."""
-    need(runs, ["checkpoint_bytes"], "runs with checkpoint_bytes")
-    r = prepare(runs)
-    r = r[r.checkpoint_bytes.notna()]
-    if r.empty:
-        raise MissingRuns("no runs with checkpoint_bytes")
-    d = r.groupby(["data", "config"], sort=True).agg(checkpoint_bytes=("checkpoint_bytes", "mean"),
-                                                     n=("checkpoint_bytes", "size"), order=("order", "first"))
-    d = d.reset_index()
-    d["checkpoint_mib"] = d.checkpoint_bytes / MIB
-    full = d[d.config == "full"].set_index("data").checkpoint_bytes
-    d["fraction_of_full"] = [b / full[t] if t in full else np.nan for t, b in zip(d.data, d.checkpoint_bytes)]
-    return d.sort_values(["data", "order"], ignore_index=True)
-
+# ---- Figure 10: checkpoint size per task, full model vs adapter ---------------------------------------------------
 
 @styled
 def plot_checkpoints(data: pd.DataFrame):
@@ -826,165 +438,7 @@ def plot_checkpoints(data: pd.DataFrame):
     return fig
 
 
-def figure_10(tables, out_dir: Path) -> Path:
+def figure_10(tables, out_dir: Path) -> Drawn:
     data = checkpoint_data(tables["runs"])
-    write_table(out_dir / "fig10_checkpoint_size.csv", data.drop(columns="order"))
-    write_table(out_dir / "fig10_checkpoint_size_table.csv",
-                data[["data", "config", "checkpoint_mib", "fraction_of_full", "n"]])
-    return save(plot_checkpoints(data), out_dir, "fig10_checkpoint_size")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# All figures, the report section, W&B
-# ---------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Spec:
-    number: int
-    name: str           # file stem under DIR/figures/
-    build: object       # figure_N
-    caption: str        # one line, under the image in report.md
-    table: str | None   # a CSV next to the figure that report.md shows as a table
-    sweep: str          # key of SWEEPS: the experiment files whose runs it needs
-
-
-FIGURES = [
-    Spec(1, "fig1_accuracy_vs_rank", figure_1,
-         "Test accuracy against LoRA rank per target set (line: mean ± std over seeds, dots: seeds); dashed: full "
-         "fine-tuning (band: ± std). The LoRA paper's Table 6 on this task.", "fig1_accuracy_vs_rank_table.csv", "rank"),
-    Spec(2, "fig2_phi_rank", figure_2,
-         "φ(A_r1, A_r2, i, j) between the right-singular directions of A at two ranks (same seed; r=8 and r=64 "
-         "where run), for each adapted matrix at the middle layer (bottom: i, j ≤ 8, or the smaller rank), next to "
-         "random subspaces (paper Fig. 3).", None, "subspace"),
-    Spec(3, "fig3_phi_seed", figure_3,
-         "φ between A from two seeds at one rank (r=64 where run, else the largest with two seeds), middle layer, "
-         "next to random subspaces: how many directions two runs share (paper Fig. 4).", None, "subspace"),
-    Spec(4, "fig4_phi_layers", figure_4,
-         "The comparisons of Figures 2 and 3 at the first, middle and last layer (paper Appendix H.1, Figs. 6-7).",
-         None, "subspace"),
-    Spec(5, "fig5_amplification", figure_5,
-         "Left: amplification ‖ΔW‖_F / ‖UᵀWV‖_F with U, V ΔW's top-r directions (lines: means over layers and seeds, "
-         "dots: each); right: φ between ΔW's and W's top-r output directions vs random (paper Table 7, Fig. 8).",
-         "fig5_amplification_table.csv", "subspace_full"),
-    Spec(6, "fig6_spectra", figure_6,
-         "Normalised singular values of ΔW per matrix type, full fine-tuning vs LoRA, with the energy rank r90 "
-         "(dotted): how high full fine-tuning's rank is next to LoRA's ranks.", None, "subspace_full"),
-    Spec(7, "fig7_memory_throughput", figure_7,
-         "Peak memory per method and rank (stacked bars: the memory model's weights / gradients / optimizer / bf16 "
-         "weight copies / activations where runs record it, a dash: its peak, a plain bar: the measured peak where "
-         "they do not; diamonds: measured peak per run) and training throughput (mean ± std, dots: runs).",
-         None, "rank"),
-    Spec(8, "fig8_accuracy_vs_memory", figure_8,
-         "Test accuracy against measured peak memory, one point per run; dashed: the Pareto front (the most "
-         "accurate run at each memory).", None, "rank"),
-    Spec(9, "fig9_data_scarce", figure_9,
-         "Train (dashed) and test (solid) accuracy against training-set size, full fine-tuning vs LoRA (mean ± std "
-         "over seeds): the gap is over-fitting.", None, "scarce"),
-    Spec(10, "fig10_checkpoint_size", figure_10,
-         "Checkpoint size per model and task: the whole fine-tuned model vs LoRA's adapter plus classifier head "
-         "(log scale).", "fig10_checkpoint_size_table.csv", "rank"),
-]
-
-
-@dataclass
-class Built:
-    spec: Spec
-    path: Path | None   # the PNG, or None when skipped
-    reason: str = ""    # why it was skipped
-
-
-def write_figures(out_dir: Path, tables: dict | None = None, numbers=None) -> list[Built]:
-    """Every figure (or those in `numbers`) from DIR/tables (or the given tables) into DIR/figures/; skipped ones
-    are reported and their stale files removed."""
-    out_dir = Path(out_dir)
-    tables = read_tables(out_dir) if tables is None else tables
-    fig_dir = out_dir / FIG_DIR
-    built = []
-    for spec in (s for s in FIGURES if numbers is None or s.number in numbers):
-        for old in fig_dir.glob(f"{spec.name}[._]*"):
-            old.unlink()  # a figure that is skipped now must not show an earlier run's picture
-        try:
-            path = spec.build(tables, fig_dir)
-            built.append(Built(spec, path))
-            print(f"figure {spec.number}: {path}")
-        except MissingRuns as e:
-            built.append(Built(spec, None, f"{e}; its runs come from {SWEEPS[spec.sweep]}"))
-            print(f"figure {spec.number} skipped: {built[-1].reason}")
-    return built
-
-
-def markdown(built: list[Built], out_dir: Path) -> str:
-    """The report's figure section: each figure with its one-line caption and table, or why it is missing."""
-    lines = ["## Figures", ""]
-    for b in built:
-        title = f"### Figure {b.spec.number}"
-        if b.path is None:
-            lines += [title, "", f"Skipped: {b.reason}.", ""]
-            continue
-        rel = b.path.relative_to(out_dir).as_posix()
-        lines += [title, "", f"![Figure {b.spec.number}]({rel})", "", f"*{b.spec.caption}* "
-                  f"([PDF]({rel[:-4]}.pdf), [data]({rel[:-4]}.csv))", ""]
-        if b.spec.table:
-            lines += [_md(pd.read_csv(b.path.parent / b.spec.table).fillna("")), ""]
-    return "\n".join(lines)
-
-
-def wandb_settings(runs: pd.DataFrame) -> dict | None:
-    """project, entity, group and mode for the `analysis` run, from the runs logged with logger=wandb (group: their
-    logger.group, else the sweep folder = `name`); None when no run used W&B."""
-    if "logger.name" not in runs:
-        return None
-    wb = runs[runs["logger.name"] == "wandb"]
-    if wb.empty:
-        return None
-    groups = sorted({g if isinstance(g, str) else n for g, n in
-                     zip(wb.get("logger.group", pd.Series(np.nan, index=wb.index)),
-                         wb.get("name", pd.Series("", index=wb.index)))})
-    first = wb.iloc[0]
-    mode = first.get("logger.mode")
-    return {"project": first.get("logger.project") if isinstance(first.get("logger.project"), str) else "lowrank",
-            "entity": first.get("logger.entity") if isinstance(first.get("logger.entity"), str) else None,
-            "group": "+".join(groups),
-            "mode": mode if isinstance(mode, str) else ("online" if has_wandb_key() else "offline")}
-
-
-def log_to_wandb(out_dir: Path, built: list[Built], tables: dict, settings: dict) -> None:
-    """The figures (images) and tables as one W&B run named `analysis` in the sweeps' group."""
-    import wandb
-    run = wandb.init(project=settings["project"], entity=settings["entity"], group=settings["group"], name="analysis",
-                     job_type="analysis", dir=str(out_dir), mode=settings["mode"], reinit="create_new",
-                     settings=wandb.Settings(silent=True, console="off"))
-    run.log({f"figures/{b.spec.name}": wandb.Image(str(b.path), caption=b.spec.caption) for b in built if b.path})
-    logged = {}
-    for name in ["runs", "spectrum", "amplification"]:  # the per-matrix tables; subspace grids stay on disk
-        if len(tables.get(name, [])):
-            logged[f"tables/{name}"] = wandb.Table(dataframe=tables[name].astype(str))
-    for b in built:
-        if b.path is not None:
-            logged[f"tables/{b.spec.name}"] = wandb.Table(dataframe=pd.read_csv(b.path.with_suffix(".csv")).astype(str))
-    run.log(logged)
-    run.finish()
-    print(f"W&B: run 'analysis' in group {settings['group']!r} ({settings['mode']})")
-
-
-def make_figures(out_dir: Path, wandb: str = "auto", numbers=None) -> str:
-    """Figures from DIR/tables, their W&B run (wandb: auto | on | off), and the report's figure section."""
-    tables = read_tables(out_dir)
-    built = write_figures(out_dir, tables, numbers)
-    settings = wandb_settings(tables["runs"]) if wandb != "off" else None
-    if wandb == "on" and settings is None:
-        settings = {"project": "lowrank", "entity": None, "group": "analysis",
-                    "mode": "online" if has_wandb_key() else "offline"}
-    if settings is not None:
-        log_to_wandb(Path(out_dir), built, tables, settings)
-    return markdown(built, Path(out_dir))
-
-
-def main(argv=None) -> None:
-    """`python -m analysis.figures ROOT... --out DIR`: the report's tables, then the figures (same options)."""
-    from .report import main as report_main
-    report_main(argv)
-
-
-if __name__ == "__main__":
-    main()
+    return _write(out_dir, "fig10_checkpoint_size", plot_checkpoints(data), data.drop(columns="order"),
+                  table=data[["data", "config", "checkpoint_mib", "fraction_of_full", "n"]])

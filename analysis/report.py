@@ -1,4 +1,4 @@
-"""Analyse every run below one or more roots and write the tables the figures are built from.
+"""Analyse every run below one or more roots: the tables, the figures built from them, and report.md.
 
     python -m analysis.report runs [more_roots ...] --out analysis_out
 
@@ -8,15 +8,15 @@ Writes (each file atomically; re-running on the same runs gives identical tables
   tables/singular_values.csv  one row per run × matrix × singular value
   tables/subspace.csv         φ(i, j) grids between pairs of runs, with the random-subspace baseline
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
-  report.md                   the figures (analysis/figures.py: figures/*.png, .pdf, .csv) with captions and
-                              tables, runs analysed and skipped (with reasons), key numbers, timing
---no-figures writes the tables and the text report only. A run whose files fail a check (lowrank.integrity:
-content hashes, finite values), also while it is analysed, is listed as skipped with the reason. Bad command-line
-input exits with status 2 and one line `error: ...` naming the argument and what would be valid.
+  figures/figN_*              the figures (analysis/figure_registry.py) from those tables, passed in memory
+  report.md                   the figures with captions and tables, runs analysed and skipped (with reasons),
+                              key numbers, timing
+--no-figures writes the tables and the text report only; --wandb logs figures and tables as an `analysis` run
+(analysis/wandb_sync.py). A run whose files fail a check (lowrank.integrity: content hashes, finite values), also
+while it is analysed, is listed as skipped with the reason. Bad command-line input exits with status 2 and one
+line `error: ...` naming the argument and what would be valid (analysis/report_cli.py).
 """
 import argparse
-import math
-import os
 import time
 from pathlib import Path
 
@@ -24,23 +24,22 @@ import pandas as pd
 import torch
 
 from lowrank.atomic import write_text
-from lowrank.cli import fail
+from lowrank.errors import fail
 from lowrank.integrity import CorruptArtifact
 from lowrank.rundir import CONFIG_FILE, METRICS_FILE
 
 from . import amplification as amp
 from . import spectra
-from .runs import LowRank, Run, SkippedRun, collect_runs, layer_and_matrix, roots_problem
+from .report_cli import parse_args
+from .runs import LowRank, Run, SkippedRun, collect_runs, layer_and_matrix
 from .subspace import factor_bases, phi_grid, random_phi, random_phi_grid
+from .tables import REPORT_FILE, markdown_table, table_path, write_csv
+from .wandb_sync import analysis_run_settings, log_analysis_run
 
 SETUP = ["model.name", "task.name", "task.train_size", "trainer.max_steps"]  # runs comparable only within one
 SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
                     "random_baseline"]
-
-
-def write_csv(path: Path, df: pd.DataFrame) -> None:
-    # 7 significant digits: ΔW and W0 are stored in fp32, so more would only be noise (and bytes)
-    write_text(path, df.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
+WANDB_TABLES = ["runs", "spectrum", "amplification"]  # the per-matrix tables; subspace grids stay on disk
 
 
 class BaseCache:
@@ -189,7 +188,7 @@ def summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures: s
     if len(table):
         cols = [c for c in ["run_id", "method.name", "method.rank", "seed", "task.name", "trainer.max_steps",
                             "eval_accuracy"] if c in table]
-        lines += [_md(table[cols].sort_values("run_id")), ""]
+        lines += [markdown_table(table[cols].sort_values("run_id")), ""]
     lines += [f"## Runs skipped ({len(skipped)})", ""] + [f"- `{r}`: {why}" for r, why in skipped] + [""]
     runs = table.set_index("run_id") if len(table) else None
 
@@ -202,7 +201,7 @@ def summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures: s
         lines += ["## φ(·,·,1,1): overlap of the top directions (over layers and pairs)", "",
                   "kind rank: same seed, two ranks; seed: same rank, two seeds (basis 'factor': input side = right "
                   "singular vectors of A, output side = left of B). lora_vs_full: basis 'delta' (ΔW's own).", "",
-                  _md(g), ""]
+                  markdown_table(g), ""]
     if len(spectrum):
         full = spectrum[spectrum.method == "full"]
         if len(full):
@@ -215,12 +214,12 @@ def summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures: s
             lines += ["## Energy rank of full fine-tuning ΔW (over layers and full runs)", "",
                       f"LoRA ranks analysed: {lora_ranks or 'none'}. "
                       f"Share of full-FT matrices with r90 ≤ each LoRA rank: " +
-                      ", ".join(f"r={r}: {(full.r90 <= r).mean():.2f}" for r in lora_ranks), "", _md(g), ""]
+                      ", ".join(f"r={r}: {(full.r90 <= r).mean():.2f}" for r in lora_ranks), "", markdown_table(g), ""]
         g = spectrum.groupby(["method", "rank", "matrix_type"], dropna=False).agg(
             r90_mean=("r90", "mean"), effective_rank=("effective_rank", "mean"), stable_rank=("stable_rank", "mean"),
             rel_norm=("rel_norm", "mean"), intruders=("intruders", "mean"), n=("r90", "size")).reset_index()
         lines += [f"## Per method and matrix type (means; intruders: top-{opts.intruder_k} left singular vectors, "
-                  f"ε = {opts.intruder_eps})", "", _md(g), ""]
+                  f"ε = {opts.intruder_eps})", "", markdown_table(g), ""]
     if len(amps):
         g = amps.groupby(["method", "rank", "r", "matrix_type"], dropna=False).agg(
             delta_fro=("delta_fro", "mean"), w_fro=("w_fro", "mean"), proj_delta=("proj_delta", "mean"),
@@ -229,23 +228,13 @@ def summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures: s
             amp_max=("amplification", "max")).reset_index()
         lines += ["## Amplification (LoRA paper Table 7: ‖UᵀWV‖_F for U, V from ΔW / W / random; "
                   "amplification = ‖ΔW‖_F / ‖UᵀWV‖_F with ΔW's U, V; means over layers and runs)", "",
-                  _md(g), ""]
+                  markdown_table(g), ""]
     lines += ["## Timing", ""] + [f"- {k}: {v}" for k, v in timing.items()] + [""]
     return "\n".join(lines)
 
 
 def _label(run: pd.Series) -> str:
     return f"r{run['method.rank']:.0f}" if run["method.name"] == "lora" else run["method.name"]
-
-
-def _md(df: pd.DataFrame) -> str:
-    """A markdown table without the optional `tabulate` dependency."""
-    def cell(v):
-        return "" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v)
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    rule = "|" + "---|" * len(df.columns)
-    return "\n".join([head, rule] + ["| " + " | ".join(cell(v) for v in row) + " |"
-                                     for row in df.itertuples(index=False)])
 
 
 def run_report(opts) -> dict:
@@ -287,9 +276,10 @@ def run_report(opts) -> dict:
     table = table.sort_values("run_id", ignore_index=True) if len(table) else table
 
     out = Path(opts.out)
-    for name, df in [("runs", table), ("spectrum", spectrum), ("singular_values", sigmas),
-                     ("subspace", subspace), ("amplification", amps)]:
-        write_csv(out / "tables" / f"{name}.csv", df)
+    tables = {"runs": table, "spectrum": spectrum, "singular_values": sigmas, "subspace": subspace,
+              "amplification": amps}
+    for name, df in tables.items():
+        write_csv(table_path(out, name), df)
     full_ids = [r.run_id for r in runs if r.method == "full"]
     timing = {"device": str(opts.device), "runs found and checked": f"{t_load:.2f} s",
               "spectra, intruders, amplification (all runs)": f"{t_runs:.2f} s",
@@ -299,148 +289,35 @@ def run_report(opts) -> dict:
         res = results[i]
         timing[f"full-FT run `{i}`, {len(res['spectrum'])} matrices"] = (
             f"ΔW spectra {res['spectra_seconds']:.2f} s; with W0 SVDs, intruders, amplification {res['seconds']:.2f} s")
-    timing["subspace.csv size"] = f"{(out / 'tables' / 'subspace.csv').stat().st_size / 1e6:.1f} MB"
+    timing["subspace.csv size"] = f"{table_path(out, 'subspace').stat().st_size / 1e6:.1f} MB"
     figures = ""
     if getattr(opts, "figures", False):
-        from .figures import make_figures  # matplotlib is imported only when figures are asked for
         t_fig = time.perf_counter()
-        figures = make_figures(out, getattr(opts, "wandb", "auto"))
+        figures = make_figures(out, tables, getattr(opts, "wandb", "auto"))
         timing["figures"] = f"{time.perf_counter() - t_fig:.2f} s"
-    write_text(out / "report.md", summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures))
+    write_text(out / REPORT_FILE, summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures))
     for k, v in timing.items():
         print(f"{k}: {v}")
     none_found = "" if runs or skipped else (
         f" (no run directories below {', '.join(map(str, opts.roots))}: a run directory holds {CONFIG_FILE} or "
         f"{METRICS_FILE})")
     print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}{none_found}")
-    return {"runs": table, "spectrum": spectrum, "singular_values": sigmas, "subspace": subspace,
-            "amplification": amps, "skipped": skipped, "pairs": pairs}
+    return tables | {"skipped": skipped, "pairs": pairs}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors (usage line + message, over two lines) as one line `error: ...`, exit 2."""
-
-    def error(self, message):
-        fail(f"{message} (see --help)")
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {text!r}")
-        return value
-    parse.__name__ = f"integer ≥ {low}"
-    return parse
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers ≥ 1 such as 8,64, got {text!r}")
-    return values
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 < value <= 1):  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (a |cos| threshold), got {text!r}")
-    return value
-
-
-def _device(text: str):
-    """'auto', or a torch.device that is here: cpu, cuda, cuda:N."""
-    if text == "auto":
-        return spectra.default_device()
-    valid = "auto, cpu, cuda or cuda:N"
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {valid}, got {text!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text!r} asked for, but no CUDA device is available here; "
-                                             f"use auto or cpu")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text!r} asked for, but the CUDA devices here are "
-                                             f"cuda:0..cuda:{count - 1}")
-    elif device.type != "cpu":
-        raise argparse.ArgumentTypeError(f"expected {valid}, got {text!r}")
-    return device
-
-
-def _path(text: str) -> Path:
-    if not text:  # Path("") would be the current directory
-        raise argparse.ArgumentTypeError("expected a directory path, got ''")
-    return Path(text)
-
-
-def _out_problem(out: Path) -> str | None:
-    """Why `out` cannot hold the report (checked before anything is written), else None."""
-    if out.exists():
-        if not out.is_dir():
-            return f"{str(out)!r} exists and is not a directory; pass a directory (created if missing)"
-        for sub, want_dir in (("tables", True), ("figures", True), ("report.md", False)):
-            p = out / sub
-            if p.exists() and p.is_dir() != want_dir:
-                return f"{str(p)!r} is {'a directory' if p.is_dir() else 'not a directory'}; pass another --out"
-        if not os.access(out, os.W_OK | os.X_OK):
-            return f"{str(out)!r} is not writable"
-        return None
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{str(out)!r} cannot be created: {str(parent)!r} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{str(out)!r} cannot be created: {str(parent)!r} is not writable"
-    return None
-
-
-def parse_args(argv=None):
-    """The options, checked: a bad one exits with status 2 and one line naming it and what would be valid."""
-    p = _Parser(description=__doc__.split("\n")[0])
-    p.add_argument("roots", nargs="+", help="directories holding run directories (searched recursively)")
-    p.add_argument("--out", required=True, type=_path, help="output directory (tables/ and report.md)")
-    p.add_argument("--max-dim", type=_int_at_least(1), default=64,
-                   help="largest i, j in the φ grids (LoRA grids also stop at the rank)")
-    p.add_argument("--intruder-k", type=_int_at_least(1), default=10, help="top-k singular vectors of W0+ΔW checked")
-    p.add_argument("--intruder-eps", type=_fraction, default=0.5, help="max |cos| below which a vector intrudes")
-    p.add_argument("--amp-ranks", type=_int_list, default=None,
-                   help="r values for full-FT amplification, e.g. 8,64 (default: the LoRA ranks found)")
-    p.add_argument("--exact-max-dim", type=_int_at_least(1), default=None,
-                   help="dense matrices with min(out, in) above this get a randomised top-k SVD (default: all exact)")
-    p.add_argument("--topk", type=_int_at_least(1), default=256, help="singular values kept by the randomised SVD")
-    p.add_argument("--device", type=_device, default="auto", help="auto (GPU when present), cpu or cuda")
-    p.add_argument("--no-figures", dest="figures", action="store_false",
-                   help="write the tables and report.md without the figures")
-    p.add_argument("--wandb", choices=["auto", "on", "off"], default="auto",
-                   help="log figures and tables to W&B as an `analysis` run (auto: when the runs used logger=wandb)")
-    p.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="CPU threads for torch (default: torch's); 1 is fastest on a CPU other jobs keep busy, "
-                        "where OpenMP threads otherwise wait on each other")
-    opts = p.parse_args(argv)
-    if why := roots_problem(opts.roots):
-        fail(f"argument roots: {why}")
-    if why := _out_problem(opts.out):
-        fail(f"argument --out: {why}")
-    try:
-        opts.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"argument --out: {str(opts.out)!r} cannot be created ({e.strerror or e})")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    return opts
+def make_figures(out_dir: Path, tables: dict[str, pd.DataFrame], wandb: str = "auto", numbers=None) -> str:
+    """The figures (all, or those in `numbers`) from the tables, their W&B run (wandb: auto | on | off; auto: when
+    the runs used logger=wandb), and the report's figure section (markdown)."""
+    from .figure_registry import figures_markdown, write_figures  # lazy: matplotlib only when figures are asked for
+    built = write_figures(out_dir, tables, numbers)
+    settings = analysis_run_settings(tables["runs"], wandb)
+    if settings is not None:
+        drawn = [b for b in built if b.drawn is not None]
+        log_analysis_run(out_dir, settings,
+                         images={f"figures/{b.drawn.path.stem}": (b.drawn.path, b.spec.caption) for b in drawn},
+                         tables={f"tables/{name}": tables[name] for name in WANDB_TABLES if len(tables[name])}
+                         | {f"tables/{b.drawn.path.stem}": b.drawn.data for b in drawn})
+    return figures_markdown(built, Path(out_dir))
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,6 @@ PANEL = (2.6, 2.2)                  # inches per panel: figures grow with their 
 FULL_COLOR = "black"                # full fine-tuning, everywhere
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#999999"]  # Okabe-Ito
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-GIB, MIB = 2 ** 30, 2 ** 20
 
 
 def color(i: int) -> str:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, fail
 from . import rundir
 from .rundir import NOT_IDENTITY, RunInProgress, config_hash, find_run_dir, format_value, run_dirname
 
@@ -79,11 +79,6 @@ def check_locations(argv: list[str], cfg) -> None:
                 rundir.check_run_location(name, root)
     except ConfigError as e:
         fail(str(e))
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def _run_dirname(*, _root_) -> str:

@@ -1,4 +1,5 @@
-"""One exception type for bad input: the entry points print its message as one line and exit non-zero."""
+"""One exception type for bad input, and `fail`: how every entry point prints it (one line) and exits non-zero."""
+import sys
 
 
 class ConfigError(ValueError):
@@ -8,3 +9,9 @@ class ConfigError(ValueError):
 def check_choice(key: str, value, valid) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print `error: MESSAGE` on stderr and exit (2: bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -23,6 +23,16 @@ def planted(out, inp, sigmas, seed=0):
     return U @ torch.diag(s) @ V.mT, U, s, V
 
 
+def planted_factors(out, inp, sigmas, seed=0):
+    """LoRA factors B (out, r), A (r, in) with B A = U diag(σ) Vᵀ for known orthonormal U, V, yet neither factor
+    orthogonal: B = U diag(σ) M, A = M⁻¹ Vᵀ for an invertible M (r, r) with condition number 4."""
+    _, U, s, V = planted(out, inp, sigmas, seed)
+    r = len(sigmas)
+    M = orthonormal(r, r, seed + 2) @ torch.diag(torch.linspace(0.5, 2.0, r, dtype=torch.float64)) \
+        @ orthonormal(r, r, seed + 3).mT
+    return U @ torch.diag(s) @ M, torch.linalg.inv(M) @ V.mT, U, s, V
+
+
 # ---- spectra ----------------------------------------------------------------------------------------------
 
 def test_planted_rank_k_spectrum_and_energy_rank():
@@ -88,9 +98,27 @@ def test_factored_svd_equals_dense_svd(scaling):
     dense = torch.linalg.svdvals((scaling * B.double() @ A.double()))[:6]
     U, S, Vh = spectra.svd_factored(B, A, scaling)
     assert torch.allclose(S, dense, rtol=1e-5)
-    assert torch.allclose(spectra.svdvals_factored(B, A, scaling), S)
+    assert torch.allclose(spectra.svdvals_factored(B, A, scaling), dense, rtol=1e-5)  # values only, same answer
     assert torch.allclose(U @ torch.diag(S) @ Vh, scaling * B.double() @ A.double(), atol=1e-9)
     assert torch.allclose(U.mT @ U, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(Vh @ Vh.mT, torch.eye(6, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("scaling", [2.0, 0.25, -1.5])
+def test_factored_svd_finds_planted_values_and_directions(scaling):
+    """scaling · B A = U diag(|scaling| σ) (±V)ᵀ whatever M mixes into the factors: the singular values are
+    |scaling| σ, the singular vectors ±U, ±V, and a dense SVD of the product agrees."""
+    sig = [6.0, 3.0, 2.0, 0.5]
+    B, A, U, s, V = planted_factors(48, 32, sig, seed=7)
+    want = abs(scaling) * s
+    torch.testing.assert_close(spectra.svdvals_factored(B, A, scaling), want, rtol=1e-12, atol=0)
+    Uf, Sf, Vhf = spectra.svd_factored(B, A, scaling)
+    torch.testing.assert_close(Sf, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close((Uf.mT @ U).abs(), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close((Vhf @ V).abs(), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    dense = torch.linalg.svdvals(scaling * B @ A)
+    torch.testing.assert_close(dense[:4], want, rtol=1e-12, atol=0)
+    assert dense[4:].max() < 1e-12 * want[0]      # rank 4: nothing past the planted values
 
 
 def test_effective_and_stable_rank_closed_forms():
@@ -168,6 +196,26 @@ def test_amplification_of_scaled_top_part_of_w_is_the_scale():
     assert res["w_fro"] == pytest.approx(math.sqrt(81 + 49 + 16 + 4 + 1))
     assert res["phi_out"] == pytest.approx(1.0) and res["phi_in"] == pytest.approx(1.0)
     assert res["proj_random"] < top
+
+
+def test_amplification_of_a_weak_direction_of_w_is_known_by_hand():
+    """W = Σ σ_i u_i v_iᵀ with σ = 6, 5, 4, 3, 2, 1 and a rank-1 LoRA ΔW = c · u_6 v_6ᵀ along W's weakest pair:
+    ΔW's top directions are (u_6, v_6), so ‖UᵀWV‖_F = σ_6 = 1, ‖ΔW‖_F = c and the amplification is c / σ_6;
+    W's own top directions give σ_1; u_6 ⟂ u_1 and v_6 ⟂ v_1, so φ(ΔW, W, 1, 1) = 0 on both sides."""
+    sig, c = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], 3.0
+    W, U, s, V = planted(20, 14, sig, seed=8)
+    B, A = 0.5 * c * U[:, 5:6], V[:, 5:6].mT     # ΔW = scaling · B A with scaling 2, as LoRA stores it
+    res = amp.amplification(W, spectra.svd_dense(W, device=CPU), spectra.svd_factored(B, A, 2.0), 1)
+    assert res["proj_delta"] == pytest.approx(1.0, rel=1e-12)
+    assert res["delta_fro"] == pytest.approx(c, rel=1e-12)
+    assert res["amplification"] == pytest.approx(c / 1.0, rel=1e-12)
+    assert res["proj_w"] == pytest.approx(6.0, rel=1e-12)
+    assert res["w_fro"] == pytest.approx(math.sqrt(sum(x * x for x in sig)), rel=1e-12)
+    assert res["phi_out"] == pytest.approx(0.0, abs=1e-20) and res["phi_in"] == pytest.approx(0.0, abs=1e-20)
+    g = torch.Generator().manual_seed(0)      # the random directions: seed 0, output side drawn first
+    u, v = random_basis(20, 1, g), random_basis(14, 1, g)
+    assert res["proj_random"] == pytest.approx(abs((u.mT @ W @ v).item()), rel=1e-12)
+    assert 0 < res["proj_random"] <= 6.0      # |uᵀWv| ≤ σ_1 for unit u, v
 
 
 def test_amplification_of_direction_orthogonal_to_w():

@@ -1,7 +1,9 @@
 """`python -m analysis.report` on a synthetic runs root written in the run-directory format by hand (ΔW and W0
 through lowrank.atomic.write_safetensors, so they carry content hashes as the trainer's do): tables are written,
-broken runs are named as skipped, and the numbers equal the math functions' answers."""
+broken runs are named as skipped, and the numbers equal the math functions' answers (Table 7's, for a run planted
+so that they are known by hand)."""
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,14 +12,16 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from safetensors import safe_open
 
 from analysis import amplification as amp
 from analysis import spectra
 from analysis.report import main, select_pairs
 from analysis.runs import collect_runs
-from analysis.subspace import factor_bases, phi_grid
+from analysis.subspace import factor_bases, phi_grid, random_basis
 from lowrank import rundir
 from lowrank.atomic import write_safetensors
+from lowrank.integrity import DIGEST_KEY
 
 from .conftest import run_cli
 
@@ -187,20 +191,49 @@ def test_pairs_and_subspace_grid(runs_root, report):
     assert set(sub.basis[sub.kind == "lora_vs_full"]) == {"delta"} and set(rank.basis) == {"factor"}
 
 
-def test_amplification_numbers_equal_the_math(runs_root, report):
+def test_amplification_rows_are_one_per_lora_rank(report):
     _, tables, _ = report
     amps = tables["amplification"]
     full = amps[amps.method == "full"]
     assert sorted(full.r.unique()) == [2, 4]                       # the LoRA ranks found
     assert (amps[amps.method == "lora"].r == amps[amps.method == "lora"]["rank"]).all()
-    run = {r.run_id: r for r in collect_runs([runs_root])[0]}["2026-01-01/lora_r2_s1"]
-    name = module(1, "attention.self.query")
-    d, w0 = run.delta(name), run.base_weight(name)
-    want = amp.amplification(w0, spectra.svd_dense(w0, device=torch.device("cpu")),
-                             spectra.svd_factored(d.B, d.A, d.scaling), 2)
-    row = amps[(amps.run_id == run.run_id) & (amps.layer == 1) & (amps.matrix_type == "query")].iloc[0]
-    for k in ["w_fro", "delta_fro", "proj_delta", "proj_w", "proj_random", "amplification", "phi_out", "phi_in"]:
-        assert row[k] == pytest.approx(want[k], rel=1e-6), k
+
+
+def replace_tensors(path: Path, tensors: dict) -> None:
+    """Re-write a safetensors file with some tensors replaced, through write_safetensors (fresh content hashes)."""
+    with safe_open(path, "pt") as f:
+        old = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: v for k, v in f.metadata().items() if k != DIGEST_KEY}
+    write_safetensors(path, old | tensors, meta)
+
+
+def test_amplification_of_a_planted_run_is_known_by_hand(tmp_path):
+    """The report on a run built so that its Table 7 row is known by hand: W0 = Σ σ_i u_i v_iᵀ with σ = 16, ..., 1
+    and a rank-1 LoRA ΔW = c · u_16 v_16ᵀ along W0's weakest pair. Then ‖UᵀW0V‖_F = σ_16 = 1 for ΔW's directions,
+    σ_1 = 16 for W0's, ‖ΔW‖_F = c, the amplification c / σ_16, and φ(ΔW, W0, 1, 1) = 0 on both sides."""
+    c, name = 3.0, module(1, "attention.self.query")
+    sigma = torch.arange(16, 0, -1, dtype=torch.float64)
+    U, V = (random_basis(16, 16, torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    w0 = (U @ torch.diag(sigma) @ V.mT).float()
+    root = tmp_path / "runs"
+    base = write_base(root)
+    replace_tensors(base, {f"{name}.weight": w0})
+    run = write_run(root, base, "lora_r1_planted", "lora", 0, 1)
+    replace_tensors(run / "delta_w.safetensors", {f"{name}.lora_B": (c / 2.0 * U[:, 15:]).float(),  # scaling 2
+                                                  f"{name}.lora_A": V[:, 15:].mT.float()})
+    main([str(root), "--out", str(tmp_path / "out"), "--no-figures", "--threads", "1"])
+    amps = pd.read_csv(tmp_path / "out" / "tables" / "amplification.csv")
+    row = amps[(amps.layer == 1) & (amps.matrix_type == "query")].iloc[0]
+    assert row.r == 1
+    want = {"proj_delta": 1.0, "delta_fro": c, "amplification": c / 1.0, "proj_w": 16.0,
+            "w_fro": math.sqrt((sigma ** 2).sum().item()), "random_phi_out": 1 / 16, "random_phi_in": 1 / 16}
+    for k, v in want.items():  # W0 and the factors are stored in fp32: ~1e-7 of σ_1
+        assert row[k] == pytest.approx(v, rel=1e-5), k
+    assert row.phi_out == pytest.approx(0.0, abs=1e-9) and row.phi_in == pytest.approx(0.0, abs=1e-9)
+    g = torch.Generator().manual_seed(0)  # the random directions: seed 0, output side drawn first
+    u, v = random_basis(16, 1, g), random_basis(16, 1, g)
+    assert row.proj_random == pytest.approx(abs((u.mT @ w0.double() @ v).item()), rel=1e-5)
+    assert 0 < row.proj_random <= 16.0    # |uᵀWv| ≤ σ_1 for unit u, v
 
 
 def test_report_is_deterministic(runs_root, report, tmp_path):

@@ -1,7 +1,6 @@
 """Every figure from a small synthetic runs root written through the real writers (the trainer's config,
 lowrank.delta's ΔW and W0 files, lowrank.atomic's metrics.json): the files exist, the plotted data equal the
 tables, a figure without its runs is skipped naming its sweep, and the same runs give the same files."""
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -13,9 +12,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from analysis import figure_data as D
 from analysis import figures as F
+from analysis.figure_data import GIB, MIB
+from analysis.figure_registry import FIGURES, figures_markdown, write_figures
 from analysis.report import main as report_main
-from analysis.style import GIB, MIB
+from analysis.report import make_figures, run_report
+from analysis.report_cli import parse_args
+from analysis.tables import markdown_table, table_path, write_csv
 from lowrank import atomic, rundir
 from lowrank.delta import ensure_base_weights, linear_weights, write_delta
 from lowrank.lora import inject_lora, lora_layers
@@ -118,16 +122,21 @@ def build_root(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory) -> Path:
+def report_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The report on the synthetic root: its folder, and the tables as it handed them to the figures."""
     root = build_root(tmp_path_factory.mktemp("runs"))
     out = tmp_path_factory.mktemp("report")
-    report_main([str(root), "--out", str(out), "--threads", "1"])
-    return out
+    return out, run_report(parse_args([str(root), "--out", str(out), "--threads", "1"]))
 
 
 @pytest.fixture(scope="module")
-def tables(out):
-    return F.read_tables(out)
+def out(report_run) -> Path:
+    return report_run[0]
+
+
+@pytest.fixture(scope="module")
+def tables(report_run) -> dict:
+    return report_run[1]
 
 
 def artists(ax_or_fig, gid):
@@ -143,19 +152,41 @@ def artist(ax_or_fig, gid):
 
 def test_every_figure_and_its_data_are_written_and_embedded(out):
     report = (out / "report.md").read_text()
-    for spec in F.FIGURES:
+    for spec in FIGURES:
+        pngs = list((out / "figures").glob(f"fig{spec.number}_*.png"))  # figure N writes figN_* (and nothing else)
+        assert len(pngs) == 1, (spec.number, pngs)
         for ext in ("png", "pdf", "csv"):
-            assert (out / "figures" / f"{spec.name}.{ext}").stat().st_size > 0, (spec.name, ext)
-        assert f"![Figure {spec.number}](figures/{spec.name}.png)" in report
+            assert pngs[0].with_suffix(f".{ext}").stat().st_size > 0, (pngs[0].stem, ext)
+        assert f"![Figure {spec.number}](figures/{pngs[0].name})" in report
         assert spec.caption in report
     assert "Skipped" not in report
     assert "| setup | targets | r=1 | r=8 | r=64 | full FT |" in report       # figure 1's table
     assert "amplification" in report and "fraction_of_full" in report      # figures 5 and 10's tables
 
 
+def test_the_frames_handed_on_in_memory_are_the_files_written(out, tables, tmp_path):
+    """The report hands its tables to the figures in memory, and a figure's plotted data and table go to W&B and
+    report.md from memory: each is what its CSV file holds, and report.md shows the table file's numbers."""
+    def same_as_file(df, path):
+        write_csv(tmp_path / "again.csv", df)
+        return (tmp_path / "again.csv").read_bytes() == path.read_bytes()
+    for name in ["runs", "spectrum", "singular_values", "subspace", "amplification"]:
+        assert same_as_file(tables[name], table_path(out, name)), name
+    built = write_figures(tmp_path, tables, numbers=[1, 5, 6, 10])
+    for b in built:
+        assert same_as_file(b.drawn.data, b.drawn.path.with_suffix(".csv")), b.drawn.path.stem
+    tabled = [b.drawn for b in built if b.drawn.table is not None]
+    assert [d.path.stem for d in tabled] == ["fig1_accuracy_vs_rank", "fig5_amplification", "fig10_checkpoint_size"]
+    section = figures_markdown(built, tmp_path)
+    for drawn in tabled:
+        table_file = drawn.path.with_name(f"{drawn.path.stem}_table.csv")
+        assert same_as_file(drawn.table, table_file)
+        assert markdown_table(pd.read_csv(table_file).fillna("")) in section
+
+
 def test_figure_1_accuracy_vs_rank(tables):
     runs = tables["runs"]
-    data = F.accuracy_by_rank(runs)
+    data = D.accuracy_by_rank(runs)
     full_data = runs[runs["task.train_size"].isna()]
     qv = full_data[(full_data["method.name"] == "lora") & (full_data["method.targets"] == '["query", "value"]')]
     want = qv.groupby("method.rank").eval_accuracy.agg(["mean", "std"])
@@ -167,7 +198,7 @@ def test_figure_1_accuracy_vs_rank(tables):
     assert list(line.get_xdata()) == [1, 8, 64] and np.allclose(line.get_ydata(), want["mean"])
     full = full_data[full_data["method.name"] == "full"].eval_accuracy
     assert np.allclose(artist(fig, "mean:full").get_ydata(), full.mean())
-    table = F.accuracy_table(data["summary"])
+    table = D.accuracy_table(data["summary"])
     assert list(table.columns) == ["setup", "targets", "r=1", "r=8", "r=64", "full FT"]
     assert table.set_index("targets").loc["q,v", "r=8"].startswith(f"{want.loc[8, 'mean']:.3f} ±")
 
@@ -179,7 +210,7 @@ def _phi(tables, run_a, run_b, layer, kind, side="input"):
 
 
 def test_figures_2_to_4_show_the_phi_grids_of_the_tables(tables):
-    data = F.phi_rank_data(tables["subspace"], tables["runs"])
+    data = D.phi_rank_data(tables["subspace"], tables["runs"])
     assert (data.rank_a.iloc[0], data.rank_b.iloc[0], data.seed.iloc[0], data.layer.iloc[0]) == (8, 64, 0, 1)
     fig = F.plot_phi_rank(data)
     a, b = "syn/method.rank=8,seed=0/qv", "syn/method.rank=64,seed=0/qv"
@@ -190,13 +221,13 @@ def test_figures_2_to_4_show_the_phi_grids_of_the_tables(tables):
     i, j = np.meshgrid(np.arange(1, 9), np.arange(1, 65), indexing="ij")
     assert np.allclose(artist(fig, "random:full").get_array(), np.maximum(i, j) / WIDTH)
 
-    data = F.phi_seed_data(tables["subspace"], tables["runs"])
+    data = D.phi_seed_data(tables["subspace"], tables["runs"])
     fig = F.plot_phi_seed(data)
     a, b = "syn/method.rank=64,seed=0/qv", "syn/method.rank=64,seed=1/qv"
     assert np.allclose(artist(fig, "value").get_array(), _phi(tables, a, b, 1, "value"))
     assert artist(fig, "value").get_array().shape == (64, 64)
 
-    data = F.phi_layers_data(tables["subspace"], tables["runs"])
+    data = D.phi_layers_data(tables["subspace"], tables["runs"])
     assert sorted(data.layer.unique()) == [0, 1, 2]
     fig = F.plot_phi_layers(data)
     assert np.allclose(artist(fig, "seeds 0 vs 1, r=64:query:2").get_array(), _phi(tables, a, b, 2, "query"))
@@ -205,7 +236,7 @@ def test_figures_2_to_4_show_the_phi_grids_of_the_tables(tables):
 
 
 def test_figure_5_amplification(tables):
-    data = F.amplification_data(tables["amplification"], tables["runs"])
+    data = D.amplification_data(tables["amplification"], tables["runs"])
     amps = tables["amplification"]
     full = amps[amps.run_id.isin(["syn/method=full,seed=0/qv", "syn/method=full,seed=1/qv"])]
     want = full[full.matrix_type == "query"].groupby("r").amplification.mean()
@@ -224,7 +255,7 @@ def test_figure_5_amplification(tables):
 
 
 def test_figure_6_spectra(tables):
-    data = F.spectra_data(tables["singular_values"], tables["spectrum"], tables["runs"])
+    data = D.spectra_data(tables["singular_values"], tables["spectrum"], tables["runs"])
     sv = tables["singular_values"]
     full = sv[sv.run_id.isin(["syn/method=full,seed=0/qv", "syn/method=full,seed=1/qv"])
               & (sv.matrix_type == "intermediate.dense")].copy()
@@ -242,7 +273,7 @@ def test_figure_6_spectra(tables):
 
 
 def test_figure_7_memory(tables):
-    data = F.memory_data(tables["runs"])
+    data = D.memory_data(tables["runs"])
     s = data["summary"].set_index("config")
     assert s.loc["full", "device"] == "cpu" and np.isnan(s.loc["full", "estimate_weights_bytes"])
     assert s.loc["LoRA r=8 (q,v)", "estimate_activations_bytes"] == 300_000_000
@@ -270,7 +301,7 @@ def test_figure_7_memory(tables):
 
 
 def test_figure_8_accuracy_vs_memory(tables):
-    data = F.accuracy_memory_data(tables["runs"])
+    data = D.accuracy_memory_data(tables["runs"])
     runs = tables["runs"]
     assert len(data) == runs["task.train_size"].isna().sum() == 10
     fig = F.plot_accuracy_memory(data)
@@ -285,7 +316,7 @@ def test_figure_8_accuracy_vs_memory(tables):
 
 
 def test_figure_9_data_scarce(tables):
-    data = F.data_scarce_data(tables["runs"])
+    data = D.data_scarce_data(tables["runs"])
     assert set(data.config) == {"full", "LoRA r=8 (q,v)"}
     full = data[data.config == "full"]
     assert list(full.train_examples) == [100, 4000]
@@ -300,7 +331,7 @@ def test_figure_9_data_scarce(tables):
 
 
 def test_figure_10_checkpoint_size(tables):
-    data = F.checkpoint_data(tables["runs"])
+    data = D.checkpoint_data(tables["runs"])
     fig = F.plot_checkpoints(data)
     runs = tables["runs"]
     for config, rank in (("full", None), ("LoRA r=64 (q,v)", 64)):
@@ -312,8 +343,8 @@ def test_figure_10_checkpoint_size(tables):
     assert row.fraction_of_full == pytest.approx(row.checkpoint_bytes / (22_713_216 * 4))
 
 
-def test_same_runs_give_the_same_tables_and_files(out, tmp_path):
-    root = Path(F.read_tables(out)["runs"].path.iloc[0]).parents[2]
+def test_same_runs_give_the_same_tables_and_files(out, tables, tmp_path):
+    root = Path(tables["runs"].path.iloc[0]).parents[2]
     again = tmp_path / "again"
     report_main([str(root), "--out", str(again), "--threads", "1"])
     for sub in ("tables", "figures"):
@@ -323,26 +354,23 @@ def test_same_runs_give_the_same_tables_and_files(out, tmp_path):
             assert (again / sub / name).read_bytes() == (out / sub / name).read_bytes(), name
 
 
-def test_a_figure_without_its_runs_is_skipped_naming_its_sweep(out, tmp_path):
-    shutil.copytree(out / "tables", tmp_path / "tables")
-    runs = pd.read_csv(tmp_path / "tables" / "runs.csv")
-    runs[runs["task.train_size"].isna()].to_csv(tmp_path / "tables" / "runs.csv", index=False)
+def test_a_figure_without_its_runs_is_skipped_naming_its_sweep(tables, tmp_path):
+    full_data = tables | {"runs": tables["runs"][tables["runs"]["task.train_size"].isna()]}
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "fig9_data_scarce.png").write_bytes(b"stale")
-    built = {b.spec.number: b for b in F.write_figures(tmp_path, numbers=[8, 9])}
-    assert built[9].path is None and "data_scarce" in built[9].reason
+    built = {b.spec.number: b for b in write_figures(tmp_path, full_data, numbers=[8, 9])}
+    assert built[9].drawn is None and "data_scarce" in built[9].reason
     assert not (tmp_path / "figures" / "fig9_data_scarce.png").exists()   # no stale picture
-    assert built[8].path is not None
-    assert "### Figure 9\n\nSkipped: no configuration run at two training-set sizes" in F.markdown(
+    assert built[8].drawn is not None
+    assert "### Figure 9\n\nSkipped: no configuration run at two training-set sizes" in figures_markdown(
         list(built.values()), tmp_path)
 
 
-def test_analysis_run_goes_to_wandb_in_the_sweeps_group(out, tmp_path, monkeypatch):
-    shutil.copytree(out / "tables", tmp_path / "tables")
-    runs = pd.read_csv(tmp_path / "tables" / "runs.csv")
+def test_analysis_run_goes_to_wandb_in_the_sweeps_group(tables, tmp_path, monkeypatch):
+    runs = tables["runs"].copy()
     runs["logger.name"], runs["logger.project"], runs["logger.mode"] = "wandb", "lowrank", np.nan
     runs["logger.entity"], runs["logger.group"] = np.nan, np.nan
-    runs.to_csv(tmp_path / "tables" / "runs.csv", index=False)
+    logged_runs = tables | {"runs": runs}
     calls = {}
 
     class FakeRun:
@@ -358,7 +386,7 @@ def test_analysis_run_goes_to_wandb_in_the_sweeps_group(out, tmp_path, monkeypat
                                  Settings=lambda **kw: kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    F.make_figures(tmp_path, "auto", numbers=[1, 5])
+    make_figures(tmp_path, logged_runs, "auto", numbers=[1, 5])
     init = calls["init"]
     assert (init["name"], init["group"], init["project"], init["job_type"]) == ("analysis", "syn", "lowrank", "analysis")
     assert calls["finished"]
@@ -366,5 +394,5 @@ def test_analysis_run_goes_to_wandb_in_the_sweeps_group(out, tmp_path, monkeypat
     assert calls["logged"]["tables/runs"] == ("table", len(runs))
     assert "tables/fig5_amplification" in calls["logged"]
     calls.clear()
-    F.make_figures(tmp_path, "off", numbers=[1])
+    make_figures(tmp_path, logged_runs, "off", numbers=[1])
     assert "init" not in calls
