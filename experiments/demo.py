@@ -22,9 +22,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hydra import compose as hydra_compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from tqdm.auto import tqdm
 
+from analysis.report import main as report_main
 from lowrank import rundir
+from lowrank.cli import (CONF_DIR, check_group_overrides, check_locations, check_value_overrides, compose_first_job,
+                         group_options, register_resolvers)
+from lowrank.errors import ConfigError, fail
+from lowrank.validation import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ["demo_full", "demo_scarce", "demo_lora", "demo_targets"]  # full fine-tuning first: the longest runs
@@ -32,8 +40,6 @@ SWEEPS = ["demo_full", "demo_scarce", "demo_lora", "demo_targets"]  # full fine-
 
 def compose(overrides: list[str], hydra_config: bool = False):
     """The config `python -m experiments.train <overrides>` would run with (Hydra's compose API)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from lowrank.cli import CONF_DIR, register_resolvers
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
@@ -43,7 +49,6 @@ def sweep_jobs(experiment: str, overrides: list[str] = ()) -> list[list[str]]:
     """The overrides of every job `python -m experiments.train -m experiment=EXPERIMENT OVERRIDES` launches: the
     experiment's `hydra.sweeper.params` grid (command-line values replace a key's list, as in Hydra), expanded as
     the basic sweeper does, one list of `key=value` per job, each starting with `experiment=EXPERIMENT`."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     parser = OverridesParser.create()
     arguments = [f"experiment={experiment}", *overrides]
     fixed = [o.input_line for o in parser.parse_overrides(arguments) if not o.is_sweep_override()]
@@ -78,7 +83,6 @@ class Progress:
 
 def run_dir_of(job: list[str]) -> Path:
     """The run directory `python -m experiments.train -m JOB` uses (Hydra's sweep dir and subdir, resolved)."""
-    from hydra.core.hydra_config import HydraConfig
     cfg = compose(job, hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
@@ -130,10 +134,6 @@ def parse_args(argv=None):
 def check_inputs(opts) -> list:
     """Every job's config, each checked as `experiments.train` checks one, before anything runs: one line
     naming the bad option, override or value, and exit 2."""
-    from lowrank.cli import (check_group_overrides, check_locations, check_value_overrides, compose_first_job, fail,
-                             group_options)
-    from lowrank.errors import ConfigError
-    from lowrank.validation import validate
     if opts.jobs < 1:
         fail(f"--jobs={opts.jobs} is not valid; it must be an integer >= 1")
     sweeps = opts.sweeps.split(",")
@@ -187,7 +187,6 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     print(f"training: {sum(ok)}/{len(ok)} runs ended well in {t_train / 60:.1f} min")
 
-    from analysis.report import main as report_main
     report_main([*(str(runs_root / s) for s in sorted(study)), "--out", str(out)])
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
     print(f"report: {out / 'report.md'}")
