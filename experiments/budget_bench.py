@@ -6,25 +6,25 @@ Every (budget, method) cell is a real `experiments.train` run (model=llama_1b_sh
 weights with bf16 autocast, batch 8 × 1024 tokens, fused AdamW) that caps the process at its budget and fits
 itself (largest micro-batch that runs, then activation checkpointing). This script launches the two sweeps
 and tabulates, per cell: does it fit, the chosen micro-batch, measured peak (max allocated) vs budget, and
-the memory model's estimate at that setting.
+the memory model's estimate at that setting. Writes `budget_{device}.{json,md}` under --out
+(lowrank.bench_record).
 """
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
+from lowrank.bench_record import Column, collect_metadata, result_name, write_result
 from lowrank.memory import GIB
+from lowrank.targets import ALL_LINEAR
 
 BUDGETS = "8gb,16gb,24gb,40gb,80gb"
 COMMON = ["model=llama_1b_shape", "task=synthetic", "trainer.batch_size=8", "trainer.max_length=1024",
           "trainer.max_steps=3", "trainer.eval_interval=3", "trainer.warmup_steps=0", "task.train_examples=64",
           "task.test_examples=8", "logger=none", "trainer.progress_bar=false", f"budget={BUDGETS}"]
 SWEEPS = {"full": ["method=full", "method.targets=[q_proj]"],  # full FT: ΔW stored for q_proj only (disk)
-          "lora": ["method=lora", "method.rank=16", "method.alpha=32", "method.targets=all-linear"]}
+          "lora": ["method=lora", "method.rank=16", "method.alpha=32", f"method.targets={ALL_LINEAR}"]}
 
 
 def run_sweeps(runs_root: Path) -> None:
@@ -44,7 +44,7 @@ def collect(runs_root: Path) -> list[dict]:
         rows.append({
             "model": "llama-1.1b-shape", "method": m["method"],
             "rank": 16 if m["method"] == "lora" else None,
-            "targets": "all-linear" if m["method"] == "lora" else None,
+            "targets": ALL_LINEAR if m["method"] == "lora" else None,
             "budget_gib": m["budget_bytes"] / GIB, "fits": m["fits"],
             "micro_batch": m.get("micro_batch"), "grad_accum": m.get("grad_accum"),
             "activation_checkpointing": m.get("activation_checkpointing"),
@@ -59,18 +59,21 @@ def collect(runs_root: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["method"], r["budget_gib"]))
 
 
-def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| method | budget GiB | fits | micro-batch × accum | checkpointing | peak GiB | estimate GiB "
-             "| estimate / peak | peak ≤ budget | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda x, p=2: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
-    for r in rows:
-        fit = f"{r['micro_batch']} × {r['grad_accum']}" if r["fits"] else "–"
-        lines.append(f"| {r['method']} | {r['budget_gib']:g} | {'yes' if r['fits'] else 'no'} | {fit} | "
-                     f"{r['activation_checkpointing'] if r['fits'] else '–'} | "
-                     f"{f(r['peak_memory_bytes'] and r['peak_memory_bytes'] / GIB)} | {f(r['estimate_bytes'] / GIB)} | "
-                     f"{f(r['estimate_over_peak'], 3)} | {r['peak_within_budget'] if r['fits'] else '–'} | "
-                     f"{f(r['tokens_per_second'], 0)} |")
-    return "\n".join(lines) + "\n"
+def gib(key):
+    return lambda r: r[key] and r[key] / GIB
+
+
+COLUMNS = [Column("method", "method"), Column("budget GiB", "budget_gib", "g"),
+           Column("fits", lambda r: "yes" if r["fits"] else "no"),
+           Column("micro-batch × accum", lambda r: f"{r['micro_batch']} × {r['grad_accum']}" if r["fits"] else None),
+           Column("checkpointing", lambda r: r["activation_checkpointing"] if r["fits"] else None),
+           Column("peak GiB", gib("peak_memory_bytes"), ".2f"), Column("estimate GiB", gib("estimate_bytes"), ".2f"),
+           Column("estimate / peak", "estimate_over_peak", ".3f"),
+           Column("peak ≤ budget", lambda r: r["peak_within_budget"] if r["fits"] else None),
+           Column("tokens/s", "tokens_per_second", ".0f")]
+DESCRIPTION = ("Llama 1.1B shape (random init), fp32 weights, bf16 autocast, fused AdamW, batch 8 × 1024 tokens. "
+               "Peak = `torch.cuda.max_memory_allocated` after fitting; estimate = lowrank.memory at the chosen "
+               "setting. tokens/s come from 3 steps and include warm-up: not a throughput benchmark.")
 
 
 def main() -> None:
@@ -79,19 +82,13 @@ def main() -> None:
     ap.add_argument("--runs-root", default="/tmp/budget_runs")
     args = ap.parse_args()
     runs_root, out = Path(args.runs_root), Path(args.out)
+    meta = collect_metadata()  # before the sweeps: the device is the GPU the runs fit themselves on
     run_sweeps(runs_root)
     rows = collect(runs_root)
-    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "python": platform.python_version(),
-           "command": "python -m experiments.budget_bench --out " + args.out}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "budget_h200.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-    header = (f"# Memory budgets on {env['device']}\n\nCommand: `{env['command']}` (torch {env['torch']}, Python "
-              f"{env['python']}). Llama 1.1B shape (random init), fp32 weights, bf16 autocast, fused AdamW, batch 8 × "
-              f"1024 tokens. Peak = `torch.cuda.max_memory_allocated` after fitting; estimate = lowrank.memory at the "
-              f"chosen setting.")
-    (out / "budget_h200.md").write_text(markdown(rows, header))
-    print(markdown(rows, header))
+    settings = dict(budgets=BUDGETS, common=COMMON, sweeps=SWEEPS, runs_root=str(runs_root))
+    _, md = write_result(out, result_name("budget"), rows, settings, meta=meta,
+                         title=f"Memory budgets on {meta['device']}", description=DESCRIPTION, columns=COLUMNS)
+    print(md.read_text())
 
 
 if __name__ == "__main__":

@@ -4,19 +4,19 @@ demo runs it (runs side by side, one thread each), and that plus bf16 autocast.
     python -m experiments.demo_speed --out benchmarks/results            # demo_targets: 2 runs per variant
 
 Each variant is `python -m experiments.demo --sweeps SWEEP` into its own fresh runs root; the time is the whole
-command (start-up, training, evaluation, the report). Writes demo_speed_cpu.{json,md} under --out.
+command (start-up, training, evaluation, the report). Writes demo_speed_cpu.{json,md} under --out
+(lowrank.bench_record).
 """
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from lowrank.bench_record import Column, collect_metadata, result_name, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [  # (name, demo arguments)
@@ -24,17 +24,6 @@ VARIANTS = [  # (name, demo arguments)
     ("side by side, --jobs 2 (the demo's default on 2 cores: 1 thread each)", ["--jobs", "2"]),
     ("side by side + trainer.precision=bf16", ["--jobs", "2", "trainer.precision=bf16"]),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    bf16 = [f for f in flags if "bf16" in f]
-    return f"{name or platform.machine()} ({', '.join(bf16) or 'no bf16 instructions'})"
 
 
 def accuracies(runs_root: Path) -> dict:
@@ -50,6 +39,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--sweep", default="demo_targets")
     args = ap.parse_args()
+    meta = collect_metadata("cpu")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the demo sets threads per job
     rows = []
     for name, extra in VARIANTS:
@@ -65,20 +55,12 @@ def main():
     base = rows[0]["seconds"]
     for r in rows:
         r["speedup"] = base / r["seconds"]
-    meta = dict(machine=f"{cpu_name()}, {os.cpu_count()} cores",
-                torch=torch.__version__, python=platform.python_version(), sweep=args.sweep,
-                command="python -m experiments.demo_speed " + " ".join(sys.argv[1:]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_speed_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    lines = [f"# CPU demo speed ({meta['sweep']})", "", f"Command: `{meta['command']}`  ",
-             f"{meta['machine']}, torch {meta['torch']}, Python {meta['python']}.", "",
-             "| variant | demo arguments | seconds | speed-up | eval accuracy per run |", "|---|---|---|---|---|"]
-    for r in rows:
-        acc = ", ".join(f"{v:.4f}" for v in r["eval_accuracy"].values())
-        lines.append(f"| {r['variant']} | `{r['args']}` | {r['seconds']:.0f} | {r['speedup']:.2f}× | {acc} |")
-    (out / "demo_speed_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    columns = [Column("variant", "variant"), Column("demo arguments", lambda r: f"`{r['args']}`"),
+               Column("seconds", "seconds", ".0f"), Column("speed-up", "speedup", ".2f", "×"),
+               Column("eval accuracy per run", lambda r: ", ".join(f"{v:.4f}" for v in r["eval_accuracy"].values()))]
+    _, md = write_result(args.out, result_name("demo_speed", "cpu"), rows, dict(sweep=args.sweep, variants=VARIANTS), meta=meta,
+                         title=f"CPU demo speed ({args.sweep})", columns=columns)
+    print(md.read_text())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """ΔW analysis speed: every singular value of a 7B-shaped full-fine-tuning ΔW set, and a LoRA r=64 set.
 
+One measurement, end to end (about 440 lines: writing the set, the streaming reader, the naive and the fast
+paths, and the check that they agree).
+
     python -m experiments.svd_bench --dir /tmp/dw --out benchmarks/results       # on one GPU
     python -m experiments.svd_bench --smoke --dir /tmp/dw_smoke --out /tmp/svd   # tiny shapes on CPU
 
@@ -11,13 +14,13 @@
    extrapolated to the 224 matrices (stated as such in the output).
 3. Fast path: σ² are the eigenvalues of the smaller Gram matrix (4096² for every shape here), formed and
    diagonalised in fp64 (`eigvalsh`), so squaring the condition number costs nothing at the accuracy asked.
-   Reader threads stream the files from disk into pinned buffers (reads release the GIL) and on to the GPU
+   Reader threads stream the files from disk into pinned buffers (reads drop the GIL) and on to the GPU
    while worker threads, each on its own CUDA stream, compute; the page cache is dropped first (root only),
    so the time includes real disk reads. Residual check on every matrix: Σλ = ‖ΔW‖_F² (= trace of the Gram).
 4. Accuracy: against fp64 `svdvals` on a sample of matrices, relative error of every σ ≥ 1e-4·σ_max.
 5. LoRA r=64 adapter set of the same model (224 pairs A, B, one file): σ(B A) from the r×r core
    R_B R_Aᵀ of the QR factors, batched by shape in fp64.
-Writes `svd_{device}.json` and `.md` under --out.
+Writes `svd_{device}.{json,md}` under --out (lowrank.bench_record), after each phase.
 """
 import argparse
 import json
@@ -29,9 +32,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from analysis.spectra import svdvals_factored_batched, svdvals_gram
+from lowrank.bench_record import Column, collect_metadata, markdown_table, result_name, write_result
 from lowrank.perf import sync
 
 MATRICES = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_attn.v_proj": ("h", "h"),
@@ -57,7 +62,7 @@ def synthetic_delta(out: int, inp: int, scale: float, gen: torch.Generator, devi
 
 
 def write_raw_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A standard fp32 safetensors file, written straight from the tensors' memory (file.write releases the
+    """A standard fp32 safetensors file, written straight from the tensors' memory (file.write drops the
     GIL; `safetensors.torch.save_file` first copies every tensor to bytes)."""
     header, offset = {}, 0
     for n, t in tensors.items():
@@ -113,7 +118,7 @@ def write_lora_set(path: Path, shape, rank, device, seed=1) -> None:
 
 
 def drop_page_cache() -> tuple[str, float]:
-    """Flush and drop the page cache so reads hit the disk (needs root; the device machine runs as root)."""
+    """Flush and drop the page cache so reads hit the disk (needs root; otherwise the reads are warm, and the result says so)."""
     t0 = time.perf_counter()
     os.sync()
     try:
@@ -133,7 +138,7 @@ def safetensors_index(path: Path) -> tuple[int, dict]:
 
 
 class Reader:
-    """Streams tensors of safetensors files into a reusable pinned buffer (file.readinto releases the GIL)
+    """Streams tensors of safetensors files into a reusable pinned buffer (file.readinto drops the GIL)
     and on to the device; puts (name, device tensor) on `q`."""
 
     def __init__(self, paths, q, device, max_numel):
@@ -208,7 +213,6 @@ def timed(fn, device):
 
 def read_one(files, name):
     """One tensor from the per-layer files (for the naive path and the reference)."""
-    from safetensors import safe_open
     layer = int(name.split(".")[2])
     with safe_open(str(files[layer]), framework="pt") as f:
         return f.get_tensor(f"{name}.delta")
@@ -257,7 +261,6 @@ def probe_eigvalsh(device, n, reps=2, threads=(1, 4)) -> dict:
 def lora_spectra(path: Path, device, scaling: float) -> tuple[dict, float]:
     """σ(scaling · B A) for every pair in one adapter file, batched by shape: B = Q_B R_B, Aᵀ = Q_A R_A,
     σ(B A) = σ(R_B R_Aᵀ) (r×r). Timed from the file on disk to the values on the CPU."""
-    from safetensors.torch import load_file
     t0 = time.perf_counter()
     tensors = load_file(str(path), device="cpu")
     groups = {}
@@ -280,32 +283,51 @@ def max_rel_err(s: torch.Tensor, ref: torch.Tensor, floor=1e-4) -> tuple[float, 
     return ((s[keep] - ref[keep]).abs() / ref[keep]).max().item(), int(keep.sum())
 
 
-def markdown(res) -> str:
-    n, f, fw, l = res["naive"], res["fast"], res["fast_warm"], res["lora"]
-    lines = [f"# ΔW singular spectra on {res['device']}", "", f"Command: `{res['command']}`  ",
-             f"torch {res['torch']}. Synthetic Llama-2-7B-shaped ΔW: {res['synthetic']['files']} fp32 safetensors "
-             f"files, {res['synthetic']['bytes'] / 1e9:.1f} GB, low rank plus noise.", "",
-             "| path | matrices | seconds | note |", "|---|---|---|---|",
-             f"| naive: `torch.linalg.svd` fp32, one per matrix | {f['matrices']} | {n['extrapolated_total_s']:.0f} "
-             f"| extrapolated from {n['sampled']} timed matrices (read + SVD) |",
-             f"| fast: fp64 Gram + `eigvalsh`, streamed | {f['matrices']} | {f['total_s']:.1f} "
-             f"| measured, page cache {f['cache']}; {f['readers']} readers, {f['workers']} GPU streams, "
-             f"{res['eigvalsh_backend']} |",
-             f"| fast, page cache warm | {fw['matrices']} | {fw['total_s']:.1f} | measured |" if fw else "",
-             f"| LoRA r={l['rank']}: QR of the factors, batched | {l['pairs']} | {l['total_s']:.2f} "
-             f"| measured, page cache {l['cache']}; {l['warm_total_s']:.2f} s warm |", "",
-             "Naive samples (seconds each): " + ", ".join(f"{k}: read {v['read_s']:.2f} + svd {v['svd_s']:.2f}"
-                                                        for k, v in n["per_shape"].items()) + ".", "",
-             f"fp64 eigvalsh probe ({res['probe_n']}², seconds per matrix by concurrent streams): "
-             + ", ".join(f"{k}: {v:.3f}" for k, v in res["probe_eigvalsh_s"].items()) + ".", "",
-             "Accuracy against fp64 `svdvals` (relative error over σ ≥ 1e-4·σ_max):", "",
-             "| matrix | shape | σ checked | max rel. error | fp64 svdvals s |", "|---|---|---|---|---|"]
-    for a in res["accuracy"]:
-        lines.append(f"| {a['name']} | {a['shape'][0]}×{a['shape'][1]} | {a['checked']} | {a['max_rel_err']:.2e} "
-                     f"| {a['ref_s']:.2f} |")
-    lines.append(f"\nLoRA accuracy (against fp64 svdvals of the dense product): max rel. error "
-                 f"{l['max_rel_err']:.2e}. Max trace residual of the fast path: {f['max_trace_residual']:.1e}.")
-    return "\n".join(lines) + "\n"
+def path_rows(res) -> list[dict]:
+    """The table: one row per path measured so far (naive, fast from a cold and a warm page cache, LoRA)."""
+    n, f, fw, lr = (res.get(k) for k in ("naive", "fast", "fast_warm", "lora"))
+    rows = []
+    if n:
+        rows.append(dict(path="naive: `torch.linalg.svd` fp32, one per matrix", seconds=n["extrapolated_total_s"],
+                         matrices=sum(v["count"] for v in n["per_shape"].values()),
+                         note=f"extrapolated from {n['sampled']} timed matrices (read + SVD)"))
+    if f:
+        rows.append(dict(path="fast: fp64 Gram + `eigvalsh`, streamed", matrices=f["matrices"], seconds=f["total_s"],
+                         note=f"measured, page cache {f['cache']}; {f['readers']} readers, {f['workers']} GPU "
+                              f"streams, {res['eigvalsh_backend']}"))
+    if fw and fw is not f:
+        rows.append(dict(path="fast, page cache warm", matrices=fw["matrices"], seconds=fw["total_s"], note="measured"))
+    if lr:
+        rows.append(dict(path=f"LoRA r={lr['rank']}: QR of the factors, batched", matrices=lr["pairs"],
+                         seconds=lr["total_s"], note=f"measured, page cache {lr['cache']}; "
+                                                     f"{lr['warm_total_s']:.2f} s warm"))
+    return rows
+
+
+COLUMNS = [Column("path", "path"), Column("matrices", "matrices"), Column("seconds", "seconds", ".4g"),
+           Column("note", "note")]
+ACCURACY_COLUMNS = [Column("matrix", "name"), Column("shape", lambda a: f"{a['shape'][0]}×{a['shape'][1]}"),
+                    Column("σ checked", "checked"), Column("max rel. error", "max_rel_err", ".2e"),
+                    Column("fp64 svdvals s", "ref_s", ".2f")]
+
+
+def sections(res) -> list[str]:
+    """What the table leaves out, for the phases that have run: naive samples, the eigensolver probe, accuracy."""
+    out = []
+    if res.get("naive"):
+        out.append("Naive samples (seconds each): " + ", ".join(
+            f"{k}: read {v['read_s']:.2f} + svd {v['svd_s']:.2f}" for k, v in res["naive"]["per_shape"].items()) + ".")
+    if res.get("probe_eigvalsh_s"):
+        out.append(f"fp64 eigvalsh probe ({res['probe_n']}², seconds per matrix by concurrent streams): "
+                   + ", ".join(f"{k}: {v:.3f}" for k, v in res["probe_eigvalsh_s"].items()) + ".")
+    if res.get("accuracy"):
+        out += ["Accuracy against fp64 `svdvals` (relative error over σ ≥ 1e-4·σ_max):",
+                markdown_table(res["accuracy"], ACCURACY_COLUMNS)]
+    if res.get("lora"):
+        out.append(f"LoRA accuracy (against fp64 svdvals of the dense product): max rel. error "
+                   f"{res['lora']['max_rel_err']:.2e}. Max trace residual of the fast path: "
+                   f"{res['fast']['max_trace_residual']:.1e}.")
+    return out
 
 
 def main():
@@ -321,14 +343,19 @@ def main():
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     shape = SHAPES["tiny" if args.smoke else "llama-7b"]
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tag = "h200" if "H200" in dev_name else device.type
-    import sys
-    res = dict(device=dev_name, torch=torch.__version__,
-               command="python -m experiments.svd_bench " + " ".join(sys.argv[1:]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save = lambda: (out / f"svd_{tag}.json").write_text(json.dumps(res, indent=1) + "\n")  # noqa: E731
+    meta = collect_metadata(device)
+    settings = dict(shape=shape, readers=args.readers, workers=args.workers, naive_per_shape=args.naive_per_shape,
+                    dir=args.dir)
+    res = {}  # every phase's measurements: the result's details, and its table (path_rows) and sections
+
+    def save():
+        synthetic = res.get("synthetic")
+        description = (f"Synthetic Llama-2-7B-shaped ΔW: {synthetic['files']} fp32 safetensors files, "
+                       f"{synthetic['bytes'] / 1e9:.1f} GB, low rank plus noise." if synthetic else "")
+        return write_result(args.out, result_name("svd", device), path_rows(res), settings, meta=meta,
+                            title=f"ΔW singular spectra on {meta['device']}", description=description,
+                            columns=COLUMNS, sections=sections(res), details=res)
+
     d = Path(args.dir)
     items = names_and_shapes(shape)
     files = [d / f"layer_{l:02d}.safetensors" for l in range(shape["layers"])]
@@ -378,7 +405,6 @@ def main():
 
     lcache = drop_page_cache()[0] if device.type == "cuda" else "warm (smoke)"
     lora, lt = lora_spectra(d / "lora_r64.safetensors", device, scaling=2.0)
-    from safetensors.torch import load_file
     lt2 = lora_spectra(d / "lora_r64.safetensors", device, scaling=2.0)[1]  # page cache warm now
     ad = load_file(str(d / "lora_r64.safetensors"))
     errs = []
@@ -408,9 +434,7 @@ def main():
     res["naive"] = dict(per_shape=per_shape, sampled=sum(len(v["sampled"]) for v in per_shape.values()),
                         extrapolated_total_s=sum(v["count"] * (v["read_s"] + v["svd_s"]) for v in per_shape.values()))
     print("naive", res["naive"], flush=True)
-    save()
-    (out / f"svd_{tag}.md").write_text(markdown(res))
-    print(markdown(res))
+    print(save()[1].read_text())
     if not args.keep:
         for p in files + [d / "lora_r64.safetensors"]:
             p.unlink(missing_ok=True)

@@ -1,9 +1,12 @@
-"""experiments.bench: the ratios and target checks it prints, and a CPU smoke run of the script."""
+"""experiments.bench: the ratios and target checks it reports (lowrank.bench_ratios), the median of repeats,
+merging runs, the step graph's undo, and a CPU smoke run of the script."""
 import json
 
 import pytest
 
-from experiments.bench import ALL_LINEAR, check_targets, median_row, ratio_rows
+from lowrank.bench_ratios import check_targets, ratio_rows, read_targets
+from lowrank.bench_record import median_run, write_result
+from lowrank.targets import ALL_LINEAR
 from tests.conftest import ROOT, run_cli
 
 
@@ -33,24 +36,24 @@ def test_ratios_compare_same_modes_and_the_fastest_full_run():
 def test_targets_are_judged_on_ours_in_its_fastest_mode():
     rows = [row("llama-1.1b", "torch", "eager", 100.0), row("llama-1.1b", "torch", "graphs", 110.0),
             row("llama-1.1b", "ours", "eager", 130.0), row("llama-1.1b", "ours", "graphs", 140.0)]
-    (check,) = [c for c in check_targets(ratio_rows(rows)) if c["what"] == "ours_over_fastest_full"]
+    (check,) = [c for c in check_targets(ratio_rows(rows), read_targets()) if c["what"] == "ours_over_fastest_full"]
     assert check["mode"] == "graphs" and check["value"] == pytest.approx(140 / 110) and check["met"]
 
 
 def test_targets_pick_ours_fastest_mode_even_without_full_runs():
     rows = [row("llama-7b", "peft", "eager", 50.0), row("llama-7b", "ours", "eager", 60.0),
             row("llama-7b", "ours", "compile+graphs", 200.0)]
-    (check,) = [c for c in check_targets(ratio_rows(rows)) if c["what"] == "ours_over_peft"]
+    (check,) = [c for c in check_targets(ratio_rows(rows), read_targets()) if c["what"] == "ours_over_peft"]
     assert check["mode"] == "compile+graphs" and check["value"] == pytest.approx(4.0) and check["met"]
 
 
 def test_repeated_configs_report_the_median_run_and_keep_every_run():
     runs = [dict(tokens_per_second=t, step_time_s=1 / t) for t in (90.0, 120.0, 100.0)]
-    row = median_row(runs)
+    row = median_run(runs)
     assert row["tokens_per_second"] == 100.0 and row["step_time_s"] == 1 / 100.0  # one run, not a blend
     assert row["tokens_per_second_runs"] == [90.0, 120.0, 100.0]
-    assert median_row(runs[:2])["tokens_per_second"] == 90.0  # even count: the lower middle
-    assert "tokens_per_second_runs" not in median_row(runs[:1])
+    assert median_run(runs[:2])["tokens_per_second"] == 90.0  # even count: the lower middle
+    assert "tokens_per_second_runs" not in median_run(runs[:1])
 
 
 def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
@@ -58,13 +61,35 @@ def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
                       "--only", "full", "lora:ours:16", "lora:peft:16", "--no-parity"], cwd=ROOT,
                      env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
+    result = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
+    rows = result["rows"]
     assert [(r["impl"], r["rank"]) for r in rows] == [("torch", None), ("ours", 16), ("peft", 16)]
     for r in rows:
         assert {"model", "method", "impl", "rank", "targets", "tokens_per_second", "peak_memory_bytes", "mfu"} <= set(r)
         assert r["tokens_per_second"] > 0 and r["peak_memory_bytes"] > 0
-    assert rows[1]["targets"] == "all-linear" and ALL_LINEAR[0] == "q_proj"
-    assert "| tiny | lora | ours | 16 | all-linear | eager |" in (tmp_path / "lora_vs_peft_cpu.md").read_text()
+    assert rows[1]["targets"] == "all-linear" == ALL_LINEAR
+    md = (tmp_path / "lora_vs_peft_cpu.md").read_text()
+    assert "| tiny | lora | ours | 16 | all-linear | eager |" in md
+    assert result["meta"]["command"].endswith("-m experiments.bench --smoke --out " + str(tmp_path) + " --modes eager "
+                                              "--only full lora:ours:16 lora:peft:16 --no-parity")
+    assert result["settings"]["models"] == ["tiny"] and f"`{result['meta']['command']}`" in md
+
+
+def test_all_linear_adapts_the_seven_llama_projections_in_ours_and_in_peft():
+    """lowrank.targets.ALL_LINEAR is the one name for "every linear layer of the blocks"; ours and PEFT's own
+    "all-linear" select the same layers of a Llama (not the head), so the parity check can copy A between them."""
+    from experiments.bench import SHAPES, add_lora, build
+    from lowrank.lora import lora_layers
+    import torch
+    ours = add_lora(build(SHAPES["tiny"], torch.device("cpu"), torch.float32, 0), "ours", 4, ALL_LINEAR)
+    theirs = add_lora(build(SHAPES["tiny"], torch.device("cpu"), torch.float32, 0), "peft", 4, ALL_LINEAR)
+    projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj"]
+    expected = [f"model.layers.{i}.{p}" for i in range(SHAPES["tiny"]["num_hidden_layers"]) for p in projections]
+    assert list(lora_layers(ours)) == expected
+    adapted = [n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")
+               and not n.endswith(("lora_A", "lora_B"))]
+    assert adapted == expected
 
 
 def _row(model, method, impl, rank, tps):  # the fields markdown reads
@@ -75,48 +100,55 @@ def _row(model, method, impl, rank, tps):  # the fields markdown reads
 
 def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
     from experiments.bench import merge
-    meta = dict(device="GPU", torch="t", transformers="tf", peft="p", python="3", hf_mask=False)
+    meta = dict(commit="c0ffee", dirty=False, device="GPU", date="2026-01-01T00:00:00+00:00",
+                versions=dict(python="3", torch="t", transformers="tf", peft="p", triton=None))
     par = dict(model="m1", steps=2, rank=16, lr=1e-3, ours=[2.0, 1.0], peft=[2.0, 1.1], max_abs_diff=0.1,
                max_rel_diff=0.1)
+    targets = read_targets()
+
+    def run(d, rows, parity, **meta_changes):
+        write_result(d, "lora_vs_peft_gpu", rows, dict(hf_mask=False), meta=dict(meta, **meta_changes),
+                     details=dict(parity=parity))
     for name, model, run_par in (("a", "m1", par), ("b", "m2", None)):
-        d = tmp_path / name
-        d.mkdir()
         rows = [_row(model, "full", "torch", None, 100.0), _row(model, "lora", "ours", 16, 130.0 if name == "a" else 150.0)]
-        (d / "lora_vs_peft_gpu.json").write_text(json.dumps(rows))
-        (d / "lora_vs_peft_gpu_run.json").write_text(json.dumps(dict(meta=dict(meta, command=f"bench {name}"),
-                                                                     parity=run_par)))
-    merge([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "out")
-    rows = json.loads((tmp_path / "out" / "lora_vs_peft_gpu.json").read_text())
+        run(tmp_path / name, rows, run_par, command=f"bench {name}")
+    merge([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "out", targets)
+    merged = json.loads((tmp_path / "out" / "lora_vs_peft_gpu.json").read_text())
+    rows = merged["rows"]
     assert [(r["model"], r["impl"]) for r in rows] == [("m1", "torch"), ("m1", "ours"), ("m2", "torch"), ("m2", "ours")]
+    assert merged["meta"]["commit"] == "c0ffee" and [m["command"] for m in merged["meta"]["merged_from"]] == [
+        "bench a", "bench b"]
     md = (tmp_path / "out" / "lora_vs_peft_gpu.md").read_text()
     assert "`bench a ; bench b`" in md and "max |Δloss| = 0.1000" in md
     assert "| m1 | r=16 all-linear | eager | –× | –× | 1.30× |" in md and "| m2 | r=16 all-linear | eager | –× | –× | 1.50× |" in md
     (tmp_path / "c").mkdir()
-    with pytest.raises(SystemExit, match="lora_vs_peft_\\*_run.json"):
-        merge([str(tmp_path / "c")], tmp_path / "out2")
-    # refused: the same config from two runs, a run of another setup, a run without rows, writing into an input
+    with pytest.raises(SystemExit, match="expected one lora_vs_peft_\\*.json"):
+        merge([str(tmp_path / "c")], tmp_path / "out2", targets)
+    # refused: the same config from two runs, a run of another setup (versions, commit), a run without rows,
+    # writing into an input
     with pytest.raises(SystemExit, match="more than one run"):
-        merge([str(tmp_path / "a"), str(tmp_path / "a")], tmp_path / "out2")
+        merge([str(tmp_path / "a"), str(tmp_path / "a")], tmp_path / "out2", targets)
     other = tmp_path / "d"
-    other.mkdir()
-    (other / "lora_vs_peft_gpu.json").write_text(json.dumps([_row("m3", "full", "torch", None, 1.0)]))
-    (other / "lora_vs_peft_gpu_run.json").write_text(json.dumps(dict(meta=dict(meta, torch="t2", command="c"),
-                                                                     parity=None)))
+    run(other, [_row("m3", "full", "torch", None, 1.0)], None, command="c",
+        versions=dict(meta["versions"], torch="t2"))
     with pytest.raises(SystemExit, match="torch differ"):
-        merge([str(tmp_path / "a"), str(other)], tmp_path / "out2")
-    (other / "lora_vs_peft_gpu.json").unlink()
-    with pytest.raises(SystemExit, match="no lora_vs_peft_gpu.json"):
-        merge([str(other)], tmp_path / "out2")
+        merge([str(tmp_path / "a"), str(other)], tmp_path / "out2", targets)
+    run(other, [_row("m3", "full", "torch", None, 1.0)], None, command="c", commit="beef")
+    with pytest.raises(SystemExit, match="commit differ"):
+        merge([str(tmp_path / "a"), str(other)], tmp_path / "out2", targets)
+    run(other, [], None, command="c")
+    with pytest.raises(SystemExit, match="lora_vs_peft_gpu.json has no rows"):
+        merge([str(other)], tmp_path / "out2", targets)
     with pytest.raises(SystemExit, match="is one of the merged"):
-        merge([str(tmp_path / "a")], tmp_path / "a")
+        merge([str(tmp_path / "a")], tmp_path / "a", targets)
     assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("flat", [True, False])
 def test_undo_training_restores_weights_and_a_fresh_optimizer_in_place(flat):
     import torch
-    from experiments.bench import undo_training
     from lowrank.lora_fast import FlatMasterAdamW
+    from lowrank.step_graph import undo_training
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
     opt = FlatMasterAdamW(params, lr=0.1) if flat else torch.optim.AdamW(params, lr=0.1)

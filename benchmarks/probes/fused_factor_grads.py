@@ -1,20 +1,20 @@
-"""One Triton kernel for both products of the output gradient g (n, d) in a LoRA backward: t = s g B (n, r) and
-the B gradient s gᵀ h (d, r), reading g once, against cuBLAS's two GEMMs (the second split-K, plus its reduction
-kernel). The kernel is the library's (`lowrank.lora_fast._t_and_b_grad_kernel`: each program owns BM rows, loops
-over g's columns, accumulates t in registers and adds its share of the B gradient into an fp32 buffer with
-atomics); here it is timed over 15 launch configurations, with the zero fill before and the bf16 cast after.
-Run on the GPU: python3 benchmarks/probes/fused_factor_grads.py. (The recorded output came from the first
-version of this script, commit 944656c, whose own copy of the kernel was this one without the rank mask, for
-rank 16; its tests, in Triton's CPU interpreter, are in tests/test_lora_fast.py.)"""
-import json
-import sys
-from pathlib import Path
+"""One Triton kernel for both products of the output gradient in a LoRA backward, against cuBLAS's two GEMMs.
 
+    python -m benchmarks.probes.fused_factor_grads          # on one GPU, about a minute
+
+For g (n, d): t = s g B (n, r) and the B gradient s gᵀ h (d, r), reading g once, against cuBLAS's two GEMMs
+(the second split-K, plus its reduction kernel). The kernel is the library's
+(`lowrank.lora_fast._t_and_b_grad_kernel`: each program owns BM rows, loops over g's columns, accumulates t in
+registers and adds its share of the B gradient into an fp32 buffer with atomics); here it is timed over 15
+launch configurations, with the zero fill before and the bf16 cast after, both sides replayed from CUDA
+graphs. Its tests, in Triton's CPU interpreter, are in tests/test_lora_fast.py.
+"""
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from lowrank.lora_fast import _t_and_b_grad_kernel  # noqa: E402
+from benchmarks.probes.common import probe_args, save
+from lowrank.bench_record import collect_metadata
+from lowrank.lora_fast import _t_and_b_grad_kernel
 
 R = 16
 
@@ -73,34 +73,37 @@ def graph_time_us(fn, reps=20):
 
 
 def main():
-    from timing import OUT
+    args = probe_args(__doc__)
+    meta = collect_metadata()
     n, bf = 8192, dict(device="cuda", dtype=torch.bfloat16)
     cfgs = [(bm, bk, nw, ns) for bm in (64, 128) for bk in (64, 128) for nw, ns in ((4, 3), (8, 3), (4, 4))]
     cfgs += [(256, 64, 8, 2), (256, 64, 8, 3), (32, 128, 4, 3)]  # fewer atomics / more programs
-    res = {}
+    rows, configs = [], {}
     # per 1.1B step: d = 2048 for q, o, down (66 adapters), 256 for k, v (44), 5632 for gate, up (44)
     for d, count in ((2048, 66), (256, 44), (5632, 44)):
         G = [torch.randn(n, d, **bf) for _ in range(4)]
         H = [torch.randn(n, R, **bf) for _ in range(4)]
         B = torch.randn(d, R, **bf) * 0.02
         base = graph_time_us(lambda i: cublas(G[i], B, H[i], 2.0))
-        rows = {}
+        timed = {}
         for cfg in cfgs:
             try:
                 err = check("cuda", torch.bfloat16, n, d, cfg)
-                rows[str(cfg)] = dict(us=graph_time_us(lambda i: fused(G[i], B, H[i], 2.0, cfg)), rel_err=err)
+                timed[str(cfg)] = dict(us=graph_time_us(lambda i: fused(G[i], B, H[i], 2.0, cfg)), rel_err=err)
             except Exception as e:  # a config that does not compile or fit
-                rows[str(cfg)] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-        best = min((v["us"], k) for k, v in rows.items() if "us" in v)
-        res[f"d={d}"] = dict(cublas_us=base, best_fused_us=best[0], best_cfg=best[1], adapters_per_step=count,
-                             step_ms_saved=(base - best[0]) * count / 1e3, configs=rows)
+                timed[str(cfg)] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        best = min((v["us"], k) for k, v in timed.items() if "us" in v)
+        rows.append(dict(width=d, cublas_us=base, best_fused_us=best[0], best_cfg=best[1], adapters_per_step=count,
+                         step_ms_saved=(base - best[0]) * count / 1e3))
+        configs[f"d={d}"] = timed
         print(f"d={d}: cuBLAS pair {base:.1f} us, fused best {best[0]:.1f} us {best[1]}, "
               f"x{count} a step: {(base - best[0]) * count / 1e3:+.2f} ms saved", flush=True)
-        for k, v in rows.items():
+        for k, v in timed.items():
             print("    ", k, v, flush=True)
-    res["step_ms_saved"] = sum(v["step_ms_saved"] for v in res.values())
-    print(f"total per 1.1B step: {res['step_ms_saved']:+.2f} ms", flush=True)
-    (OUT / "fused_factor_grads.json").write_text(json.dumps(res, indent=1))
+    total = sum(r["step_ms_saved"] for r in rows)
+    print(f"total per 1.1B step: {total:+.2f} ms", flush=True)
+    save(args.out, "fused_factor_grads", __doc__, rows, meta, settings=dict(tokens=n, rank=R, configs=cfgs),
+         details=dict(step_ms_saved=total, configs=configs))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""Group adapter math: H/T as (n, Σr) row-major slices (now) vs (Σr, n) member-major (each h a col-major view)."""
-import json
+"""Group adapter math: H/T as (n, Σr) row-major slices (as built) vs (Σr, n) member-major (h col-major views).
+
+    python -m benchmarks.probes.group_layouts          # on one GPU, from the repository root
+
+Per shared-input group of a 1.1B layer (q,k,v; gate,up; and o and down alone), M = 8192 tokens, r = 16: the
+group's forward and backward in each layout, in µs (CUDA events, four input sets), the B gradient also
+computed transposed (`_gbT`), and the largest relative difference between the two layouts' outputs.
+"""
 import torch
-from timing import OUT, time_us
+
+from benchmarks.probes.common import probe_args, rows_by, save, time_us
+from lowrank.bench_record import collect_metadata
+
 M, r, s = 8192, 16, 2.0
 bf = dict(device="cuda", dtype=torch.bfloat16)
 GROUPS = {"qkv": (2048, [2048, 256, 256]), "gate_up": (2048, [5632, 5632]), "o": (2048, [2048]), "down": (5632, [2048])}
@@ -11,20 +20,21 @@ def bench(fn, reps=30):
     return round(time_us(fn, reps, 4), 1)
 
 
-res = {}
-for name, (K, Ns) in GROUPS.items():
-    n = len(Ns)
+def group(K: int, Ns: list[int]) -> dict:
     X = [torch.randn(M, K, **bf) for _ in range(4)]
     G = [[torch.randn(M, N, **bf) for N in Ns] for _ in range(4)]
-    Ws = [torch.randn(N, K, **bf) * 0.02 for N in Ns]; As = [torch.randn(r, K, **bf) * 0.02 for _ in Ns]
+    Ws = [torch.randn(N, K, **bf) * 0.02 for N in Ns]
+    As = [torch.randn(r, K, **bf) * 0.02 for _ in Ns]
     Bs = [torch.randn(N, r, **bf) * 0.02 for N in Ns]
 
     def fwd(k, layout):
         Ac = torch.cat(As)
         if layout == "row":
-            H = torch.mm(X[k], Ac.t()); hs = H.split(r, 1)
+            H = torch.mm(X[k], Ac.t())
+            hs = H.split(r, 1)
         else:
-            H = torch.mm(Ac, X[k].t()); hs = [h.t() for h in H.split(r, 0)]
+            H = torch.mm(Ac, X[k].t())
+            hs = [h.t() for h in H.split(r, 0)]
         ys = [torch.mm(h, B.t()).addmm_(X[k], W.t(), beta=s) for h, B, W in zip(hs, Bs, Ws)]
         return ys, hs
 
@@ -60,6 +70,19 @@ for name, (K, Ns) in GROUPS.items():
         HS = [fwd(k, layout)[1] for k in range(4)]
         row[f"bwd_{layout}"] = bench(lambda k: bwd(k, HS[k], layout))
         row[f"bwd_{layout}_gbT"] = bench(lambda k: bwd(k, HS[k], layout, True))
-    res[name] = row
-    print(name, row, flush=True)
-(OUT / "group_layouts.json").write_text(json.dumps(res, indent=1))
+    return row
+
+
+def main():
+    args = probe_args(__doc__)
+    meta = collect_metadata()
+    res = {}
+    for name, (K, Ns) in GROUPS.items():
+        res[name] = group(K, Ns)
+        print(name, res[name], flush=True)
+    save(args.out, "group_layouts", __doc__, rows_by("group", res), meta,
+         settings=dict(tokens=M, rank=r, scale=s, groups=GROUPS))
+
+
+if __name__ == "__main__":
+    main()
