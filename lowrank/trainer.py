@@ -32,6 +32,7 @@ from .logger import make_logger
 from .memory import estimate_from_cfg
 from .lora import freeze_for_lora, inject_lora, lora_scaling, match_targets
 from .models import load_model
+from .optimizers import lr_lambda, make_optimizer, make_scheduler, resolve_optimizer
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
 from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
@@ -45,19 +46,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-    return f
 
 
 @torch.no_grad()
@@ -240,8 +228,9 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     head_params = sum(p.numel() for p in head.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
+    optimizer_kind = resolve_optimizer(tc.optimizer, mc.name, weight_dtype, device.type)
+    optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -399,6 +388,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
         "weight_dtype": weight_dtype,
+        "optimizer": optimizer_kind,
         "mask_free_attention": mask_free,
         "wall_seconds": time.perf_counter() - t_start,
         "eval_history": loop["history"],

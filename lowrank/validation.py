@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from .errors import ConfigError, check_choice
 from .lora import INITS, SCALINGS
+from .optimizers import OPTIMIZERS
 
 METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -55,6 +56,9 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(t.get(key, False), bool):
             raise ConfigError(f"trainer.{key}={t[key]!r} is not valid; it must be true or false")
     check_choice("trainer.schedule", t.schedule, SCHEDULES)
+    check_choice("trainer.optimizer", t.optimizer, OPTIMIZERS)
+    if t.optimizer == "flat_master" and m.name != "lora":
+        raise ConfigError("trainer.optimizer=flat_master is not valid with method=full; it steps LoRA factors")
     check_choice("logger.name", cfg.logger.name, LOGGERS)
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer")

@@ -138,17 +138,6 @@ def test_compiled_run_compiles_the_blocks_and_trains_like_eager(tiny_run, monkey
     assert abs(metrics["eval_loss"] - eager["eval_loss"]) < 0.05
 
 
-def test_a_bf16_base_trains_fp32_factors_and_stores_the_w0_it_used(tiny_run):
-    from safetensors.torch import load_file as load
-    metrics, run_dir = tiny_run("model.dtype=bf16", "trainer.precision=bf16")
-    assert metrics["status"] == "complete"
-    meta = read_delta(run_dir)[1]
-    w0 = load(str((run_dir / meta["base_weights"]).resolve()))
-    assert all(torch.equal(w, w.to(torch.bfloat16).float()) for w in w0.values())  # bf16 values exactly
-    factors = read_delta(run_dir)[0]
-    assert all(t.dtype == torch.float32 for t in factors.values())
-
-
 TINY_LLAMA = ["model=llama_1b_shape", "task=synthetic", "model.shape.hidden_size=64",
               "model.shape.intermediate_size=128", "model.shape.num_hidden_layers=2", "model.shape.num_attention_heads=4",
               "model.shape.num_key_value_heads=2", "model.shape.vocab_size=1000", "task.train_examples=64", "task.test_examples=32", "method.targets=all-linear"]
@@ -163,3 +152,21 @@ def test_unpadded_causal_batches_train_without_a_mask_and_to_the_same_result(tin
     assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
     assert fast["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
     assert fast["tokens_per_second"] == fast["padded_tokens_per_second"]  # nothing is padded
+
+
+def test_flat_fp32_masters_give_the_plain_loss_curve(tiny_run):
+    """LoRA over a bf16 base: bf16 factors stepped through fp32 masters (trainer.optimizer=flat_master, the
+    CUDA default) against fp32 factors under bf16 autocast with torch's AdamW: the same math in bf16, so the
+    same losses within bf16 rounding."""
+    common = ["model.dtype=bf16", "trainer.precision=bf16", "trainer.max_steps=4", "trainer.eval_interval=2",
+              "method.alpha=16", "trainer.lr=2e-3"]
+    flat, run_dir = tiny_run(*common, "trainer.optimizer=flat_master", name="flat")
+    plain, _ = tiny_run(*common, "trainer.optimizer=adamw", name="plain")
+    assert (flat["optimizer"], plain["optimizer"]) == ("flat_master", "adamw")
+    for a, b in zip(flat["eval_history"], plain["eval_history"]):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=2e-2)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
+    factors, meta = read_delta(run_dir)
+    assert any(t.abs().max() > 0 for k, t in factors.items() if k.endswith("lora_B"))  # B left zero: it trained
+    w0 = load_file(str((run_dir / meta["base_weights"]).resolve()))  # W0 as the run used it: bf16 values
+    assert all(torch.equal(w, w.to(torch.bfloat16).float()) for w in w0.values())

@@ -1,0 +1,118 @@
+"""The trainer's optimizer and schedule: torch's AdamW, or, for LoRA over a bf16 base, the LoRA factors held in
+bf16 and stepped through one flat fp32 master copy (`lora_fast.FlatMasterAdamW`: no per-layer casts of the
+factors in forward and backward, one fused AdamW kernel for all of them) beside an AdamW for the head. Both
+look the same to the trainer: `step`, `zero_grad`, `param_groups`, `state`, `state_dict`.
+
+    optimizer = make_optimizer(model, trainable, kind, lr=1e-3, weight_decay=0.0, fused=True)
+    scheduler = make_scheduler(optimizer, lr_lambda)
+"""
+import math
+
+import torch
+
+from .lora import lora_layers
+from .lora_fast import FlatMasterAdamW
+
+OPTIMIZERS = ("auto", "adamw", "flat_master")
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """The learning-rate factor at a step: linear warm-up, then linear, cosine or constant."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return f
+
+
+def resolve_optimizer(kind: str, method: str, weight_dtype: str, device_type: str) -> str:
+    """`auto`: flat fp32 masters for LoRA over a bf16 base on CUDA (where the per-layer casts cost step time);
+    torch's AdamW otherwise."""
+    if kind != "auto":
+        return kind
+    return "flat_master" if method == "lora" and weight_dtype == "bf16" and device_type == "cuda" else "adamw"
+
+
+class _States:
+    """`optimizer.state` of several optimizers: what the budget probes clear after their steps."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    def clear(self) -> None:
+        for opt in self.optimizers:
+            opt.state.clear()
+
+
+class FactorsAndHead:
+    """bf16 LoRA factors stepped by FlatMasterAdamW (fp32 masters), the head and any other trained parameter
+    by torch's AdamW: the update of AdamW on fp32 factors, computed in bf16 as bf16 autocast would."""
+
+    def __init__(self, factors: list, others: list, lr: float, weight_decay: float, fused: bool):
+        for p in factors:
+            p.data = p.data.to(torch.bfloat16)
+        self.flat = FlatMasterAdamW(factors, lr=lr, weight_decay=weight_decay)
+        self.others = torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay, fused=fused)
+        self.inner = [self.flat.optimizer, self.others]
+        self.state = _States(self.inner)
+
+    @property
+    def param_groups(self) -> list:
+        return [g for opt in self.inner for g in opt.param_groups]
+
+    def step(self) -> None:
+        self.flat.step()
+        self.others.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.flat.zero_grad()
+        self.others.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"flat": self.flat.optimizer.state_dict(), "master": self.flat.master.detach().clone(),
+                "others": self.others.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flat.optimizer.load_state_dict(state["flat"])
+        with torch.no_grad():
+            self.flat.master.copy_(state["master"])
+            self.flat.flat.copy_(self.flat.master)  # the bf16 factors the model computes with
+        self.others.load_state_dict(state["others"])
+
+
+class Schedules:
+    """One LambdaLR per inner optimizer, stepped together (LambdaLR takes a torch optimizer only)."""
+
+    def __init__(self, optimizers, factor):
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.schedulers[0].get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, sd in zip(self.schedulers, state["schedulers"]):
+            s.load_state_dict(sd)
+
+
+def make_optimizer(model, trainable: list, kind: str, lr: float, weight_decay: float, fused: bool):
+    if kind == "adamw":
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=fused)
+    factors = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    ids = {id(p) for p in factors}
+    return FactorsAndHead(factors, [p for p in trainable if id(p) not in ids], lr, weight_decay, fused)
+
+
+def make_scheduler(optimizer, factor) -> Schedules:
+    return Schedules(optimizer.inner if isinstance(optimizer, FactorsAndHead) else [optimizer], factor)
