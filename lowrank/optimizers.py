@@ -13,7 +13,7 @@ import torch
 from .lora import lora_layers
 from .lora_fast import FlatMasterAdamW
 
-OPTIMIZERS = ("auto", "adamw", "flat_master")
+OPTIMIZERS = ("adamw", "flat_master")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -28,14 +28,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
     return f
-
-
-def resolve_optimizer(kind: str, method: str, weight_dtype: str, device_type: str) -> str:
-    """`auto`: flat fp32 masters for LoRA over a bf16 base on CUDA (where the per-layer casts cost step time);
-    torch's AdamW otherwise."""
-    if kind != "auto":
-        return kind
-    return "flat_master" if method == "lora" and weight_dtype == "bf16" and device_type == "cuda" else "adamw"
 
 
 class _States:

@@ -32,7 +32,7 @@ from .logger import make_logger
 from .memory import estimate_from_cfg
 from .lora import freeze_for_lora, inject_lora, lora_scaling, match_targets
 from .models import load_model
-from .optimizers import lr_lambda, make_optimizer, make_scheduler, resolve_optimizer
+from .optimizers import lr_lambda, make_optimizer, make_scheduler
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
 from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
@@ -228,7 +228,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     head_params = sum(p.numel() for p in head.parameters())
-    optimizer_kind = resolve_optimizer(tc.optimizer, mc.name, weight_dtype, device.type)
+    optimizer_kind = tc.optimizer
     optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext

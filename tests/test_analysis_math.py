@@ -68,7 +68,7 @@ def test_randomized_svd_finds_planted_values():
 
 @pytest.mark.parametrize("shape", [(60, 40), (40, 60)])  # the Gram matrix of the smaller side either way
 def test_gram_spectrum_recovers_planted_values_down_to_1e4_of_the_largest(shape):
-    sig = [1.0, 0.3, 1e-2, 1e-3, 1e-4]  # 1e-4·σ_max: the accuracy range issue 6 asks for
+    sig = [1.0, 0.3, 1e-2, 1e-3, 1e-4]  # 1e-4·σ_max: the accuracy range the spectra promise
     m, _, s, _ = planted(*shape, sig, seed=3)
     S, resid = spectra.svdvals_gram(m, device=CPU)
     assert S.shape == (40,) and S.dtype == torch.float64

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lowrank.lora import inject_lora
-from lowrank.optimizers import FactorsAndHead, lr_lambda, make_optimizer, make_scheduler, resolve_optimizer
+from lowrank.optimizers import FactorsAndHead, lr_lambda, make_optimizer, make_scheduler
 
 
 class Tiny(nn.Module):
@@ -81,11 +81,3 @@ def test_a_resumed_flat_master_run_continues_exactly():
     for (n, a), b in zip(ref[0].named_parameters(), resumed[0].parameters()):
         assert torch.equal(a, b), n
     assert torch.equal(ref[2].flat.master, resumed[2].flat.master)
-
-
-def test_auto_takes_flat_masters_only_for_lora_over_a_bf16_base_on_cuda():
-    assert resolve_optimizer("auto", "lora", "bf16", "cuda") == "flat_master"
-    assert resolve_optimizer("auto", "lora", "fp32", "cuda") == "adamw"
-    assert resolve_optimizer("auto", "lora", "bf16", "cpu") == "adamw"
-    assert resolve_optimizer("auto", "full", "bf16", "cuda") == "adamw"
-    assert resolve_optimizer("adamw", "lora", "bf16", "cuda") == "adamw"
