@@ -118,8 +118,15 @@ def run_job(job: list[str], name: str, run_dir: Path, steps: int, log_path: Path
     return True
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad option as one `error: ...` line (its own usage + error is two)."""
+
+    def error(self, message: str):
+        fail(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs-root", default="runs", help="runs go to RUNS_ROOT/demo/ (default: runs)")
     p.add_argument("--out", default="reports/demo", help="report, tables and figures (default: reports/demo)")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -136,6 +143,11 @@ def check_inputs(opts) -> list:
     naming the bad option, override or value, and exit 2."""
     if opts.jobs < 1:
         fail(f"--jobs={opts.jobs} is not valid; it must be an integer >= 1")
+    for flag, path in (("--out", Path(opts.out)), ("--runs-root", Path(opts.runs_root))):
+        existing = next((q for q in (path, *path.parents) if q.exists()), None)
+        if existing is not None and not existing.is_dir():
+            fail(f"{flag}={opts.out if flag == '--out' else opts.runs_root} is not valid; {existing} is a file, "
+                 f"not a folder")
     sweeps = opts.sweeps.split(",")
     known = group_options("experiment")
     for sweep in sweeps:

@@ -20,10 +20,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lowrank.budget import budget_bytes, fit_with_estimate, require_weights_fit
+from lowrank.budget import fit_with_estimate, require_weights_fit
 from lowrank.cli import one_line_errors, run_main
 from lowrank.errors import ConfigError
 from lowrank.memory import GIB, estimate_from_cfg
+from lowrank.validation import budget_bytes, validate
 from lowrank.shapes import load_hf_config
 
 # Run in place: no run directory, no .hydra/ folder, no log file (a sweep's multirun.yaml goes to the temp dir).
@@ -34,6 +35,7 @@ NO_OUTPUT = ["hydra.run.dir=.", f"hydra.sweep.dir={Path(tempfile.gettempdir()) /
 
 def estimate(cfg: DictConfig) -> dict:
     """The fitted estimate for `cfg`, as printed in the JSON line."""
+    validate(cfg)  # the trainer's checks: one line for a bad value, as `experiments.train` gives
     config = load_hf_config(cfg.model, cfg.task.num_labels)
     budget = budget_bytes(cfg.get("budget"))
 

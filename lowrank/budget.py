@@ -2,7 +2,7 @@
 that runs, accumulating gradients to keep the configured batch, and turn on activation checkpointing if
 even a micro-batch of 1 does not fit. A run that cannot fit is a result (`fits: false`), not a crash.
 
-    cap_process_memory(budget_bytes(cfg.budget), device)
+    cap_process_memory(validation.budget_bytes(cfg.budget), device)
     fit = fit_micro_batch(cfg.trainer.batch_size, cuda_oom_probe(run_steps))   # run_steps(micro, ckpt)
     fit.micro_batch, fit.grad_accum, fit.activation_checkpointing, fit.fits, fit.failed_at
 
@@ -23,16 +23,6 @@ from .errors import ConfigError
 from .memory import GIB, MemoryEstimate
 
 Probe = Callable[[int, bool], bool]  # (micro_batch, activation_checkpointing) -> ran without running out
-
-
-def budget_bytes(cfg_budget) -> int | None:
-    """`budget.gib` in bytes (GiB = 2**30); None when there is no budget (`budget=none` or no budget group)."""
-    gib = None if cfg_budget is None else cfg_budget.get("gib")
-    if gib is None:
-        return None
-    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0:
-        raise ConfigError(f"budget.gib={gib!r} is not valid; it must be a number of GiB > 0, or null for no budget")
-    return int(gib * GIB)
 
 
 def micro_batch_candidates(batch_size: int) -> list[int]:

@@ -27,6 +27,8 @@ def check_group_overrides(argv: list[str]) -> None:
     """Hydra's own message for `model=nope` spans many lines; give one line naming the valid choices."""
     groups = config_groups()
     for arg in argv:
+        if arg.startswith("+experiment="):  # experiment is in the defaults list (null): it is chosen, not added
+            fail(f"{arg} is not valid; write {arg[1:]} (no '+')")
         key, eq, value = arg.lstrip("+~").partition("=")
         if not eq or key not in groups:
             continue
@@ -172,7 +174,10 @@ def run_main(main) -> None:
     argv = sys.argv[1:]
     register_resolvers()
     check_group_overrides(argv)
-    cfg = compose_first_job(argv)
+    try:
+        cfg = compose_first_job(argv)
+    except Exception as e:  # Hydra's composition errors span many lines; the first names the problem
+        fail(f"the command line does not compose: {str(e).strip().splitlines()[0]}")
     check_value_overrides(argv, cfg)
     check_locations(argv, cfg)
     main()

@@ -438,7 +438,7 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
         activation_checkpointing = bool(t.get("activation_checkpointing", False))
     precision = resolve_precision(t.precision, device_type)
     targets = m.targets if isinstance(m.targets, str) else list(m.targets)
-    return estimate_memory(config, m.name, micro_batch, t.max_length, rank=m.get("rank") or 8, targets=targets,
+    return estimate_memory(config, m.name, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
                            num_labels=cfg.task.num_labels, trainable_dtype="fp32",
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
                            precision=precision, activation_checkpointing=activation_checkpointing,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import atomic, rundir
 from .batches import Batches
 from .blocks import causal_attention_without_mask, compile_blocks
-from .budget import BudgetFit, budget_bytes, fit_to_budget, free_cuda_memory
+from .budget import BudgetFit, fit_to_budget, free_cuda_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import load_task
 from .delta import ensure_base_weights, linear_weights, write_delta
@@ -37,7 +37,7 @@ from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
 from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
 from .throughput import StepClock, compile_seconds
-from .validation import check_rank_fits, resolve_device, resolve_precision, resolve_weight_dtype, validate
+from .validation import budget_bytes, check_rank_fits, resolve_device, resolve_precision, resolve_weight_dtype, validate
 
 log = logging.getLogger(__name__)
 CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")  # decoders: attention is causal, SDPA's flag suffices

@@ -2,6 +2,8 @@
 is loaded (`validate`), the ones that need the model (`check_rank_fits`), and the settings resolved once for
 everyone (`resolve_device`, `resolve_precision`).
 """
+import math
+
 import torch
 from omegaconf import DictConfig
 
@@ -18,7 +20,7 @@ LOGGERS = ("none", "wandb")
 
 def check_positive(key: str, value, integer: bool = False, allow_zero: bool = False) -> None:
     """A number (an integer with `integer`) > 0, or >= 0 with `allow_zero`; a bool is neither."""
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{key}={value!r} is not valid; it must be {kind} {'>= 0' if allow_zero else '> 0'}")
@@ -60,6 +62,12 @@ def validate(cfg: DictConfig) -> None:
     if t.optimizer == "flat_master" and m.name != "lora":
         raise ConfigError("trainer.optimizer=flat_master is not valid with method=full; it steps LoRA factors")
     check_choice("logger.name", cfg.logger.name, LOGGERS)
+    for key in ("train_size", "eval_size", "test_size", "train_examples", "test_examples"):
+        if cfg.task.get(key) is not None:
+            check_positive(f"task.{key}", cfg.task[key], integer=True)
+    check_choice("logger.mode", cfg.logger.get("mode"), (None, "online", "offline", "disabled"))
+    budget_bytes(cfg.get("budget"))  # a ConfigError naming budget.gib when it is not a positive number
+    check_device(t.device)
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer")
 
@@ -70,6 +78,31 @@ def check_rank_fits(rank: int, widths: dict[str, int]) -> None:
     if too_small:
         name, width = next(iter(too_small.items()))
         raise ConfigError(f"method.rank={rank} is not valid; it must be <= min(in, out)={width} of target {name}")
+
+
+def budget_bytes(cfg_budget) -> int | None:
+    """`budget.gib` in bytes (GiB = 2**30); None when there is no budget (`budget=none` or no budget group)."""
+    gib = None if cfg_budget is None else cfg_budget.get("gib")
+    if gib is None:
+        return None
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0:
+        raise ConfigError(f"budget.gib={gib!r} is not valid; it must be a number of GiB > 0, or null for no budget")
+    return int(gib * 2**30)
+
+
+def check_device(name) -> None:
+    """`auto`, `cpu`, `cuda` or `cuda:N` of a GPU this machine has."""
+    try:
+        device = torch.device(name) if name != "auto" else None
+    except (RuntimeError, TypeError):
+        device = torch.device("meta")
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device={name!r} is not valid; choose auto, cpu, cuda or cuda:N")
+    if device is not None and device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"trainer.device={name!r} is not valid; this machine has {count} CUDA device(s): "
+                              f"use auto or cpu")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,9 +28,15 @@ def one_error_line(result, *needles):
     ("trainer.compile=maybe", ["trainer.compile='maybe'", "true or false"]),
     ("model.path=/no/such/folder", ["/no/such/folder", "no such folder"]),
     ("task.train_size=100000", ["task.train_size=100000", "4000"]),
+    ("+experiment=demo_lora", ["+experiment=demo_lora", "write experiment=demo_lora"]),
+    ("trainer.device=tpu", ["trainer.device='tpu'", "cuda:N"]),
+    ("trainer.lr=nan", ["trainer.lr=nan", "a number > 0"]),
+    ("task.eval_size=abc", ["task.eval_size='abc'", "integer > 0"]),
+    ("budget.gib=-3", ["budget.gib=-3", "GiB > 0"]),
+    ("logger=wandb logger.mode=bogus", ["logger.mode='bogus'", "offline"]),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, override, needles):
-    result = run_cli(["-m", "experiments.train", f"runs_root={tmp_path}", *TINY, override], cwd=tmp_path,
+    result = run_cli(["-m", "experiments.train", f"runs_root={tmp_path}", *TINY, *override.split()], cwd=tmp_path,
                      timeout=120)
     one_error_line(result, *needles)
 

@@ -90,11 +90,23 @@ def test_demo_command_runs_a_tiny_study_and_names_its_report(tmp_path):
     (["--sweeps", "nope"], ["--sweeps", "'nope'", "demo_lora"]),
     (["--jobs", "0"], ["--jobs=0", ">= 1"]),
     (["name=../up"], ["name='../up'", "one folder name"]),
+    (["--jobs", "abc"], ["--jobs", "invalid int value"]),
+    (["trainer.device=tpu"], ["trainer.device='tpu'", "cuda:N"]),
+    (["budget.gib=-3"], ["budget.gib=-3", "GiB > 0"]),
 ])
 def test_demo_checks_every_job_before_it_starts_any(tmp_path, args, needles):
+    """One line, exit 2, and nothing written: every job's config is checked before any starts."""
     res = run_cli(["-m", "experiments.demo", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
                    *args], cwd=ROOT, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_an_out_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    res = run_cli(["-m", "experiments.demo", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+                  cwd=ROOT, timeout=300)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()] and "--out=" in res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -11,9 +11,10 @@ import yaml
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lowrank.budget import (FitResult, budget_bytes, cap_process_memory, cuda_oom_probe,
+from lowrank.budget import (FitResult, cap_process_memory, cuda_oom_probe,
                             fit_micro_batch, fit_with_estimate, micro_batch_candidates, require_weights_fit)
 from lowrank.errors import ConfigError
+from lowrank.validation import budget_bytes
 from lowrank.lora import inject_lora
 from lowrank.memory import (GIB, arch_from_config, count_params, estimate_from_cfg, estimate_memory,
                             lora_adapter_params, _layer_bytes_per_token)
@@ -397,3 +398,10 @@ def test_a_bf16_base_with_fp32_factors_by_hand():
     cfg = compose_cfg(["model=llama2_7b_shape", "method.rank=8"])
     assert estimate_from_cfg(cfg, config, device_type="cuda").weight_dtype == "bf16"
     assert estimate_from_cfg(cfg, config, device_type="cpu").weight_dtype == "fp32"
+
+
+def test_estimate_checks_values_as_the_trainer_does(tmp_path):
+    for bad, needle in (("method.rank=0", "method.rank=0 is not valid"), ("trainer.batch_size=0", "trainer.batch_size=0")):
+        result = run_cli(["-m", "experiments.estimate", "model=llama_1b_shape", bad], cwd=tmp_path, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-1000:]
