@@ -5,6 +5,8 @@ hashes, checked on every read), `lowrank.atomic` (every file it writes), `lowran
 
     runs.py              read and check run directories
     spectra.py, subspace.py, amplification.py    the math: pure functions over tensors
+    statistics.py        the aggregation rules: setups (which runs may be pooled), amplification as a ratio of
+                         sums, Wilson and stratified-bootstrap intervals; pure functions over arrays and tables
     report.py            `python -m analysis.report ROOT ... --out DIR`: the tables, the figures, report.md
     report_cli.py        its command line, checked before anything is written
     tables.py            DIR's layout, the CSV writer, markdown tables
@@ -13,5 +15,6 @@ hashes, checked on every read), `lowrank.atomic` (every file it writes), `lowran
     figure_registry.py   every figure with its caption and sweep; the report's figure section
     wandb_sync.py        the `analysis` W&B run
 
-Imports go one way, with no cycle: report -> figure_registry -> figures -> figure_data, style, tables.
+Imports go one way, with no cycle: report -> figure_registry -> figures -> figure_data, style, tables;
+figure_data and report -> statistics.
 """

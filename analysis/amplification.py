@@ -23,8 +23,11 @@ def amplification(W: torch.Tensor, w_svd, delta_svd, r: int, seed: int = 0, delt
     W: (out, in) the pre-trained weight; w_svd, delta_svd: (U (out, q), S (q,), Vh (q, in)) thin SVDs of W
     and ΔW with q ≥ r, strongest first (ΔW's may be the factored LoRA SVD). Random directions use `seed`.
     ‖ΔW‖_F comes from ΔW's singular values unless `delta_fro` is given (needed when delta_svd is truncated).
-    Returns w_fro, delta_fro, proj_delta / proj_w / proj_random (‖Uᵀ W V‖_F for each choice of U, V),
-    amplification = delta_fro / proj_delta, and phi_out / phi_in = φ(ΔW, W, r, r) on each side."""
+    Returns w_fro, delta_fro, delta_top_fro = ‖ΔW_r‖_F (ΔW's top-r part, √Σ_{k≤r} σ_k²: all of ΔW for LoRA at
+    rank r), proj_delta / proj_w / proj_random (‖Uᵀ W V‖_F for each choice of U, V), amplification =
+    delta_fro / proj_delta (the paper's; for full fine-tuning the numerator sees every direction, the
+    denominator only r: statistics.amplification_summary divides delta_top_fro instead), and
+    phi_out / phi_in = φ(ΔW, W, r, r) on each side."""
     Ud, Sd, Vhd = delta_svd
     Uw, Sw, Vhw = w_svd
     if r > len(Sd) or r > len(Sw):
@@ -38,6 +41,7 @@ def amplification(W: torch.Tensor, w_svd, delta_svd, r: int, seed: int = 0, delt
     return {
         "w_fro": torch.linalg.matrix_norm(W.double()).item(),
         "delta_fro": delta_fro,
+        "delta_top_fro": torch.linalg.vector_norm(Sd[:r].double()).item(),
         "proj_delta": proj_delta,
         "proj_w": projected_norm(W, Uw[:, :r], Vhw[:r].mT),
         "proj_random": projected_norm(W, Ur, Vr),

@@ -13,12 +13,12 @@ from .figures import (Drawn, figure_1, figure_2, figure_3, figure_4, figure_5, f
 from .tables import FIGURES_DIR, markdown_table
 
 SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure needs; demo_*: the small versions
-    "rank": "rank_sweep + full_baseline (`python -m experiments.train -m +experiment=rank_sweep`, then "
-            "`+experiment=full_baseline`; demo: demo_lora, demo_targets, demo_full)",
-    "subspace": "subspace (`python -m experiments.train -m +experiment=subspace`; demo: demo_lora)",
-    "subspace_full": "subspace + subspace_full (`python -m experiments.train -m +experiment=subspace`, then "
-                     "`+experiment=subspace_full`; demo: demo_lora, demo_full)",
-    "scarce": "data_scarce (`python -m experiments.train -m +experiment=data_scarce`; demo: demo_scarce with "
+    "rank": "rank_sweep + full_baseline (`python -m experiments.train -m experiment=rank_sweep`, then "
+            "`experiment=full_baseline`; demo: demo_lora, demo_targets, demo_full)",
+    "subspace": "subspace (`python -m experiments.train -m experiment=subspace`; demo: demo_lora)",
+    "subspace_full": "subspace + subspace_full (`python -m experiments.train -m experiment=subspace`, then "
+                     "`experiment=subspace_full`; demo: demo_lora, demo_full)",
+    "scarce": "data_scarce (`python -m experiments.train -m experiment=data_scarce`; demo: demo_scarce with "
               "demo_lora and demo_full)",
 }
 
@@ -33,39 +33,48 @@ class Spec:
 
 FIGURES = [
     Spec(1, figure_1,
-         "Test accuracy against LoRA rank per target set (line: mean ± std over seeds, dots: seeds); dashed: full "
-         "fine-tuning (band: ± std). The LoRA paper's Table 6 on this task.", "rank"),
+         "Test accuracy against LoRA rank per target set, one panel per setup on the whole training set (line: mean over "
+         "seeds, error bar: 95 % stratified-bootstrap interval over seeds, none at n=1 and the range of the two "
+         "seeds at n=2; band: Wilson 95 % interval of a test-set accuracy, n = test examples; dots: seeds); dashed: "
+         "full fine-tuning (band: Wilson, bar at the right: seeds). The LoRA paper's Table 6 on this task.", "rank"),
     Spec(2, figure_2,
-         "φ(A_r1, A_r2, i, j) between the right-singular directions of A at two ranks (same seed; r=8 and r=64 "
-         "where run), for each adapted matrix at the middle layer (bottom: i, j ≤ 8, or the smaller rank), next to "
-         "random subspaces (paper Fig. 3).", "subspace"),
+         "φ(A_r1, A_r2, i, j) between the right-singular directions of A at two ranks (same seed and setup; r=8 and "
+         "r=64 where run) for each adapted matrix at the middle layer (bottom: i, j ≤ 8), next to random subspaces "
+         "(paper Fig. 3). One pair of runs: no interval.", "subspace"),
     Spec(3, figure_3,
-         "φ between A from two seeds at one rank (r=64 where run, else the largest with two seeds), middle layer, "
-         "next to random subspaces: how many directions two runs share (paper Fig. 4).", "subspace"),
+         "φ between A from two seeds at one rank (r=64 where run, else the largest with two seeds), middle layer "
+         "(bottom: i, j ≤ 8), next to random subspaces: how many directions two runs share (paper Fig. 4). One pair "
+         "of runs.", "subspace"),
     Spec(4, figure_4,
-         "The comparisons of Figures 2 and 3 at the first, middle and last layer (paper Appendix H.1, Figs. 6-7).",
-         "subspace"),
+         "The comparisons of Figures 2 and 3 at the first, middle and last layer, each with the random-subspace "
+         "expectation (paper Appendix H.1, Figs. 6-7).", "subspace"),
     Spec(5, figure_5,
-         "Left: amplification ‖ΔW‖_F / ‖UᵀWV‖_F with U, V ΔW's top-r directions (lines: means over layers and seeds, "
-         "dots: each); right: φ between ΔW's and W's top-r output directions vs random (paper Table 7, Fig. 8).",
-         "subspace_full"),
+         "Top: amplification ‖ΔW_r‖_F / ‖UᵀWV‖_F, U, V ΔW's top-r directions and ΔW_r its top-r part (so full "
+         "fine-tuning and LoRA compare alike), as the ratio of sums over layers and seeds (not the mean of "
+         "per-layer ratios); error bars: stratified bootstrap over seeds within layers. Full fine-tuning is one line "
+         "(the same runs at every r); each LoRA configuration is a point at its rank. Bottom: φ between ΔW's and "
+         "W's top-r output directions vs random subspaces (paper Table 7, Fig. 8).", "subspace_full"),
     Spec(6, figure_6,
-         "Normalised singular values of ΔW per matrix type, full fine-tuning vs LoRA, with the energy rank r90 "
-         "(dotted): how high full fine-tuning's rank is next to LoRA's ranks.", "subspace_full"),
+         "Normalised singular values σ_k/σ_1 of ΔW per setup and matrix type (mean over layers and runs; band: full "
+         "FT min-max over them; dotted: the mean energy rank r90; y axis stops at 10⁻³), full fine-tuning vs LoRA: "
+         "how high full fine-tuning's rank is next to LoRA's ranks.", "subspace_full"),
     Spec(7, figure_7,
-         "Peak memory per method and rank (stacked bars: the memory model's weights / gradients / optimizer / bf16 "
-         "weight copies / activations where runs record it, a dash: its peak, a plain bar: the measured peak where "
-         "they do not; diamonds: measured peak per run) and training throughput (mean ± std, dots: runs).",
-         "rank"),
+         "Left: the measured peak as recorded (CUDA max allocated, or on CPU the process's peak RSS, which includes "
+         "the Python and PyTorch runtime), mean and each run; middle: the memory model's estimate by part (training "
+         "tensors only; beside CUDA max allocated, the same quantity, and on CPU not comparable with RSS); right: "
+         "training throughput in real (non-padding) tokens/s over the steady steps after the warm-up, as recorded by "
+         "each run (whether runs shared the machine is not recorded), with the padded rate.", "rank"),
     Spec(8, figure_8,
-         "Test accuracy against measured peak memory, one point per run; dashed: the Pareto front (the most "
-         "accurate run at each memory).", "rank"),
+         "Test accuracy against the measured peak memory, one marker per configuration (mean over seeds; vertical "
+         "bar: seed interval, wide pale bar: Wilson test-set interval, horizontal bar: the range of the runs' "
+         "peaks; dots: runs); dashed: the Pareto front of the configuration means.", "rank"),
     Spec(9, figure_9,
-         "Train (dashed) and test (solid) accuracy against training-set size, full fine-tuning vs LoRA (mean ± std "
-         "over seeds): the gap is over-fitting.", "scarce"),
+         "Train (dashed) and test (solid) accuracy against training-set size, full fine-tuning vs LoRA, within setups "
+         "that differ only in task.train_size (mean over seeds; error bars: seed intervals, none at n=1; band: "
+         "Wilson test-set interval): the gap is over-fitting.", "scarce"),
     Spec(10, figure_10,
-         "Checkpoint size per model and task: the whole fine-tuned model vs LoRA's adapter plus classifier head "
-         "(log scale).", "rank"),
+         "Checkpoint size per setup: the whole fine-tuned model vs LoRA's adapter plus classifier head (log scale).",
+         "rank"),
 ]
 
 
@@ -86,10 +95,10 @@ def write_figures(out_dir: Path, tables: dict, numbers=None) -> list[Built]:
             old.unlink()  # a figure that is skipped now must not show an earlier run's picture
         try:
             built.append(Built(spec, spec.build(tables, fig_dir)))
-            print(f"figure {spec.number}: {built[-1].drawn.path}")
+            print(f"analysis: figure {spec.number}: {built[-1].drawn.path}", flush=True)
         except MissingRuns as e:
             built.append(Built(spec, None, f"{e}; its runs come from {SWEEPS[spec.sweep]}"))
-            print(f"figure {spec.number} skipped: {built[-1].reason}")
+            print(f"analysis: figure {spec.number} skipped: {built[-1].reason}", flush=True)
     return built
 
 
@@ -102,8 +111,9 @@ def figures_markdown(built: list[Built], out_dir: Path) -> str:
             lines += [title, "", f"Skipped: {b.reason}.", ""]
             continue
         rel = b.drawn.path.relative_to(out_dir).as_posix()
-        lines += [title, "", f"![Figure {b.spec.number}]({rel})", "", f"*{b.spec.caption}* "
+        note = f" {b.drawn.note}" if b.drawn.note else ""
+        lines += [title, "", f"![Figure {b.spec.number}]({rel})", "", f"*{b.spec.caption}*{note} "
                   f"([PDF]({rel[:-4]}.pdf), [data]({rel[:-4]}.csv))", ""]
         if b.drawn.table is not None:
-            lines += [markdown_table(b.drawn.table.fillna("")), ""]
+            lines += [markdown_table(b.drawn.table), ""]
     return "\n".join(lines)

@@ -3,14 +3,15 @@
     python -m analysis.report runs [more_roots ...] --out analysis_out
 
 Writes (each file atomically; re-running on the same runs gives identical tables):
-  tables/runs.csv             one row per analysed run: run_id, path, flattened config, scalar metrics
+  tables/runs.csv             one row per analysed run: run_id, setup, path, flattened config, scalar metrics
+  tables/setups.csv           one row per setup (analysis/statistics.py: runs never averaged across setups)
   tables/spectrum.csv         one row per run × matrix: ranks, norms, intruder count
   tables/singular_values.csv  one row per run × matrix × singular value
   tables/subspace.csv         φ(i, j) grids between pairs of runs, with the random-subspace baseline
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
   figures/figN_*              the figures (analysis/figure_registry.py) from those tables, passed in memory
-  report.md                   the figures with captions and tables, runs analysed and skipped (with reasons),
-                              key numbers, timing
+  report.md                   the setups found and their runs, the figures with captions and tables, runs
+                              analysed and skipped (with reasons), key numbers per setup, timing
 --no-figures writes the tables and the text report only; --wandb logs figures and tables as an `analysis` run
 (analysis/wandb_sync.py). A run whose files fail a check (lowrank.integrity: content hashes, finite values), also
 while it is analysed, is listed as skipped with the reason. Bad command-line input exits with status 2 and one
@@ -30,16 +31,17 @@ from lowrank.rundir import CONFIG_FILE, METRICS_FILE
 
 from . import amplification as amp
 from . import spectra
+from . import statistics as st
 from .report_cli import parse_args
-from .runs import LowRank, Run, SkippedRun, collect_runs, layer_and_matrix
+from .figure_data import prepare, targets_label
+from .runs import LowRank, Run, SkippedRun, collect_runs, config_keys, layer_and_matrix
 from .subspace import factor_bases, phi_grid, random_phi, random_phi_grid
 from .tables import REPORT_FILE, markdown_table, table_path, write_csv
 from .wandb_sync import analysis_run_settings, log_analysis_run
 
-SETUP = ["model.name", "task.name", "task.train_size", "trainer.max_steps"]  # runs comparable only within one
 SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
                     "random_baseline"]
-WANDB_TABLES = ["runs", "spectrum", "amplification"]  # the per-matrix tables; subspace grids stay on disk
+WANDB_TABLES = ["runs", "setups", "spectrum", "amplification"]  # the per-matrix tables; subspace grids stay on disk
 
 
 class BaseCache:
@@ -117,8 +119,20 @@ def amplification_ranks(run: Run, amp_ranks: list[int], n_delta: int, n_w: int) 
     return [r for r in ranks if r <= min(n_delta, n_w)]
 
 
+def add_setups(table: pd.DataFrame, runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs table with a `setup` column after run_id (statistics.find_setups over every identity key of the
+    runs' configs but the seed and the configuration), and the setups table."""
+    keys = sorted({k for r in runs for k in config_keys(r) if st.is_identity_key(k)})
+    ids, setups = st.find_setups(table, st.setup_columns(keys))
+    if table.empty:
+        return table.assign(setup=pd.Series(dtype=object)), setups
+    table = table.copy()
+    table.insert(1, "setup", ids.loc[table.run_id].values)
+    return table, setups
+
+
 def select_pairs(table: pd.DataFrame) -> pd.DataFrame:
-    """Pairs of runs to compare, within one setup (SETUP columns equal):
+    """Pairs of runs to compare, within one setup (the `setup` column, add_setups):
       rank:         LoRA runs, same targets and seed, different ranks (run_a has the smaller rank)
       seed:         LoRA runs, same targets and rank, different seeds (run_a has the smaller seed)
       lora_vs_full: every LoRA run vs the full fine-tuning run with its seed, else the one with the smallest
@@ -127,10 +141,10 @@ def select_pairs(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return pd.DataFrame(columns=["run_a", "run_b", "kind"])
     t = table.copy()
-    for c in SETUP + ["method.targets", "method.rank"]:
+    for c in ["method.targets", "method.rank"]:
         t[c] = t[c].astype(str) if c in t else "None"  # None/NaN must group like any other value
     rows = []
-    for _, g in t.groupby(SETUP, dropna=False, sort=True):
+    for _, g in t.groupby("setup", sort=True):
         lora = g[g["method.name"] == "lora"].sort_values(["seed", "method.rank", "run_id"]).to_dict("records")
         full = g[g["method.name"] == "full"].sort_values(["seed", "run_id"]).to_dict("records")
         for a in lora:
@@ -179,62 +193,126 @@ def _frame(rows: list[dict], sort_keys: list[str], int_cols: list[str]) -> pd.Da
     return df.sort_values(sort_keys, ignore_index=True)
 
 
-def summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures: str = "") -> str:
-    """The short report: the figure section (markdown) if any, what was analysed, what was skipped and why, key
-    numbers, timing."""
-    lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""] + (
-        [figures, ""] if figures else []) + [
-             f"## Runs analysed ({len(table)})", ""]
-    if len(table):
-        cols = [c for c in ["run_id", "method.name", "method.rank", "seed", "task.name", "trainer.max_steps",
-                            "eval_accuracy"] if c in table]
-        lines += [markdown_table(table[cols].sort_values("run_id")), ""]
+def _setup_lines(setups: pd.DataFrame) -> list[str]:
+    """report.md's list of setups: what each is and which runs it holds."""
+    lines = [f"## Setups ({len(setups)})", "",
+             "A setup is every config key of a run but the seed, the configuration compared (`method.*`, "
+             "`trainer.lr`) and the keys that never change results (`runs_root`, `name`, `logger.*`, "
+             "`trainer.progress_bar`; `config_hash` covers the rest): runs of different setups are never averaged "
+             "together. Figures and tables say which setup each number comes from.", ""]
+    if len(setups):
+        common = st.common_settings(setups)
+        lines += ([f"Common to all: {common}.", ""] if common else [])
+        for row in setups.itertuples():
+            runs = row.runs.split(" ")
+            lines.append(f"- **{row.setup}**" + (f" ({row.label})" if row.label else "") + f": {row.n_runs} run"
+                         + ("s" if row.n_runs > 1 else "") + ": " + ", ".join(f"`{r}`" for r in runs))
+        lines.append("")
+    return lines
+
+
+def _runs_lines(table: pd.DataFrame) -> list[str]:
+    lines = [f"## Runs analysed ({len(table)})", ""]
+    if not len(table):
+        return lines
+    t = table.sort_values(["setup", "run_id"]).copy()
+    t["targets"] = [targets_label(v) for v in t["method.targets"]] if "method.targets" in t else ""
+    if "eval_accuracy" in t and "eval_examples" in t:
+        lo, hi = st.wilson_interval(t.eval_accuracy.to_numpy(float), t.eval_examples.to_numpy(float))
+        t["test-set interval (Wilson 95 %)"] = [f"[{a:.3f}, {b:.3f}]" if pd.notna(a) else "" for a, b in zip(lo, hi)]
+    cols = [c for c in ["run_id", "setup", "method.name", "method.rank", "targets", "seed", "trainer.lr",
+                        "eval_examples", "eval_accuracy", "test-set interval (Wilson 95 %)", "config_hash"] if c in t]
+    return lines + [markdown_table(t[cols]), ""]
+
+
+def amplification_summary_table(amps: pd.DataFrame) -> pd.DataFrame:
+    """Per setup, configuration (`config`, figure_data.prepare's label), r and matrix type: runs, matrices, mean
+    norms, and the amplification as statistics defines it (Σ‖ΔW_r‖_F / Σ‖UᵀWV‖_F), the whole-ΔW ratio of sums
+    and the per-matrix median."""
+    rows = []
+    for key, g in amps.groupby(["setup", "config", "r", "matrix_type"], sort=True):
+        rows.append(dict(zip(["setup", "config", "r", "matrix_type"], key)) | {
+            "runs": g.run_id.nunique(), "matrices": len(g), "‖ΔW‖_F": g.delta_fro.mean(),
+            "‖ΔW_r‖_F": g.delta_top_fro.mean(), "‖UᵀWV‖ ΔW": g.proj_delta.mean(), "‖UᵀWV‖ W": g.proj_w.mean(),
+            "‖UᵀWV‖ random": g.proj_random.mean(),
+            "amplification Σ‖ΔW_r‖/Σ‖UᵀWV‖": st.amplification_summary(g.delta_top_fro, g.proj_delta),
+            "Σ‖ΔW‖/Σ‖UᵀWV‖": st.amplification_summary(g.delta_fro, g.proj_delta),
+            "median per matrix": (g.delta_top_fro / g.proj_delta).median()})
+    return pd.DataFrame(rows)
+
+
+def summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures: str = "") -> str:
+    """The short report: the setups found and their runs, the figure section (markdown) if any, what was analysed,
+    what was skipped and why, key numbers per setup, timing."""
+    lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""] + _setup_lines(setups) + (
+        [figures, ""] if figures else []) + _runs_lines(table)
     lines += [f"## Runs skipped ({len(skipped)})", ""] + [f"- `{r}`: {why}" for r, why in skipped] + [""]
-    runs = table.set_index("run_id") if len(table) else None
+    runs = prepare(table).set_index("run_id") if len(table) else None
+    setup_of = runs.setup if runs is not None else pd.Series(dtype=object)
+    config_of = runs.config if runs is not None else pd.Series(dtype=object)
 
     if len(subspace):
         s = subspace[(subspace.i == 1) & (subspace.j == 1)].copy()
-        s["pair"] = [f"{_label(runs.loc[a])} vs {_label(runs.loc[b])}" for a, b in zip(s.run_a, s.run_b)]
-        g = s.groupby(["kind", "pair", "side", "matrix_type"]).agg(
-            phi_1_1_mean=("phi", "mean"), phi_1_1_min=("phi", "min"), phi_1_1_max=("phi", "max"),
-            n=("phi", "size"), random_baseline=("random_baseline", "mean")).reset_index()
-        lines += ["## φ(·,·,1,1): overlap of the top directions (over layers and pairs)", "",
+        s["setup"] = setup_of.loc[s.run_a].values
+        s["pair"] = [f"{config_of[a]} vs {config_of[b]}" for a, b in zip(s.run_a, s.run_b)]
+        g = s.groupby(["setup", "kind", "pair", "side", "matrix_type"]).agg(
+            phi_1_1_median=("phi", "median"), phi_1_1_min=("phi", "min"), phi_1_1_max=("phi", "max"),
+            matrices=("phi", "size"), random_baseline=("random_baseline", "mean")).reset_index()
+        lines += ["## φ(·,·,1,1): overlap of the top directions (per setup, over layers and pairs)", "",
                   "kind rank: same seed, two ranks; seed: same rank, two seeds (basis 'factor': input side = right "
-                  "singular vectors of A, output side = left of B). lora_vs_full: basis 'delta' (ΔW's own).", "",
-                  markdown_table(g), ""]
+                  "singular vectors of A, output side = left of B). lora_vs_full: basis 'delta' (ΔW's own). "
+                  "Median, min and max over the matrices (layers × pairs).", "", markdown_table(g), ""]
     if len(spectrum):
-        full = spectrum[spectrum.method == "full"]
+        sp = spectrum.assign(setup=setup_of.loc[spectrum.run_id].values, config=config_of.loc[spectrum.run_id].values,
+                             width=spectrum[["out_features", "in_features"]].min(axis=1))
+        full = sp[sp.method == "full"]
         if len(full):
-            g = full.groupby("matrix_type").agg(r90_mean=("r90", "mean"), r90_min=("r90", "min"),
-                                                r90_max=("r90", "max"), r50_mean=("r50", "mean"),
-                                                r99_mean=("r99", "mean"), effective_rank=("effective_rank", "mean"),
-                                                stable_rank=("stable_rank", "mean"),
-                                                width=("in_features", "min")).reset_index()
-            lora_ranks = sorted(spectrum.loc[spectrum.method == "lora", "rank"].dropna().unique().tolist())
-            lines += ["## Energy rank of full fine-tuning ΔW (over layers and full runs)", "",
-                      f"LoRA ranks analysed: {lora_ranks or 'none'}. "
-                      f"Share of full-FT matrices with r90 ≤ each LoRA rank: " +
-                      ", ".join(f"r={r}: {(full.r90 <= r).mean():.2f}" for r in lora_ranks), "", markdown_table(g), ""]
-        g = spectrum.groupby(["method", "rank", "matrix_type"], dropna=False).agg(
+            g = full.groupby(["setup", "config", "matrix_type"]).agg(
+                r90_mean=("r90", "mean"), r90_min=("r90", "min"), r90_max=("r90", "max"), r50_mean=("r50", "mean"),
+                r99_mean=("r99", "mean"), effective_rank=("effective_rank", "mean"),
+                stable_rank=("stable_rank", "mean"), runs=("run_id", "nunique"), matrices=("r90", "size"),
+                width=("width", "min")).reset_index()
+            share = []
+            for setup, f in full.groupby("setup"):
+                ranks = sorted(sp.loc[(sp.method == "lora") & (sp.setup == setup), "rank"].dropna().unique().tolist())
+                share.append(f"{setup}: " + (", ".join(f"r={r}: {(f.r90 <= r).mean():.2f}" for r in ranks)
+                                             or "no LoRA runs"))
+            lines += ["## Energy rank of full fine-tuning ΔW (per setup, over layers and full runs)", "",
+                      "width = min(out, in), the largest possible rank. Share of full-FT matrices with r90 ≤ each "
+                      "LoRA rank of the setup: " + "; ".join(share) + ".", "", markdown_table(g), ""]
+        g = sp.groupby(["setup", "config", "matrix_type"], sort=False).agg(
             r90_mean=("r90", "mean"), effective_rank=("effective_rank", "mean"), stable_rank=("stable_rank", "mean"),
-            rel_norm=("rel_norm", "mean"), intruders=("intruders", "mean"), n=("r90", "size")).reset_index()
-        lines += [f"## Per method and matrix type (means; intruders: top-{opts.intruder_k} left singular vectors, "
-                  f"ε = {opts.intruder_eps})", "", markdown_table(g), ""]
+            rel_norm=("rel_norm", "mean"), intruders=("intruders", "mean"), runs=("run_id", "nunique"),
+            matrices=("r90", "size")).reset_index()
+        g = g.sort_values(["setup", "config", "matrix_type"], key=_config_order(runs), ignore_index=True)
+        lines += [f"## Per setup, configuration and matrix type (means over matrices; intruders: top-{opts.intruder_k} left "
+                  f"singular vectors, ε = {opts.intruder_eps})", "", markdown_table(g), ""]
     if len(amps):
-        g = amps.groupby(["method", "rank", "r", "matrix_type"], dropna=False).agg(
-            delta_fro=("delta_fro", "mean"), w_fro=("w_fro", "mean"), proj_delta=("proj_delta", "mean"),
-            proj_w=("proj_w", "mean"), proj_random=("proj_random", "mean"),
-            amplification=("amplification", "mean"), amp_min=("amplification", "min"),
-            amp_max=("amplification", "max")).reset_index()
-        lines += ["## Amplification (LoRA paper Table 7: ‖UᵀWV‖_F for U, V from ΔW / W / random; "
-                  "amplification = ‖ΔW‖_F / ‖UᵀWV‖_F with ΔW's U, V; means over layers and runs)", "",
+        g = amplification_summary_table(amps.assign(setup=setup_of.loc[amps.run_id].values,
+                                                    config=config_of.loc[amps.run_id].values))
+        g = g.sort_values(["setup", "config", "r", "matrix_type"], key=_config_order(runs), ignore_index=True)
+        lines += ["## Amplification (LoRA paper Table 7: ‖UᵀWV‖_F for U, V from ΔW / W / random)", "",
+                  "Norms are means over the matrices (layers × runs). The amplification is the ratio of their sums "
+                  "(so the columns divide to it), with ΔW's top-r part ‖ΔW_r‖_F on top so that full fine-tuning (ΔW "
+                  "of full rank) and LoRA (ΔW_r = ΔW) are alike; never the mean of per-matrix ratios, which one "
+                  "near-zero projection can dominate. Σ‖ΔW‖/Σ‖UᵀWV‖ uses the whole ΔW (the same for LoRA).", "",
                   markdown_table(g), ""]
     lines += ["## Timing", ""] + [f"- {k}: {v}" for k, v in timing.items()] + [""]
     return "\n".join(lines)
 
 
-def _label(run: pd.Series) -> str:
-    return f"r{run['method.rank']:.0f}" if run["method.name"] == "lora" else run["method.name"]
+def _config_order(runs: pd.DataFrame):
+    """A sort key for tables with a `config` column: configurations in figure order (full first)."""
+    order = runs.drop_duplicates("config").set_index("config")["order"]
+
+    def key(col: pd.Series) -> pd.Series:
+        return col.map(lambda c: order.get(c, (9,))) if col.name == "config" else col
+    return key
+
+
+def progress(line: str) -> None:
+    """One line of progress while the report is computed (a full fine-tuning run takes seconds to minutes)."""
+    print(f"analysis: {line}", flush=True)
 
 
 def run_report(opts) -> dict:
@@ -245,25 +323,31 @@ def run_report(opts) -> dict:
     if opts.amp_ranks is None:  # the LoRA ranks present, so full fine-tuning lines up with them
         opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"}) or [8]
     t_load = time.perf_counter() - t_start
+    progress(f"{len(runs)} runs to analyse, {len(skipped)} skipped ({t_load:.1f} s)")
     cache = BaseCache(opts.device, opts.exact_max_dim, opts.topk)
     results, failed = {}, set()
-    for run in runs:
+    for k, run in enumerate(runs, 1):
         try:
             results[run.run_id] = analyse_run(run, cache, opts)
+            progress(f"run {k}/{len(runs)} {run.run_id}: {len(run.names)} matrices, "
+                     f"{results[run.run_id]['seconds']:.1f} s")
         except (CorruptArtifact, SkippedRun, torch.linalg.LinAlgError) as e:
             # a file damaged or replaced since it was checked, or an SVD that failed: skip the run, not the report
             skipped.append((run.run_id, f"while analysing: {e}"))
             failed.add(run.run_id)
+            progress(f"run {k}/{len(runs)} {run.run_id}: skipped while analysing")
     if failed:
         runs = [r for r in runs if r.run_id not in failed]
         table = table[~table.run_id.isin(failed)].reset_index(drop=True)
         skipped.sort()
     t_runs = time.perf_counter() - t_start - t_load
 
+    table, setups = add_setups(table, runs)
     pairs = select_pairs(table)
     blocks = [block for p in pairs.itertuples() for block in
               subspace_rows(p.kind, p.run_a, p.run_b, results[p.run_a]["bases"], results[p.run_b]["bases"])]
     t_sub = time.perf_counter() - t_start - t_load - t_runs
+    progress(f"{len(setups)} setups; subspace grids of {len(pairs)} pairs ({t_sub:.1f} s)")
 
     keys = ["run_id", "layer", "matrix_type"]
     spectrum = _frame([r for v in results.values() for r in v["spectrum"]], keys,
@@ -276,8 +360,8 @@ def run_report(opts) -> dict:
     table = table.sort_values("run_id", ignore_index=True) if len(table) else table
 
     out = Path(opts.out)
-    tables = {"runs": table, "spectrum": spectrum, "singular_values": sigmas, "subspace": subspace,
-              "amplification": amps}
+    tables = {"runs": table, "setups": setups, "spectrum": spectrum, "singular_values": sigmas,
+              "subspace": subspace, "amplification": amps}
     for name, df in tables.items():
         write_csv(table_path(out, name), df)
     full_ids = [r.run_id for r in runs if r.method == "full"]
@@ -295,7 +379,7 @@ def run_report(opts) -> dict:
         t_fig = time.perf_counter()
         figures = make_figures(out, tables, getattr(opts, "wandb", "auto"))
         timing["figures"] = f"{time.perf_counter() - t_fig:.2f} s"
-    write_text(out / REPORT_FILE, summarise(table, spectrum, subspace, amps, skipped, timing, opts, figures))
+    write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures))
     for k, v in timing.items():
         print(f"{k}: {v}")
     none_found = "" if runs or skipped else (

@@ -323,6 +323,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_keys(run: Run) -> list[str]:
+    """The run's config keys as run_table's columns name them (`method.rank`, `task.eval_size`, ...)."""
+    return list(_flatten(run.config))
+
+
 def run_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: run_id, path, the flattened config (`method.rank`, `task.name`, ...) and every scalar
     metric (`eval_accuracy`, `wall_seconds`, ...), metrics that are dicts flattened too

@@ -26,6 +26,8 @@ STYLE = {
 DPI = 150
 PANEL = (2.6, 2.2)                  # inches per panel: figures grow with their panel count
 FULL_COLOR = "black"                # full fine-tuning, everywhere
+RANDOM_COLOR = "#777777"            # random-subspace baselines
+MAJORITY_COLOR = "#AA3377"          # the majority-class rate on accuracy plots
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#999999"]  # Okabe-Ito
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 

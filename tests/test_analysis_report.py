@@ -128,7 +128,7 @@ def test_collect_runs_lists_skipped_with_reasons(runs_root):
 
 def test_report_writes_every_table_and_names_skipped_runs(report):
     out, tables, stdout = report
-    assert set(tables) == {"runs", "spectrum", "singular_values", "subspace", "amplification"}
+    assert set(tables) == {"runs", "setups", "spectrum", "singular_values", "subspace", "amplification"}
     text = (out / "report.md").read_text()
     for name in ["lora_r4_s1_truncated", "full_s1_no_config", "lora_r8_s0_running"]:
         assert name in text
@@ -225,7 +225,7 @@ def test_amplification_of_a_planted_run_is_known_by_hand(tmp_path):
     amps = pd.read_csv(tmp_path / "out" / "tables" / "amplification.csv")
     row = amps[(amps.layer == 1) & (amps.matrix_type == "query")].iloc[0]
     assert row.r == 1
-    want = {"proj_delta": 1.0, "delta_fro": c, "amplification": c / 1.0, "proj_w": 16.0,
+    want = {"proj_delta": 1.0, "delta_fro": c, "delta_top_fro": c, "amplification": c / 1.0, "proj_w": 16.0,
             "w_fro": math.sqrt((sigma ** 2).sum().item()), "random_phi_out": 1 / 16, "random_phi_in": 1 / 16}
     for k, v in want.items():  # W0 and the factors are stored in fp32: ~1e-7 of σ_1
         assert row[k] == pytest.approx(v, rel=1e-5), k
@@ -245,13 +245,21 @@ def test_report_is_deterministic(runs_root, report, tmp_path):
 
 def test_select_pairs_falls_back_to_any_full_run():
     table = pd.DataFrame([
-        {"run_id": "a", "method.name": "lora", "method.rank": 8, "method.targets": "q", "seed": 3},
-        {"run_id": "b", "method.name": "full", "method.rank": None, "method.targets": "all", "seed": 0},
-        {"run_id": "c", "method.name": "lora", "method.rank": 8, "method.targets": "q", "seed": 0,
-         "task.name": "other"},
+        {"run_id": "a", "setup": "S1", "method.name": "lora", "method.rank": 8, "method.targets": "q", "seed": 3},
+        {"run_id": "b", "setup": "S1", "method.name": "full", "method.rank": None, "method.targets": "all", "seed": 0},
+        {"run_id": "c", "setup": "S2", "method.name": "lora", "method.rank": 8, "method.targets": "q", "seed": 0},
     ])
     pairs = select_pairs(table)
-    assert pairs.values.tolist() == [["a", "b", "lora_vs_full"]]   # c is another task: no pair
+    assert pairs.values.tolist() == [["a", "b", "lora_vs_full"]]   # c is another setup: no pair
+
+
+def test_report_lists_its_setups_and_the_runs_table_names_them(report):
+    out, tables, _ = report
+    text = (out / "report.md").read_text()
+    assert "## Setups (1)" in text
+    assert list(tables["runs"].columns[:2]) == ["run_id", "setup"] and set(tables["runs"].setup) == {"S1"}
+    assert tables["setups"].n_runs.tolist() == [4]
+    assert "## Amplification" in text and "Σ‖ΔW‖/Σ‖UᵀWV‖" in text
 
 
 def test_randomized_path_for_large_matrices(runs_root, report, tmp_path):
@@ -282,4 +290,4 @@ def test_report_with_nothing_analysable_still_writes(tmp_path):
     main([str(root), "--out", str(tmp_path / "out")])
     assert "`crashed`: metrics status is 'running'" in (tmp_path / "out" / "report.md").read_text()
     assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {
-        "runs.csv", "spectrum.csv", "singular_values.csv", "subspace.csv", "amplification.csv"}
+        "runs.csv", "setups.csv", "spectrum.csv", "singular_values.csv", "subspace.csv", "amplification.csv"}
