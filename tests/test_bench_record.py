@@ -95,13 +95,10 @@ def test_git_state_asks_git_unless_the_commit_is_given(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    try:
-        subprocess.run([*git, "init", "-q"], check=True)
-        (repo / "f").write_text("1")
-        subprocess.run([*git, "add", "f"], check=True)
-        subprocess.run([*git, "commit", "-q", "-m", "m"], check=True)
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("no git to make a repository with")
+    subprocess.run([*git, "init", "-q"], check=True)  # git is on every machine that builds this project
+    (repo / "f").write_text("1")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "m"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert git_state(repo) == dict(commit=head, dirty=False)
     (repo / "f").write_text("2")
