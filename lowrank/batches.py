@@ -3,12 +3,14 @@ the same data, and evaluation batches grouped by length, so little is spent on p
 """
 import torch
 
+MEGA_BATCHES = 50  # batches sorted by length together under group_by_length
+
 
 class Batches:
     """Pre-tokenised examples, right-padded per batch to its longest sequence. Texts are tokenised here;
     lists of token ids (task=synthetic, for models without a tokenizer) are taken as they are."""
 
-    def __init__(self, tokenizer, split, max_length: int, pad_id: int):
+    def __init__(self, tokenizer, split, max_length: int, pad_id: int, group_by_length: bool = False):
         texts = split.texts
         if texts and isinstance(texts[0], list):
             self.features = [{"input_ids": t[:max_length], "attention_mask": [1] * len(t[:max_length])} for t in texts]
@@ -20,6 +22,7 @@ class Batches:
             self.features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(split.labels))]
         self.labels = split.labels
         self.pad_id = pad_id
+        self.group_by_length = group_by_length
         self._perm, self._perm_epoch = None, None
 
     def __len__(self) -> int:
@@ -47,10 +50,21 @@ class Batches:
 
     def indices_at(self, step: int, batch_size: int, seed: int) -> list[int]:
         """The examples of training step `step`: a pure function of (seed, step), so a resumed run sees
-        the same batches. Each epoch is a fresh seeded permutation; the ragged last batch is dropped."""
+        the same batches. Each epoch is a fresh seeded permutation; the ragged last batch is dropped. With
+        `group_by_length`, each run of MEGA_BATCHES batches of the permutation is sorted by length before it
+        is cut into batches, and the epoch's batches are then shuffled: every batch holds examples of
+        similar length (little padding), and which batch comes when stays random (as transformers'
+        group_by_length does, with its megabatch multiple of 50)."""
         per_epoch = len(self) // batch_size
         epoch, k = divmod(step, per_epoch)
-        if self._perm_epoch != epoch:
+        if self._perm_epoch != (epoch, batch_size):
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self), generator=g).tolist(), epoch
+            perm = torch.randperm(len(self), generator=g).tolist()
+            if self.group_by_length:
+                perm, mega = perm[:per_epoch * batch_size], MEGA_BATCHES * batch_size
+                perm = [i for s in range(0, len(perm), mega) for i in sorted(
+                    perm[s:s + mega], key=lambda i: -len(self.features[i]["input_ids"]))]
+                order = torch.randperm(per_epoch, generator=g).tolist()
+                perm = [i for b in order for i in perm[b * batch_size:(b + 1) * batch_size]]
+            self._perm, self._perm_epoch = perm, (epoch, batch_size)
         return self._perm[k * batch_size:(k + 1) * batch_size]

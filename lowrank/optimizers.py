@@ -88,7 +88,7 @@ class Schedules:
             s.step()
 
     def get_last_lr(self) -> list[float]:
-        return self.schedulers[0].get_last_lr()
+        return [float(lr) for lr in self.schedulers[0].get_last_lr()]  # tensors where the step is graphed
 
     def state_dict(self) -> dict:
         return {"schedulers": [s.state_dict() for s in self.schedulers]}

@@ -37,6 +37,7 @@ from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
 from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
 from .throughput import StepClock, compile_seconds
+from .train_step import TrainStep, place_lr, use_cuda_graph
 from .validation import budget_bytes, check_rank_fits, resolve_device, resolve_precision, resolve_weight_dtype, validate
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,9 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    train_batches = Batches(tokenizer, train_split, tc.max_length, pad_id)
+    by_length = tc.get("group_by_length", "auto")
+    by_length = device.type == "cuda" if by_length == "auto" else by_length  # off on CPU: runs as they were
+    train_batches = Batches(tokenizer, train_split, tc.max_length, pad_id, group_by_length=by_length)
     test_batches = Batches(tokenizer, test_split, tc.max_length, pad_id)
     # Attention without a mask for causal models whose batches are never padded: transformers would build a
     # mask every step, and its packed-sequence check makes the host wait for the GPU (lowrank/blocks.py).
@@ -268,6 +271,11 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
 
     loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {
         "step": 0, "history": [], "recent_losses": [], "timing": None}
+    graphed, why_not = use_cuda_graph(tc.get("cuda_graph", "auto"), device, mask_free, checkpointing)
+    if tc.get("cuda_graph") is True and not graphed:
+        raise ConfigError(f"trainer.cuda_graph=true is not valid here: {why_not}; use auto or false")
+    place_lr(optimizer, device if graphed else None)
+    train_step = TrainStep(model, optimizer, trainable, autocast, tc.grad_clip, graphed)
     if loop["step"]:
         log.info("resuming %s from step %d", run_dir, loop["step"])
     clock = StepClock(tc.timing_warmup_steps, tc.max_steps - loop["step"])
@@ -284,24 +292,16 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         for step in bar:
             idx = train_batches.indices_at(step, tc.batch_size, cfg.seed)
             t0 = clock.now()
-            loss_value, tokens, padded_tokens = 0.0, 0, 0
-            for s in range(0, tc.batch_size, micro):  # gradient accumulation over micro-batches
-                cpu_batch = train_batches.collate(idx[s:s + micro])
-                tokens += int(cpu_batch["attention_mask"].sum())  # real tokens; padding is counted apart
-                padded_tokens += cpu_batch["input_ids"].numel()
-                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()
-                         if not (mask_free and k == "attention_mask")}
-                with autocast():
-                    loss = model(**batch).loss * (micro / tc.batch_size)
-                loss.backward()
-                loss_value += loss.item()  # a CPU-GPU sync point, so the step time below is real
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip else math.inf)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+            cpu_batches = [train_batches.collate(idx[s:s + micro]) for s in range(0, tc.batch_size, micro)]
+            tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches)  # real tokens; padding apart
+            padded_tokens = sum(b["input_ids"].numel() for b in cpu_batches)
+            loss_value, grad_norm, stepped = train_step([
+                {k: v.to(device, non_blocking=True) for k, v in b.items() if not (mask_free and k == "attention_mask")}
+                for b in cpu_batches])
+            if not (stepped and math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 diverged_at = step + 1
                 break
-            optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step_rate = clock.record(t0, tokens, padded_tokens)
             loop["step"], loop["timing"] = step + 1, clock.state_dict()
             loop["recent_losses"] = (loop["recent_losses"] + [loss_value])[-tc.eval_interval:]
@@ -390,6 +390,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "weight_dtype": weight_dtype,
         "optimizer": optimizer_kind,
         "mask_free_attention": mask_free,
+        "cuda_graph": graphed,
+        "group_by_length": by_length,
         "wall_seconds": time.perf_counter() - t_start,
         "eval_history": loop["history"],
         "delta_file": DELTA_FILE,

@@ -57,6 +57,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("compile", "mask_free_attention"):
         if not isinstance(t.get(key, False), bool):
             raise ConfigError(f"trainer.{key}={t[key]!r} is not valid; it must be true or false")
+    for key in ("cuda_graph", "group_by_length"):
+        if not (isinstance(t.get(key, "auto"), bool) or t.get(key, "auto") == "auto"):
+            raise ConfigError(f"trainer.{key}={t[key]!r} is not valid; choose auto, true or false")
     check_choice("trainer.schedule", t.schedule, SCHEDULES)
     check_choice("trainer.optimizer", t.optimizer, OPTIMIZERS)
     if t.optimizer == "flat_master" and m.name != "lora":
