@@ -18,6 +18,8 @@ timing loop and the parity check.
 import argparse
 import copy
 import functools
+import shutil
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import lora_fast
-from lowrank.bench_ratios import TARGETS_FILE, check_targets, ratio_rows, ratio_sections, read_targets
+from lowrank.bench_ratios import (COMPILE_MODEL, TARGETS_FILE, TRAINER, check_targets, ratio_rows, ratio_sections,
+                                  read_targets)
 from lowrank.bench_record import (Column, collect_metadata, markdown_table, median_run, read_result, result_name,
                                   write_result)
 from lowrank.blocks import causal_attention_without_mask, compile_blocks, graph_blocks
@@ -38,6 +41,8 @@ from lowrank.lora_fast import FlatMasterAdamW
 from lowrank.perf import flops_per_token, peak_flops, peak_memory_bytes, sync
 from lowrank.step_graph import graph_step, undo_training
 from lowrank.targets import ALL_LINEAR
+
+from experiments.bench_trainer import trainer_parity, trainer_row
 
 QV = ["q_proj", "v_proj"]
 # Llama shapes: TinyLlama-1.1B and Llama-2-7B; "tiny" is the CPU smoke test.
@@ -62,14 +67,14 @@ FLAT_MASTER = ("ours", "ours-plain", "ours-single", "ours-cublas")  # bf16 facto
 # forward and one for backward, torch.compile per block, compiled blocks captured in graphs, or compiled blocks
 # in one CUDA graph of the whole step (lowrank.step_graph: no host work between kernels).
 STEP_GRAPH = "compile+step-graph"
-MODES = ("eager", "graphs", "compile", "compile+graphs", STEP_GRAPH)
+MODES = ("eager", "graphs", "compile", "compile+graphs", STEP_GRAPH, COMPILE_MODEL)
 FASTEST = "compile+graphs"  # the fastest per-block mode
 FUSED_DEFAULT = lora_fast.FUSED_FACTOR_GRADS  # LOWRANK_FUSED_FACTOR_GRADS=0 turns it off for every config
 # which implementations each mode runs: the fp32 / unfused variants answer eager questions
 MODE_IMPLS = {"eager": ("torch", "ours", "peft", "ours-fp32", "ours-unfused"), "graphs": ("torch", "ours", "peft"),
               "compile": ("torch", "ours", "peft", "ours-plain"),
               FASTEST: ("torch", "ours", "peft", "ours-plain", "ours-single"),
-              STEP_GRAPH: ("torch", "ours", "peft", "ours-cublas")}
+              STEP_GRAPH: ("torch", "ours", "peft", "ours-cublas"), COMPILE_MODEL: ("torch", "peft")}
 SETUP = (
     "Random-init Llama shapes built on the GPU in bf16, SDPA attention {attention}, random tokens; fused AdamW. "
     "Full fine-tuning: bf16 weights and bf16 AdamW states. LoRA (alpha = 2r, dropout 0): frozen bf16 base; PEFT: "
@@ -84,7 +89,9 @@ SETUP = (
     "frozen matmul FLOPs per token + attention (`lowrank.perf.flops_per_token`), over the dense bf16 peak. "
     "Blocks: eager, `graphs` (a CUDA graph per block, forward and backward), `compile` (torch.compile per block, "
     f"and the loss), `compile+graphs`, `{STEP_GRAPH}` (compiled blocks, the whole step with its optimizer step "
-    "in one CUDA graph); every method alike.")
+    f"in one CUDA graph); every method alike; `{COMPILE_MODEL}`: torch.compile(model), as a PEFT user would. "
+    "`trainer` rows: `lowrank.trainer.train` itself (experiments/bench_trainer.py) on task=synthetic_lm with its "
+    "GPU defaults, tokens/s as its metrics.json records it (steady steps after its warm-up window).")
 
 
 def targets_label(targets) -> str | None:
@@ -166,6 +173,9 @@ def free(device):
 def speed_up_blocks(model, mode, shape, device):
     """After the optimizer exists (FlatMasterAdamW moves parameters), before the first step. The step graph is
     captured by `speed_up_step`."""
+    if mode == COMPILE_MODEL:
+        model.compile()  # in place: what torch.compile(model) does to the module's call
+        return
     if "compile" in mode:
         torch._dynamo.config.recompile_limit = 64  # PEFT's layers recompile per block at the default 8
         compile_blocks(model)
@@ -288,9 +298,18 @@ REPEAT_COLUMNS = [Column("model", "model"), Column("method", "method"), Column("
                   Column("runs", lambda r: ", ".join(f"{v:,.0f}" for v in r["tokens_per_second_runs"]))]
 
 
-def report(rows, par, ratios, checks) -> list[str]:
-    """The markdown sections after the rows: ratios, targets, parity, every repeat."""
+def report(rows, par, ratios, checks, trainer_par=None) -> list[str]:
+    """The markdown sections after the rows: ratios, targets, parity, the trainer's parity, every repeat."""
     out = ratio_sections(ratios, checks)
+    if trainer_par:
+        tp = trainer_par
+        out += [f"Trainer loss curves ({tp['model']}, LoRA r=16 all-linear, {tp['steps']} steps, one seed): its fast "
+                f"path (blocks {'compiled' if tp.get('compiled') else 'eager'}, mask-free attention, step graph "
+                f"{'on' if tp['cuda_graph'] else 'off'}) vs "
+                f"its plain path (eager, transformers' mask): max |Δloss| = {tp['max_abs_diff']:.4f}, max relative "
+                f"{tp['max_rel_diff']:.2e}.",
+                markdown_table([dict(step=i + 1, fast=a, plain=b) for i, (a, b) in enumerate(zip(tp["fast"], tp["plain"]))],
+                               [Column("step", "step"), Column("fast", "fast", ".4f"), Column("plain", "plain", ".4f")])]
     if par:
         text = (f"Loss-curve parity ({par['model']}, LoRA r={par['rank']} all-linear, lr {par['lr']}, "
                 f"{par['steps']} steps, identical weights and A): max |Δloss| = {par['max_abs_diff']:.4f}, "
@@ -314,15 +333,16 @@ def report(rows, par, ratios, checks) -> list[str]:
     return out
 
 
-def write(out: Path, name: str, meta: dict, settings: dict, rows: list[dict], par: dict | None, targets) -> list[str]:
+def write(out: Path, name: str, meta: dict, settings: dict, rows: list[dict], par: dict | None, targets,
+          trainer_par: dict | None = None) -> list[str]:
     """`{name}.json` and `.md` through lowrank.bench_record; returns the report's sections (for the console)."""
     ratios = ratio_rows(rows)
     checks = check_targets(ratios, targets)
-    sections = report(rows, par, ratios, checks)
+    sections = report(rows, par, ratios, checks, trainer_par)
     attention = "(transformers' mask building)" if settings.get("hf_mask") else "(causal flag, no mask built)"
     write_result(out, name, rows, settings, meta=meta, title=f"LoRA vs PEFT vs full fine-tuning on {meta['device']}",
                  description=SETUP.format(attention=attention), columns=ROW_COLUMNS, sections=sections,
-                 details=dict(parity=par, ratios=ratios, targets=checks))
+                 details=dict(parity=par, trainer_parity=trainer_par, ratios=ratios, targets=checks))
     return sections
 
 
@@ -362,14 +382,16 @@ def merge(dirs: list[str], out: Path, targets) -> None:
     if twice:
         raise SystemExit(f"--merge: configs measured by more than one run: {twice}; merge runs that split by model")
     pars = [run["details"]["parity"] for *_, run in runs if (run["details"] or {}).get("parity")]
-    if len(pars) > 1:
+    tpars = [run["details"]["trainer_parity"] for *_, run in runs if (run["details"] or {}).get("trainer_parity")]
+    if len(pars) > 1 or len(tpars) > 1:
         raise SystemExit("--merge: more than one run has a parity check; run it in one of them (--no-parity)")
     dirty = [run["meta"].get("dirty") for *_, run in runs]  # any run's uncommitted changes make the table's
     meta = dict(first["meta"], command=" ; ".join(run["meta"]["command"] for *_, run in runs),
                 dirty=True if True in dirty else None if None in dirty else False,
                 merged_from=[{k: run["meta"].get(k) for k in ("command", "date", "commit", "dirty")} for *_, run in runs])
     settings = dict(first["settings"] or {}, models=list(dict.fromkeys(r["model"] for r in rows)))
-    print_sections(write(out, name, meta, settings, rows, pars[0] if pars else None, targets))
+    print_sections(write(out, name, meta, settings, rows, pars[0] if pars else None, targets,
+                         tpars[0] if tpars else None))
 
 
 def main():
@@ -385,6 +407,12 @@ def main():
                     help="how the decoder blocks run (every method alike)")
     ap.add_argument("--only", nargs="+", default=None, help="configs whose method:impl:rank starts with one of these")
     ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--no-trainer", action="store_true",
+                    help="leave out the trainer's own rows (lowrank.trainer.train: LoRA r=16 all-linear and full) "
+                         "and its loss-curve check")
+    ap.add_argument("--no-trainer-parity", action="store_true", help="leave out the trainer's loss-curve check")
+    ap.add_argument("--trainer-steps", type=int, default=None,
+                    help="timed steps of each trainer row (default 60; 2 with --smoke), after 10 warm-up steps")
     ap.add_argument("--hf-mask", action="store_true",
                     help="attention through transformers' mask building (a host-GPU sync per step) instead of "
                          "SDPA's causal flag alone (lowrank.blocks.causal_attention_without_mask)")
@@ -411,6 +439,7 @@ def main():
     name = result_name("lora_vs_peft", device)
     settings = dict(models=models, modes=args.modes, only=args.only, repeats=args.repeats, seed=args.seed,
                     warmup_steps=warmup, timed_steps=steps, parity=not args.no_parity, hf_mask=args.hf_mask,
+                    trainer=not args.no_trainer,
                     fused_factor_grads=FUSED_DEFAULT)
     print(meta, settings, flush=True)
     out = Path(args.out)
@@ -422,7 +451,29 @@ def main():
     plan = [(model, mode, cfg) for model in models for mode in args.modes for cfg in CONFIGS
             if cfg[1] in MODE_IMPLS[mode]
             and not (args.only and not any(f"{cfg[0]}:{cfg[1]}:{cfg[2]}".startswith(o) for o in args.only))]
+    trainer_plan = [] if args.no_trainer else [(model, method) for model in models for method in ("full", "lora")]
+    trainer_par, runs_root = None, tempfile.mkdtemp(prefix="bench-trainer-")
+    # the smoke test keeps the CPU quick: eager blocks (on a GPU the rows run the trainer's defaults: compiled)
+    trainer_extra = ["trainer.compile=false"] if args.smoke else []
+    trainer_warmup, trainer_steps = (1, args.trainer_steps or 2) if args.smoke else (10, args.trainer_steps or 60)
     for repeat in range(args.repeats):
+        for model, method in trainer_plan:
+            free(device)
+            held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            label = f"{model} {method} trainer"
+            try:
+                row = trainer_row(model, SHAPES[model], method, 16 if method == "lora" else None, runs_root,
+                                  trainer_warmup, trainer_steps, held, trainer_extra)
+            except Exception as e:  # as for the bench's own configs: the rest of the run goes on
+                print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
+                free(device)
+                continue
+            samples.setdefault((model, TRAINER, method, TRAINER, row["rank"], "all-linear"), []).append(row)
+            rows = [median_run(v) for v in samples.values()]
+            print(f"{label}: {row['tokens_per_second']:,.0f} tok/s, {1e3 * row['step_time_s']:.1f} ms, "
+                  f"{row['peak_memory_bytes'] / 2**30:.1f} GiB, MFU {row['mfu'] or 0:.1%}, graph {row['cuda_graph']}, "
+                  f"warm-up {row['setup_s']:.0f} s [{time.perf_counter() - t_start:.0f} s]", flush=True)
+            write(out, name, meta, settings, rows, par, targets)
         for model, mode, (method, impl, rank, lora_targets) in plan:
             keep = args.profile and repeat == 0 and rank in (None, 16) and impl in ("torch", "ours", "peft")
             label = f"{model} {method} {impl} r={rank} {targets_label(lora_targets) or ''} {mode}"
@@ -442,11 +493,16 @@ def main():
                   + (", ".join(f"{k} {1e3 * v:.1f}" for k, v in kinds) or "–")
                   + f"; setup {row['setup_s']:.0f} s [{time.perf_counter() - t_start:.0f} s]", flush=True)
             write(out, name, meta, settings, rows, par, targets)  # after every row: a cut-off run keeps them
+    par_model = "tiny" if args.smoke else "llama-1.1b"
     if not args.no_parity:
-        par_model = "tiny" if args.smoke else "llama-1.1b"
         par = dict(model=par_model, **parity(SHAPES[par_model], device, dtype, args.seed, hf_mask=args.hf_mask))
         print({k: v for k, v in par.items() if not isinstance(v, list)}, flush=True)
-    print_sections(write(out, name, meta, settings, rows, par, targets))
+    if trainer_plan and not args.no_trainer_parity:
+        free(device)
+        trainer_par = trainer_parity(par_model, SHAPES[par_model], runs_root, 4 if args.smoke else 20, trainer_extra)
+        print({k: v for k, v in trainer_par.items() if not isinstance(v, list)}, flush=True)
+    shutil.rmtree(runs_root, ignore_errors=True)
+    print_sections(write(out, name, meta, settings, rows, par, targets, trainer_par))
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 

@@ -132,11 +132,12 @@ def require_weights_fit(estimate: MemoryEstimate, budget: int | None) -> None:
                           f"budget.gib is {need:g}")
 
 
-def _worst_case_batch(micro: int, max_length: int, device) -> dict:
-    """A micro-batch of `max_length` tokens: what the longest real batch can cost."""
+def _worst_case_batch(micro: int, max_length: int, device, causal_lm: bool) -> dict:
+    """A micro-batch of `max_length` tokens: what the longest real batch can cost (a causal LM's labels are
+    its tokens, a classifier's one class each)."""
     ids = torch.randint(1, 1000, (micro, max_length), device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(micro, dtype=torch.long,
-                                                                                           device=device)}
+    labels = ids.clone() if causal_lm else torch.zeros(micro, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def _weights_too_big(estimate, budget: int) -> str | None:
@@ -170,7 +171,8 @@ class BudgetFit:
 
 
 def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_size: int, max_length: int,
-                  micro: int, checkpointing: bool, estimate: Callable[..., MemoryEstimate]) -> BudgetFit:
+                  micro: int, checkpointing: bool, estimate: Callable[..., MemoryEstimate],
+                  causal_lm: bool = False) -> BudgetFit:
     """Choose micro-batch and activation checkpointing under `budget` bytes (None: keep `micro` and
     `checkpointing` as configured). `estimate(**setting)` is the memory model for this run.
 
@@ -204,7 +206,7 @@ def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_
                 for _ in range(2):
                     for _ in range(min(2, batch_size // m)):
                         with autocast():
-                            model(**_worst_case_batch(m, max_length, device)).loss.backward()
+                            model(**_worst_case_batch(m, max_length, device, causal_lm)).loss.backward()
                     optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)

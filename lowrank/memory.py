@@ -443,4 +443,5 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
                            precision=precision, activation_checkpointing=activation_checkpointing,
                            grad_accum=grad_accum, padded=padded, kv_cache=kv_cache,
-                           lora_dropout=float(m.get("dropout") or 0.0))
+                           lora_dropout=float(m.get("dropout") or 0.0),
+                           head="causal_lm" if cfg.task.get("objective") in ("cpt", "sft") else "classification")

@@ -20,18 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import atomic, rundir
-from .batches import Batches
 from .blocks import causal_attention_without_mask, compile_blocks
 from .budget import BudgetFit, fit_to_budget, free_cuda_memory
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import load_task
 from .delta import ensure_base_weights, linear_weights, write_delta
 from .errors import ConfigError
 from .job_scope import job_scope
 from .logger import make_logger
 from .memory import estimate_from_cfg
 from .lora import freeze_for_lora, inject_lora, lora_scaling, match_targets
-from .models import load_model
+from .objectives import objective_for
 from .optimizers import lr_lambda, make_optimizer, make_scheduler
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
@@ -47,22 +45,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def evaluate(model, batches: Batches, batch_size: int, device, autocast, mask_free: bool = False) -> dict:
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for batch in batches.by_length(batch_size):
-        batch = {k: v.to(device) for k, v in batch.items() if not (mask_free and k == "attention_mask")}
-        with autocast():
-            out = model(**batch)
-        k = batch["labels"].numel()
-        loss_sum += out.loss.float().item() * k
-        correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-        n += k
-    model.train()
-    return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
 def _run_dir_and_group(run_dir) -> tuple[Path, str | None]:
@@ -205,22 +187,23 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         torch.cuda.reset_peak_memory_stats(device)
 
     seed_everything(cfg.seed)
-    train_split, test_split = load_task(cfg.task, cfg.seed)
-    model, tokenizer, head = load_model(cfg.model, cfg.task.num_labels, device)
+    objective = objective_for(cfg.task)
+    model, tokenizer, head = objective.load_model(cfg, device)
     model.config.use_cache = False  # a k/v cache is for generation; in training it only costs memory
     names = match_targets(model, mc.targets)  # a target matching nothing: ConfigError with the valid suffixes
     if weight_dtype == "bf16":
         with torch.no_grad():  # bf16 values from the start, so W0 on disk is the W0 the run uses
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16))
-    base_path = ensure_base_weights(runs_root, cfg.model.name, model)
+    keep_delta = tc.get("write_delta", True)  # false: speed runs that keep no ΔW (nor W0: a 7B W0 is 13 GB)
+    base_path = ensure_base_weights(runs_root, cfg.model.name, model) if keep_delta else None
     if mc.name == "lora":
         check_rank_fits(mc.rank, {n: min(model.get_submodule(n).weight.shape) for n in names})
         inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init)
         freeze_for_lora(model, head)
         w0 = None
     else:
-        w0 = linear_weights(model, names)  # kept on CPU so ΔW is exactly W_ft − W_0
+        w0 = linear_weights(model, names) if keep_delta else None  # kept on CPU so ΔW is exactly W_ft − W_0
     if weight_dtype == "bf16":
         for p in model.parameters():  # what does not train (everything, with method=full) is held in bf16
             if not p.requires_grad or mc.name == "full":
@@ -228,17 +211,17 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     model.to(device).train()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    head_params = sum(p.numel() for p in head.parameters())
+    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
     optimizer_kind = tc.optimizer
     optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     by_length = tc.get("group_by_length", "auto")
     by_length = device.type == "cuda" if by_length == "auto" else by_length  # off on CPU: runs as they were
-    train_batches = Batches(tokenizer, train_split, tc.max_length, pad_id, group_by_length=by_length)
-    test_batches = Batches(tokenizer, test_split, tc.max_length, pad_id)
+    train_batches, test_batches = objective.batches(cfg, tokenizer, model, by_length, cfg.seed)
+    objective.before_training(model, base_path, {"model": cfg.model.name, "max_length": tc.max_length,
+                                                 "precision": precision, "weight_dtype": weight_dtype}, device, autocast)
     # Attention without a mask for causal models whose batches are never padded: transformers would build a
     # mask every step, and its packed-sequence check makes the host wait for the GPU (lowrank/blocks.py).
     mask_free = (tc.mask_free_attention and train_batches.unpadded and test_batches.unpadded
@@ -252,7 +235,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                           f"{tc.batch_size}")
     fit = fit_to_budget(budget_bytes(cfg.get("budget")), model, optimizer, device, autocast, tc.batch_size,
                         tc.max_length, micro, bool(tc.activation_checkpointing),
-                        lambda **kw: estimate_from_cfg(cfg, model.config, device_type=device.type, **kw))
+                        lambda **kw: estimate_from_cfg(cfg, model.config, device_type=device.type, **kw),
+                        causal_lm=head is None)
     seed_everything(cfg.seed)  # the budget probes drew random numbers (dropout): start from the seed again
     if not fit.fits:
         return _does_not_fit(run_dir, cfg, fit, t_start)
@@ -309,12 +293,13 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                         "train/tokens_per_second": step_rate}, step=step + 1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
-                ev = evaluate(model, test_batches, eval_batch_size, device, autocast, mask_free)
-                loop["history"].append({"step": step + 1, "eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"],
+                ev = objective.evaluate(model, test_batches, eval_batch_size, device, autocast, mask_free)
+                ev = {k: v for k, v in ev.items() if k != "tokens"}  # loss, and accuracy or perplexity
+                loop["history"].append({"step": step + 1, **{f"eval_{k}": v for k, v in ev.items()},
                                         "train_loss": float(np.mean(loop["recent_losses"]))})
-                logger.log({"eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}, step=step + 1)
-                log.info("step %d: train_loss %.4f eval_loss %.4f eval_accuracy %.4f", step + 1,
-                         loop["history"][-1]["train_loss"], ev["loss"], ev["accuracy"])
+                logger.log({f"eval/{k}": v for k, v in ev.items()}, step=step + 1)
+                log.info("step %d: train_loss %.4f %s", step + 1, loop["history"][-1]["train_loss"],
+                         " ".join(f"eval_{k} {v:.4f}" for k, v in ev.items()))
             if sigterm["set"] or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
                                   and step + 1 < tc.max_steps):
                 save_checkpoint(run_dir, model, optimizer, scheduler, loop)
@@ -343,14 +328,12 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         logger.finish()
         return metrics
 
-    # Training accuracy on (up to) as many training examples as the test set has, for over-fitting plots.
-    n_train_eval = min(len(train_split.labels), len(test_split.labels))
-    train_eval = evaluate(model, Batches(tokenizer, train_split.subset(n_train_eval, 0), tc.max_length, pad_id),
-                          eval_batch_size, device, autocast, mask_free)
-    write_delta(run_dir, model, mc.name, names, w0, base_path,
-                {"base_model": cfg.model.path, "base_model_name": cfg.model.name,
-                 "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
-                 "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": names})
+    final_scores = objective.final(model, test_batches, eval_batch_size, device, autocast, mask_free)
+    if keep_delta:
+        write_delta(run_dir, model, mc.name, names, w0, base_path,
+                    {"base_model": cfg.model.path, "base_model_name": cfg.model.name,
+                     "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
+                     "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": names})
 
     timing = clock.summary()
     tokens_per_second = timing["tokens_per_second"]
@@ -361,11 +344,9 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     metrics = {
         "status": "complete",
         "method": mc.name,
-        "eval_accuracy": last["eval_accuracy"],
-        "eval_loss": last["eval_loss"],
-        "train_loss": last["train_loss"],
-        "train_accuracy": train_eval["accuracy"],
-        "train_eval_loss": train_eval["loss"],
+        "objective": objective.name if objective.name == "classification" else cfg.task.objective,
+        **{k: v for k, v in last.items() if k != "step"},  # eval_loss, eval_accuracy or eval_perplexity, train_loss
+        **final_scores,  # train accuracy (classification); forgetting, exact match (causal LM)
         "trainable_params": sum(p.numel() for p in trainable),
         "head_params": head_params,
         "adapted_params": sum(p.numel() for p in trainable) - head_params,
@@ -376,8 +357,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "mfu": fpt * tokens_per_second / peak if peak and tokens_per_second else None,
         "peak_memory_bytes": peak_memory_bytes(device),
         "checkpoint_bytes": state_bytes(trainable),  # adapter + head for LoRA, every weight for full
-        "train_examples": len(train_split.labels),
-        "eval_examples": len(test_split.labels),
+        "train_examples": len(train_batches),
+        "eval_examples": len(test_batches),
         "steps": tc.max_steps,
         "micro_batch": micro,
         "grad_accum": tc.batch_size // micro,
@@ -394,11 +375,11 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "group_by_length": by_length,
         "wall_seconds": time.perf_counter() - t_start,
         "eval_history": loop["history"],
-        "delta_file": DELTA_FILE,
+        "delta_file": DELTA_FILE if keep_delta else None,
     }
     metrics = _write_metrics(run_dir, cfg, metrics)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is final; ΔW and metrics are what remain
     logger.summary(metrics)
     logger.finish()
-    log.info("done: eval_accuracy %.4f in %.1f s -> %s", metrics["eval_accuracy"], metrics["wall_seconds"], run_dir)
+    log.info("done: eval_loss %.4f in %.1f s -> %s", metrics["eval_loss"], metrics["wall_seconds"], run_dir)
     return metrics

@@ -54,7 +54,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("model.dtype", cfg.model.get("dtype", "auto"), DTYPES)
     if cfg.model.get("dtype") == "bf16" and t.precision == "fp32":
         raise ConfigError("model.dtype=bf16 is not valid with trainer.precision=fp32; bf16 weights compute in bf16")
-    for key in ("compile", "mask_free_attention"):
+    for key in ("compile", "mask_free_attention", "write_delta"):
         if not isinstance(t.get(key, False), bool):
             raise ConfigError(f"trainer.{key}={t[key]!r} is not valid; it must be true or false")
     for key in ("cuda_graph", "group_by_length"):
