@@ -25,13 +25,15 @@ def use_cuda_graph(setting, device: torch.device, static_shape: bool, checkpoint
     return (not why_not and setting in ("auto", True)), why_not
 
 
-def place_lr(optimizer, device: torch.device | None) -> None:
+def place_lr(optimizer, device: torch.device | None, capturable: bool = False) -> None:
     """Each param group's learning rate as a tensor on `device`, which a captured optimizer step reads and the
-    scheduler fills in place (a Python float would be baked into the graph), or a float (device None). Also
-    after loading a checkpoint, whose learning rates come back as they were saved (floats or CPU tensors)."""
+    scheduler fills in place (a Python float would be baked into the graph), or a float (device None); and
+    torch's `capturable` flag, which a step inside a CUDA graph capture needs. Also after loading a
+    checkpoint, whose learning rates come back as they were saved (floats or CPU tensors)."""
     for group in optimizer.param_groups:
         lr = float(group["lr"])
         group["lr"] = torch.tensor(lr, device=device) if device is not None else lr
+        group["capturable"] = capturable
 
 
 class TrainStep:

@@ -258,7 +258,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     graphed, why_not = use_cuda_graph(tc.get("cuda_graph", "auto"), device, mask_free, checkpointing)
     if tc.get("cuda_graph") is True and not graphed:
         raise ConfigError(f"trainer.cuda_graph=true is not valid here: {why_not}; use auto or false")
-    place_lr(optimizer, device if graphed else None)
+    place_lr(optimizer, device if graphed else None, capturable=graphed)
     train_step = TrainStep(model, optimizer, trainable, autocast, tc.grad_clip, graphed)
     if loop["step"]:
         log.info("resuming %s from step %d", run_dir, loop["step"])
