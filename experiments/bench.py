@@ -410,6 +410,8 @@ def main():
     ap.add_argument("--no-trainer", action="store_true",
                     help="leave out the trainer's own rows (lowrank.trainer.train: LoRA r=16 all-linear and full) "
                          "and its loss-curve check")
+    ap.add_argument("--trainer-optimizers", nargs="+", default=["adamw"], choices=["adamw", "flat_master"],
+                    help="trainer.optimizer of the trainer's LoRA rows (one row each)")
     ap.add_argument("--no-trainer-parity", action="store_true", help="leave out the trainer's loss-curve check")
     ap.add_argument("--trainer-steps", type=int, default=None,
                     help="timed steps of each trainer row (default 60; 2 with --smoke), after 10 warm-up steps")
@@ -451,24 +453,25 @@ def main():
     plan = [(model, mode, cfg) for model in models for mode in args.modes for cfg in CONFIGS
             if cfg[1] in MODE_IMPLS[mode]
             and not (args.only and not any(f"{cfg[0]}:{cfg[1]}:{cfg[2]}".startswith(o) for o in args.only))]
-    trainer_plan = [] if args.no_trainer else [(model, method) for model in models for method in ("full", "lora")]
+    trainer_plan = [] if args.no_trainer else [(model, method, opt) for model in models for method, opt in (
+        ("full", "adamw"), *(("lora", o) for o in args.trainer_optimizers))]
     trainer_par, runs_root = None, tempfile.mkdtemp(prefix="bench-trainer-")
     # the smoke test keeps the CPU quick: eager blocks (on a GPU the rows run the trainer's defaults: compiled)
-    trainer_extra = ["trainer.compile=false"] if args.smoke else []
+    trainer_extra = ["trainer.compile=false", "model.dtype=auto"] if args.smoke else []
     trainer_warmup, trainer_steps = (1, args.trainer_steps or 2) if args.smoke else (10, args.trainer_steps or 60)
     for repeat in range(args.repeats):
-        for model, method in trainer_plan:
+        for model, method, opt in trainer_plan:
             free(device)
             held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            label = f"{model} {method} trainer"
+            label = f"{model} {method} trainer optimizer={opt}"
             try:
                 row = trainer_row(model, SHAPES[model], method, 16 if method == "lora" else None, runs_root,
-                                  trainer_warmup, trainer_steps, held, trainer_extra)
+                                  trainer_warmup, trainer_steps, held, [*trainer_extra, f"trainer.optimizer={opt}"])
             except Exception as e:  # as for the bench's own configs: the rest of the run goes on
                 print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
                 free(device)
                 continue
-            samples.setdefault((model, TRAINER, method, TRAINER, row["rank"], "all-linear"), []).append(row)
+            samples.setdefault((model, row["mode"], method, TRAINER, row["rank"], "all-linear"), []).append(row)
             rows = [median_run(v) for v in samples.values()]
             print(f"{label}: {row['tokens_per_second']:,.0f} tok/s, {1e3 * row['step_time_s']:.1f} ms, "
                   f"{row['peak_memory_bytes'] / 2**30:.1f} GiB, MFU {row['mfu'] or 0:.1%}, graph {row['cuda_graph']}, "

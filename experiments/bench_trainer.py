@@ -93,7 +93,8 @@ def trainer_row(key: str, shape: dict, method: str, rank: int | None, runs_root,
     """One bench row from a trainer run. `held_bytes`: memory earlier configs left allocated (the trainer's
     peak counts it; the row does not). `extra`: overrides on top (the CPU smoke test runs eager blocks)."""
     m, _ = run(overrides(key, shape, method, rank, warmup, steps, runs_root, extra))
-    return dict(model=key, method=method, impl=TRAINER, rank=rank, mode=TRAINER,
+    mode = TRAINER if m["optimizer"] == "adamw" else f"{TRAINER}+{m['optimizer']}"
+    return dict(model=key, method=method, impl=TRAINER, rank=rank, mode=mode,
                 targets="all-linear" if method == "lora" else None, tokens_per_second=m["tokens_per_second"],
                 peak_memory_bytes=m["peak_memory_bytes"] - held_bytes, memory_held_before_bytes=held_bytes,
                 mfu=m["mfu"], step_time_s=m["timed_seconds"] / m["timed_steps"],

@@ -49,8 +49,9 @@ class FactorsAndHead:
         for p in factors:
             p.data = p.data.to(torch.bfloat16)
         self.flat = FlatMasterAdamW(factors, lr=lr, weight_decay=weight_decay)
-        self.others = torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay, fused=fused)
-        self.inner = [self.flat.optimizer, self.others]
+        # a causal LM's LoRA trains nothing beside the factors (no new head)
+        self.others = torch.optim.AdamW(others, lr=lr, weight_decay=weight_decay, fused=fused) if others else None
+        self.inner = [self.flat.optimizer] + ([self.others] if others else [])
         self.state = _States(self.inner)
 
     @property
@@ -59,22 +60,25 @@ class FactorsAndHead:
 
     def step(self) -> None:
         self.flat.step()
-        self.others.step()
+        if self.others is not None:
+            self.others.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.flat.zero_grad()
-        self.others.zero_grad(set_to_none=set_to_none)
+        if self.others is not None:
+            self.others.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         return {"flat": self.flat.optimizer.state_dict(), "master": self.flat.master.detach().clone(),
-                "others": self.others.state_dict()}
+                "others": self.others.state_dict() if self.others is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.flat.optimizer.load_state_dict(state["flat"])
         with torch.no_grad():
             self.flat.master.copy_(state["master"])
             self.flat.flat.copy_(self.flat.master)  # the bf16 factors the model computes with
-        self.others.load_state_dict(state["others"])
+        if self.others is not None:
+            self.others.load_state_dict(state["others"])
 
 
 class Schedules:
