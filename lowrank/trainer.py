@@ -184,7 +184,6 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     weight_dtype = resolve_weight_dtype(cfg.model.get("dtype", "auto"), mc.name, precision)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats(device)
 
     seed_everything(cfg.seed)
     objective = objective_for(cfg.task)
@@ -209,6 +208,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             if not p.requires_grad or mc.name == "full":
                 p.data = p.data.to(torch.bfloat16)
     model.to(device).train()
+    if device.type == "cuda":  # training's peak: not that of building a shape model in fp32 before the cast
+        torch.cuda.reset_peak_memory_stats(device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
