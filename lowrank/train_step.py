@@ -59,18 +59,49 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)  # backward in the capture allocates them in the graph's pool
         return loss, grad_norm
 
-    def __call__(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
-        """(loss, gradient norm, whether the optimizer stepped). Eager, a non-finite loss or gradient skips
-        the optimizer step; graphed, the step has run by then (the trainer stops such a run as diverged and
-        keeps no weights of it)."""
+    @property
+    def overlaps(self) -> bool:
+        """Graphed, a step's loss is read after the next step is launched (the host never holds the GPU up)."""
+        return self.graph is not None
+
+    def launch(self, micro_batches: list[dict]) -> "_Result":
+        """Run one step. Eager, it is done on return, and a non-finite loss or gradient skipped the optimizer
+        step (`skipped_update()`). Graphed, the step is queued on the GPU and its loss and gradient norm are on
+        their way to the host (`result()` waits for them); the update has run whatever they are (the trainer
+        stops such a run as diverged and keeps no weights of it)."""
         if self.graph is not None:
             loss, grad_norm = self.graph(micro_batches)
-            return loss.item(), grad_norm.item(), True
+            return _Result(pending=torch.stack([loss.float(), grad_norm.float()]))
         loss, grad_norm = self._forward_backward(micro_batches)
         loss_value, norm_value = loss.item(), grad_norm.item()  # one host sync per step: the step time is real
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss_value, norm_value, False
-        self.optimizer.step()
+        stepped = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if stepped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value, True
+        return _Result(values=(loss_value, norm_value, stepped))
+
+    def __call__(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
+        """(loss, gradient norm, whether the optimizer stepped), once the step is done."""
+        return self.launch(micro_batches).result()
+
+
+class _Result:
+    """A step's (loss, gradient norm, stepped): at hand (eager), or copied to pinned host memory behind the
+    step's kernels, with an event to wait on (graphed)."""
+
+    def __init__(self, values=None, pending: torch.Tensor | None = None):
+        self.values, self.event = values, None
+        if pending is not None:
+            self.host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            self.host.copy_(pending, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def skipped_update(self) -> bool:
+        return self.values is not None and not self.values[2]
+
+    def result(self) -> tuple[float, float, bool]:
+        if self.values is None:
+            self.event.synchronize()
+            self.values = (float(self.host[0]), float(self.host[1]), True)
+        return self.values

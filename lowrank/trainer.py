@@ -273,6 +273,49 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     diverged_at = None
     bar = tqdm(range(loop["step"], tc.max_steps), desc=run_name, disable=not tc.progress_bar, dynamic_ncols=True,
                initial=loop["step"], total=tc.max_steps)
+    state = {"done_at": None}  # when the last step's result arrived: where an overlapped step's time begins
+
+    def finish(p) -> bool:
+        """A launched step's bookkeeping once its result is in; True when the run diverged there."""
+        nonlocal diverged_at
+        loss_value, grad_norm, stepped = p["handle"].result()
+        step = p["step"]
+        if not (stepped and math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            diverged_at = step + 1
+            return True
+        t_begin = max(p["t0"], state["done_at"]) if p["overlapped"] else p["t0"]
+        step_rate = clock.record(t_begin, p["tokens"], p["padded_tokens"])
+        state["done_at"] = clock.now()
+        loop["step"], loop["timing"] = step + 1, clock.state_dict()
+        loop["recent_losses"] = (loop["recent_losses"] + [loss_value])[-tc.eval_interval:]
+        logger.log({"train/loss": loss_value, "train/lr": p["lr"], "train/tokens_per_second": step_rate},
+                   step=step + 1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
+            ev = objective.evaluate(model, test_batches, eval_batch_size, device, autocast, mask_free)
+            ev = {k: v for k, v in ev.items() if k != "tokens"}  # loss, and accuracy or perplexity
+            loop["history"].append({"step": step + 1, **{f"eval_{k}": v for k, v in ev.items()},
+                                    "train_loss": float(np.mean(loop["recent_losses"]))})
+            logger.log({f"eval/{k}": v for k, v in ev.items()}, step=step + 1)
+            log.info("step %d: train_loss %.4f %s", step + 1, loop["history"][-1]["train_loss"],
+                     " ".join(f"eval_{k} {v:.4f}" for k, v in ev.items()))
+        if sigterm["set"] or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
+                              and step + 1 < tc.max_steps):
+            save_checkpoint(run_dir, model, optimizer, scheduler, loop)
+        if sigterm["set"]:
+            log.warning("SIGTERM at step %d: checkpoint written; re-run the same command to resume", step + 1)
+            logger.finish()
+            raise Preempted(143)
+        return False
+
+    def ends_in_place(step: int) -> bool:
+        """Steps whose bookkeeping reads the weights (evaluation, a checkpoint) or ends the loop: finished
+        before the next step launches."""
+        n = step + 1
+        return (not train_step.overlaps or n % tc.eval_interval == 0 or n == tc.max_steps or sigterm["set"]
+                or bool(tc.checkpoint_every and n % tc.checkpoint_every == 0))
+
+    pending = None  # a graphed step in flight whose bookkeeping waits until the next one is launched
     try:
         for step in bar:
             idx = train_batches.indices_at(step, tc.batch_size, cfg.seed)
@@ -280,34 +323,24 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             cpu_batches = [train_batches.collate(idx[s:s + micro]) for s in range(0, tc.batch_size, micro)]
             tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches)  # real tokens; padding apart
             padded_tokens = sum(b["input_ids"].numel() for b in cpu_batches)
-            loss_value, grad_norm, stepped = train_step([
+            handle = train_step.launch([
                 {k: v.to(device, non_blocking=True) for k, v in b.items() if not (mask_free and k == "attention_mask")}
                 for b in cpu_batches])
-            if not (stepped and math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            if handle.skipped_update():  # eager: a non-finite loss or gradient, found before the update
                 diverged_at = step + 1
                 break
             scheduler.step()
-            step_rate = clock.record(t0, tokens, padded_tokens)
-            loop["step"], loop["timing"] = step + 1, clock.state_dict()
-            loop["recent_losses"] = (loop["recent_losses"] + [loss_value])[-tc.eval_interval:]
-            logger.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                        "train/tokens_per_second": step_rate}, step=step + 1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if (step + 1) % tc.eval_interval == 0 or step + 1 == tc.max_steps:
-                ev = objective.evaluate(model, test_batches, eval_batch_size, device, autocast, mask_free)
-                ev = {k: v for k, v in ev.items() if k != "tokens"}  # loss, and accuracy or perplexity
-                loop["history"].append({"step": step + 1, **{f"eval_{k}": v for k, v in ev.items()},
-                                        "train_loss": float(np.mean(loop["recent_losses"]))})
-                logger.log({f"eval/{k}": v for k, v in ev.items()}, step=step + 1)
-                log.info("step %d: train_loss %.4f %s", step + 1, loop["history"][-1]["train_loss"],
-                         " ".join(f"eval_{k} {v:.4f}" for k, v in ev.items()))
-            if sigterm["set"] or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
-                                  and step + 1 < tc.max_steps):
-                save_checkpoint(run_dir, model, optimizer, scheduler, loop)
-            if sigterm["set"]:
-                log.warning("SIGTERM at step %d: checkpoint written; re-run the same command to resume", step + 1)
-                logger.finish()
-                raise Preempted(143)
+            launched = {"step": step, "handle": handle, "tokens": tokens, "padded_tokens": padded_tokens, "t0": t0,
+                        "lr": scheduler.get_last_lr()[0], "overlapped": pending is not None}
+            # The host prepares and launches step k+1 while the GPU runs step k: it reads step k's loss
+            # after (where the step is one CUDA graph: nothing else then waits on the host).
+            if pending is not None and finish(pending):
+                break
+            pending = launched
+            if ends_in_place(step):
+                pending = None
+                if finish(launched):
+                    break
     except torch.OutOfMemoryError:
         if not fit.budget_bytes:
             raise
