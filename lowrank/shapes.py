@@ -3,6 +3,7 @@ and random-init models built straight on the device for memory and throughput be
 
     config = load_hf_config(cfg.model, num_labels=2)          # shape models and real models alike
     model = build_random_model(cfg.model, 2, "cuda", torch.bfloat16)   # a 7B shape builds in seconds
+    lm = build_random_causal_lm(cfg.model, "cuda", torch.bfloat16)     # the same body with its LM head
 
 Nothing here downloads or reads weights: a shape model's config comes from `AutoConfig.for_model`, a real
 model's from the config.json in its resolved folder.
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from .errors import ConfigError
 from .model_files import conv1d_to_linear, gguf_cache_dir, load_from_folder, resolve_path
@@ -65,10 +66,17 @@ def load_hf_config(cfg_model, num_labels: int) -> PretrainedConfig:
                           f"offline); set model.path to a local folder or use a *_shape model") from None
 
 
-def build_random_model(cfg_model, num_labels: int, device, dtype: torch.dtype = torch.float32):
-    """A sequence-classification model with random weights, allocated directly on `device` (no CPU copy)."""
+def build_random_model(cfg_model, num_labels: int, device, dtype: torch.dtype = torch.float32,
+                       auto_class=AutoModelForSequenceClassification):
+    """A sequence-classification model (or another `auto_class`) with random weights, allocated directly on
+    `device` (no CPU copy)."""
     config = load_hf_config(cfg_model, num_labels)
     with torch.device(device):
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        model = auto_class.from_config(config, dtype=dtype)
     conv1d_to_linear(model)  # as models.load_model does: one Linear convention for LoRA and ΔW
     return model
+
+
+def build_random_causal_lm(cfg_model, device, dtype: torch.dtype = torch.float32):
+    """A causal LM (body and LM head) with random weights on `device`, for generative tasks of shape models."""
+    return build_random_model(cfg_model, 2, device, dtype, auto_class=AutoModelForCausalLM)  # num_labels: unused
