@@ -13,7 +13,7 @@ import torch
 from .lora import lora_layers
 from .lora_fast import FlatMasterAdamW
 
-OPTIMIZERS = ("adamw", "flat_master")
+OPTIMIZERS = ("auto", "adamw", "flat_master")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -100,6 +100,16 @@ class Schedules:
     def load_state_dict(self, state: dict) -> None:
         for s, sd in zip(self.schedulers, state["schedulers"]):
             s.load_state_dict(sd)
+
+
+def resolve_optimizer(kind: str, method: str, device_type: str, precision: str, static_batches: bool) -> str:
+    """`auto`: flat_master for LoRA computing in bf16 on CUDA with batches of one shape (so the step is one CUDA
+    graph: there it measured 2.6% faster than adamw at 1.1B and 0.7% at 7B on one H200, where without the
+    graph it was 1-6% slower), adamw otherwise."""
+    if kind != "auto":
+        return kind
+    return "flat_master" if (method == "lora" and device_type == "cuda" and precision == "bf16"
+                             and static_batches) else "adamw"
 
 
 def make_optimizer(model, trainable: list, kind: str, lr: float, weight_decay: float, fused: bool):

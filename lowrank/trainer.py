@@ -30,7 +30,7 @@ from .logger import make_logger
 from .memory import estimate_from_cfg
 from .lora import freeze_for_lora, inject_lora, lora_scaling, match_targets
 from .objectives import objective_for
-from .optimizers import lr_lambda, make_optimizer, make_scheduler
+from .optimizers import lr_lambda, make_optimizer, make_scheduler, resolve_optimizer
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
 from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
@@ -213,9 +213,6 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
-    optimizer_kind = tc.optimizer
-    optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda")
-    scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     by_length = tc.get("group_by_length", "auto")
@@ -227,6 +224,9 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     # mask every step, and its packed-sequence check makes the host wait for the GPU (lowrank/blocks.py).
     mask_free = (tc.mask_free_attention and train_batches.unpadded and test_batches.unpadded
                  and model.config.model_type in CAUSAL_MODEL_TYPES)
+    optimizer_kind = resolve_optimizer(tc.optimizer, mc.name, device.type, precision, static_batches=mask_free)
+    optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     if tc.batch_size > len(train_batches):
         raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
                           f"size ({len(train_batches)})")

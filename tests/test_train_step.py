@@ -137,3 +137,12 @@ def test_deferred_bookkeeping_gives_the_same_run(tiny_run, monkeypatch):
     assert deferred["eval_history"] == plain["eval_history"]  # evaluated at steps 3, 6, 7 on the same weights
     assert [h["step"] for h in plain["eval_history"]] == [3, 6, 7]
     assert deferred["timed_steps"] == plain["timed_steps"] and deferred["timed_tokens"] == plain["timed_tokens"]
+
+
+def test_auto_optimizer_is_the_flat_master_only_for_a_graphable_lora_step():
+    from lowrank.optimizers import resolve_optimizer
+    assert resolve_optimizer("auto", "lora", "cuda", "bf16", static_batches=True) == "flat_master"
+    for args in (("full", "cuda", "bf16", True), ("lora", "cpu", "fp32", True), ("lora", "cuda", "fp32", True),
+                 ("lora", "cuda", "bf16", False)):
+        assert resolve_optimizer("auto", *args[:3], static_batches=args[3]) == "adamw"
+    assert resolve_optimizer("adamw", "lora", "cuda", "bf16", static_batches=True) == "adamw"
