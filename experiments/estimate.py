@@ -36,7 +36,7 @@ NO_OUTPUT = ["hydra.run.dir=.", f"hydra.sweep.dir={Path(tempfile.gettempdir()) /
 def estimate(cfg: DictConfig) -> dict:
     """The fitted estimate for `cfg`, as printed in the JSON line."""
     validate(cfg)  # the trainer's checks: one line for a bad value, as `experiments.train` gives
-    config = load_hf_config(cfg.model, cfg.task.num_labels)
+    config = load_hf_config(cfg.model, cfg.task.get("num_labels", 2))  # LM tasks have no classes
     budget = budget_bytes(cfg.get("budget"))
 
     def at(**setting):

@@ -431,7 +431,7 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     from .shapes import load_hf_config
     t, m = cfg.trainer, cfg.method
     if config is None:
-        config = load_hf_config(cfg.model, cfg.task.num_labels)
+        config = load_hf_config(cfg.model, cfg.task.get("num_labels", 2))
     micro_batch = micro_batch or t.get("micro_batch_size") or t.batch_size
     grad_accum = grad_accum or max(1, t.batch_size // micro_batch)
     if activation_checkpointing is None:
@@ -439,7 +439,7 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     precision = resolve_precision(t.precision, device_type)
     targets = m.targets if isinstance(m.targets, str) else list(m.targets)
     return estimate_memory(config, m.name, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
-                           num_labels=cfg.task.num_labels, trainable_dtype="fp32",
+                           num_labels=cfg.task.get("num_labels", 2), trainable_dtype="fp32",
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
                            precision=precision, activation_checkpointing=activation_checkpointing,
                            grad_accum=grad_accum, padded=padded, kv_cache=kv_cache,

@@ -55,7 +55,7 @@ class Classification:
     def evaluate(self, model, batches, batch_size, device, autocast, mask_free) -> dict:
         return evaluate_classifier(model, batches, batch_size, device, autocast, mask_free)
 
-    def before_training(self, model, base_path, key, device, autocast) -> None:
+    def before_training(self, model, base_path, key, device, autocast, test_batches=None) -> None:
         pass
 
     def final(self, model, test_batches, batch_size, device, autocast, mask_free) -> dict:
@@ -81,6 +81,7 @@ class CausalLM:
         return model, tokenizer, None  # no new head: the LM head is the model's own
 
     def batches(self, cfg, tokenizer, model, group_by_length: bool, seed: int):
+        self.eval_batch_size = cfg.trainer.eval_batch_size
         if cfg.task.loader == "synthetic":  # random tokens, exactly max_length each: speed runs of shape models
             train, test = load_synthetic(cfg.task)
             self.extras = {"ood": None, "exact_match": [], "meta": {"objective": self.objective}}
@@ -93,17 +94,21 @@ class CausalLM:
     def evaluate(self, model, batches, batch_size, device, autocast, mask_free) -> dict:
         return perplexity(model, batches, batch_size, device, autocast)
 
-    def before_training(self, model, base_path, key: dict, device, autocast) -> None:
-        """The base model's perplexity on the out-of-domain set, once per base model (cached beside W0; a run
-        that keeps no W0 computes it)."""
-        ood = self.extras["ood"]
-        def compute():
-            return perplexity(model, ood, 8, device, autocast)
-        self.ood_before = (None if ood is None else compute() if base_path is None else
-                           cached_base_perplexity(base_path, {**key, "ood": ood.digest()}, compute))
+    def before_training(self, model, base_path, key: dict, device, autocast, test_batches=None) -> None:
+        """The base model's perplexity on the out-of-domain set and on the held-out in-domain set, once per base
+        model and data (cached beside W0; a run that keeps no W0 computes them)."""
+        def base(rows):
+            if rows is None:
+                return None
+            compute = lambda: perplexity(model, rows, self.eval_batch_size, device, autocast)  # noqa: E731
+            return compute() if base_path is None else cached_base_perplexity(
+                base_path, {**key, "data": rows.digest()}, compute)
+        self.ood_before, self.test_before = base(self.extras["ood"]), base(test_batches)
 
     def final(self, model, test_batches, batch_size, device, autocast, mask_free) -> dict:
         out = {"task_meta": self.extras["meta"]}
+        if self.test_before is not None:
+            out |= {"eval_loss_base": self.test_before["loss"], "eval_perplexity_base": self.test_before["perplexity"]}
         if self.ood_before is not None:
             after = perplexity(model, self.extras["ood"], batch_size, device, autocast)
             out |= {"ood_perplexity_base": self.ood_before["perplexity"], "ood_perplexity": after["perplexity"],

@@ -219,7 +219,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     by_length = device.type == "cuda" if by_length == "auto" else by_length  # off on CPU: runs as they were
     train_batches, test_batches = objective.batches(cfg, tokenizer, model, by_length, cfg.seed)
     objective.before_training(model, base_path, {"model": cfg.model.name, "max_length": tc.max_length,
-                                                 "precision": precision, "weight_dtype": weight_dtype}, device, autocast)
+                                                 "precision": precision, "weight_dtype": weight_dtype}, device, autocast,
+                              test_batches)
     # Attention without a mask for causal models whose batches are never padded: transformers would build a
     # mask every step, and its packed-sequence check makes the host wait for the GPU (lowrank/blocks.py).
     mask_free = (tc.mask_free_attention and train_batches.unpadded and test_batches.unpadded
