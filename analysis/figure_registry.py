@@ -10,6 +10,7 @@ from pathlib import Path
 from .figure_data import MissingRuns
 from .figures import (Drawn, figure_1, figure_2, figure_3, figure_4, figure_5, figure_6, figure_7, figure_8,
                       figure_9, figure_10)
+from .lm_figures import figure_11, figure_12, figure_13
 from .tables import FIGURES_DIR, markdown_table
 
 SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure needs; demo_*: the small versions
@@ -20,6 +21,10 @@ SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure nee
                      "`experiment=subspace_full`; demo: demo_lora, demo_full)",
     "scarce": "data_scarce (`python -m experiments.train -m experiment=data_scarce`; demo: demo_scarce with "
               "demo_lora and demo_full)",
+    "lm_rank": "lm_rank_sweep + lm_full (`python -m experiments.train -m experiment=lm_rank_sweep`, then "
+               "`experiment=lm_full`)",
+    "lm_lr": "lm_lr_sweep + lm_lr_sweep_full (`python -m experiments.train -m experiment=lm_lr_sweep`, then "
+             "`experiment=lm_lr_sweep_full`)",
 }
 
 
@@ -75,6 +80,18 @@ FIGURES = [
     Spec(10, figure_10,
          "Checkpoint size per setup: the whole fine-tuned model vs LoRA's adapter plus classifier head (log scale).",
          "rank"),
+    Spec(11, figure_11,
+         "Causal LMs: held-out in-domain loss against forgetting (perplexity on out-of-domain text after / before "
+         "fine-tuning), one point per run; star: the base model. Down and left is better: LoRA learns less and "
+         "forgets less where its points lie up-left of full fine-tuning's frontier (Biderman et al. 2024).", "lm_rank"),
+    Spec(12, figure_12,
+         "Causal LMs: final held-out loss against learning rate per method and LoRA rank (mean over seeds; circle: "
+         "each curve's best, with its ratio to full fine-tuning's best learning rate in the legend and table).",
+         "lm_lr"),
+    Spec(13, figure_13,
+         "Causal LMs: the energy rank r90 of full fine-tuning's ΔW per layer and matrix type (mean over runs; "
+         "dashed: the LoRA ranks run in the setup): how far full fine-tuning's update is from LoRA's rank.",
+         "lm_rank"),
 ]
 
 

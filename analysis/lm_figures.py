@@ -1,0 +1,185 @@
+"""The generative studies' figures (causal LMs: `task.objective` cpt or sft), from the same tables as the others:
+
+    figure_11: in-domain held-out loss against forgetting, one point per run (the learning-forgetting frontier
+               of Biderman et al. 2024, "LoRA Learns Less and Forgets Less")
+    figure_12: final held-out loss against learning rate per method and rank, each curve's best learning rate
+               marked, and best-LoRA-lr / best-full-lr ("LoRA Without Regret": ~10, nearly flat across ranks)
+    figure_13: full fine-tuning's ΔW energy rank r90 per layer and matrix type, beside the LoRA ranks run
+
+Each panel is one setup (analysis.statistics: runs of different setups are never pooled). A figure without its
+runs raises figure_data.MissingRuns.
+"""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .figure_data import MissingRuns, SHORT, matrix_order, need, prepare
+from .figures import Drawn, _setup_title, _write
+from .statistics import n_label
+from .style import FULL_COLOR, color, marker, new_figure, styled
+
+LM_OBJECTIVES = ("cpt", "sft")
+
+
+def lm_runs(runs: pd.DataFrame, columns) -> pd.DataFrame:
+    """The causal-LM runs (prepare()'d) that recorded `columns`; MissingRuns when there are none."""
+    if "task.objective" not in runs:
+        raise MissingRuns("no causal-LM runs (task.objective cpt or sft)")
+    r = runs[runs["task.objective"].isin(LM_OBJECTIVES)]
+    if r.empty or any(c not in r for c in columns):
+        raise MissingRuns(f"no causal-LM runs with {', '.join(columns)}")
+    r = prepare(r)
+    r = r.dropna(subset=list(columns))
+    if r.empty:
+        raise MissingRuns(f"no causal-LM runs with {', '.join(columns)}")
+    r["curve"] = ["full" if m == "full" else f"LoRA r={int(k)}" for m, k in zip(r.method, r["rank"])]
+    r["curve_order"] = [(0, 0) if m == "full" else (1, k) for m, k in zip(r.method, r["rank"])]
+    return r
+
+
+def _curve_style(curves: list[str]) -> dict:
+    lora = [c for c in curves if c != "full"]
+    return {"full": (FULL_COLOR, "s")} | {c: (color(i), marker(i + 1)) for i, c in enumerate(lora)}
+
+
+def frontier_data(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: setup, curve (full / LoRA r=k), seed, lr, eval_loss, forgetting, eval_loss_base."""
+    r = lm_runs(runs, ["eval_loss", "forgetting"])
+    keep = ["setup", "curve", "curve_order", "config", "seed", "trainer.lr", "eval_loss", "forgetting"]
+    return r[keep + [c for c in ("eval_loss_base",) if c in r]].sort_values(
+        ["setup", "curve_order", "trainer.lr", "seed"], ignore_index=True)
+
+
+@styled
+def plot_frontier(d: pd.DataFrame):
+    setups = list(dict.fromkeys(d.setup))
+    fig, axes = new_figure(1, len(setups), size=(4.6, 3.6))
+    for ax, setup in zip(axes[0], setups):
+        g = d[d.setup == setup]
+        curves = list(dict.fromkeys(g.sort_values("curve_order").curve))
+        style = _curve_style(curves)
+        for c in curves:
+            h = g[g.curve == c]
+            ax.scatter(h.eval_loss, h.forgetting, color=style[c][0], marker=style[c][1], s=22,
+                       label=f"{c} ({n_label(len(h), 'run')})", gid=f"frontier:{c}")
+        if "eval_loss_base" in g and g.eval_loss_base.notna().any():
+            base = g.eval_loss_base.dropna().iloc[0]
+            ax.scatter([base], [1.0], color="white", edgecolor="black", marker="*", s=80, label="base model")
+        ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
+        ax.set(xlabel="held-out in-domain loss (nats/token; lower: learned more)",
+               ylabel="forgetting: OOD perplexity after / before", title=_setup_title(setup, "learning vs forgetting"))
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+    return fig
+
+
+def figure_11(tables, out_dir: Path) -> Drawn:
+    d = frontier_data(tables["runs"])
+    return _write(out_dir, "fig11_learning_vs_forgetting", plot_frontier(d), d.drop(columns="curve_order"),
+                  table=d.groupby(["setup", "curve"], sort=False).agg(
+                      eval_loss=("eval_loss", "mean"), forgetting=("forgetting", "mean"),
+                      n=("eval_loss", "size")).reset_index())
+
+
+def lr_data(runs: pd.DataFrame) -> dict:
+    """curves: setup, curve, lr, eval_loss (mean over seeds), n; best: per setup and curve the learning rate of
+    the lowest mean loss, and its ratio to full fine-tuning's best in the setup (NaN without a full curve).
+    Setups whose curves have fewer than two learning rates are left out."""
+    r = lm_runs(runs, ["eval_loss", "trainer.lr"])
+    c = r.groupby(["setup", "curve", "curve_order", "trainer.lr"], sort=True).agg(
+        eval_loss=("eval_loss", "mean"), n=("eval_loss", "size")).reset_index().rename(columns={"trainer.lr": "lr"})
+    spread = c.groupby("setup").lr.nunique()
+    c = c[c.setup.isin(spread[spread >= 2].index)]
+    if c.empty:
+        raise MissingRuns("no causal-LM setup with runs at two or more learning rates")
+    best = c.loc[c.groupby(["setup", "curve"]).eval_loss.idxmin()].reset_index(drop=True)
+    full = best[best.curve == "full"].set_index("setup").lr
+    best["lr_over_full"] = [lr / full[s] if s in full else np.nan for s, lr in zip(best.setup, best.lr)]
+    best["edge"] = [lr in (c[(c.setup == s) & (c.curve == k)].lr.min(), c[(c.setup == s) & (c.curve == k)].lr.max())
+                    for s, k, lr in zip(best.setup, best.curve, best.lr)]  # the best is at the grid's edge
+    return {"curves": c.sort_values(["setup", "curve_order", "lr"], ignore_index=True),
+            "best": best.sort_values(["setup", "curve_order"], ignore_index=True)}
+
+
+@styled
+def plot_lr(data: dict):
+    c, best = data["curves"], data["best"]
+    setups = list(dict.fromkeys(c.setup))
+    fig, axes = new_figure(1, len(setups), size=(4.6, 3.6))
+    for ax, setup in zip(axes[0], setups):
+        g, b = c[c.setup == setup], best[best.setup == setup]
+        curves = list(dict.fromkeys(g.curve))
+        style = _curve_style(curves)
+        for k in curves:
+            h, hb = g[g.curve == k], b[b.curve == k].iloc[0]
+            ratio = "" if k == "full" or not np.isfinite(hb.lr_over_full) else f", best ÷ full's {hb.lr_over_full:.3g}"
+            ax.plot(h.lr, h.eval_loss, color=style[k][0], marker=style[k][1], ms=4, lw=1,
+                    label=f"{k} ({n_label(int(h.n.max()))} per lr; best lr {hb.lr:.3g}{ratio})", gid=f"lr:{k}")
+            ax.scatter([hb.lr], [hb.eval_loss], s=90, facecolor="none", edgecolor=style[k][0], lw=1.2)
+        ax.set_xscale("log")
+        ax.set(xlabel="learning rate (log scale)", ylabel="final held-out loss (nats/token)",
+               title=_setup_title(setup, "loss vs learning rate (circle: best)"))
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+    return fig
+
+
+def figure_12(tables, out_dir: Path) -> Drawn:
+    data = lr_data(tables["runs"])
+    best = data["best"]
+    edge = best[best.edge]
+    note = "" if edge.empty else (f"The best learning rate of {', '.join(edge.curve)} lies at the edge of its grid: "
+                                  "the true optimum may lie beyond it.")
+    return _write(out_dir, "fig12_loss_vs_lr", plot_lr(data), data["curves"].drop(columns="curve_order"),
+                  table=best[["setup", "curve", "lr", "eval_loss", "lr_over_full", "edge"]], note=note)
+
+
+def r90_layer_data(spectrum: pd.DataFrame, runs: pd.DataFrame) -> dict:
+    """Full fine-tuning of causal LMs: r90 per setup, matrix type and layer (mean, min, max over runs), the
+    matrix width (the largest possible rank), and the LoRA ranks run in each setup (for reference lines)."""
+    need(spectrum, ["run_id", "r90", "layer", "matrix_type"], "spectra")
+    r = lm_runs(runs, ["eval_loss"])
+    full = r[r.method == "full"].set_index("run_id")
+    sp = spectrum[spectrum.run_id.isin(full.index)].copy()
+    if sp.empty:
+        raise MissingRuns("no full fine-tuning ΔW of a causal LM")
+    sp["setup"] = full.loc[sp.run_id, "setup"].values
+    sp["width"] = sp[["out_features", "in_features"]].min(axis=1) if "in_features" in sp else np.nan
+    sp["r90"] = sp.r90.astype(float)
+    d = sp.groupby(["setup", "matrix_type", "layer"], sort=True).agg(
+        r90=("r90", "mean"), r90_min=("r90", "min"), r90_max=("r90", "max"), n=("run_id", "nunique"),
+        width=("width", "min")).reset_index()
+    ranks = {s: sorted({int(k) for k in g["rank"].dropna()}) for s, g in r[r.method == "lora"].groupby("setup")}
+    return {"data": d, "lora_ranks": ranks}
+
+
+@styled
+def plot_r90_layers(data: dict):
+    d = data["data"]
+    setups = list(dict.fromkeys(d.setup))
+    fig, axes = new_figure(1, len(setups), size=(4.6, 3.6))
+    for ax, setup in zip(axes[0], setups):
+        g = d[d.setup == setup]
+        for i, t in enumerate(sorted(set(g.matrix_type), key=matrix_order)):
+            h = g[g.matrix_type == t]
+            ax.plot(h.layer, h.r90, color=color(i), marker=marker(i), ms=3, lw=1,
+                    label=f"{SHORT.get(t, t)} (width {int(h.width.min()) if h.width.notna().any() else '?'})",
+                    gid=f"r90:{t}")
+        for k in data["lora_ranks"].get(setup, []):
+            ax.axhline(k, color="#999999", lw=0.7, ls="--")
+            ax.annotate(f"LoRA r={k}", (g.layer.max(), k), xytext=(2, 1), textcoords="offset points", fontsize=6,
+                        color="#555555", ha="right", va="bottom")
+        ax.set_yscale("log")
+        ax.set(xlabel="layer", ylabel="full fine-tuning ΔW r90 (log scale)",
+               title=_setup_title(setup, f"energy rank per layer ({n_label(int(g.n.max()), 'run')})"))
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False)
+    return fig
+
+
+def figure_13(tables, out_dir: Path) -> Drawn:
+    data = r90_layer_data(tables["spectrum"], tables["runs"])
+    d = data["data"]
+    table = d.groupby(["setup", "matrix_type"], sort=True).agg(
+        r90_mean=("r90", "mean"), r90_min=("r90_min", "min"), r90_max=("r90_max", "max"),
+        width=("width", "min"), layers=("layer", "nunique")).reset_index()
+    table["largest_lora_rank"] = [max(data["lora_ranks"].get(s, [np.nan])) for s in table.setup]
+    return _write(out_dir, "fig13_full_r90_per_layer", plot_r90_layers(data), d, table=table)
