@@ -3,8 +3,8 @@
     python -m experiments.concurrency_bench --jobs 6 --out benchmarks/results -- method.rank=1,8 seed=0,1
     python -m experiments.concurrency_bench --smoke --out /tmp/cc      # two tiny runs on the CPU, in a minute
 
-Each pass is `python -m experiments.demo --sweeps SWEEP --jobs N` (its runs are `experiments.train`
-subprocesses, so N of them share the GPU) into a fresh runs root; the record gives the wall time of both
+Each pass is `python -m experiments.demo --sweeps SWEEP --jobs N --no-report` (its runs are `experiments.train`
+subprocesses, so N of them share the GPU) into a fresh runs root, timed from start to the last run's end; the record gives the wall time of both
 passes, their ratio and, run by run, the test accuracy of each pass and the largest difference
 (`lowrank.bench_record`: commit, command, versions). Overrides after `--` go to every run.
 """
@@ -28,7 +28,7 @@ def one_pass(sweep: str, jobs: int, overrides: list[str], root: Path) -> tuple[f
     """(wall seconds, {run directory name: metrics}) of one demo-driver pass over the sweep."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "experiments.demo", "--sweeps", sweep, "--jobs", str(jobs),
-                    "--runs-root", str(root / "runs"), "--out", str(root / "report"), "logger=none",
+                    "--runs-root", str(root / "runs"), "--out", str(root / "report"), "--no-report", "logger=none",
                     "trainer.progress_bar=false", *overrides], check=True)
     seconds = time.perf_counter() - t0
     runs = {p.parent.name: json.loads(p.read_text()) for p in (root / "runs").glob("*/*/metrics.json")}

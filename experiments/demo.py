@@ -132,6 +132,7 @@ def parse_args(argv=None):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     p.add_argument("--jobs", type=int, default=min(2, cpus), help="runs side by side (default: min(2, cores))")
     p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"experiment files to run (default: {','.join(SWEEPS)})")
+    p.add_argument("--no-report", action="store_true", help="train only: leave out analysis.report")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.device=cuda")
     opts = p.parse_args(argv)
     opts.threads = max(1, cpus // max(1, opts.jobs))
@@ -199,9 +200,11 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     print(f"training: {sum(ok)}/{len(ok)} runs ended well in {t_train / 60:.1f} min")
 
-    report_main([*(str(runs_root / s) for s in sorted(study)), "--out", str(out)])
+    if not opts.no_report:
+        report_main([*(str(runs_root / s) for s in sorted(study)), "--out", str(out)])
     print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min")
-    print(f"report: {out / 'report.md'}")
+    if not opts.no_report:
+        print(f"report: {out / 'report.md'}")
     return 0 if all(ok) else 1
 
 
