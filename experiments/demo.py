@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     common_keys = {_key(a) for a in common}
     jobs, configs = map(list, zip(*check_inputs(opts)))
     study = {c.name for c in configs}
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.setdefault("OMP_NUM_THREADS", str(opts.threads))
     print(f"demo: {len(jobs)} runs ({opts.sweeps}) into {runs_root}/{','.join(sorted(study))}, {opts.jobs} at a "
           f"time with {env['OMP_NUM_THREADS']} thread(s) each; logs in {out}/logs/")
