@@ -58,7 +58,7 @@ def test_repeated_configs_report_the_median_run_and_keep_every_run():
 
 def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
     result = run_cli(["-m", "experiments.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
-                      "--only", "full", "lora:ours:16", "lora:peft:16", "--no-parity"], cwd=ROOT,
+                      "--only", "full", "lora:ours:16", "lora:peft:16", "--no-parity", "--no-trainer"], cwd=ROOT,
                      env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     result = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
@@ -71,8 +71,38 @@ def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
     md = (tmp_path / "lora_vs_peft_cpu.md").read_text()
     assert "| tiny | lora | ours | 16 | all-linear | eager |" in md
     assert result["meta"]["command"].endswith("-m experiments.bench --smoke --out " + str(tmp_path) + " --modes eager "
-                                              "--only full lora:ours:16 lora:peft:16 --no-parity")
+                                              "--only full lora:ours:16 lora:peft:16 --no-parity --no-trainer")
     assert result["settings"]["models"] == ["tiny"] and f"`{result['meta']['command']}`" in md
+
+
+def test_smoke_trainer_rows_run_the_trainer_and_its_loss_curves_agree(tmp_path):
+    """The bench's `trainer` rows are lowrank.trainer.train runs (task=synthetic_lm), their ratio row compares
+    LoRA with the trainer's own full fine-tuning, and the trainer's fast and plain paths give one loss curve."""
+    result = run_cli(["-m", "experiments.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
+                      "--only", "nothing", "--no-parity"], cwd=ROOT, env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
+    rows = {(r["method"], r["impl"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {("full", "trainer", "trainer"), ("lora", "trainer", "trainer")}
+    lora = rows[("lora", "trainer", "trainer")]
+    assert lora["tokens_per_second"] > 0 and lora["timed_steps"] == 2 and lora["cuda_graph"] is False
+    assert lora["trainable_params"] < rows[("full", "trainer", "trainer")]["trainable_params"]
+    (ratio,) = result["details"]["ratios"]
+    assert ratio["ours_over_trainer_full"] == pytest.approx(
+        lora["tokens_per_second"] / rows[("full", "trainer", "trainer")]["tokens_per_second"])
+    par = result["details"]["trainer_parity"]
+    assert len(par["fast"]) == len(par["plain"]) == 4 and par["max_abs_diff"] < 1e-4
+
+
+def test_trainer_targets_are_judged_on_the_trainer_rows():
+    rows = [row("llama-7b", "peft", "compile-model", 100.0, mem=20), row("llama-7b", "ours", "compile+step-graph", 150.0),
+            dict(row("llama-7b", "ours", "trainer", 145.0, mem=18), impl="trainer"),
+            dict(row("llama-7b", "torch", "trainer", 90.0), impl="trainer")]
+    checks = {c["what"]: c for c in check_targets(ratio_rows(rows), read_targets()) if c["impl"] == "trainer"}
+    assert checks["ours_over_bench_fastest"]["value"] == pytest.approx(145 / 150) and checks["ours_over_bench_fastest"]["met"]
+    assert checks["ours_over_peft_compiled"]["value"] == pytest.approx(1.45) and checks["ours_over_peft_compiled"]["met"]
+    assert checks["ours_over_trainer_full"]["value"] == pytest.approx(145 / 90) and checks["ours_over_trainer_full"]["met"]
+    assert checks["memory_ours_over_peft_compiled"]["value"] == pytest.approx(0.9)
 
 
 def test_all_linear_adapts_the_seven_llama_projections_in_ours_and_in_peft():
@@ -120,7 +150,8 @@ def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
         "bench a", "bench b"]
     md = (tmp_path / "out" / "lora_vs_peft_gpu.md").read_text()
     assert "`bench a ; bench b`" in md and "max |Δloss| = 0.1000" in md
-    assert "| m1 | r=16 all-linear | eager | –× | –× | 1.30× |" in md and "| m2 | r=16 all-linear | eager | –× | –× | 1.50× |" in md
+    assert "| m1 | ours | r=16 all-linear | eager | –× | –× | –× | 1.30× |" in md
+    assert "| m2 | ours | r=16 all-linear | eager | –× | –× | –× | 1.50× |" in md
     (tmp_path / "c").mkdir()
     with pytest.raises(SystemExit, match="expected one lora_vs_peft_\\*.json"):
         merge([str(tmp_path / "c")], tmp_path / "out2", targets)
