@@ -53,3 +53,31 @@ def test_classification_runs_have_no_lm_figures(tmp_path):
         figure_11({"runs": runs}, tmp_path)
     with pytest.raises(MissingRuns):
         figure_12({"runs": _runs().assign(**{"trainer.lr": 1e-3})}, tmp_path)
+
+
+@pytest.mark.parametrize("number", [11, 12, 13])
+def test_lm_figures_pass_a_reviewers_look(number, tmp_path):
+    """As tests/test_figures.py looks at the others: labels and titles, texts and legends inside the figure,
+    no two texts overlapping, every legend entry with its n or a reference."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from analysis import lm_figures as L
+    from tests.test_figures import drawn_texts, inside, overlaps
+    runs = _runs()
+    spectrum = pd.DataFrame([{"run_id": f"fullNone-0.0001-{s}", "layer": layer, "matrix_type": t, "r90": 100 + layer,
+                              "out_features": 576, "in_features": 576}
+                             for s in (0, 1) for layer in range(3) for t in ("q_proj", "o_proj", "up_proj")])
+    fig = {11: lambda: L.plot_frontier(L.frontier_data(runs)), 12: lambda: L.plot_lr(L.lr_data(runs)),
+           13: lambda: L.plot_r90_layers(L.r90_layer_data(spectrum, runs))}[number]()
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        assert ax.get_xlabel().strip() and ax.get_ylabel().strip() and "setup S1" in ax.get_title()
+        legend = ax.get_legend()
+        assert inside(legend.get_window_extent(renderer), fig.bbox)
+        assert all("n=" in t.get_text() or "base model" in t.get_text() or number == 13 for t in legend.get_texts())
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in drawn_texts(fig)]
+    assert all(inside(b, fig.bbox) for _, b in boxes), [t for t, b in boxes if not inside(b, fig.bbox)]
+    clashes = [(ta, tb) for k, (ta, a) in enumerate(boxes) for tb, b in boxes[k + 1:] if overlaps(a, b)]
+    assert not clashes, clashes[:5]
