@@ -53,13 +53,13 @@ def test_module_switches_and_backend_flags_are_restored():
 
 def test_the_trainer_runs_each_job_in_a_scope_and_records_a_crash(tiny_run, tmp_path, monkeypatch):
     """A job that changes a switch and then fails: the switch is back, and metrics.json says why it failed."""
-    import lowrank.trainer as trainer
+    import lowrank.objectives as objectives
     before = lora_fast.FUSED_FACTOR_GRADS
 
     def broken_loader(*args, **kwargs):
         lora_fast.FUSED_FACTOR_GRADS = not before
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(trainer, "load_task", broken_loader)
+    monkeypatch.setattr(objectives, "load_task", broken_loader)  # the classification objective's loader
     with pytest.raises(RuntimeError):
         tiny_run()
     assert lora_fast.FUSED_FACTOR_GRADS == before
