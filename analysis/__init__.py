@@ -4,6 +4,8 @@ hashes, checked on every read), `lowrank.atomic` (every file it writes), `lowran
 `lowrank.errors` (`fail`: the one-line `error: ...` of every entry point). tests/test_analysis_imports.py checks it.
 
     runs.py              read and check run directories
+    checked_reads.py     their safetensors files: header checks, single tensors read and checked against their hashes
+    stream.py            every matrix of every run analysed, one matrix in memory at a time, timed by phase
     spectra.py, subspace.py, amplification.py    the math: pure functions over tensors
     statistics.py        the aggregation rules: setups (which runs may be pooled), amplification as a ratio of
                          sums, Wilson and stratified-bootstrap intervals; pure functions over arrays and tables
@@ -16,5 +18,5 @@ hashes, checked on every read), `lowrank.atomic` (every file it writes), `lowran
     wandb_sync.py        the `analysis` W&B run
 
 Imports go one way, with no cycle: report -> figure_registry -> figures -> figure_data, style, tables;
-figure_data and report -> statistics.
+figure_data and report -> statistics; report -> stream -> runs -> checked_reads.
 """

@@ -21,7 +21,8 @@ def projected_norm(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
 def amplification(W: torch.Tensor, w_svd, delta_svd, r: int, seed: int = 0, delta_fro: float | None = None) -> dict:
     """Table 7 for one matrix and one r.
     W: (out, in) the pre-trained weight; w_svd, delta_svd: (U (out, q), S (q,), Vh (q, in)) thin SVDs of W
-    and ΔW with q ≥ r, strongest first (ΔW's may be the factored LoRA SVD). Random directions use `seed`.
+    and ΔW with q ≥ r, strongest first (ΔW's may be the factored LoRA SVD; U and Vh may hold only the top
+    directions, S all values), U, Vh on W's device. Random directions use `seed`.
     ‖ΔW‖_F comes from ΔW's singular values unless `delta_fro` is given (needed when delta_svd is truncated).
     Returns w_fro, delta_fro, delta_top_fro = ‖ΔW_r‖_F (ΔW's top-r part, √Σ_{k≤r} σ_k²: all of ΔW for LoRA at
     rank r), proj_delta / proj_w / proj_random (‖Uᵀ W V‖_F for each choice of U, V), amplification =
@@ -34,7 +35,7 @@ def amplification(W: torch.Tensor, w_svd, delta_svd, r: int, seed: int = 0, delt
         raise ValueError(f"r={r} exceeds the directions given ({len(Sd)} of ΔW, {len(Sw)} of W)")
     g = torch.Generator().manual_seed(seed)
     out_dim, in_dim = W.shape
-    Ur, Vr = random_basis(out_dim, r, g), random_basis(in_dim, r, g)
+    Ur, Vr = random_basis(out_dim, r, g).to(W.device), random_basis(in_dim, r, g).to(W.device)  # drawn on the CPU
     if delta_fro is None:
         delta_fro = torch.linalg.vector_norm(Sd.double()).item()
     proj_delta = projected_norm(W, Ud[:, :r], Vhd[:r].mT)

@@ -11,32 +11,37 @@ Writes (each file atomically; re-running on the same runs gives identical tables
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
   figures/figN_*              the figures (analysis/figure_registry.py) from those tables, passed in memory
   report.md                   the setups found and their runs, the figures with captions and tables, runs
-                              analysed and skipped (with reasons), key numbers per setup, timing
+                              analysed and skipped (with reasons), key numbers per setup, and the analysis' own
+                              seconds per phase, peak host RSS and device
+  timing.json                 those numbers for programs (experiments.analysis_bench); never identical twice, so
+                              kept out of tables/
 --no-figures writes the tables and the text report only; --wandb logs figures and tables as an `analysis` run
-(analysis/wandb_sync.py). A run whose files fail a check (lowrank.integrity: content hashes, finite values), also
-while it is analysed, is listed as skipped with the reason. Bad command-line input exits with status 2 and one
-line `error: ...` naming the argument and what would be valid (analysis/report_cli.py).
+(analysis/wandb_sync.py). The matrices stream (analysis/stream.py): one ΔW and its W0 in memory at a time, each
+tensor read and hashed once. A run whose files fail a check (lowrank.integrity: content hashes, finite values:
+headers when runs are collected, each tensor as it is read) is listed as skipped with the reason. Bad command-line
+input exits with status 2 and one line `error: ...` naming the argument and what would be valid
+(analysis/report_cli.py).
 """
 import argparse
+import resource
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from lowrank.atomic import write_text
+from lowrank.atomic import write_json, write_text
 from lowrank.errors import fail
-from lowrank.integrity import CorruptArtifact
 from lowrank.rundir import CONFIG_FILE, METRICS_FILE
 
-from . import amplification as amp
-from . import spectra
+from . import runs as runs_mod
 from . import statistics as st
 from .report_cli import parse_args
 from .figure_data import prepare, targets_label
-from .runs import LowRank, Run, SkippedRun, collect_runs, config_keys, layer_and_matrix
-from .subspace import factor_bases, phi_grid, random_phi, random_phi_grid
-from .tables import REPORT_FILE, markdown_table, table_path, write_csv
+from .runs import Run, config_keys
+from .stream import PHASES, analyse_runs
+from .subspace import phi_grid, random_phi_grid
+from .tables import REPORT_FILE, TIMING_FILE, markdown_table, table_path, write_csv
 from .wandb_sync import analysis_run_settings, log_analysis_run
 
 SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
@@ -44,79 +49,25 @@ SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_
 WANDB_TABLES = ["runs", "setups", "spectrum", "amplification"]  # the per-matrix tables; subspace grids stay on disk
 
 
-class BaseCache:
-    """W0, its thin SVD and whether that SVD is truncated, per (base file, matrix): shared by every run of
-    one base model."""
-
-    def __init__(self, device, exact_max_dim: int | None, topk: int):
-        self.device, self.exact_max_dim, self.topk, self._svd = device, exact_max_dim, topk, {}
-
-    def get(self, run: Run, name: str):
-        key = (run.base_path, name)
-        if key not in self._svd:
-            w0 = run.base_weight(name)
-            truncated = self.exact_max_dim is not None and min(w0.shape) > self.exact_max_dim
-            self._svd[key] = (w0, spectra.svd_dense(w0, k=self.topk if truncated else None,
-                                                    randomized=truncated, device=self.device), truncated)
-        return self._svd[key]
+def collect_runs(roots):
+    """runs.collect_runs with the tensors' bytes left unread: analyse_runs reads, hashes and checks each tensor once,
+    as it analyses it, where a full check first would read a 26 GB ΔW twice."""
+    return runs_mod.collect_runs(roots, check_data=False)
 
 
-def delta_svd(d, opts):
-    """Thin SVD of one ΔW: (U, S, Vh, total), total = ‖ΔW‖_F² when the SVD is a randomised top-k one (then S
-    is incomplete), else None. LoRA goes through its factors; dense ΔW is exact up to --exact-max-dim."""
-    if isinstance(d, LowRank):
-        return (*spectra.svd_factored(d.B, d.A, d.scaling), None)
-    if opts.exact_max_dim is None or min(d.shape) <= opts.exact_max_dim:
-        return (*spectra.svd_dense(d, device=opts.device), None)
-    U, S, Vh = spectra.svd_dense(d, k=opts.topk, randomized=True, device=opts.device)
-    return U, S, Vh, torch.linalg.matrix_norm(d.double()).item() ** 2
+def lora_setups_runs(table: pd.DataFrame) -> set[str]:
+    """Runs that a pair may compare (select_pairs: every pair holds a LoRA run and stays in its setup): those of a
+    setup with a LoRA run. Only their top directions are kept for the φ grids."""
+    if table.empty:
+        return set()
+    lora = set(table.setup[table["method.name"] == "lora"])
+    return set(table.run_id[table.setup.isin(lora)])
 
 
-def analyse_run(run: Run, cache: BaseCache, opts) -> dict:
-    """Spectrum, singular-value, amplification rows and the subspace bases of every matrix of one run."""
-    kinds = layer_and_matrix(dict.fromkeys(run.base_names() + list(run.names)))
-    ident = {"run_id": run.run_id, "method": run.method, "rank": run.rank, "seed": run.seed}
-    spectrum, sigmas, amps, bases = [], [], [], {}
-    t0, spectra_seconds = time.perf_counter(), 0.0
-    for name in run.names:
-        layer, kind = kinds[name]
-        where = {"layer": layer, "matrix_type": kind}
-        t_svd = time.perf_counter()
-        d = run.delta(name)
-        U, S, Vh, total = delta_svd(d, opts)
-        spectra_seconds += time.perf_counter() - t_svd  # reading ΔW + its SVD: the cost of a spectrum alone
-        w0, w_svd, w_truncated = cache.get(run, name)
-        fro = spectra.fro_norm(S) if total is None else total ** 0.5
-        intruders = None
-        if total is None and not w_truncated:  # intruders need every singular vector of W0
-            dense = d.dense() if isinstance(d, LowRank) else d  # W0 + ΔW must be formed here, unlike the spectrum
-            U_ft = spectra.svd_dense(w0 + dense, k=opts.intruder_k, device=opts.device)[0]
-            intruders = amp.intruder_count(w_svd[0], U_ft, opts.intruder_k, opts.intruder_eps)
-        spectrum.append(ident | where | {
-            "module": name, "out_features": w0.shape[0], "in_features": w0.shape[1],
-            **{f"r{round(p * 100)}": spectra.energy_rank(S, p, total) for p in (0.5, 0.9, 0.99)},
-            "effective_rank": spectra.effective_rank(S) if total is None else None,
-            "stable_rank": spectra.stable_rank(S) if total is None else total / S[0].item() ** 2,
-            "fro_norm": fro, "spectral_norm": S[0].item(), "rel_norm": spectra.relative_norm(fro, w0),
-            "intruders": intruders})
-        sigmas += [ident | where | {"index": k + 1, "sigma": s} for k, s in enumerate(S.tolist())]
-        for r in amplification_ranks(run, opts.amp_ranks, len(S), len(w_svd[1])):
-            amps.append(ident | where | {"r": r}
-                        | amp.amplification(w0, w_svd, (U, S, Vh), r, seed=0, delta_fro=fro)
-                        | {"random_phi_out": random_phi(r, r, w0.shape[0]), "random_phi_in": random_phi(r, r, w0.shape[1])})
-        cap = opts.max_dim  # φ grids never look further than this many directions
-        bases[name] = where | {"delta": (U[:, :cap], Vh[:cap].mT)}
-        if isinstance(d, LowRank):
-            U_b, V_a = factor_bases(d.B, d.A)
-            bases[name]["factor"] = (U_b[:, :cap], V_a[:, :cap])
-    return {"spectrum": spectrum, "sigmas": sigmas, "amps": amps, "bases": bases,
-            "seconds": time.perf_counter() - t0, "spectra_seconds": spectra_seconds}
-
-
-def amplification_ranks(run: Run, amp_ranks: list[int], n_delta: int, n_w: int) -> list[int]:
-    """LoRA: its own rank (the paper's Table 7). Full fine-tuning: every r in amp_ranks that fits."""
-    ranks = [run.rank] if run.method == "lora" else amp_ranks
-    return [r for r in ranks if r <= min(n_delta, n_w)]
+def sigma_rows(results) -> list[pd.DataFrame]:
+    """singular_values.csv's rows, one block per matrix: (identity and place) × index × σ."""
+    return [pd.DataFrame({**{k: [v] * len(S) for k, v in ident.items()}, "index": range(1, len(S) + 1), "sigma": S})
+            for res in results.values() for ident, S in res.sigmas]
 
 
 def add_setups(table: pd.DataFrame, runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -320,40 +271,40 @@ def run_report(opts) -> dict:
     t_start = time.perf_counter()
     opts = argparse.Namespace(**vars(opts))  # a copy: the default amp_ranks below depend on the runs found
     runs, table, skipped = collect_runs(opts.roots)
-    if opts.amp_ranks is None:  # the LoRA ranks present, so full fine-tuning lines up with them
-        opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"}) or [8]
+    default_ranks = opts.amp_ranks is None
+    if default_ranks:  # the LoRA ranks present, so full fine-tuning lines up with them (8 without LoRA runs)
+        opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"} | {8})  # cut to the runs analysed below
     t_load = time.perf_counter() - t_start
     progress(f"{len(runs)} runs to analyse, {len(skipped)} skipped ({t_load:.1f} s)")
-    cache = BaseCache(opts.device, opts.exact_max_dim, opts.topk)
-    results, failed = {}, set()
-    for k, run in enumerate(runs, 1):
-        try:
-            results[run.run_id] = analyse_run(run, cache, opts)
-            progress(f"run {k}/{len(runs)} {run.run_id}: {len(run.names)} matrices, "
-                     f"{results[run.run_id]['seconds']:.1f} s")
-        except (CorruptArtifact, SkippedRun, torch.linalg.LinAlgError) as e:
-            # a file damaged or replaced since it was checked, or an SVD that failed: skip the run, not the report
-            skipped.append((run.run_id, f"while analysing: {e}"))
-            failed.add(run.run_id)
-            progress(f"run {k}/{len(runs)} {run.run_id}: skipped while analysing")
-    if failed:
-        runs = [r for r in runs if r.run_id not in failed]
-        table = table[~table.run_id.isin(failed)].reset_index(drop=True)
-        skipped.sort()
+    keep = lora_setups_runs(add_setups(table, runs)[0])
+    results, failed, stream = analyse_runs(runs, opts, keep)
+    for run in runs:
+        res = results.get(run.run_id)
+        progress(f"{run.run_id}: " + (f"{len(run.names)} matrices, {res.seconds:.1f} s" if res else "skipped while "
+                                      "analysing"))
+    if failed:  # a file damaged before or since it was checked, or an SVD that failed: skip the run, not the report
+        runs = [r for r in runs if r.run_id in results]
+        table = table[table.run_id.isin(results)].reset_index(drop=True)
+        skipped = sorted(skipped + failed)
+    if default_ranks:
+        lora_ranks = sorted({r.rank for r in runs if r.method == "lora"}) or [8]
+        for res in results.values():
+            res.amps = [a for a in res.amps if a["method"] == "lora" or a["r"] in lora_ranks]
     t_runs = time.perf_counter() - t_start - t_load
 
     table, setups = add_setups(table, runs)
     pairs = select_pairs(table)
     blocks = [block for p in pairs.itertuples() for block in
-              subspace_rows(p.kind, p.run_a, p.run_b, results[p.run_a]["bases"], results[p.run_b]["bases"])]
+              subspace_rows(p.kind, p.run_a, p.run_b, results[p.run_a].bases, results[p.run_b].bases)]
     t_sub = time.perf_counter() - t_start - t_load - t_runs
     progress(f"{len(setups)} setups; subspace grids of {len(pairs)} pairs ({t_sub:.1f} s)")
 
     keys = ["run_id", "layer", "matrix_type"]
-    spectrum = _frame([r for v in results.values() for r in v["spectrum"]], keys,
+    spectrum = _frame([r for v in results.values() for r in v.spectrum], keys,
                       ["rank", "r50", "r90", "r99", "intruders"])
-    sigmas = _frame([r for v in results.values() for r in v["sigmas"]], keys + ["index"], ["rank"])
-    amps = _frame([r for v in results.values() for r in v["amps"]], keys + ["r"], ["rank"])
+    blocks_sv = sigma_rows(results)
+    sigmas = _frame(pd.concat(blocks_sv, ignore_index=True) if blocks_sv else [], keys + ["index"], ["rank"])
+    amps = _frame([r for v in results.values() for r in v.amps], keys + ["r"], ["rank"])
     subspace = pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(columns=SUBSPACE_COLUMNS)
     subspace = subspace.sort_values(["kind", "run_a", "run_b", "side", "layer", "matrix_type", "i", "j"],
                                     ignore_index=True)
@@ -362,23 +313,24 @@ def run_report(opts) -> dict:
     out = Path(opts.out)
     tables = {"runs": table, "setups": setups, "spectrum": spectrum, "singular_values": sigmas,
               "subspace": subspace, "amplification": amps}
+    t_tables = time.perf_counter()
     for name, df in tables.items():
         write_csv(table_path(out, name), df)
-    full_ids = [r.run_id for r in runs if r.method == "full"]
-    timing = {"device": str(opts.device), "runs found and checked": f"{t_load:.2f} s",
-              "spectra, intruders, amplification (all runs)": f"{t_runs:.2f} s",
-              "subspace grids": f"{t_sub:.2f} s ({len(pairs)} pairs, {len(subspace)} rows)",
-              "total": f"{time.perf_counter() - t_start:.2f} s"}
-    for i in full_ids:
-        res = results[i]
-        timing[f"full-FT run `{i}`, {len(res['spectrum'])} matrices"] = (
-            f"ΔW spectra {res['spectra_seconds']:.2f} s; with W0 SVDs, intruders, amplification {res['seconds']:.2f} s")
-    timing["subspace.csv size"] = f"{table_path(out, 'subspace').stat().st_size / 1e6:.1f} MB"
+    seconds = {"runs found and checked": t_load, **stream["phases"], "subspace": t_sub,
+               "tables": time.perf_counter() - t_tables}
     figures = ""
     if getattr(opts, "figures", False):
         t_fig = time.perf_counter()
         figures = make_figures(out, tables, getattr(opts, "wandb", "auto"))
-        timing["figures"] = f"{time.perf_counter() - t_fig:.2f} s"
+        seconds["figures"] = time.perf_counter() - t_fig
+    seconds["total"] = time.perf_counter() - t_start
+    record = {"device": str(opts.device), "seconds": seconds, "matrices": sum(len(r.names) for r in runs),
+              "counts": stream["counts"], "read+hash (background) seconds": stream["read+hash (background)"],
+              "bytes read": stream["bytes read"],
+              "peak host RSS bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    record |= {k: v for k, v in stream.items() if k == "peak CUDA allocated bytes"}
+    write_json(out / TIMING_FILE, record)
+    timing = timing_lines(record, runs, results, len(pairs), len(subspace), table_path(out, "subspace"))
     write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures))
     for k, v in timing.items():
         print(f"{k}: {v}")
@@ -387,6 +339,32 @@ def run_report(opts) -> dict:
         f"{METRICS_FILE})")
     print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}{none_found}")
     return tables | {"skipped": skipped, "pairs": pairs}
+
+
+def timing_lines(record: dict, runs: list[Run], results: dict, n_pairs: int, n_rows: int, subspace_csv: Path) -> dict:
+    """report.md's timing section (and the lines printed at the end): seconds per phase, how the top singular vectors
+    were found, what was read, peak memory, and per full-FT run its own share."""
+    sec = record["seconds"]
+    lines = {"device": record["device"], "runs found and checked (headers)": f"{sec['runs found and checked']:.2f} s"}
+    lines |= {f"{phase} (all matrices)": f"{sec.get(phase, 0.0):.2f} s" for phase in PHASES}
+    lines["subspace grids"] = f"{sec['subspace']:.2f} s ({n_pairs} pairs, {n_rows} rows)"
+    lines |= {"tables written": f"{sec['tables']:.2f} s", **({"figures": f"{sec['figures']:.2f} s"} if "figures" in sec
+                                                             else {}), "total": f"{sec['total']:.2f} s"}
+    lines["read+hash (background thread)"] = (f"{record['read+hash (background) seconds']:.2f} s, "
+                                              f"{record['bytes read'] / 1e9:.2f} GB")
+    if record["counts"]:
+        lines["top singular vectors found by"] = ", ".join(f"{k}: {v}" for k, v in sorted(record["counts"].items()))
+    lines["peak host RSS"] = f"{record['peak host RSS bytes'] / 2**30:.2f} GiB"
+    if "peak CUDA allocated bytes" in record:
+        lines["peak CUDA allocated"] = f"{record['peak CUDA allocated bytes'] / 2**30:.2f} GiB"
+    for r in runs:
+        if r.method == "full":
+            ph = results[r.run_id].phases
+            lines[f"full-FT run `{r.run_id}`, {len(r.names)} matrices"] = (
+                f"ΔW spectra {ph['spectra']:.2f} s; with reading, ΔW vectors, intruders, amplification "
+                f"{results[r.run_id].seconds:.2f} s (W0 SVDs are shared by the runs of a base model)")
+    lines["subspace.csv size"] = f"{subspace_csv.stat().st_size / 1e6:.1f} MB"
+    return lines
 
 
 def make_figures(out_dir: Path, tables: dict[str, pd.DataFrame], wandb: str = "auto", numbers=None) -> str:

@@ -8,10 +8,11 @@
 A run directory holds `.hydra/config.yaml`, `metrics.json` (status 'complete' once final) and
 `delta_w.safetensors`; W0 lives once per base model in `RUNS_ROOT/base_weights/`, named by the delta file's
 `base_weights` metadata (a path relative to the run directory). File names, statuses and the metrics reader
-come from the run-directory contract `lowrank.rundir`; every safetensors file is checked by
-`lowrank.integrity.verify_safetensors` (content hashes, finite values) before a number is computed from it, and
-each tensor read later is checked against the same hashes. Those two small modules are all this imports from
-`lowrank`: never the model or training code. A run that fails any check is skipped with the reason.
+come from the run-directory contract `lowrank.rundir`; every safetensors file is checked by `lowrank.integrity`
+(content hashes, finite values) before a number is computed from it: all of it by `collect_runs`, or, with
+`check_data=False`, its header only, each tensor then being hashed and checked as it is read
+(analysis/checked_reads.py; so a 26 GB ΔW is read and hashed once, not twice). Those two small modules are all this
+imports from `lowrank`: never the model or training code. A run that fails any check is skipped with the reason.
 """
 import json
 import math
@@ -24,10 +25,11 @@ from typing import NamedTuple
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
-from safetensors import safe_open
 
-from lowrank.integrity import DIGEST_KEY, CorruptArtifact, tensor_sha256, verify_safetensors
+from lowrank.integrity import DIGEST_KEY, CorruptArtifact
 from lowrank.rundir import BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, config_sha256, load_metrics
+
+from .checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
 
 NOT_RUNS = {BASE_WEIGHTS_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
 METHODS = ("full", "lora")
@@ -45,24 +47,6 @@ class LowRank(NamedTuple):
         return self.scaling * (self.B @ self.A)  # (out, r) @ (r, in): the full matrix, where W0 + ΔW is needed
 
 
-class SkippedRun(Exception):
-    """A run directory that cannot be analysed; the message is the reason shown in the report."""
-
-
-def _read_checked(path: Path, keys: list[str], digests: dict[str, str]) -> list[torch.Tensor]:
-    """Tensors of a file that verify_safetensors passed, each checked again against the hash seen then (the
-    file may have been replaced or damaged since); raises CorruptArtifact."""
-    try:
-        with safe_open(path, "pt") as f:
-            tensors = [f.get_tensor(k) for k in keys]
-    except Exception as e:  # missing, truncated, or a key that is gone: the file is not the one checked
-        raise CorruptArtifact(f"{path.name} changed since it was checked ({type(e).__name__}: {e})") from None
-    for k, t in zip(keys, tensors):
-        if tensor_sha256(t) != digests.get(k):
-            raise CorruptArtifact(f"{path.name}: tensor {k} changed since it was checked")
-    return tensors
-
-
 @dataclass(frozen=True)
 class Run:
     run_id: str
@@ -72,8 +56,11 @@ class Run:
     meta: dict            # delta file metadata, JSON values decoded (without the content hashes)
     names: tuple          # module paths that have a ΔW, sorted
     base_path: Path
-    delta_digests: dict = field(repr=False, compare=False)  # SHA-256 per tensor key, as verified at load time
+    delta_digests: dict = field(repr=False, compare=False)  # SHA-256 per tensor key, from the file's metadata
     base_digests: dict = field(repr=False, compare=False)
+    base_prefix: str = ""  # what starts the skip reason of a damaged W0 ("base weights 'REL' (named by ...): ")
+    unread: dict = field(default_factory=dict, repr=False, compare=False)  # {path: fingerprint} of files whose
+    # data collect_runs did not read (check_data=False): each tensor is checked as it is read
 
     @property
     def method(self) -> str:
@@ -92,13 +79,14 @@ class Run:
         CorruptArtifact when the file no longer holds what was verified."""
         path = self.path / DELTA_FILE
         if self.meta["method"] == "lora":
-            B, A = _read_checked(path, [f"{name}.lora_B", f"{name}.lora_A"], self.delta_digests)
+            B, A = read_checked(path, [f"{name}.lora_B", f"{name}.lora_A"], self.delta_digests, self.unread.get(path))
             return LowRank(B.float(), A.float(), float(self.meta["scaling"]))
-        return _read_checked(path, [f"{name}.delta"], self.delta_digests)[0].float()
+        return read_checked(path, [f"{name}.delta"], self.delta_digests, self.unread.get(path))[0].float()
 
     def base_weight(self, name: str) -> torch.Tensor:
         """W0 (out, in) fp32 of one matrix, from the shared base file (checked like `delta`)."""
-        return _read_checked(self.base_path, [f"{name}.weight"], self.base_digests)[0].float()
+        return read_checked(self.base_path, [f"{name}.weight"], self.base_digests, self.unread.get(self.base_path),
+                             self.base_prefix)[0].float()
 
     def base_names(self) -> list[str]:
         """Every block linear layer of the base model (the keys of the W0 file, without `.weight`)."""
@@ -190,25 +178,6 @@ def _check_config(config) -> None:
         raise SkippedRun(f"config method.rank is {method['rank']!r}, not an integer ≥ 1")
 
 
-def _verify(path: Path, what: str = "") -> tuple[list[str], dict, dict[str, str]]:
-    """(keys, metadata, {key: sha256}) of a safetensors file whose every tensor matches its content hash and
-    is finite; SkippedRun with the reason otherwise."""
-    try:
-        keys, metadata = verify_safetensors(path)
-    except CorruptArtifact as e:
-        raise SkippedRun(f"{what}{e}") from None
-    return keys, metadata, json.loads(metadata[DIGEST_KEY])  # verify_safetensors has parsed it already
-
-
-def _tensor_info(path: Path, keys, what: str = "") -> dict[str, tuple[str, tuple]]:
-    """(dtype, shape) per key, from the header of a verified file."""
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
-    except Exception as e:
-        raise SkippedRun(f"{what}{path.name} changed since it was checked ({type(e).__name__}: {e})") from None
-
-
 def _is_float(dtype: str) -> bool:
     return dtype.startswith("F") or dtype == "BF16"  # F64 F32 F16 BF16 F8_*: the others are ints and bools
 
@@ -227,8 +196,9 @@ def _base_path(run_dir: Path, rel) -> Path:
     return path
 
 
-def load_run(run_dir: Path, run_id: str) -> Run:
-    """Read and check one run directory; raises SkippedRun with the reason when it cannot be analysed."""
+def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
+    """Read and check one run directory; raises SkippedRun with the reason when it cannot be analysed.
+    check_data=False reads the safetensors headers only (Run.unread: each tensor is checked when read)."""
     run_dir = Path(run_dir)
     if why := _file_problem(run_dir / CONFIG_FILE):
         raise SkippedRun(f"{CONFIG_FILE} {why}")
@@ -253,7 +223,10 @@ def load_run(run_dir: Path, run_id: str) -> Run:
                          f"from the one recorded there)")
 
     delta_path = run_dir / DELTA_FILE
-    keys, raw_meta, delta_digests = _verify(delta_path)
+    fingerprints = {}
+    if not check_data and delta_path.is_file():
+        fingerprints[delta_path] = fingerprint(delta_path)  # before reading: a write after it is caught
+    keys, raw_meta, delta_digests = check_file(delta_path, check_data=check_data)
     meta = {k: _decode(v) for k, v in raw_meta.items() if k != DIGEST_KEY}
     if "method" not in meta or "base_weights" not in meta:
         raise SkippedRun(f"{DELTA_FILE} metadata lacks method/base_weights")
@@ -277,8 +250,10 @@ def load_run(run_dir: Path, run_id: str) -> Run:
     base_rel = raw_meta["base_weights"]
     base_path = _base_path(run_dir, base_rel)
     what = f"base weights {base_rel!r} (named by {DELTA_FILE}): "
-    base_keys, _, base_digests = _verify(base_path, what)
-    info, base_info = _tensor_info(delta_path, keys), _tensor_info(base_path, base_keys, what)
+    if not check_data and base_path.is_file():
+        fingerprints[base_path] = fingerprint(base_path)
+    base_keys, _, base_digests = check_file(base_path, what, check_data)
+    info, base_info = tensor_info(delta_path, keys), tensor_info(base_path, base_keys, what)
     for n in names:
         if f"{n}.weight" not in base_info:
             raise SkippedRun(f"{what}no tensor {n}.weight for the ΔW of {n}")
@@ -302,7 +277,8 @@ def load_run(run_dir: Path, run_id: str) -> Run:
         layer_and_matrix(dict.fromkeys([k.removesuffix(".weight") for k in base_keys] + list(names)))
     except ValueError as e:
         raise SkippedRun(f"{DELTA_FILE} or its base weights: {e}") from None
-    return Run(run_id, run_dir, config, metrics, meta, names, base_path, delta_digests, base_digests)
+    return Run(run_id, run_dir, config, metrics, meta, names, base_path, delta_digests, base_digests, what,
+               fingerprints)
 
 
 def _decode(value: str):
@@ -342,11 +318,12 @@ def run_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def collect_runs(roots) -> tuple[list[Run], pd.DataFrame, list[tuple[str, str]]]:
+def collect_runs(roots, check_data: bool = True) -> tuple[list[Run], pd.DataFrame, list[tuple[str, str]]]:
     """Every run directory below `roots`: (analysable runs, their table, [(run_id, reason) skipped]).
     run_id is the path below its root; with several roots the root's name goes first. A run directory below
     two of the roots (one inside the other) is taken once. Raises ValueError for roots that cannot be read
-    together (`roots_problem`)."""
+    together (`roots_problem`). check_data=False checks everything but the tensors' bytes, which are then
+    checked as they are read (Run.delta, Run.base_weight: DamagedFile for damage from before)."""
     roots = [Path(r) for r in roots]
     if why := roots_problem(roots):
         raise ValueError(why)
@@ -358,7 +335,7 @@ def collect_runs(roots) -> tuple[list[Run], pd.DataFrame, list[tuple[str, str]]]
         rel = run_dir.relative_to(root).as_posix()
         run_id = f"{root.resolve().name}/{rel}" if len(roots) > 1 else rel
         try:
-            runs.append(load_run(run_dir, run_id))
+            runs.append(load_run(run_dir, run_id, check_data))
         except SkippedRun as e:
             skipped.append((run_id, str(e)))
     return runs, run_table(runs), skipped

@@ -10,8 +10,9 @@ import pandas as pd
 
 from lowrank.atomic import write_text
 
-# the output folder: OUT/tables/*.csv (analysis.report), OUT/figures/figN_* (figure_registry), OUT/report.md
-TABLES_DIR, FIGURES_DIR, REPORT_FILE = "tables", "figures", "report.md"
+# the output folder: OUT/tables/*.csv (analysis.report), OUT/figures/figN_* (figure_registry), OUT/report.md, and
+# OUT/timing.json: seconds per phase and peak memory of the analysis itself (not a table: it differs at every run)
+TABLES_DIR, FIGURES_DIR, REPORT_FILE, TIMING_FILE = "tables", "figures", "report.md", "timing.json"
 
 
 def table_path(out_dir: Path, name: str) -> Path:

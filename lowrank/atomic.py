@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .integrity import DIGEST_KEY, tensor_digests
+from .integrity import DIGEST_KEY, tensor_digests, tensor_sha256
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"~(?P<pid>\d+)@(?P<host>[^~]+)~[^~]*\.tmp$")
@@ -71,6 +71,48 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = dict(metadata or {}) | {DIGEST_KEY: json.dumps(tensor_digests(tensors), sort_keys=True)}
     return write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# safetensors' names for the dtypes we store
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int32: "I32", torch.int64: "I64"}
+
+
+def write_safetensors_streamed(path, specs: dict[str, tuple[torch.dtype, tuple]], make,
+                               metadata: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
+    """write_safetensors for files larger than memory: `specs` gives each key's (dtype, shape), `make(key)` the
+    tensor, called once per key in sorted order, so only one tensor is held at a time. The header comes first
+    in the format but holds every tensor's hash: it is written with placeholders of the same length, then
+    rewritten in place once the data is. Returns (path, {key: sha256}); the file reads as write_safetensors'."""
+    keys = sorted(specs)
+    header, offset = {}, 0
+    for k in keys:
+        dtype, shape = specs[k]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[k] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+
+    def encoded(digests: dict[str, str]) -> bytes:
+        meta = dict(metadata or {}) | {DIGEST_KEY: json.dumps(digests, sort_keys=True)}
+        text = json.dumps({"__metadata__": meta} | header, separators=(",", ":")).encode()
+        return text + b" " * (-len(text) % 8)  # padded as safetensors pads, so the data starts 8-aligned
+
+    digests = dict.fromkeys(keys, "0" * 64)  # a SHA-256 hex digest is always 64 characters
+    size = len(encoded(digests))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(size.to_bytes(8, "little") + encoded(digests))
+            for k in keys:
+                t = make(k).detach().contiguous().cpu()
+                if t.dtype != specs[k][0] or tuple(t.shape) != tuple(specs[k][1]):
+                    raise ValueError(f"{k}: made {t.dtype} {tuple(t.shape)}, specs say {specs[k]}")
+                digests[k] = tensor_sha256(t)
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                del t
+            f.seek(8)
+            f.write(encoded(digests))  # the same length: only the placeholders changed
+    return write_with(path, write), digests
 
 
 def _writer_is_gone(tmp: Path) -> bool:

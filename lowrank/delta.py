@@ -36,13 +36,25 @@ def linear_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor
     return out
 
 
+def base_weights_path(runs_root, model_name: str, digests: dict[str, str]) -> Path:
+    """RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors, the fingerprint from W0's tensor hashes."""
+    return Path(runs_root) / BASE_WEIGHTS_DIR / f"{model_name}-{combined_digest(digests)[:10]}.safetensors"
+
+
+def delta_metadata(run_dir: Path, method: str, base_weights: Path, meta: dict) -> dict[str, str]:
+    """The delta file's metadata: `meta` (base_model, scaling, rank, ...; non-strings JSON-encoded), the method, and
+    W0's file relative to the run directory."""
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return metadata | {"method": method, "base_weights": os.path.relpath(base_weights, run_dir)}
+
+
 def ensure_base_weights(runs_root: Path, model_name: str, model: nn.Module) -> Path:
     """Write W0 of every block linear layer once per base model; later runs reuse the file after checking
     that it holds exactly these weights (a damaged or truncated one is rewritten, with a warning)."""
     tensors = {f"{n}.weight": w for n, w in linear_weights(model, block_linear_names(model)).items()}
     digests = tensor_digests(tensors)  # SHA-256 of all of W0: ~1.5 GB/s, a few seconds for a 7B model
-    folder = Path(runs_root) / BASE_WEIGHTS_DIR
-    path = folder / f"{model_name}-{combined_digest(digests)[:10]}.safetensors"
+    path = base_weights_path(runs_root, model_name, digests)
+    folder = path.parent
     if folder.is_dir():
         remove_stale_temps(folder)  # what a writer killed mid-write left behind
     if path.is_dir():
@@ -72,6 +84,4 @@ def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], 
         for n, layer in lora_layers(model).items():
             tensors[f"{n}.lora_A"] = layer.lora_A.detach().float()
             tensors[f"{n}.lora_B"] = layer.lora_B.detach().float()
-    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    metadata |= {"method": method, "base_weights": os.path.relpath(base_weights, run_dir)}
-    return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, metadata)
+    return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, delta_metadata(run_dir, method, base_weights, meta))
