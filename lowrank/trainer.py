@@ -286,7 +286,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             return True
         t_begin = max(p["t0"], state["done_at"]) if p["overlapped"] else p["t0"]
         step_rate = clock.record(t_begin, p["tokens"], p["padded_tokens"])
-        state["done_at"] = clock.now()
+        state["done_at"] = clock.now() if train_step.overlaps else None  # only an overlapped step starts there
         loop["step"], loop["timing"] = step + 1, clock.state_dict()
         loop["recent_losses"] = (loop["recent_losses"] + [loss_value])[-tc.eval_interval:]
         logger.log({"train/loss": loss_value, "train/lr": p["lr"], "train/tokens_per_second": step_rate},
