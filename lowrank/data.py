@@ -96,21 +96,28 @@ def load_tweets(cfg):
                          f"task.path={str(path)!r}", "rows with a text and a sentiment of " + "/".join(classes))
 
 
+def wordnet_lines(path: Path):
+    """(line number, fields before the gloss, gloss) for each synset line of a WordNet data file (the licence
+    header, indented, is left out)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.startswith("  ") or "|" not in line:
+                continue
+            fields, _, gloss = line.partition("|")
+            yield number, fields, gloss
+
+
 def parse_wordnet_data(path: Path) -> tuple[list[str], list[int]]:
     """One synset per line of data.noun/verb/adj/adv: `offset lex_filenum ss_type ... | gloss`;
     the label is lex_filenum, WordNet's lexicographer file (supersense, 0..44)."""
     texts, labels = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if line.startswith("  ") or "|" not in line:  # licence header
-                continue
-            fields, _, gloss = line.partition("|")
-            try:
-                labels.append(int(fields.split()[1]))
-            except (IndexError, ValueError):
-                raise ConfigError(f"task.path={str(path.parent)!r}: {path.name} line {number} is not a WordNet "
-                                  "data line (`offset lex_filenum ss_type ... | gloss`)") from None
-            texts.append(gloss.strip())
+    for number, fields, gloss in wordnet_lines(path):
+        try:
+            labels.append(int(fields.split()[1]))
+        except (IndexError, ValueError):
+            raise ConfigError(f"task.path={str(path.parent)!r}: {path.name} line {number} is not a WordNet "
+                              "data line (`offset lex_filenum ss_type ... | gloss`)") from None
+        texts.append(gloss.strip())
     return texts, labels
 
 

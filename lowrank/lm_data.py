@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from .data import wordnet_lines
 from .errors import ConfigError, check_choice
 from .model_files import hub_reachable
 
@@ -256,26 +257,22 @@ def parse_wordnet_pairs(path: Path) -> list[tuple[str, str]]:
     lex_id ... | gloss`; the definition is the gloss before its quoted examples, and a synset whose word
     appears in its own definition is left out."""
     pairs = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if line.startswith("  ") or "|" not in line:  # licence header
-                continue
-            fields, _, gloss = line.partition("|")
-            try:
-                _, _, ss_type, w_cnt, word = fields.split()[:5]
-                single = int(w_cnt, 16) == 1
-            except ValueError:
-                raise ConfigError(f"task.path={str(path.parent)!r}: {path.name} line {number} is not a WordNet "
-                                  "data line (`offset lex_filenum ss_type w_cnt word ... | gloss`)") from None
-            if not single or ss_type not in POS_NAMES:
-                continue
-            word = re.sub(r"\((a|p|ip)\)$", "", word).replace("_", " ")  # adjective position markers
-            definition = gloss.split('"')[0].strip().rstrip(";").strip()
-            leaks = word.casefold() in definition.casefold() and re.search(  # substring first: cheap
-                rf"\b{re.escape(word)}\b", definition, re.IGNORECASE)
-            if definition and not leaks:
-                pairs.append((f'Which English {POS_NAMES[ss_type]} means "{definition}"? Answer with the word only.',
-                              word))
+    for number, fields, gloss in wordnet_lines(path):
+        try:
+            _, _, ss_type, w_cnt, word = fields.split()[:5]
+            single = int(w_cnt, 16) == 1
+        except ValueError:
+            raise ConfigError(f"task.path={str(path.parent)!r}: {path.name} line {number} is not a WordNet "
+                              "data line (`offset lex_filenum ss_type w_cnt word ... | gloss`)") from None
+        if not single or ss_type not in POS_NAMES:
+            continue
+        word = re.sub(r"\((a|p|ip)\)$", "", word).replace("_", " ")  # adjective position markers
+        definition = gloss.split('"')[0].strip().rstrip(";").strip()
+        leaks = word.casefold() in definition.casefold() and re.search(  # substring first: cheap
+            rf"\b{re.escape(word)}\b", definition, re.IGNORECASE)
+        if definition and not leaks:
+            pairs.append((f'Which English {POS_NAMES[ss_type]} means "{definition}"? Answer with the word only.',
+                          word))
     return pairs
 
 
