@@ -46,7 +46,8 @@ def has_run(runs_root: Path) -> bool:
 
 def run_report(code: Path, runs_root: Path, out: Path, args: list[str]) -> dict:
     """analysis.report from checkout `code` in a child process: wall seconds, peak RSS (bytes), the timing it reports."""
-    env = dict(os.environ, PYTHONPATH=str(code), HF_HUB_OFFLINE="1")
+    path = [str(code), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]  # keep the caller's packages
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "analysis.report", str(runs_root), "--out", str(out), *args]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
