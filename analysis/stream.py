@@ -173,7 +173,7 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
         res.bases[name] = where | {"delta": (U[:, :cap].cpu(), Vh[:cap].mT.cpu())}
         if lora:
             U_b, V_a = factor_bases(d.B, d.A)
-            res.bases[name]["factor"] = (U_b[:, :cap], V_a[:, :cap])
+            res.bases[name]["factor"] = (U_b[:, :cap].cpu(), V_a[:, :cap].cpu())
 
 
 def _jobs(runs: list[Run]) -> list[tuple]:

@@ -22,8 +22,8 @@ def phi_grid(Ua: torch.Tensor, Ub: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"subspaces live in different spaces: {Ua.shape[0]} vs {Ub.shape[0]}")
     G = (Ua.double().mT @ Ub.double()) ** 2        # (I, J)
     C = G.cumsum(0).cumsum(1)                      # C[i-1, j-1] = ‖Ua^{i⊤} Ub^{j}‖_F²
-    i = torch.arange(1, G.shape[0] + 1, dtype=torch.float64)[:, None]
-    j = torch.arange(1, G.shape[1] + 1, dtype=torch.float64)[None, :]
+    i = torch.arange(1, G.shape[0] + 1, dtype=torch.float64, device=G.device)[:, None]
+    j = torch.arange(1, G.shape[1] + 1, dtype=torch.float64, device=G.device)[None, :]
     return C / torch.minimum(i, j)
 
 
