@@ -12,7 +12,7 @@
    resource.getrusage(RUSAGE_CHILDREN) once it has ended: the whole process, CUDA context and libraries included.
 3. Reads the seconds per phase from the report's timing.json (or, for a checkout that writes none, from the timing
    lines it prints) and judges the totals against TARGETS where the shape is a whole model, on a GPU.
-Writes `analysis_{device}[_TAG].{json,md}` under --out (lowrank.bench_record).
+Writes `analysis_{device}_{MODEL}[_TAG].{json,md}` (no MODEL for --smoke) under --out (lowrank.bench_record).
 """
 import argparse
 import json
@@ -119,7 +119,8 @@ def main(argv=None) -> None:
     finally:
         if opts.runs_root is None:  # a run we built in a temp dir: gigabytes, gone with the result
             shutil.rmtree(runs_root, ignore_errors=True)
-    name = result_name("analysis") + (f"_{opts.tag}" if opts.tag else "")
+    # named by model: two shapes measured into one folder keep both results
+    name = result_name("analysis") + ("" if opts.smoke else f"_{model}") + (f"_{opts.tag}" if opts.tag else "")
     rows = phase_rows(measured)
     rep = measured["report"]
     summary = [f"Peak RSS of the report process: {measured['peak_rss_bytes'] / 2**30:.2f} GiB; device "
