@@ -1,0 +1,119 @@
+"""Fastfood projections and method=subspace (intrinsic dimension): closed forms, norm, memory, the parametrization."""
+import json
+import math
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from lowrank.fastfood import Fastfood, walsh_hadamard
+from lowrank.intrinsic import freeze_for_subspace, inject_subspace, projection_bytes
+
+
+def hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:  # Sylvester's construction
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def test_walsh_hadamard_is_the_sylvester_matrix_product():
+    x = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(walsh_hadamard(x), x @ hadamard(16).T, rtol=0, atol=1e-12)
+
+
+def test_fastfood_is_the_dense_product_of_its_factors():
+    """P = scale · S_D H G Π H B S_d with S the padding and the truncation: the same numbers as the fast path."""
+    d, D = 5, 12
+    ff = Fastfood(d, D, torch.Generator().manual_seed(1))
+    L, H = ff.L, hadamard(ff.L)
+    assert L == 16
+    pad = torch.eye(L, d, dtype=torch.float64)
+    perm = torch.eye(L, dtype=torch.float64)[ff.perm]
+    dense = ff.scale * (H @ torch.diag(ff.gauss.double()) @ perm @ H @ torch.diag(ff.signs.double()) @ pad)[:D]
+    theta = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ff(theta), dense @ theta, rtol=1e-12, atol=1e-12)
+
+
+def test_fastfood_preserves_the_norm_in_expectation():
+    """E‖Pθ‖² = ‖θ‖² over the draw of P, for d < D and for d > D (a small matrix fed by a large θ)."""
+    for d, D in ((64, 1000), (300, 40)):
+        theta = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        ratios = [float(Fastfood(d, D, torch.Generator().manual_seed(s))(theta).square().sum() / theta.square().sum())
+                  for s in range(400)]
+        mean = sum(ratios) / len(ratios)
+        assert abs(mean - 1) < 0.05, (d, D, mean)
+
+
+def test_fastfood_memory_is_linear_in_D_measured():
+    """What a projection stores is three length-L vectors, and projecting into 2^22 weights from d = 10^4 (a dense
+    P: 168 GB) raises a fresh process's peak RSS by some copies of the output only."""
+    ff = Fastfood(10_000, 2 ** 22, torch.Generator().manual_seed(0))
+    assert ff.state_bytes() == ff.L * (1 + 8 + 4)
+    code = """
+import json, resource, torch
+from lowrank.fastfood import Fastfood
+ff = Fastfood(10_000, 2 ** 22, torch.Generator().manual_seed(0))
+theta = torch.randn(10_000)
+ff(theta)  # warm: the allocator's first pages
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = ff(theta)
+for _ in range(3):
+    out = ff(theta)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"growth": peak - before, "out": out.numel() * 4}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    m = json.loads(res.stdout)
+    # O(D): some D-sized buffers (how many the allocator keeps varies), never anything of size d · D
+    assert m["growth"] < 32 * m["out"] < 10_000 * m["out"] / 100, m
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_subspace_starts_at_the_base_model_and_moves_only_through_theta():
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(10, 6)
+    y0 = model(x).detach()
+    w0 = {n: model.get_submodule(n).weight.detach().clone() for n in ("a", "b")}
+    inject_subspace(model, ["a", "b"], dim=7, said=False, seed=0)
+    freeze_for_subspace(model, model.head)
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"intrinsic_subspace.theta", "head.weight", "head.bias"}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    theta = model.intrinsic_subspace.theta.detach()
+    assert theta.abs().sum() > 0
+    for i, n in enumerate(("a", "b")):
+        layer = model.get_submodule(n)
+        delta = layer.weight.detach() - w0[n]
+        torch.testing.assert_close(layer.parametrizations.weight.original, w0[n], rtol=0, atol=0)  # W0 frozen
+        expect = layer.parametrizations.weight[0].projection(theta).view_as(delta)
+        torch.testing.assert_close(delta, expect, rtol=1e-6, atol=1e-7)  # ΔW = reshape(P_i θ_d)
+    assert projection_bytes(model) == (64 + 32) * 13  # L = 2^⌈log2 D⌉ of 48 and 32 weights, 13 bytes each
+
+
+def test_said_counts_its_scales_in_d_and_trains_them():
+    model = Tiny()
+    inject_subspace(model, ["a", "b"], dim=7, said=True, seed=0)
+    freeze_for_subspace(model, None)
+    space = model.intrinsic_subspace
+    assert space.theta.numel() + space.scales.numel() == 7
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 7
+    x = torch.randn(4, 6)
+    model(x).sum().backward()
+    assert space.scales.grad is not None and space.theta.grad.abs().sum() > 0
+    assert math.isclose(float(space.scales.detach().sum()), 2.0)
