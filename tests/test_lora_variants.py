@@ -51,3 +51,103 @@ def test_loraplus_matches_peft_create_loraplus_optimizer():
     for name, layer in lora_layers(ours).items():
         mine, peft_delta = layer.delta_weight(), theirs.base_model.model.get_submodule(name).get_delta_weight("default")
         assert torch.linalg.norm(mine - peft_delta) <= 1e-3 * torch.linalg.norm(mine), name
+
+
+def _peft_pair(config_kwargs: dict, make_ours):
+    """(ours, theirs, tok): MiniLM with our variant on query/value (make_ours(model) injects it) and PEFT's."""
+    import peft
+    torch.manual_seed(0)
+    ours, tok = _minilm()
+    theirs = peft.get_peft_model(copy.deepcopy(ours), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"], modules_to_save=["classifier"],
+        **config_kwargs))
+    make_ours(ours)
+    return ours, theirs, tok
+
+
+def _batch(tok):
+    return tok(["great coffee, will buy again", "stale and bland", "ok I guess", "the best tea"], padding=True,
+               return_tensors="pt"), torch.tensor([1, 0, 0, 1])
+
+
+def _train_both(ours, theirs, batch, labels, steps=3):
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
+    for _ in range(steps):
+        for m, opt in zip((ours, theirs), opts):
+            m(**batch, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def _inject(model, layer_cls):
+    from lowrank.lora import match_targets
+    for name in match_targets(model, ["query", "value"]):
+        model.set_submodule(name, layer_cls(model.get_submodule(name), 4, 8))
+    freeze_for_lora(model, model.classifier)
+
+
+def test_pissa_starts_as_the_base_model_and_matches_peft():
+    from lowrank.lora import LoRALinear
+    from lowrank.lora_variants import pissa_factors, pissa_init
+
+    def make(model):
+        _inject(model, LoRALinear)
+        for layer in lora_layers(model).values():
+            pissa_init(layer)
+
+    torch.manual_seed(0)  # the head is drawn at load: the same one as _peft_pair's
+    base, tok = _minilm()
+    batch, labels = _batch(tok)
+    with torch.no_grad():
+        y_base = base(**batch).logits
+    ours, theirs, _ = _peft_pair({"init_lora_weights": "pissa"}, make)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, y_base, rtol=1e-4, atol=1e-5)  # W_res + s·B0 A0 = W0
+    for name, layer in lora_layers(ours).items():
+        p = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_A, p.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.base_layer.weight, p.base_layer.weight, rtol=1e-5, atol=1e-6)
+    _train_both(ours, theirs, batch, labels)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-4)
+    w0 = dict(base.named_parameters())
+    for name, layer in lora_layers(ours).items():
+        B, A = pissa_factors(layer)  # ΔW against the original W0, as a product of factors
+        delta = layer.scaling * B @ A
+        torch.testing.assert_close(delta, layer.base_layer.weight + layer.delta_weight() - w0[name + ".weight"],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_dora_starts_as_the_base_model_and_matches_peft():
+    from lowrank.lora_variants import DoRALinear, magnitude_direction_change
+
+    def make(model):
+        _inject(model, DoRALinear)
+        for layer in lora_layers(model).values():
+            layer.magnitude.requires_grad_(True)
+
+    torch.manual_seed(0)  # the head is drawn at load: the same one as _peft_pair's
+    base, tok = _minilm()
+    batch, labels = _batch(tok)
+    with torch.no_grad():
+        y_base = base(**batch).logits
+    ours, theirs, _ = _peft_pair({"use_dora": True}, make)
+    for name, layer in lora_layers(ours).items():
+        p = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            p.lora_A["default"].weight.copy_(layer.lora_A)
+        torch.testing.assert_close(layer.magnitude, p.lora_magnitude_vector["default"].weight, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, y_base, rtol=1e-4, atol=1e-5)
+    _train_both(ours, theirs, batch, labels)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-4)
+    for name, layer in lora_layers(ours).items():
+        p = theirs.base_model.model.get_submodule(name)
+        ref = copy.deepcopy(p)
+        ref.merge()
+        theirs_delta = ref.get_base_layer().weight - p.get_base_layer().weight
+        mine = layer.delta_weight()
+        assert torch.linalg.norm(mine - theirs_delta) <= 1e-3 * torch.linalg.norm(mine), name
+        dm, dd = magnitude_direction_change(layer.base_layer.weight.detach(), mine.detach())
+        assert dm > 0 and dd > 0
