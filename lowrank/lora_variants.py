@@ -96,3 +96,14 @@ def magnitude_direction_change(w0: torch.Tensor, delta: torch.Tensor) -> tuple[f
     dm = (n1 - n0).abs().mean().item()
     dd = (1 - (w * w0).sum(1) / (n0 * n1).clamp_min(1e-300)).mean().item()
     return dm, dd
+
+
+@torch.no_grad()
+def relora_restart(layer: LoRALinear) -> None:
+    """ReLoRA (Lialin et al. 2023): fold s·B A into the base weight, then start a fresh adapter (A re-drawn as at
+    injection, B = 0), so the accumulated ΔW = W_base − W0 (+ the live s·B A) can reach rank r × (restarts + 1).
+    The caller resets the factors' optimizer state (ReLoRA's reset) and re-warms the learning rate."""
+    w = layer.base_layer.weight
+    w += (layer.scaling * layer.lora_B.float() @ layer.lora_A.float()).to(w.dtype)
+    nn.init.kaiming_uniform_(layer.lora_A, a=5 ** 0.5)
+    layer.lora_B.zero_()

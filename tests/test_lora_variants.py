@@ -151,3 +151,29 @@ def test_dora_starts_as_the_base_model_and_matches_peft():
         assert torch.linalg.norm(mine - theirs_delta) <= 1e-3 * torch.linalg.norm(mine), name
         dm, dd = magnitude_direction_change(layer.base_layer.weight.detach(), mine.detach())
         assert dm > 0 and dd > 0
+
+
+def test_relora_accumulates_more_than_rank_r_after_two_restarts():
+    """A rank-2 adapter fitting a rank-6 linear map, restarted twice: W − W0 has rank > 2 (up to 6), while plain
+    LoRA's ΔW stays at rank 2 whatever it is trained on."""
+    from lowrank.lora import LoRALinear
+    from lowrank.lora_variants import relora_restart
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 12, bias=False), rank=2, alpha=2)
+    w0 = layer.base_layer.weight.detach().clone()
+    target = torch.randn(12, 6) @ torch.randn(6, 12) / 3
+    x = torch.randn(256, 12)
+    for restart in range(3):
+        opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=3e-2)  # a fresh optimizer: ReLoRA's state reset
+        for _ in range(150):
+            loss = (layer(x) - x @ (w0 + target).T).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if restart < 2:
+            relora_restart(layer)
+    accumulated = layer.base_layer.weight.detach() - w0 + layer.delta_weight().detach()
+    s = torch.linalg.svdvals(accumulated.double())
+    assert int((s > 1e-3 * s[0]).sum()) > 2
+    assert torch.linalg.matrix_rank(layer.delta_weight().detach()) <= 2
