@@ -1,0 +1,47 @@
+"""d90 and LoRA's r90 from a runs table, against hand counts."""
+import pandas as pd
+
+from analysis.intrinsic_dim import threshold_table
+
+
+def _row(method, seed, acc, dim=None, rank=None, params=0):
+    return {"setup": "s1", "method.name": method, "seed": seed, "eval_accuracy": acc, "method.dim": dim,
+            "method.rank": rank, "method.targets": "['query', 'value']" if method != "full" else "all-linear",
+            "adapted_params": params}
+
+
+def test_d90_is_the_smallest_d_reaching_ninety_percent_on_common_seeds():
+    runs = pd.DataFrame([
+        _row("full", 0, 0.80), _row("full", 1, 0.90),                                   # mean 0.85 -> goal 0.765
+        _row("subspace", 0, 0.70, dim=100, params=100), _row("subspace", 1, 0.74, dim=100, params=100),  # 0.72
+        _row("subspace", 0, 0.74, dim=300, params=300), _row("subspace", 1, 0.80, dim=300, params=300),  # 0.77
+        _row("subspace", 0, 0.79, dim=1000, params=1000), _row("subspace", 1, 0.85, dim=1000, params=1000),
+        _row("lora", 0, 0.70, rank=1, params=6), _row("lora", 1, 0.72, rank=1, params=6),
+        # rank 8 ran seed 0 only: judged against full's seed 0 alone (goal 0.72)
+        _row("lora", 0, 0.73, rank=8, params=48),
+    ])
+    t = threshold_table(runs).set_index("method")
+    assert t.loc["subspace", "size"] == 300 and abs(t.loc["subspace", "goal"] - 0.765) < 1e-12
+    assert t.loc["subspace", "adapted_params"] == 300 and t.loc["subspace", "seeds"] == 2
+    assert t.loc["lora", "size"] == 8 and abs(t.loc["lora", "goal"] - 0.72) < 1e-12 and t.loc["lora", "seeds"] == 1
+
+
+def test_nothing_reaching_the_goal_gives_none_and_no_full_gives_no_row():
+    runs = pd.DataFrame([_row("full", 0, 0.9), _row("subspace", 0, 0.5, dim=10, params=10)])
+    t = threshold_table(runs)
+    assert len(t) == 1 and t.iloc[0]["size"] is None
+    assert threshold_table(runs[runs["method.name"] != "full"]).empty
+
+
+def test_figure_14_draws_every_curve_and_marks_d90(tmp_path):
+    from analysis.param_figures import figure_14
+    runs = pd.DataFrame([
+        _row("full", 0, 0.80, params=22_000_000), _row("full", 1, 0.90, params=22_000_000),
+        _row("subspace", 0, 0.70, dim=100, params=100), _row("subspace", 1, 0.74, dim=100, params=100),
+        _row("subspace", 0, 0.74, dim=300, params=300), _row("subspace", 1, 0.80, dim=300, params=300),
+        _row("lora", 0, 0.70, rank=1, params=6144), _row("lora", 0, 0.80, rank=8, params=49152)])
+    drawn = figure_14({"runs": runs}, tmp_path)
+    assert drawn.path.is_file()
+    assert set(drawn.data.curve) == {"full", "subspace (['query', 'value'])", "LoRA (['query', 'value'])"}
+    marks = drawn.table.set_index("method")
+    assert marks.loc["subspace", "size"] == 300 and marks.loc["lora", "size"] == 8
