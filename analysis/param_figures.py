@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .figure_data import MissingRuns
+from .figure_data import MissingRuns, targets_label
 from .figures import Drawn, _setup_title, _write
 from .intrinsic_dim import SHARE, threshold_table
 from .statistics import n_label
@@ -18,7 +18,7 @@ def _curve(row) -> str:
     method = row["method.name"]
     if method == "full":
         return "full"
-    tgt = str(row.get("method.targets", ""))
+    tgt = targets_label(row.get("method.targets"))
     variant = row.get("method.variant")
     label = "subspace" if method == "subspace" else "LoRA" if not isinstance(variant, str) or variant == "lora" \
         else variant

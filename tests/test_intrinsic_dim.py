@@ -6,7 +6,7 @@ from analysis.intrinsic_dim import threshold_table
 
 def _row(method, seed, acc, dim=None, rank=None, params=0):
     return {"setup": "s1", "method.name": method, "seed": seed, "eval_accuracy": acc, "method.dim": dim,
-            "method.rank": rank, "method.targets": "['query', 'value']" if method != "full" else "all-linear",
+            "method.rank": rank, "method.targets": '["query", "value"]' if method != "full" else "all-linear",
             "adapted_params": params}
 
 
@@ -42,6 +42,6 @@ def test_figure_14_draws_every_curve_and_marks_d90(tmp_path):
         _row("lora", 0, 0.70, rank=1, params=6144), _row("lora", 0, 0.80, rank=8, params=49152)])
     drawn = figure_14({"runs": runs}, tmp_path)
     assert drawn.path.is_file()
-    assert set(drawn.data.curve) == {"full", "subspace (['query', 'value'])", "LoRA (['query', 'value'])"}
+    assert set(drawn.data.curve) == {"full", "subspace (q,v)", "LoRA (q,v)"}
     marks = drawn.table.set_index("method")
     assert marks.loc["subspace", "size"] == 300 and marks.loc["lora", "size"] == 8
