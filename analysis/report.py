@@ -9,6 +9,10 @@ Writes (each file atomically; re-running on the same runs gives identical tables
   tables/singular_values.csv  one row per run × matrix × singular value
   tables/subspace.csv         φ(i, j) grids between pairs of runs, with the random-subspace baseline
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
+  tables/rank_advice.csv      per module of the full fine-tuning runs: the rank reaching --energy-share of ‖ΔW‖_F²,
+                              and the rank a --rank-budget of parameters allows (analysis/rank_advice.py)
+  rank_pattern.json           those energy ranks as a PEFT rank_pattern (method.rank_pattern=FILE trains with it);
+  rank_pattern_budget.json    the budget's ranks; both only where there are full fine-tuning runs
   figures/figN_*              the figures (analysis/figure_registry.py) from those tables, passed in memory
   report.md                   the setups found and their runs, the figures with captions and tables, runs
                               analysed and skipped (with reasons), key numbers per setup, and the analysis' own
@@ -34,6 +38,7 @@ from lowrank.atomic import write_json, write_text
 from lowrank.errors import fail
 from lowrank.rundir import CONFIG_FILE, METRICS_FILE
 
+from . import rank_advice as ra
 from . import runs as runs_mod
 from . import statistics as st
 from .report_cli import parse_args
@@ -44,6 +49,9 @@ from .subspace import phi_grid, random_phi_grid
 from .tables import REPORT_FILE, TIMING_FILE, markdown_table, table_path, write_csv
 from .wandb_sync import analysis_run_settings, log_analysis_run
 
+RANK_PATTERN_FILE, BUDGET_PATTERN_FILE = "rank_pattern.json", "rank_pattern_budget.json"
+RANK_ADVICE_COLUMNS = ["module", "layer", "matrix_type", "out_features", "in_features", "runs", "energy_rank",
+                       "energy_share", "budget_rank", "budget_share"]
 SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
                     "random_baseline"]
 WANDB_TABLES = ["runs", "setups", "spectrum", "amplification"]  # the per-matrix tables; subspace grids stay on disk
@@ -134,6 +142,64 @@ def subspace_rows(kind: str, run_a: str, run_b: str, bases_a: dict, bases_b: dic
     return blocks
 
 
+def rank_advice_table(runs: list[Run], results: dict, share: float, budget: int | None) -> tuple[pd.DataFrame, dict]:
+    """rank_advice.csv's rows and what report.md says of them (the base model, the runs, budget, parameter counts,
+    the patterns), from the full fine-tuning runs of the base model most of them share (analysis/rank_advice.py)."""
+    groups = {}
+    for r in runs:
+        if r.method == "full" and r.run_id in results:
+            groups.setdefault(r.base_path, []).append(r)
+    if not groups:
+        return pd.DataFrame(columns=RANK_ADVICE_COLUMNS), {}
+    base, group = sorted(groups.items(), key=lambda kv: (-len(kv[1]), str(kv[0])))[0]
+    per_run, totals, shape = [], [], {}
+    for r in group:
+        res = results[r.run_id]
+        per_run.append({row["module"]: torch.as_tensor(S) for row, (_, S) in zip(res.spectrum, res.sigmas)})
+        totals.append({row["module"]: row["fro_norm"] ** 2 for row in res.spectrum})
+        shape |= {row["module"]: row for row in res.spectrum}
+    costs = {m: row["out_features"] + row["in_features"] for m, row in shape.items()}
+    energy, by_budget, budget = ra.advice(per_run, totals, costs, share, budget)
+    pooled = ra.pooled_sigmas(per_run)
+    rows = [{"module": m, "layer": shape[m]["layer"], "matrix_type": shape[m]["matrix_type"],
+             "out_features": shape[m]["out_features"], "in_features": shape[m]["in_features"],
+             "runs": sum(m in p for p in per_run), "energy_rank": energy[m],
+             "energy_share": ra.captured_share(pooled[m], energy[m]), "budget_rank": by_budget[m],
+             "budget_share": ra.captured_share(pooled[m], by_budget[m])} for m in sorted(energy)]
+    uniform = budget // sum(costs[m] for m in energy)
+    captured = lambda ranks: (sum((pooled[m][:ranks[m]].double() ** 2).sum().item() for m in ranks)  # noqa: E731
+                              / sum((pooled[m].double() ** 2).sum().item() for m in ranks))
+    info = {"base": base.name, "runs": [r.run_id for r in group], "other_bases": len(groups) - 1, "share": share,
+            "budget": budget, "energy_params": ra.lora_params(energy, costs),
+            "budget_params": ra.lora_params(by_budget, costs), "uniform_rank": uniform,
+            "budget_captured": captured(by_budget), "uniform_captured": captured(dict.fromkeys(energy, max(uniform, 1))),
+            "patterns": {RANK_PATTERN_FILE: energy, BUDGET_PATTERN_FILE: by_budget}}
+    return pd.DataFrame(rows, columns=RANK_ADVICE_COLUMNS).sort_values(["layer", "module"], ignore_index=True), info
+
+
+def _rank_advice_lines(advice: pd.DataFrame, info: dict) -> list[str]:
+    """report.md's rank advice section: what the two patterns are, their cost, and a summary per matrix type."""
+    lines = ["## Rank advice (from full fine-tuning ΔW)", ""]
+    if not info:
+        return lines + ["No full fine-tuning runs were analysed: no rank advice (it reads their ΔW spectra).", ""]
+    runs = ", ".join(f"`{r}`" for r in info["runs"])
+    lines += [f"From {len(info['runs'])} full fine-tuning run(s) on base weights `{info['base']}` ({runs})"
+              + (f"; {info['other_bases']} other base model(s) left out" if info["other_bases"] else "") + ". "
+              f"`{RANK_PATTERN_FILE}`: per module, the smallest rank whose top directions hold {info['share']:g} of "
+              f"‖ΔW‖_F² (the largest over the runs), {info['energy_params']:,} LoRA parameters. "
+              f"`{BUDGET_PATTERN_FILE}`: the ranks a budget of {info['budget']:,} parameters allows, directions taken "
+              f"by σ² per parameter (r·(out+in) each), {info['budget_params']:,} parameters holding "
+              f"{info['budget_captured']:.3f} of ‖ΔW‖_F², against {info['uniform_captured']:.3f} for uniform rank "
+              f"{max(info['uniform_rank'], 1)} at about the same cost. Both are PEFT `rank_pattern` maps (full module "
+              f"names); `method.rank_pattern=FILE` trains a lowrank LoRA run with one (with `method.targets=all-linear`"
+              f" to adapt every module it names). Per module: `tables/rank_advice.csv`.", ""]
+    g = advice.groupby("matrix_type", sort=True).agg(
+        modules=("module", "size"), energy_rank_mean=("energy_rank", "mean"), energy_rank_min=("energy_rank", "min"),
+        energy_rank_max=("energy_rank", "max"), budget_rank_mean=("budget_rank", "mean"),
+        budget_rank_min=("budget_rank", "min"), budget_rank_max=("budget_rank", "max")).reset_index()
+    return lines + [markdown_table(g), ""]
+
+
 def _frame(rows: list[dict], sort_keys: list[str], int_cols: list[str]) -> pd.DataFrame:
     """Rows as a table sorted by sort_keys, so that re-runs write identical files."""
     df = pd.DataFrame(rows)
@@ -192,7 +258,8 @@ def amplification_summary_table(amps: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures: str = "") -> str:
+def summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures: str = "",
+              advice_lines: list[str] = ()) -> str:
     """The short report: the setups found and their runs, the figure section (markdown) if any, what was analysed,
     what was skipped and why, key numbers per setup, timing."""
     lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""] + _setup_lines(setups) + (
@@ -248,7 +315,7 @@ def summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, fi
                   "of full rank) and LoRA (ΔW_r = ΔW) are alike; never the mean of per-matrix ratios, which one "
                   "near-zero projection can dominate. Σ‖ΔW‖/Σ‖UᵀWV‖ uses the whole ΔW (the same for LoRA).", "",
                   markdown_table(g), ""]
-    lines += ["## Timing", ""] + [f"- {k}: {v}" for k, v in timing.items()] + [""]
+    lines += list(advice_lines) + ["## Timing", ""] + [f"- {k}: {v}" for k, v in timing.items()] + [""]
     return "\n".join(lines)
 
 
@@ -310,9 +377,13 @@ def run_report(opts) -> dict:
                                     ignore_index=True)
     table = table.sort_values("run_id", ignore_index=True) if len(table) else table
 
+    advice, advice_info = rank_advice_table(runs, results, getattr(opts, "energy_share", ra.DEFAULT_SHARE),
+                                            getattr(opts, "rank_budget", None))
     out = Path(opts.out)
+    for file, pattern in advice_info.get("patterns", {}).items():
+        write_json(out / file, pattern)
     tables = {"runs": table, "setups": setups, "spectrum": spectrum, "singular_values": sigmas,
-              "subspace": subspace, "amplification": amps}
+              "subspace": subspace, "amplification": amps, "rank_advice": advice}
     t_tables = time.perf_counter()
     for name, df in tables.items():
         write_csv(table_path(out, name), df)
@@ -331,7 +402,8 @@ def run_report(opts) -> dict:
     record |= {k: v for k, v in stream.items() if k == "peak CUDA allocated bytes"}
     write_json(out / TIMING_FILE, record)
     timing = timing_lines(record, runs, results, len(pairs), len(subspace), table_path(out, "subspace"))
-    write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures))
+    write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures,
+                                            _rank_advice_lines(advice, advice_info)))
     for k, v in timing.items():
         print(f"{k}: {v}")
     none_found = "" if runs or skipped else (

@@ -59,6 +59,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a share of ‖ΔW‖_F² in (0, 1], such as 0.9, got {text!r}")
+    return value
+
+
 def _device(text: str):
     """'auto', or a torch.device that is here: cpu, cuda, cuda:N."""
     if text == "auto":
@@ -123,6 +133,11 @@ def parse_args(argv=None):
     p.add_argument("--exact-max-dim", type=_int_at_least(1), default=None,
                    help="dense matrices with min(out, in) above this get a randomised top-k SVD (default: all exact)")
     p.add_argument("--topk", type=_int_at_least(1), default=256, help="singular values kept by the randomised SVD")
+    p.add_argument("--energy-share", type=_share, default=0.9,
+                   help="rank advice: each module's rank reaches this share of ‖ΔW‖_F² (rank_pattern.json)")
+    p.add_argument("--rank-budget", type=_int_at_least(1), default=None,
+                   help="rank advice: LoRA parameters to allocate by energy (rank_pattern_budget.json; default: uniform "
+                        "rank 8's count over the same modules)")
     p.add_argument("--device", type=_device, default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="write the tables and report.md without the figures")

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import check_choice
+from .errors import ConfigError, check_choice
 from .lora_fast import lora_linear, lora_linear_group
-from .targets import select_targets
+from .targets import module_ranks, pattern_key, read_rank_pattern, select_targets
 
 SCALINGS = ("standard", "rslora")
 # sibling layers a block calls on one input, one after another (Llama/Mistral/Qwen attention and MLP; BERT)
@@ -179,12 +179,19 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 
 def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
-                scaling: str = "standard", init: str = "kaiming_uniform") -> list[str]:
+                scaling: str = "standard", init: str = "kaiming_uniform", rank_pattern=None) -> list[str]:
     """Replace each targeted nn.Linear by a LoRALinear wrapping it; returns the replaced names. Layers that
-    share their input (SHARED_INPUT) compute together (SharedInputGroup)."""
+    share their input (SHARED_INPUT) compute together (SharedInputGroup). `rank_pattern` (a mapping or the path
+    of a JSON file, PEFT's semantics: lowrank.targets.pattern_key) gives some modules another rank; each module's
+    scaling follows its own rank, as in PEFT."""
     names = match_targets(model, targets)
-    for name in names:
-        model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, scaling, init))
+    pattern = read_rank_pattern(rank_pattern)
+    if pattern and not any(pattern_key(pattern, n) for n in names):
+        raise ConfigError(f"method.rank_pattern selects none of the {len(names)} targets (keys such as "
+                          f"{next(iter(pattern))!r}; targets such as {names[0]!r}); give module-name suffixes or "
+                          f"full names of targeted modules")
+    for name, r in module_ranks(names, rank, pattern).items():
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout, scaling, init))
     group_shared_inputs(model, names)
     return names
 

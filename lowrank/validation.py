@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from .errors import ConfigError, check_choice
 from .lora import INITS, SCALINGS
 from .optimizers import OPTIMIZERS
+from .targets import module_ranks, read_rank_pattern
 
 METHODS = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -37,6 +38,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"method.dropout={m.dropout!r} is not valid; it must be in [0, 1)")
         check_choice("method.scaling", m.scaling, SCALINGS)
         check_choice("method.init", m.init, INITS)
+        read_rank_pattern(m.get("rank_pattern"))  # a mapping {module: rank >= 1} or a readable JSON file of one
     if not m.targets:
         raise ConfigError("method.targets is empty; give module-name suffixes such as [query,value] or all-linear")
     for key in ("max_steps", "batch_size", "max_length", "eval_interval", "eval_batch_size"):
@@ -75,12 +77,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer")
 
 
-def check_rank_fits(rank: int, widths: dict[str, int]) -> None:
-    """LoRA's rank must not exceed min(in, out) of any target; `widths` maps each target to that minimum."""
-    too_small = {name: width for name, width in widths.items() if rank > width}
+def check_rank_fits(rank: int, widths: dict[str, int], rank_pattern=None) -> None:
+    """LoRA's rank (each module's, with `rank_pattern`) must not exceed min(in, out) of any target; `widths` maps each
+    target to that minimum."""
+    ranks = module_ranks(list(widths), rank, read_rank_pattern(rank_pattern))
+    too_small = {name: width for name, width in widths.items() if ranks[name] > width}
     if too_small:
         name, width = next(iter(too_small.items()))
-        raise ConfigError(f"method.rank={rank} is not valid; it must be <= min(in, out)={width} of target {name}")
+        key = "method.rank" if ranks[name] == rank else "method.rank_pattern"
+        raise ConfigError(f"{key}={rank if key == 'method.rank' else rank_pattern!r} is not valid; it must be <= "
+                          f"min(in, out)={width} of target {name}" + ("" if key == "method.rank" else
+                                                                       f" (rank {ranks[name]} there)"))
 
 
 def budget_bytes(cfg_budget) -> int | None:

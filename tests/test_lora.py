@@ -178,3 +178,35 @@ def test_parity_with_peft_on_minilm():
         # few entries by ~1e-6; bound the error relative to ΔW's size instead of per entry.
         assert (ours_delta - their_delta).abs().max() <= 1e-3 * scale, name
         assert torch.linalg.norm(ours_delta - their_delta) <= 1e-3 * torch.linalg.norm(ours_delta), name
+
+
+def test_rank_pattern_gives_each_module_the_rank_and_scaling_peft_gives_it(tmp_path):
+    """method.rank_pattern has PEFT's semantics (keys are patterns matching a '.'-bounded end of the module name,
+    the first matching key wins); each module's scaling follows its own rank, as in PEFT."""
+    import json
+
+    import peft
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lowrank.errors import ConfigError
+
+    config = BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=50)
+    pattern = {"layer.1.attention.self.query": 2, r"layer\.[02]\..*value": 3, "key": 5}
+    for rule, rslora in (("standard", False), ("rslora", True)):
+        ours, theirs = BertForSequenceClassification(config), BertForSequenceClassification(config)
+        (tmp_path / "p.json").write_text(json.dumps(pattern))  # a path works as the mapping does
+        names = inject_lora(ours, ["query", "key", "value"], rank=4, alpha=8, scaling=rule,
+                            rank_pattern=str(tmp_path / "p.json"))
+        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, rank_pattern=pattern,
+                                                             target_modules=["query", "key", "value"]))
+        for name in names:
+            layer, peft_layer = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
+            assert (layer.rank, layer.scaling) == (peft_layer.r["default"], peft_layer.scaling["default"]), name
+        assert {ours.get_submodule(n).rank for n in names} == {2, 3, 4, 5}
+    with pytest.raises(ConfigError, match="method.rank_pattern selects none of the 9 targets"):
+        inject_lora(BertForSequenceClassification(config), ["query", "key", "value"], 4, 8, rank_pattern={"dense": 2})
+    with pytest.raises(ConfigError, match=r"method.rank_pattern entry 'query': 0 is not valid"):
+        inject_lora(BertForSequenceClassification(config), ["query"], 4, 8, rank_pattern={"query": 0})
+    with pytest.raises(ConfigError, match=r"method.rank_pattern='.*missing.json' cannot be read"):
+        inject_lora(BertForSequenceClassification(config), ["query"], 4, 8, rank_pattern=str(tmp_path / "missing.json"))

@@ -1,0 +1,123 @@
+"""A LoRA run of lowrank's trainer as a PEFT adapter folder, for use with transformers and PEFT.
+
+    python -m experiments.export_peft RUN_DIR --out DIR
+
+    # then, in Python (N = the run's task.num_labels; a causal LM: AutoModelForCausalLM)
+    base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=N)
+    model = PeftModel.from_pretrained(base, DIR)        # BASE: the adapter config's base_model_name_or_path
+
+DIR gets `adapter_config.json` (peft.LoraConfig: target_modules = the run's adapted modules by full name, r and
+lora_alpha = method.rank and method.alpha, use_rslora for method.scaling=rslora, rank_pattern for modules of
+another rank (method.rank_pattern), alpha_pattern only where a module's scaling would otherwise differ, lora_dropout,
+task_type SEQ_CLS or CAUSAL_LM) and `adapter_model.safetensors` (`base_model.model.{module}.lora_A.weight` and
+`.lora_B.weight`, the run's fp32 factors, lowrank.peft_adapter's format). lowrank's rule is PEFT's: h = W0 x +
+(alpha/r) · B A x, or alpha/√r, so the outputs agree to float rounding. A classifier's head trains with the adapter:
+it is in the run's head.safetensors and goes into `modules_to_save`. Runs written before head.safetensors existed
+lack it: they are exported with a warning, and PEFT then leaves the base model's freshly initialised head.
+Only the trainer's runs: an imported run (experiments.import_delta) names modules as its checkpoint did, and was an
+adapter or a full fine-tune to begin with.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from analysis.checked_reads import SkippedRun
+from analysis.runs import load_run
+from lowrank import atomic
+from lowrank.errors import fail
+from lowrank.integrity import CorruptArtifact, verify_safetensors
+from lowrank.lora import lora_scaling
+from lowrank.model_files import gguf_cache_dir, resolve_path
+from lowrank.peft_adapter import ADAPTER_WEIGHTS, PREFIX, factor_keys
+from lowrank.rundir import HEAD_FILE
+
+try:
+    from peft import LoraConfig
+except ImportError:  # an optional dependency: only this entry point needs it
+    LoraConfig = None
+
+
+def base_model_path(cfg_model) -> str:
+    """What PEFT loads as the base: the run's model.path, pkg:// resolved to its folder, a GGUF model's cached
+    dequantised folder (the W0 the run used)."""
+    if cfg_model.get("gguf_file"):
+        return str(gguf_cache_dir(cfg_model))
+    resolved = resolve_path(cfg_model.path)
+    return str(Path(resolved).absolute()) if Path(resolved).is_dir() else cfg_model.path
+
+
+def head_tensors(run_dir: Path) -> dict:
+    """The run's trained head (head.safetensors, checked against its hashes), {} where it has none."""
+    path = run_dir / HEAD_FILE
+    if not path.exists():
+        return {}
+    try:
+        keys, _ = verify_safetensors(path)
+    except CorruptArtifact as e:
+        raise SkippedRun(str(e)) from None
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in keys}
+
+
+def export(run_dir: Path, out: Path) -> Path:
+    """Write the adapter folder of a lowrank LoRA run; returns it. SkippedRun for a run that cannot be exported."""
+    run = load_run(Path(run_dir), Path(run_dir).name)
+    if run.method != "lora":
+        raise SkippedRun(f"it is a {run.method} fine-tuning run; only LoRA runs have an adapter to export")
+    if run.config.get("imported"):
+        raise SkippedRun("it was imported (experiments.import_delta), not trained here; export the original instead")
+    cfg = OmegaConf.create(run.config)
+    m = cfg.method
+    rank, alpha, rule = m.rank, m.alpha, m.get("scaling", "standard")
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for name in run.names:
+        d = run.delta(name)
+        r, s = d.A.shape[0], run.scaling(name)
+        a_key, b_key = factor_keys(name)
+        tensors[a_key], tensors[b_key] = d.A.contiguous(), d.B.contiguous()
+        key = name.replace(".", r"\.")  # PEFT reads pattern keys as regular expressions: this one is exact
+        if r != rank:
+            rank_pattern[key] = r
+        if not math.isclose(lora_scaling(alpha, r, rule), s, rel_tol=1e-12):  # alpha_pattern only where needed
+            alpha_pattern[key] = s * (math.sqrt(r) if rule == "rslora" else r)
+    head = head_tensors(run.path)
+    causal = cfg.task.get("objective", "classification") != "classification"
+    if not head and not causal:
+        print(f"warning: {run.path} has no {HEAD_FILE} (written before heads were stored): the adapter holds the LoRA "
+              f"factors only, and PEFT will keep the base model's freshly initialised classifier", file=sys.stderr)
+    tensors |= {PREFIX + k: v.contiguous() for k, v in head.items()}
+    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rule == "rslora", target_modules=list(run.names),
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=m.get("dropout", 0.0),
+                        modules_to_save=sorted({k.rsplit(".", 1)[0] for k in head}) or None,
+                        task_type="CAUSAL_LM" if causal else "SEQ_CLS",
+                        base_model_name_or_path=base_model_path(cfg.model), inference_mode=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    atomic.write_with(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    print(f"PEFT adapter: {len(run.names)} modules (r={rank}" + (f", {len(rank_pattern)} of other ranks" if rank_pattern
+                                                               else "") + f"){', head ' + ', '.join(sorted(head)) if head else ''} -> {out}")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path, help="a finished LoRA run directory of lowrank's trainer")
+    p.add_argument("--out", type=Path, required=True, help="the adapter folder to write")
+    opts = p.parse_args(argv)
+    if LoraConfig is None:
+        fail("experiments.export_peft needs peft: pip install peft")
+    if opts.out.exists() and not opts.out.is_dir():
+        fail(f"argument --out: {str(opts.out)!r} is a file; give a folder for the adapter")
+    try:
+        export(opts.run_dir, opts.out)
+    except (SkippedRun, CorruptArtifact) as e:
+        fail(f"{opts.run_dir} cannot be exported: {e}")
+
+
+if __name__ == "__main__":
+    main()

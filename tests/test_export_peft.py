@@ -1,0 +1,77 @@
+"""experiments.export_peft: a LoRA run of the trainer (with a per-module rank map and rsLoRA scaling, so that ranks and
+scalings differ between modules) loads in PEFT with the run's outputs on real text; and the trainer's rank map
+gives the factors and delta metadata it says."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from analysis.runs import load_run
+from experiments.export_peft import export, main
+from lowrank.lora import inject_lora, lora_layers
+from lowrank.models import load_model
+from lowrank.rundir import HEAD_FILE
+from omegaconf import OmegaConf
+
+from experiments.shape_run import write_shape_run
+
+from .test_import_delta import MINILM, TEXT
+
+SMALL = ("model.shape.num_hidden_layers=1", "model.shape.hidden_size=16", "model.shape.intermediate_size=32",
+         "model.shape.num_attention_heads=2", "model.shape.num_key_value_heads=2")
+PATTERN = {"layer.1.attention.self.query": 2, "layer.0.attention.self.value": 6}  # default rank 8
+
+
+def trained_model(run_dir):
+    """The model a run directory describes, rebuilt by lowrank: W0, LoRA layers with the stored factors, the head."""
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model, tok, head = load_model(cfg.model, cfg.task.num_labels)
+    m = cfg.method
+    inject_lora(model, list(m.targets), m.rank, m.alpha, m.dropout, m.scaling, m.init, m.rank_pattern)
+    with safe_open(run_dir / "delta_w.safetensors", "pt") as f:
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.data.copy_(f.get_tensor(f"{name}.lora_A"))
+            layer.lora_B.data.copy_(f.get_tensor(f"{name}.lora_B"))
+    with safe_open(run_dir / HEAD_FILE, "pt") as f:
+        model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
+    return model.eval(), tok
+
+
+def test_c_an_exported_run_loads_in_peft_with_the_same_outputs(tmp_path, tiny_run):
+    (tmp_path / "pattern.json").write_text(json.dumps(PATTERN))
+    metrics, run_dir = tiny_run(f"method.rank_pattern={tmp_path / 'pattern.json'}", "method.scaling=rslora",
+                                "trainer.lr=1e-2")
+    run = load_run(run_dir, "run")  # the analysis reads it: ranks as the pattern says
+    ranks = {n: run.delta(n).A.shape[0] for n in run.names}
+    assert ranks["bert.encoder.layer.1.attention.self.query"] == 2 and ranks["bert.encoder.layer.0.attention.self.value"] == 6
+    assert sorted(set(ranks.values())) == [2, 6, 8] and run.scaling("bert.encoder.layer.1.attention.self.query") == 16 / 2 ** 0.5  # alpha 16
+    assert run.meta["module_rank"] == {"bert.encoder.layer.1.attention.self.query": 2,
+                                       "bert.encoder.layer.0.attention.self.value": 6}
+
+    export(run_dir, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_rslora"] and config["r"] == 8 and config["modules_to_save"] == ["classifier"]
+    assert config["alpha_pattern"] == {}  # lowrank's alpha/√r is PEFT's: nothing to override
+    ours, tok = trained_model(run_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"], num_labels=2)
+    peft = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert {n: m.r["default"] for n, m in peft.named_modules() if hasattr(m, "lora_A")} == {
+        f"base_model.model.{n}": r for n, r in ranks.items()}
+    batch = tok(TEXT, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, b = ours(**batch).logits, peft(**batch).logits
+        with peft.disable_adapter():
+            plain = peft(**batch).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    assert (a - plain).abs().max().item() > 1e-3  # the adapter and head change the outputs: the test has teeth
+
+
+def test_export_refuses_a_full_run_in_one_line(tmp_path, capsys):
+    run_dir = write_shape_run("llama_1b_shape", tmp_path, overrides=SMALL, log=lambda *a: None)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run_dir), "--out", str(tmp_path / "a")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: {run_dir} cannot be exported: it is a full fine-tuning run; only LoRA runs have an adapter to export")

