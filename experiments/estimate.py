@@ -4,11 +4,15 @@
     python -m experiments.estimate model=llama_1b_shape method=lora method.rank=16 method.targets=all-linear \
         trainer.batch_size=8 trainer.max_length=1024 budget=16gb
     python -m experiments.estimate -m model=llama_1b_shape budget=8gb,16gb,24gb     # one report each
+    python -m experiments.estimate model=llama2_7b_shape method=full trainer.parallel=fsdp trainer.world_size=8 \
+        trainer.batch_size=8 trainer.max_length=512 budget=24gb   # per rank: does a 7B full fine-tune fit 8 x 24 GiB?
 
 Prints a breakdown in GiB and, last, one JSON line (weights_bytes, grads_bytes, optimizer_bytes,
 activations_bytes, total_bytes, budget_bytes, fits, and the micro_batch / grad_accum / activation_checkpointing
 the fit chose). With a budget, the fit is the trainer's search with the estimate standing in for the device.
-Writes no files. `trainer.precision=auto` counts as bf16: budgets are about GPU memory. Frozen
+With `trainer.world_size=N` each rank's micro-batch is its share of the batch, and `trainer.parallel=fsdp`
+shards weights, gradients and moments over the N ranks: the numbers are per rank. Writes no files.
+`trainer.precision=auto` counts as bf16: budgets are about GPU memory. Frozen
 weights are counted in `model.dtype` as the trainer resolves it (auto: bf16 for LoRA computing in bf16, else
 fp32); `model.dtype=bf16` with method=full counts bf16 weights and bf16 AdamW moments.
 """
@@ -22,7 +26,8 @@ from omegaconf import DictConfig
 
 from lowrank.budget import fit_with_estimate, require_weights_fit
 from lowrank.cli import one_line_errors, run_main
-from lowrank.errors import ConfigError
+from lowrank.distributed import PARALLEL
+from lowrank.errors import ConfigError, check_choice
 from lowrank.memory import GIB, estimate_from_cfg
 from lowrank.validation import budget_bytes, validate
 from lowrank.shapes import load_hf_config
@@ -36,6 +41,7 @@ NO_OUTPUT = ["hydra.run.dir=.", f"hydra.sweep.dir={Path(tempfile.gettempdir()) /
 def estimate(cfg: DictConfig) -> dict:
     """The fitted estimate for `cfg`, as printed in the JSON line."""
     validate(cfg)  # the trainer's checks: one line for a bad value, as `experiments.train` gives
+    world = check_estimate_world(cfg.trainer)
     config = load_hf_config(cfg.model, cfg.task.get("num_labels", 2))  # LM tasks have no classes
     budget = budget_bytes(cfg.get("budget"))
 
@@ -52,7 +58,7 @@ def estimate(cfg: DictConfig) -> dict:
         if budget is None:
             fit, est, note = None, configured, None
         else:
-            fit, est = fit_with_estimate(cfg.trainer.batch_size, at, budget)
+            fit, est = fit_with_estimate(cfg.trainer.batch_size // world, at, budget)
             note = None
     report.update({k: est.as_dict()[k] for k in ("weights_bytes", "grads_bytes", "optimizer_bytes",
                                                  "weight_copies_bytes", "activations_bytes", "total_bytes")})
@@ -60,6 +66,7 @@ def estimate(cfg: DictConfig) -> dict:
                   micro_batch=est.micro_batch, grad_accum=est.grad_accum,
                   activation_checkpointing=est.activation_checkpointing, params=est.params,
                   trainable_params=est.trainable_params, weight_dtype=est.weight_dtype, precision=est.precision,
+                  world_size=world, parallel=cfg.trainer.get("parallel", "auto"), gather_bytes=est.gather_bytes,
                   note=note)
     print(f"model {cfg.model.name}: {est.table()}")
     if budget is not None:
@@ -70,6 +77,24 @@ def estimate(cfg: DictConfig) -> dict:
             print(f"budget {budget / GIB:g} GiB: does not fit" + (f": {note}" if note else
                   f" even at micro-batch 1 with activation checkpointing ({fit.failed_at})"))
     return report
+
+
+def check_estimate_world(tc) -> int:
+    """The ranks the estimate is for: `trainer.world_size` (auto: 1; fsdp needs it set); the batch must split
+    over them."""
+    check_choice("trainer.parallel", tc.get("parallel", "auto"), PARALLEL)
+    world = tc.get("world_size", "auto")
+    if world == "auto":
+        if tc.get("parallel") == "fsdp":
+            raise ConfigError("trainer.world_size=auto is not valid for an estimate with trainer.parallel=fsdp; give "
+                              "the number of ranks, e.g. trainer.world_size=8")
+        return 1
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ConfigError(f"trainer.world_size={world!r} is not valid; it must be auto or an integer >= 1")
+    if tc.batch_size % world:
+        raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid with trainer.world_size={world}; it must "
+                          f"be a multiple of it")
+    return world
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

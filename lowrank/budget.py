@@ -172,13 +172,14 @@ class BudgetFit:
 
 def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_size: int, max_length: int,
                   micro: int, checkpointing: bool, estimate: Callable[..., MemoryEstimate],
-                  causal_lm: bool = False) -> BudgetFit:
+                  causal_lm: bool = False, measure: bool = True) -> BudgetFit:
     """Choose micro-batch and activation checkpointing under `budget` bytes (None: keep `micro` and
     `checkpointing` as configured). `estimate(**setting)` is the memory model for this run.
 
     CUDA: cap the process at the budget and probe real steps (largest micro-batch first, then with
     checkpointing); the probes use lr 0 and their optimizer state and gradients are discarded (they draw
-    random numbers: re-seed after). CPU: the memory model decides (nothing can be probed safely)."""
+    random numbers: re-seed after). CPU, or `measure=False` (several processes, whose probes could end
+    differently on each rank): the memory model decides."""
     def at(fit: FitResult) -> dict:
         return estimate(micro_batch=fit.micro_batch, grad_accum=fit.grad_accum,
                         activation_checkpointing=fit.activation_checkpointing).as_dict()
@@ -187,7 +188,7 @@ def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_
         return BudgetFit(True, None, micro, checkpointing, at(fit))
     if (too_big := _weights_too_big(estimate, budget)) is not None:
         return BudgetFit(False, budget, None, False, estimate().as_dict(), reason=too_big)
-    if device.type == "cuda":
+    if device.type == "cuda" and measure:
         free_cuda_memory(device)  # what an earlier job of this multirun left in the cache
         cap_process_memory(budget, device)
         lrs = [g["lr"] for g in optimizer.param_groups]

@@ -55,7 +55,7 @@ def check_value_overrides(argv: list[str], cfg=None) -> None:
     from omegaconf import OmegaConf
     groups = config_groups()
     value_keys = [key for key, _, _ in (arg.partition("=") for arg in argv if "=" in arg and not arg.startswith("-"))
-                  if key.lstrip("+~") not in groups and not key.startswith(("+", "~", "hydra.")) and key != "hydra"]
+                  if key.lstrip("+~") not in groups and not key.startswith(("+", "~", "hydra.", "hydra/")) and key != "hydra"]
     if not value_keys:
         return
     cfg = cfg if cfg is not None else compose_first_job(argv)

@@ -4,7 +4,11 @@
   full fine-tuning: `{name}.delta` (out, in) fp32, exactly W_ft − W_0
   LoRA:             `{name}.lora_A` (r, in) and `{name}.lora_B` (out, r); ΔW = scaling · B @ A
 Metadata (strings): method, scaling, rank, alpha, targets, base_model (path), base_model_name, base_weights
-(path relative to the run dir).
+(path relative to the run dir); LoRA with per-module ranks or scalings (`method.rank_pattern`, an imported PEFT
+adapter's rank_pattern/alpha_pattern): `module_rank` and `module_scaling`, JSON {module: value} for the modules whose
+rank or scaling differ from `rank` and `scaling`, so module m's ΔW = module_scaling.get(m, scaling) · B A.
+`head.safetensors` (LoRA) holds the trained parameters that are not LoRA factors (a classifier's head, fp32), which
+an exported adapter needs (experiments.export_peft).
 `RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors` holds W0 of every block linear layer once; the
 fingerprint is a hash of all of W0, so a file of that name holds exactly these weights (checked on reuse).
 Every file carries per-tensor content hashes (`lowrank.integrity`).
@@ -17,13 +21,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import remove_stale_temps, write_safetensors
+from . import distributed
+from .atomic import remove_stale_temps, write_safetensors, write_safetensors_streamed
 from .errors import ConfigError
 from .integrity import DIGEST_KEY, CorruptArtifact, combined_digest, tensor_digests, verify_safetensors
 from .lora import block_linear_names, lora_layers
-from .rundir import BASE_WEIGHTS_DIR, DELTA_FILE
+from .rundir import BASE_WEIGHTS_DIR, DELTA_FILE, HEAD_FILE, MODULE_RANK_KEY, MODULE_SCALING_KEY
 
 log = logging.getLogger(__name__)
+
+
+def linear_param(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the named nn.Linear, or of the frozen base of a LoRA layer."""
+    m = model.get_submodule(name)
+    return m.base_layer.weight if hasattr(m, "base_layer") else m.weight
 
 
 def linear_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -75,13 +86,69 @@ def ensure_base_weights(runs_root: Path, model_name: str, model: nn.Module) -> P
 
 def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], w0: dict | None,
                 base_weights: Path, meta: dict) -> Path:
-    """Write ΔW of `names` (full: `w0` holds their W0) or of every LoRA layer (LoRA)."""
+    """Write ΔW of `names` (full: `w0` holds their W0) or of every LoRA layer (LoRA, with the head beside it)."""
+    if distributed.world_size() > 1:
+        return _write_delta_gathered(run_dir, model, method, names, w0, base_weights, meta)
     tensors = {}
     if method == "full":
         for n, w_ft in linear_weights(model, names).items():
             tensors[f"{n}.delta"] = w_ft - w0[n]
     else:
-        for n, layer in lora_layers(model).items():
+        layers = lora_layers(model)
+        for n, layer in layers.items():
             tensors[f"{n}.lora_A"] = layer.lora_A.detach().float()
             tensors[f"{n}.lora_B"] = layer.lora_B.detach().float()
+        meta = meta | module_overrides({n: (layer.rank, layer.scaling) for n, layer in layers.items()},
+                                       meta.get("rank"), meta.get("scaling"))
+        write_head(run_dir, model)
     return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, delta_metadata(run_dir, method, base_weights, meta))
+
+
+def module_overrides(per_module: dict[str, tuple[int, float]], rank, scaling) -> dict:
+    """The `module_rank` / `module_scaling` metadata: {module: value} where a module's (rank, scaling) differs from
+    the file's `rank` and `scaling`; nothing where none does."""
+    ranks = {n: r for n, (r, _) in per_module.items() if r != rank}
+    scalings = {n: s for n, (_, s) in per_module.items() if s != scaling}
+    return ({MODULE_RANK_KEY: ranks} if ranks else {}) | ({MODULE_SCALING_KEY: scalings} if scalings else {})
+
+
+def write_head(run_dir: Path, model: nn.Module) -> Path | None:
+    """head.safetensors: every trained parameter that is not a LoRA factor (a classifier's head), fp32, by its name in
+    the model; nothing when there is none (a causal LM adapts only its targets)."""
+    factors = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    head = {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad and id(p) not in factors}
+    return write_safetensors(Path(run_dir) / HEAD_FILE, head) if head else None
+
+
+def _write_delta_gathered(run_dir: Path, model: nn.Module, method: str, names: list[str], w0: dict | None,
+                          base_weights: Path, meta: dict) -> Path | None:
+    """write_delta under torchrun: rank 0 writes. An FSDP model's tensors are gathered one at a time on every rank
+    (in the file's key order) and streamed into the file, so no rank ever holds the whole model; a DDP model is
+    whole on rank 0 already. `w0` is needed on rank 0 only."""
+    sharded, main = distributed.is_sharded(model), distributed.is_main()
+    if not sharded and not main:
+        return None
+    if method == "full":
+        params = {f"{n}.delta": linear_param(model, n) for n in names}
+    else:
+        layers = lora_layers(model)
+        params = {f"{n}.lora_{f}": getattr(layer, f"lora_{f}") for n, layer in layers.items() for f in "AB"}
+        meta = meta | module_overrides({n: (layer.rank, layer.scaling) for n, layer in layers.items()},
+                                       meta.get("rank"), meta.get("scaling"))
+        factors = {id(p) for p in params.values()}
+        head = {n: distributed.full_tensor(p.detach()).float().cpu() for n, p in model.named_parameters()
+                if p.requires_grad and id(p) not in factors}
+        if head and main:
+            write_safetensors(Path(run_dir) / HEAD_FILE, head)
+
+    def make(key: str) -> torch.Tensor:
+        full = distributed.full_tensor(params[key].detach()).float().cpu()  # a collective under FSDP
+        return full - w0[key.removesuffix(".delta")] if method == "full" and main else full
+    specs = {key: (torch.float32, tuple(p.shape)) for key, p in params.items()}
+    if not main:
+        for key in sorted(specs):  # rank 0's order: each gather pairs with its own
+            make(key)
+        return None
+    path, _ = write_safetensors_streamed(Path(run_dir) / DELTA_FILE, specs, make,
+                                         delta_metadata(run_dir, method, base_weights, meta))
+    return path

@@ -28,6 +28,13 @@ Terms (bytes):
   three transients: one layer's backward temporaries, the LM loss's fp32 (b, s, vocab) gradients, and the
   k/v cache that transformers fills during a training forward while `config.use_cache` is on.
 
+Sharded (FSDP2, `shards` = N ranks, `fully_shard` per transformer block): each rank holds 1/N of the weights,
+gradients and AdamW moments (rounded up), plus what FSDP gathers (`gather_bytes`): two blocks' weights whole (the
+block computing and the next one prefetched; in bf16 when bf16 compute all-gathers bf16 copies of fp32 weights,
+which then need no autocast copies) and two blocks' trainable gradients whole (a block's unsharded gradient
+and the reduce-scatter buffer it is copied into). Activations are a rank's own micro-batch, unsharded. Data
+parallel (DDP) holds everything whole; each rank's micro-batch is its share of the batch.
+
 Peak (`total_bytes`): the backward frees saved activations and weight copies layer by layer while it writes
 gradients, and the trainer drops gradients (`zero_grad(set_to_none=True)`) before the next forward, so
 
@@ -315,6 +322,8 @@ class MemoryEstimate:
     activation_checkpointing: bool
     weight_dtype: str
     precision: str
+    gather_bytes: int = 0  # FSDP: blocks gathered whole on top of each rank's shards
+    shards: int = 1        # FSDP ranks the weights, gradients and moments are sharded over (1: none)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -324,10 +333,13 @@ class MemoryEstimate:
         rows = [("weights", self.weights_bytes), ("gradients", self.grads_bytes),
                 ("optimizer (AdamW moments)", self.optimizer_bytes),
                 ("bf16 weight copies (autocast)", self.weight_copies_bytes),
+                ("FSDP blocks gathered whole", self.gather_bytes),
                 ("activations", self.activations_bytes), ("peak (total)", self.total_bytes)]
         head = (f"{self.method}, micro-batch {self.micro_batch} x seq {self.seq_len}, grad_accum {self.grad_accum}, "
                 f"checkpointing {'on' if self.activation_checkpointing else 'off'}, weights {self.weight_dtype}, "
-                f"precision {self.precision}\nparams {self.params:,} (trainable {self.trainable_params:,}"
+                f"precision {self.precision}"
+                + (f", sharded over {self.shards} ranks (per rank)" if self.shards > 1 else "")
+                + f"\nparams {self.params:,} (trainable {self.trainable_params:,}"
                 + (f", adapter {self.adapter_params:,}" if self.method == "lora" else "") + ")")
         return head + "\n" + "\n".join(f"  {name:<31}{b / GIB:9.2f} GiB" for name, b in rows)
 
@@ -337,13 +349,13 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
                     trainable_dtype: str | None = None,
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
                     padded: bool = True, kv_cache: bool | None = None,
-                    lora_dropout: float = 0.0) -> MemoryEstimate:
+                    lora_dropout: float = 0.0, shards: int = 1) -> MemoryEstimate:
     """Peak memory of one training step with AdamW. `config`: an HF config or a shape mapping.
     `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
     with fp32 weights, or bf16 weights), "fp32" means fp32 throughout. `kv_cache`: whether the forward fills
     a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory).
     `lora_dropout`: LoRA layers with dropout compute one by one (no shared-input groups); the dropout masks
-    themselves are not counted."""
+    themselves are not counted. `shards`: FSDP ranks (per-rank bytes of a sharded run; 1 = one process or DDP)."""
     check_choice("method.name", method, METHODS)
     check_choice("weight_dtype", weight_dtype, DTYPE_BYTES)
     check_choice("trainer.precision", precision, DTYPE_BYTES)
@@ -410,30 +422,46 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     # The end of the backward: (nearly) every gradient exists while the first layer's backward still holds
     # its saved tensors, its temporaries and (autocast) its weight copies.
     last_layer = int(tokens * (per_layer + workspace)) + (c * one_layer if c < w else 0)
+    gather = 0
+    if shards > 1:
+        weights, grads, optimizer = (-(-x // shards) for x in (weights, grads, optimizer))  # ceil: padded shards
+        casts = c < w and tw == w  # bf16 compute of fp32 weights: FSDP gathers bf16 copies (MixedPrecisionPolicy)
+        block = one_layer + sum(lin.out_features for lin in arch.linears if lin.bias)  # biases; norms are tiny
+        block_trainable = block if full else lora_adapter_params(arch, targets, rank) // arch.layers
+        gather = 2 * block * (c if casts else w) + 2 * block_trainable * tw
+        if casts:
+            copies = 0
+            last_layer -= c * one_layer  # the gathered bf16 block is counted in `gather`
     if grad_accum > 1:
-        total = weights + optimizer + grads + copies + activations
+        total = weights + optimizer + grads + copies + activations + gather
     else:
-        total = weights + optimizer + max(copies + activations, grads + last_layer)
+        total = weights + optimizer + gather + max(copies + activations, grads + last_layer)
     return MemoryEstimate(params, trainable, adapter, weights, grads, optimizer, copies, activations, total,
                           method, batch_size, seq_len, grad_accum, activation_checkpointing, weight_dtype,
-                          precision)
+                          precision, gather, shards)
 
 
 def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_accum: int | None = None,
                       activation_checkpointing: bool | None = None, device_type: str = "cuda",
-                      padded: bool = True, kv_cache: bool | None = False) -> MemoryEstimate:
+                      padded: bool = True, kv_cache: bool | None = False,
+                      world_size: int | None = None) -> MemoryEstimate:
     """The estimate for a composed run config (`cfg.model`, `cfg.method`, `cfg.trainer`, `cfg.task`).
     `config`: the HF config if already at hand (else read without weights via lowrank.shapes). Settings left
     None come from the trainer config: `trainer.micro_batch_size` (null = the batch), grad_accum = batch /
     micro-batch, `trainer.activation_checkpointing`, `model.dtype` (as the trainer resolves it).
     precision "auto" means bf16 on CUDA and fp32 on CPU, and no k/v cache, as in the trainer (which turns
-    `use_cache` off; a fresh config still has it on)."""
+    `use_cache` off; a fresh config still has it on). `world_size` (None: `trainer.world_size`, 1 for auto):
+    each rank's micro-batch defaults to its share of the batch, and `trainer.parallel=fsdp` shards over it."""
     from .shapes import load_hf_config
     t, m = cfg.trainer, cfg.method
     if config is None:
         config = load_hf_config(cfg.model, cfg.task.get("num_labels", 2))
-    micro_batch = micro_batch or t.get("micro_batch_size") or t.batch_size
-    grad_accum = grad_accum or max(1, t.batch_size // micro_batch)
+    if world_size is None:
+        world_size = t.get("world_size", "auto")
+        world_size = world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else 1
+    local_batch = max(1, t.batch_size // world_size)  # each rank's share of the batch
+    micro_batch = micro_batch or t.get("micro_batch_size") or local_batch
+    grad_accum = grad_accum or max(1, local_batch // micro_batch)
     if activation_checkpointing is None:
         activation_checkpointing = bool(t.get("activation_checkpointing", False))
     precision = resolve_precision(t.precision, device_type)
@@ -444,4 +472,5 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
                            precision=precision, activation_checkpointing=activation_checkpointing,
                            grad_accum=grad_accum, padded=padded, kv_cache=kv_cache,
                            lora_dropout=float(m.get("dropout") or 0.0),
+                           shards=world_size if t.get("parallel", "auto") == "fsdp" else 1,
                            head="causal_lm" if cfg.task.get("objective") in ("cpt", "sft") else "classification")

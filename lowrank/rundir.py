@@ -12,6 +12,7 @@ Two configs never share a directory, and one config finds its directory again ho
                       .hydra/overrides.yaml the command-line overrides that led here
                       metrics.json          `status` and, once complete, every metric
                       delta_w.safetensors   ΔW (full) or the LoRA factors, with content hashes
+                      head.safetensors      LoRA: the other trained parameters (a classifier's head), if any
                       checkpoint.pt         training state while the run is unfinished
                       train.log             the log (written only by the process holding .lock)
     RUNS_ROOT/base_weights/                 W0 once per base model
@@ -31,6 +32,10 @@ CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 METRICS_FILE = "metrics.json"
 DELTA_FILE = "delta_w.safetensors"
+HEAD_FILE = "head.safetensors"
+# delta file metadata of LoRA runs whose modules differ in rank or scaling (rank_pattern, alpha_pattern): JSON
+# {module: rank} and {module: scaling} for the modules that differ from the file's `rank` and `scaling`
+MODULE_RANK_KEY, MODULE_SCALING_KEY = "module_rank", "module_scaling"
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train.log"
 LOCK_FILE = ".lock"
@@ -126,6 +131,12 @@ def check_run_location(name, runs_root) -> None:
 
 # Where a run goes and how it is watched, not what it computes: not part of its identity.
 NOT_IDENTITY = ("runs_root", "name", "logger", "trainer.progress_bar")
+# Keys added after runs existed, whose null default means what their absence meant: left out of the hash while null,
+# so those runs' directories are found again.
+NULL_AS_ABSENT = ("method.rank_pattern",)
+# The same for keys whose default is `auto`: how many processes train a run does not change what it computes
+# (the global batch stays the configured one), so one run directory serves 1 process or N.
+DEFAULT_AS_ABSENT = {"trainer.parallel": "auto", "trainer.world_size": "auto"}
 HASH_LENGTH = 10
 MAX_LABEL = 160  # characters of the readable part before it is shortened (file names stop at 255 bytes)
 
@@ -141,11 +152,24 @@ def _drop(config: dict, dotted: str) -> None:
         node.pop(leaf, None)
 
 
+def _get(config: dict, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
 def config_hash(config: dict) -> str:
     """Hash of a resolved config (a plain nested dict) without the NOT_IDENTITY keys."""
     config = json.loads(json.dumps(config, default=str))  # a deep copy of plain values
     for key in NOT_IDENTITY:
         _drop(config, key)
+    for key in NULL_AS_ABSENT:
+        if _get(config, key) is None:
+            _drop(config, key)
+    for key, default in DEFAULT_AS_ABSENT.items():
+        if _get(config, key) == default:
+            _drop(config, key)
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 

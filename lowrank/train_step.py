@@ -10,6 +10,7 @@ graph, nothing waits on the host. It needs one static batch shape (no padding, a
 reads of GPU values inside the step, and optimizer state and learning rates in GPU tensors (`place_lr`).
 """
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -37,21 +38,28 @@ def place_lr(optimizer, device: torch.device | None, capturable: bool = False) -
 
 
 class TrainStep:
-    def __init__(self, model, optimizer, trainable, autocast, grad_clip, graphed: bool, warmup: int = 3):
+    def __init__(self, model, optimizer, trainable, autocast, grad_clip, graphed: bool, warmup: int = 3,
+                 sync=None, reduce_loss=None):
+        """`sync(last)`: a context for each micro-batch's backward (DDP reduces gradients only in the last);
+        `reduce_loss`: this rank's loss to the whole batch's (the mean over ranks; identity in one process)."""
         self.model, self.optimizer, self.trainable, self.autocast = model, optimizer, trainable, autocast
         self.max_norm = grad_clip if grad_clip else math.inf
         self.graph = StepGraph(self._whole_step, warmup) if graphed else None
+        self.sync = sync or (lambda last: nullcontext())
+        self.reduce_loss = reduce_loss or (lambda t: t)
 
     def _forward_backward(self, micro_batches: list[dict]):
         n = sum(len(b["input_ids"]) for b in micro_batches)
         loss_sum = None
-        for batch in micro_batches:  # gradient accumulation: each micro-batch's mean loss weighted by its size
-            with self.autocast():
-                loss = self.model(**batch).loss * (len(batch["input_ids"]) / n)
-            loss.backward()
+        # gradient accumulation: each micro-batch's mean loss weighted by its size
+        for i, batch in enumerate(micro_batches):
+            with self.sync(i == len(micro_batches) - 1):
+                with self.autocast():
+                    loss = self.model(**batch).loss * (len(batch["input_ids"]) / n)
+                loss.backward()
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)
-        return loss_sum, grad_norm
+        return self.reduce_loss(loss_sum), grad_norm
 
     def _whole_step(self, micro_batches: list[dict]):
         loss, grad_norm = self._forward_backward(micro_batches)

@@ -8,6 +8,7 @@ Whatever happens, the run directory says so: bad input ends as `status: invalid`
 """
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -19,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import atomic, rundir
+from . import atomic, distributed, rundir
 from .blocks import causal_attention_without_mask, compile_blocks
 from .budget import BudgetFit, fit_to_budget, free_cuda_memory
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -127,7 +128,10 @@ class _RunLog:
 
 def _write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict) -> dict:
     """metrics.json, tied to .hydra/config.yaml as stored: the same config as `cfg` (checked when the run
-    started) but for where it lives, which may have moved (`runs_root`) since the run began."""
+    started) but for where it lives, which may have moved (`runs_root`) since the run began. Other ranks
+    write nothing."""
+    if not distributed.is_main():
+        return metrics
     try:
         config = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
     except Exception:  # not written yet (bad input found before it) or unreadable
@@ -145,6 +149,34 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
     A finished run directory is returned as it is; one with a checkpoint resumes from it. Raises ConfigError
     for bad input (recorded as `status: invalid`) and RunInProgress when another process holds the run."""
     run_dir, group = _run_dir_and_group(run_dir)
+    try:
+        distributed.start(cfg.trainer)  # under torchrun: join the process group
+    except ConfigError:
+        if os.environ.get("RANK", "0") != "0":
+            raise
+        # rank 0 records it as invalid: validation starts it again below
+    if not distributed.is_main():
+        return _follow(cfg, group)
+    with distributed.followers_told() as tell:
+        return _lead(cfg, run_dir, group, tell)
+
+
+def _follow(cfg: DictConfig, group: str | None) -> dict:
+    """Ranks other than 0: do what rank 0 decided (train in its run directory, skip a finished run, or stop with
+    its error), writing nothing."""
+    verdict = distributed.share()
+    if verdict[0] == "stop":
+        _, kind, message = verdict
+        raise {"ConfigError": ConfigError, "RunInProgress": rundir.RunInProgress}.get(kind, RuntimeError)(message)
+    if verdict[0] == "done":
+        return verdict[1]
+    logging.getLogger("lowrank").setLevel(logging.WARNING)  # rank 0 logs the run
+    with job_scope():
+        validate(cfg)
+        return _train(cfg, Path(verdict[1]), group, Path(cfg.runs_root).resolve())
+
+
+def _lead(cfg: DictConfig, run_dir: Path, group: str | None, tell) -> dict:
     rundir.check_run_location(cfg.name, cfg.runs_root)
     runs_root = Path(cfg.runs_root).resolve()
     if not run_dir.resolve().is_relative_to(runs_root):
@@ -157,6 +189,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
             log.info("%s is finished (%s); skipping it (delete it, or set another `name`, to run again)",
                      run_dir, done["status"])
+            tell(("done", done))
             return done
         for folder in (run_dir, run_dir / CONFIG_FILE.parent):  # we hold the lock: every temp file is stale
             if folder.is_dir():
@@ -165,6 +198,8 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
             try:
                 _write_config_once(run_dir, cfg)  # first: an invalid run's record says what was asked
                 validate(cfg)
+                distributed.start(cfg.trainer)  # a bad trainer.parallel or trainer.world_size ends here as invalid
+                tell(("train", str(run_dir)))
                 return _train(cfg, run_dir, group, runs_root)
             except ConfigError as e:
                 run_log.file_only.error("invalid: %s", e)
@@ -179,6 +214,7 @@ def train(cfg: DictConfig, run_dir=None) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -> dict:
     t_start = time.perf_counter()
     tc, mc = cfg.trainer, cfg.method
+    parallel, main = distributed.start(tc), distributed.is_main()  # none, ddp or fsdp; whether this rank writes
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device.type)
     weight_dtype = resolve_weight_dtype(cfg.model.get("dtype", "auto"), mc.name, precision)
@@ -195,19 +231,22 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16))
     keep_delta = tc.get("write_delta", True)  # false: speed runs that keep no ΔW (nor W0: a 7B W0 is 13 GB)
-    base_path = ensure_base_weights(runs_root, cfg.model.name, model) if keep_delta else None
+    base_path = ensure_base_weights(runs_root, cfg.model.name, model) if keep_delta and main else None
     if mc.name == "lora":
-        check_rank_fits(mc.rank, {n: min(model.get_submodule(n).weight.shape) for n in names})
-        inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init)
+        check_rank_fits(mc.rank, {n: min(model.get_submodule(n).weight.shape) for n in names}, mc.get("rank_pattern"))
+        inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init, mc.get("rank_pattern"))
         freeze_for_lora(model, head)
         w0 = None
     else:
-        w0 = linear_weights(model, names) if keep_delta else None  # kept on CPU so ΔW is exactly W_ft − W_0
+        w0 = linear_weights(model, names) if keep_delta and main else None  # on CPU: ΔW is exactly W_ft − W_0
     if weight_dtype == "bf16":
         for p in model.parameters():  # what does not train (everything, with method=full) is held in bf16
             if not p.requires_grad or mc.name == "full":
                 p.data = p.data.to(torch.bfloat16)
-    model.to(device).train()
+    grad_sync = distributed.GradSync()
+    # FSDP shards the model onto the device block by block: no rank ever holds all of it there
+    forward_model, grad_sync_context = distributed.wrap_model(
+        (model if parallel == "fsdp" else model.to(device)).train(), parallel, device, precision, grad_sync)
     if device.type == "cuda":  # training's peak: not that of building a shape model in fp32 before the cast
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -218,62 +257,81 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     by_length = tc.get("group_by_length", "auto")
     by_length = device.type == "cuda" if by_length == "auto" else by_length  # off on CPU: runs as they were
     train_batches, test_batches = objective.batches(cfg, tokenizer, model, by_length, cfg.seed)
-    objective.before_training(model, base_path, {"model": cfg.model.name, "max_length": tc.max_length,
-                                                 "precision": precision, "weight_dtype": weight_dtype}, device, autocast,
+    # Under FSDP every rank must run the same forwards: no rank reads the base model's cached scores alone
+    cached_base = base_path if parallel != "fsdp" else None
+    objective.before_training(model, cached_base, {"model": cfg.model.name, "max_length": tc.max_length,
+                                                   "precision": precision, "weight_dtype": weight_dtype}, device,
+                              autocast,
                               test_batches)
     # Attention without a mask for causal models whose batches are never padded: transformers would build a
     # mask every step, and its packed-sequence check makes the host wait for the GPU (lowrank/blocks.py).
     mask_free = (tc.mask_free_attention and train_batches.unpadded and test_batches.unpadded
                  and model.config.model_type in CAUSAL_MODEL_TYPES)
     optimizer_kind = resolve_optimizer(tc.optimizer, mc.name, device.type, precision, static_batches=mask_free)
+    if parallel != "none" and optimizer_kind == "flat_master":
+        if tc.optimizer == "flat_master":
+            raise ConfigError(f"trainer.optimizer=flat_master is not valid with trainer.parallel={parallel}; "
+                              f"use auto or adamw")
+        optimizer_kind = "adamw"  # its flat master copy is one process's; DDP/FSDP step torch's AdamW
     optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     if tc.batch_size > len(train_batches):
         raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
                           f"size ({len(train_batches)})")
-    micro = tc.micro_batch_size or tc.batch_size
+    local_batch = tc.batch_size // distributed.world_size()  # each rank's share of every step's batch
+    micro = tc.micro_batch_size or local_batch
     if tc.batch_size % micro:
         raise ConfigError(f"trainer.micro_batch_size={micro} is not valid; it must divide trainer.batch_size="
                           f"{tc.batch_size}")
-    fit = fit_to_budget(budget_bytes(cfg.get("budget")), model, optimizer, device, autocast, tc.batch_size,
+    distributed.check_batch(tc.batch_size, micro)
+    if parallel != "none" and budget_bytes(cfg.get("budget")):
+        log.info("budget: the memory model picks the micro-batch (probing steps is for one process)")
+    fit = fit_to_budget(budget_bytes(cfg.get("budget")), model, optimizer, device, autocast, local_batch,
                         tc.max_length, micro, bool(tc.activation_checkpointing),
-                        lambda **kw: estimate_from_cfg(cfg, model.config, device_type=device.type, **kw),
-                        causal_lm=head is None)
+                        lambda **kw: estimate_from_cfg(cfg, model.config, device_type=device.type,
+                                                       world_size=distributed.world_size(), **kw),
+                        causal_lm=head is None, measure=parallel == "none")
     seed_everything(cfg.seed)  # the budget probes drew random numbers (dropout): start from the seed again
     if not fit.fits:
         return _does_not_fit(run_dir, cfg, fit, t_start)
     micro, checkpointing = fit.micro_batch, fit.activation_checkpointing
     if fit.budget_bytes:
         log.info("budget.gib=%g: micro-batch %d × %d accumulated, activation checkpointing %s (estimate %.2f GiB)",
-                 fit.budget_bytes / 2**30, micro, tc.batch_size // micro, checkpointing,
+                 fit.budget_bytes / 2**30, micro, local_batch // micro, checkpointing,
                  fit.memory_estimate["total_bytes"] / 2**30)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mask_free:  # after the budget probes, whose worst-case batches carry a mask
         causal_attention_without_mask(model)
-    if tc.get("compile"):
+    if tc.get("compile") and parallel != "none":
+        log.info("trainer.compile: off under trainer.parallel=%s (compiled blocks are for one process)", parallel)
+    elif tc.get("compile"):
         compile_blocks(model)  # after the budget probes: they measure the eager step, which needs more memory
     eval_batch_size = min(tc.eval_batch_size, micro) if fit.budget_bytes else tc.eval_batch_size
 
     loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {
         "step": 0, "history": [], "recent_losses": [], "timing": None}
     graphed, why_not = use_cuda_graph(tc.get("cuda_graph", "auto"), device, mask_free, checkpointing)
+    if parallel != "none":  # collectives and each rank's step are not captured in one process's graph
+        graphed, why_not = False, f"it runs on {distributed.world_size()} processes (trainer.parallel={parallel})"
     if tc.get("cuda_graph") is True and not graphed:
         raise ConfigError(f"trainer.cuda_graph=true is not valid here: {why_not}; use auto or false")
     place_lr(optimizer, device if graphed else None, capturable=graphed)
-    train_step = TrainStep(model, optimizer, trainable, autocast, tc.grad_clip, graphed)
+    train_step = TrainStep(forward_model, optimizer, trainable, autocast, tc.grad_clip, graphed,
+                           sync=grad_sync_context, reduce_loss=distributed.mean_over_ranks)
     if loop["step"]:
         log.info("resuming %s from step %d", run_dir, loop["step"])
     clock = StepClock(tc.timing_warmup_steps, tc.max_steps - loop["step"])
     clock.load_state_dict(loop.get("timing"))
     run_name = f"{mc.name}" + (f"-r{mc.rank}" if mc.name == "lora" else "") + f"-s{cfg.seed}"
-    logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
+    logger = make_logger(cfg.logger if main else OmegaConf.create({"name": "none"}), run_dir,
+                         OmegaConf.to_container(cfg, resolve=True),
                          cfg.logger.get("group") or group, run_name)
 
     sigterm, previous_handler = sigterm_flag()
     diverged_at = None
-    bar = tqdm(range(loop["step"], tc.max_steps), desc=run_name, disable=not tc.progress_bar, dynamic_ncols=True,
-               initial=loop["step"], total=tc.max_steps)
+    bar = tqdm(range(loop["step"], tc.max_steps), desc=run_name, disable=not (tc.progress_bar and main),
+               dynamic_ncols=True, initial=loop["step"], total=tc.max_steps)
     state = {"done_at": None}  # when the last step's result arrived: where an overlapped step's time begins
 
     def finish(p) -> bool:
@@ -288,6 +346,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         step_rate = clock.record(t_begin, p["tokens"], p["padded_tokens"])
         state["done_at"] = clock.now() if train_step.overlaps else None  # only an overlapped step starts there
         loop["step"], loop["timing"] = step + 1, clock.state_dict()
+        grad_sync.step_done()
         loop["recent_losses"] = (loop["recent_losses"] + [loss_value])[-tc.eval_interval:]
         logger.log({"train/loss": loss_value, "train/lr": p["lr"], "train/tokens_per_second": step_rate},
                    step=step + 1)
@@ -300,10 +359,11 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             logger.log({f"eval/{k}": v for k, v in ev.items()}, step=step + 1)
             log.info("step %d: train_loss %.4f %s", step + 1, loop["history"][-1]["train_loss"],
                      " ".join(f"eval_{k} {v:.4f}" for k, v in ev.items()))
-        if sigterm["set"] or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
-                              and step + 1 < tc.max_steps):
+        preempted = distributed.any_rank(sigterm["set"])  # SIGTERM on any rank: every rank checkpoints here
+        if preempted or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
+                         and step + 1 < tc.max_steps):
             save_checkpoint(run_dir, model, optimizer, scheduler, loop)
-        if sigterm["set"]:
+        if preempted:
             log.warning("SIGTERM at step %d: checkpoint written; re-run the same command to resume", step + 1)
             logger.finish()
             raise Preempted(143)
@@ -319,11 +379,12 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     pending = None  # a graphed step in flight whose bookkeeping waits until the next one is launched
     try:
         for step in bar:
-            idx = train_batches.indices_at(step, tc.batch_size, cfg.seed)
+            idx = distributed.batch_slice(train_batches.indices_at(step, tc.batch_size, cfg.seed))
             t0 = clock.now()
-            cpu_batches = [train_batches.collate(idx[s:s + micro]) for s in range(0, tc.batch_size, micro)]
-            tokens = sum(int(b["attention_mask"].sum()) for b in cpu_batches)  # real tokens; padding apart
-            padded_tokens = sum(b["input_ids"].numel() for b in cpu_batches)
+            cpu_batches = [train_batches.collate(idx[s:s + micro]) for s in range(0, len(idx), micro)]
+            tokens, padded_tokens = distributed.sum_over_ranks([  # real tokens (padding apart), of all ranks
+                sum(int(b["attention_mask"].sum()) for b in cpu_batches),
+                sum(b["input_ids"].numel() for b in cpu_batches)])
             handle = train_step.launch([
                 {k: v.to(device, non_blocking=True) for k, v in b.items() if not (mask_free and k == "attention_mask")}
                 for b in cpu_batches])
@@ -358,7 +419,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                    "eval_history": loop["history"], "wall_seconds": time.perf_counter() - t_start}
         log.error("non-finite loss or gradient at step %d: run marked diverged", diverged_at)
         metrics = _write_metrics(run_dir, cfg, metrics)
-        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        if main:
+            (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         logger.summary(metrics)
         logger.finish()
         return metrics
@@ -396,7 +458,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "eval_examples": len(test_batches),
         "steps": tc.max_steps,
         "micro_batch": micro,
-        "grad_accum": tc.batch_size // micro,
+        "grad_accum": local_batch // micro,
+        "world_size": distributed.world_size(),
+        "parallel": parallel,
+        **grad_sync.summary(),  # bytes (and seconds) of gradient all-reduce / reduce-scatter per optimizer step
         "activation_checkpointing": checkpointing,
         "budget_bytes": fit.budget_bytes,
         "fits": True,
@@ -413,7 +478,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "delta_file": DELTA_FILE if keep_delta else None,
     }
     metrics = _write_metrics(run_dir, cfg, metrics)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is final; ΔW and metrics are what remain
+    if main:
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is final; ΔW and metrics are what remain
     logger.summary(metrics)
     logger.finish()
     log.info("done: eval_loss %.4f in %.1f s -> %s", metrics["eval_loss"], metrics["wall_seconds"], run_dir)

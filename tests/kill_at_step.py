@@ -1,7 +1,9 @@
 """`python -m tests.kill_at_step STEP MODE [train overrides]`: run `experiments.train`, and SIGKILL it from
 inside when the checkpoint of step STEP is due, so a kill lands at a known point on any machine:
 MODE `before` dies before that checkpoint is written (the steps since the last one are lost), `mid` dies
-halfway through writing it (a partial temp file is left beside the intact previous checkpoint)."""
+halfway through writing it (a partial temp file is left beside the intact previous checkpoint). Under torchrun
+every rank calls save_checkpoint, so `before` kills every rank there; `term` sends SIGTERM to rank 1 alone
+(pre-emption reaching one process) and lets the run go on."""
 import os
 import runpy
 import signal
@@ -27,6 +29,10 @@ def half_written(tmp) -> None:
 
 def save_or_die(run_dir, model, optimizer, scheduler, loop):
     if loop["step"] == STEP:
+        if MODE == "term":
+            if os.environ.get("RANK") == "1":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return _save(run_dir, model, optimizer, scheduler, loop)
         if MODE == "before":
             die()
         atomic.write_with(Path(run_dir) / CHECKPOINT_FILE, half_written)
