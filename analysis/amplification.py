@@ -74,3 +74,15 @@ def intruder_dimensions(w0: torch.Tensor, delta: torch.Tensor, k: int = 10, eps:
     if side == "input":
         return intruder_count(Vh0.mT, Vh1.mT, k, eps)
     raise ValueError(f"side must be 'output' or 'input', not {side!r}")
+
+
+def magnitude_direction_change(w0: torch.Tensor, delta: torch.Tensor) -> tuple[float, float]:
+    """The DoRA paper's ΔM and ΔD (Liu et al. 2024, Eq. 5) for one matrix, rows as the weight's units (PEFT's
+    convention for nn.Linear): ΔM = mean over rows of | ‖W0 + ΔW‖ − ‖W0‖ |, ΔD = mean over rows of
+    1 − cos(W0 + ΔW, W0). Any method's ΔW: full fine-tuning moves both, LoRA couples them, DoRA splits them."""
+    w0 = w0.double()
+    w = w0 + delta.double()
+    n0, n1 = torch.linalg.vector_norm(w0, dim=1), torch.linalg.vector_norm(w, dim=1)
+    dm = (n1 - n0).abs().mean().item()
+    dd = (1 - (w * w0).sum(1) / (n0 * n1).clamp_min(1e-300)).mean().item()
+    return dm, dd

@@ -75,9 +75,12 @@ def prepare(runs: pd.DataFrame) -> pd.DataFrame:
     r = runs.reset_index(drop=True)
     r["method"] = r["method.name"]
     r["rank"] = pd.to_numeric(_col(r, "method.rank"), errors="coerce").where(r.method == "lora")
-    r["targets"] = [targets_label(t) if m == "lora" else "" for m, t in zip(r.method, _col(r, "method.targets"))]
-    base = ["full" if m == "full" else f"LoRA r={int(k)} ({t})" for m, k, t in zip(r.method, r["rank"], r.targets)]
-    family = ["full" if m == "full" else f"LoRA ({t})" for m, t in zip(r.method, r.targets)]
+    r["targets"] = [targets_label(t) if m != "full" else "" for m, t in zip(r.method, _col(r, "method.targets"))]
+    dim = pd.to_numeric(_col(r, "method.dim"), errors="coerce")
+    base = ["full" if m == "full" else f"subspace d={d:g} ({t})" if m == "subspace" else f"LoRA r={int(k)} ({t})"
+            for m, k, d, t in zip(r.method, r["rank"], dim, r.targets)]
+    family = ["full" if m == "full" else f"{'subspace' if m == 'subspace' else 'LoRA'} ({t})"
+              for m, t in zip(r.method, r.targets)]
     conf_cols = sorted(c for c in r.columns if st.is_configuration_key(c) and c != "method")
     values = [{c: st.canonical(row[c]) for c in conf_cols} for row in r[conf_cols].to_dict("records")]
     r["config_key"] = [json.dumps(v, sort_keys=True) for v in values]
@@ -92,8 +95,8 @@ def prepare(runs: pd.DataFrame) -> pd.DataFrame:
     r["family"] = [f + e for f, e in zip(family, extras)]
     r["full_data"] = _col(r, "task.train_size").isna()
     r["eval_examples"] = pd.to_numeric(_col(r, "eval_examples"), errors="coerce")
-    r["order"] = [(0, "", 0, e) if m == "full" else (1, t, k, e)
-                  for m, t, k, e in zip(r.method, r.targets, r["rank"], extras)]
+    r["order"] = [(0, "", 0, e) if m == "full" else (2, t, d, e) if m == "subspace" else (1, t, k, e)
+                  for m, t, k, d, e in zip(r.method, r.targets, r["rank"], dim, extras)]
     return r
 
 

@@ -11,6 +11,7 @@ from .figure_data import MissingRuns
 from .figures import (Drawn, figure_1, figure_2, figure_3, figure_4, figure_5, figure_6, figure_7, figure_8,
                       figure_9, figure_10)
 from .lm_figures import figure_11, figure_12, figure_13
+from .param_figures import figure_14
 from .tables import FIGURES_DIR, markdown_table
 
 SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure needs; demo_*: the small versions
@@ -23,6 +24,8 @@ SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure nee
               "demo_lora and demo_full)",
     "lm_rank": "lm_rank_sweep + lm_full (`python -m experiments.train -m experiment=lm_rank_sweep`, then "
                "`experiment=lm_full`)",
+    "intrinsic": "intrinsic_dim + rank_sweep + full_baseline (`python -m experiments.train -m "
+                 "experiment=intrinsic_dim`, then `experiment=full_baseline`)",
     "lm_lr": "lm_lr_sweep + lm_lr_sweep_full (`python -m experiments.train -m experiment=lm_lr_sweep`, then "
              "`experiment=lm_lr_sweep_full`)",
 }
@@ -92,6 +95,11 @@ FIGURES = [
          "Causal LMs: the energy rank r90 of full fine-tuning's ΔW per layer and matrix type (mean over runs; "
          "dashed: the LoRA ranks run in the setup): how far full fine-tuning's update is from LoRA's rank.",
          "lm_rank"),
+    Spec(14, figure_14,
+         "Test accuracy against the numbers each method trains (log axis; the head, which every method trains, not "
+         "counted): full fine-tuning, LoRA over ranks, the subspace method (intrinsic dimension) over d; mean over "
+         "seeds. Dashed lines: d90 and the LoRA rank that first reach 90 % of full fine-tuning's accuracy on the "
+         "same seeds (table below, analysis/intrinsic_dim.py).", "intrinsic"),
 ]
 
 

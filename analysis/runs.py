@@ -27,13 +27,15 @@ import torch
 from omegaconf import OmegaConf
 
 from lowrank.integrity import DIGEST_KEY, CorruptArtifact
-from lowrank.rundir import BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, config_sha256, load_metrics
+from lowrank.rundir import (BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, MODULE_RANK_KEY,
+                            MODULE_SCALING_KEY, config_sha256, load_metrics)
 
 from .checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
 
 NOT_RUNS = {BASE_WEIGHTS_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
-METHODS = ("full", "lora")
-SUFFIXES = {"full": (".delta",), "lora": (".lora_A", ".lora_B")}
+METHODS = ("full", "lora", "subspace")
+SUFFIXES = {"full": (".delta",), "lora": (".lora_A", ".lora_B"), "subspace": (".delta",)}
+DENSE = "dense"  # a delta file's `delta_form`: a LoRA variant whose ΔW is not one product (DoRA, ReLoRA)
 MAX_REASON = 400  # characters of a metrics `reason` shown in the skip reason (one line)
 
 
@@ -71,16 +73,34 @@ class Run:
         return self.config["method"].get("rank") if self.method == "lora" else None
 
     @property
+    def factored(self) -> bool:
+        """ΔW stored as LoRA factors (else dense `.delta`: full, subspace, DoRA and ReLoRA runs)."""
+        return self.meta["method"] == "lora" and self.meta.get("delta_form") != DENSE
+
+    @property
     def seed(self) -> int:
         return self.config["seed"]
+
+    def module_rank(self, name: str) -> int | None:
+        """LoRA: this module's rank (its `module_rank` entry, from a rank_pattern, else the run's rank)."""
+        return self.meta.get(MODULE_RANK_KEY, {}).get(name, self.rank) if self.method == "lora" else None
+
+    @property
+    def max_rank(self) -> int:
+        """LoRA: the largest rank of any module; 0 for full fine-tuning."""
+        return max([self.module_rank(n) for n in self.names], default=0) if self.method == "lora" else 0
+
+    def scaling(self, name: str) -> float:
+        """LoRA: this module's scaling (its `module_scaling` entry, else the file's `scaling`): ΔW = scaling · B A."""
+        return float(self.meta.get(MODULE_SCALING_KEY, {}).get(name, self.meta["scaling"]))
 
     def delta(self, name: str) -> "torch.Tensor | LowRank":
         """ΔW of one matrix, read now: dense fp32 (out, in) for full fine-tuning, factors for LoRA. Raises
         CorruptArtifact when the file no longer holds what was verified."""
         path = self.path / DELTA_FILE
-        if self.meta["method"] == "lora":
+        if self.factored:
             B, A = read_checked(path, [f"{name}.lora_B", f"{name}.lora_A"], self.delta_digests, self.unread.get(path))
-            return LowRank(B.float(), A.float(), float(self.meta["scaling"]))
+            return LowRank(B.float(), A.float(), self.scaling(name))
         return read_checked(path, [f"{name}.delta"], self.delta_digests, self.unread.get(path))[0].float()
 
     def base_weight(self, name: str) -> torch.Tensor:
@@ -166,7 +186,7 @@ def _check_config(config) -> None:
         raise SkippedRun(f"{CONFIG_FILE} holds a {type(config).__name__}, not a mapping")
     method = config.get("method")
     name = method.get("name") if isinstance(method, dict) else None
-    needed = ["seed", "method.name"] + (["method.rank"] if name == "lora" else [])
+    needed = ["seed", "method.name"] + {"lora": ["method.rank"], "subspace": ["method.dim"]}.get(name, [])
     flat = _flatten(config)
     if any(k not in flat for k in needed):
         raise SkippedRun(f"config lacks {[k for k in needed if k not in flat]}")
@@ -234,7 +254,7 @@ def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
         raise SkippedRun(f"{DELTA_FILE} says method {meta['method']!r}; analysis knows {list(METHODS)}")
     if meta["method"] != config["method"]["name"]:
         raise SkippedRun(f"{DELTA_FILE} says method {meta['method']!r}, the config {config['method']['name']!r}")
-    suffixes = SUFFIXES[meta["method"]]
+    suffixes = SUFFIXES["full"] if meta.get("delta_form") == DENSE else SUFFIXES[meta["method"]]
     names = tuple(sorted(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys)))
     missing = [n + s for n in names for s in suffixes if n + s not in keys]
     if missing or not names:
@@ -243,9 +263,7 @@ def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
     if extra:
         raise SkippedRun(f"{DELTA_FILE} holds tensors a {meta['method']} ΔW has not: {extra[:3]}")
     if meta["method"] == "lora":
-        scaling = meta.get("scaling")
-        if not (isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling)):
-            raise SkippedRun(f"{DELTA_FILE} metadata scaling is {scaling!r}, not a finite number")
+        _check_lora_meta(meta, names)
 
     base_rel = raw_meta["base_weights"]
     base_path = _base_path(run_dir, base_rel)
@@ -258,7 +276,7 @@ def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
         if f"{n}.weight" not in base_info:
             raise SkippedRun(f"{what}no tensor {n}.weight for the ΔW of {n}")
         w_dtype, w_shape = base_info[f"{n}.weight"]
-        if meta["method"] == "full":
+        if suffixes == SUFFIXES["full"]:
             d_dtype, d_shape = info[f"{n}.delta"]
             dtypes, ok = [d_dtype], d_shape == w_shape
         else:
@@ -266,9 +284,11 @@ def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
             dtypes = [a_dtype, b_dtype]
             ok = (len(a_shape) == len(b_shape) == 2 and len(w_shape) == 2 and a_shape[0] == b_shape[1]
                   and (b_shape[0], a_shape[1]) == w_shape)
-            if ok and a_shape[0] != config["method"]["rank"]:
+            expected = meta.get(MODULE_RANK_KEY, {}).get(n, config["method"]["rank"])
+            if ok and a_shape[0] != expected:
                 raise SkippedRun(f"{DELTA_FILE}: {n} has rank-{a_shape[0]} factors, the config rank "
-                                 f"{config['method']['rank']}")
+                                 f"{config['method']['rank']}" + (f" (module_rank {expected})" if
+                                                                  expected != config["method"]["rank"] else ""))
         if not all(map(_is_float, dtypes + [w_dtype])):
             raise SkippedRun(f"{DELTA_FILE} or its base weights store {n} as {dtypes + [w_dtype]}, not floats")
         if not ok or len(w_shape) != 2:
@@ -279,6 +299,22 @@ def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
         raise SkippedRun(f"{DELTA_FILE} or its base weights: {e}") from None
     return Run(run_id, run_dir, config, metrics, meta, names, base_path, delta_digests, base_digests, what,
                fingerprints)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_lora_meta(meta: dict, names: tuple) -> None:
+    """A LoRA delta file's scaling: a finite number, and per-module ranks and scalings (if any) for its modules."""
+    if not _is_number(meta.get("scaling")):
+        raise SkippedRun(f"{DELTA_FILE} metadata scaling is {meta.get('scaling')!r}, not a finite number")
+    for key, valid in ((MODULE_RANK_KEY, lambda v: _is_int(v) and v >= 1), (MODULE_SCALING_KEY, _is_number)):
+        per_module = meta.get(key, {})
+        if not isinstance(per_module, dict) or not all(valid(v) for v in per_module.values()):
+            raise SkippedRun(f"{DELTA_FILE} metadata {key} is not a mapping of module to number")
+        if unknown := sorted(set(per_module) - set(names)):
+            raise SkippedRun(f"{DELTA_FILE} metadata {key} names modules it holds no factors of: {unknown[:3]}")
 
 
 def _decode(value: str):

@@ -90,9 +90,9 @@ class PhaseClock:
                 run.phases[phase] += dt
 
 
-def amplification_ranks(run: Run, amp_ranks: list[int], n_delta: int, n_w: int) -> list[int]:
-    """LoRA: its own rank (the paper's Table 7). Full fine-tuning: every r in amp_ranks that fits."""
-    ranks = [run.rank] if run.method == "lora" else amp_ranks
+def amplification_ranks(run: Run, name: str, amp_ranks: list[int], n_delta: int, n_w: int) -> list[int]:
+    """LoRA: the module's own rank (the paper's Table 7). Full fine-tuning: every r in amp_ranks that fits."""
+    ranks = [run.module_rank(name)] if run.method == "lora" else amp_ranks
     return [r for r in ranks if r <= min(n_delta, n_w)]
 
 
@@ -137,7 +137,7 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
             U, S, Vh = spectra.svd_dense(d, k=opts.topk, randomized=True, device=dev)
             U, Vh = U.to(dev), Vh.to(dev)
             total = torch.linalg.matrix_norm(d.double()).item() ** 2
-    ranks = amplification_ranks(run, opts.amp_ranks, len(S), len(base.S))
+    ranks = amplification_ranks(run, name, opts.amp_ranks, len(S), len(base.S))
     if x is not None:  # only the directions something reads: the top r for amplification, --max-dim for φ grids
         with clock("ΔW vectors", res):
             K = max(ranks + ([opts.max_dim] if keep else []), default=0)
@@ -153,7 +153,12 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
             U_ft, _, _, how = spectra.svd_top(base.w + dense, opts.intruder_k, start, tol=INTRUDER_TOL)
             clock.counts[f"intruder vectors by {how}"] += 1
             intruders = amp.intruder_count(base.U, U_ft, opts.intruder_k, opts.intruder_eps)
-            del dense, U_ft
+            del U_ft
+        with clock("magnitude and direction", res):
+            dm, dd = amp.magnitude_direction_change(base.w, dense)
+            del dense
+    else:
+        dm = dd = None
     out_dim, in_dim = base.w.shape
     res.spectrum.append(ident | where | {
         "module": name, "out_features": out_dim, "in_features": in_dim,
@@ -161,7 +166,7 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
         "effective_rank": spectra.effective_rank(S) if total is None else None,
         "stable_rank": spectra.stable_rank(S) if total is None else total / S[0].item() ** 2,
         "fro_norm": fro, "spectral_norm": S[0].item(), "rel_norm": spectra.relative_norm(fro, base.w),
-        "intruders": intruders})
+        "intruders": intruders, "delta_m": dm, "delta_d": dd})
     res.sigmas.append((ident | where, S.numpy()))
     with clock("amplification", res):
         for r in ranks:
@@ -227,7 +232,7 @@ def analyse_runs(runs: list[Run], opts, keep_bases: set[str]) -> tuple[dict[str,
                 continue
             if run is None:
                 if users:  # W0's SVD, for every run that stored this matrix
-                    k = max([opts.intruder_k + WARM_START] + opts.amp_ranks + [r.rank or 0 for r in users])
+                    k = max([opts.intruder_k + WARM_START] + opts.amp_ranks + [r.max_rank for r in users])
                     with clock("W0 SVDs"):
                         base = _decompose_w0(t, k, opts)
             elif base is not None:

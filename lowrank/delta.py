@@ -90,16 +90,25 @@ def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], 
     if distributed.world_size() > 1:
         return _write_delta_gathered(run_dir, model, method, names, w0, base_weights, meta)
     tensors = {}
-    if method == "full":
+    if method in ("full", "subspace"):
         for n, w_ft in linear_weights(model, names).items():
             tensors[f"{n}.delta"] = w_ft - w0[n]
     else:
+        from .lora_variants import DoRALinear, pissa_factors  # the variants build on lora: imported when used
         layers = lora_layers(model)
-        for n, layer in layers.items():
-            tensors[f"{n}.lora_A"] = layer.lora_A.detach().float()
-            tensors[f"{n}.lora_B"] = layer.lora_B.detach().float()
-        meta = meta | module_overrides({n: (layer.rank, layer.scaling) for n, layer in layers.items()},
-                                       meta.get("rank"), meta.get("scaling"))
+        if any(isinstance(layer, DoRALinear) for layer in layers.values()):  # ΔW is not B·A: dense, against W0
+            for n, layer in layers.items():
+                tensors[f"{n}.delta"] = layer.base_layer.weight.detach().float().cpu() + \
+                    layer.delta_weight().detach().float().cpu() - w0[n]
+            meta = meta | {"delta_form": "dense"}
+        else:
+            ranks = {}
+            for n, layer in layers.items():
+                # PiSSA's ΔW against the original W0 is s(B A − B0 A0): the factors [B, −B0], [A; A0], rank 2r
+                B, A = pissa_factors(layer) if hasattr(layer, "lora_A0") else (layer.lora_B, layer.lora_A)
+                tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = A.detach().float(), B.detach().float()
+                ranks[n] = (A.shape[0], layer.scaling)
+            meta = meta | module_overrides(ranks, meta.get("rank"), meta.get("scaling"))
         write_head(run_dir, model)
     return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, delta_metadata(run_dir, method, base_weights, meta))
 
@@ -115,7 +124,7 @@ def module_overrides(per_module: dict[str, tuple[int, float]], rank, scaling) ->
 def write_head(run_dir: Path, model: nn.Module) -> Path | None:
     """head.safetensors: every trained parameter that is not a LoRA factor (a classifier's head), fp32, by its name in
     the model; nothing when there is none (a causal LM adapts only its targets)."""
-    factors = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    factors = {id(p) for layer in lora_layers(model).values() for p in layer.parameters()}  # DoRA's magnitude too
     head = {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad and id(p) not in factors}
     return write_safetensors(Path(run_dir) / HEAD_FILE, head) if head else None
 

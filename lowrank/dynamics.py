@@ -8,6 +8,7 @@ GPU). Rows go to `dynamics.csv` in the run directory and to the logger; `trainer
 matrices tracked (module-name suffixes, or all).
 """
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,7 +16,9 @@ from torch import nn
 from analysis import spectra
 from analysis.subspace import phi
 
+from .atomic import write_text
 from .lora import lora_layers
+from .lora_variants import pissa_factors
 
 PHI_K = (1, 8)
 FILE = "dynamics.csv"
@@ -41,14 +44,18 @@ class Dynamics:
 
     def _delta_svd(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(all singular values, the top-8 left singular vectors) of the current ΔW, float64 on the CPU."""
-        if name in self.lora:
-            layer = self.lora[name]
-            U, S, _ = spectra.svd_factored(layer.lora_B.detach(), layer.lora_A.detach(), layer.scaling)
+        layer = self.lora.get(name)
+        if layer is not None and not hasattr(layer, "magnitude"):  # a product of factors (PiSSA's: [B, −B0][A; A0])
+            B, A = pissa_factors(layer) if hasattr(layer, "lora_A0") else (layer.lora_B, layer.lora_A)
+            U, S, _ = spectra.svd_factored(B.detach(), A.detach(), layer.scaling)
             return S.cpu(), U[:, :max(PHI_K)].cpu()
-        w = self.model.get_submodule(name).weight.detach()
-        if name not in self._w0_dev:
-            self._w0_dev[name] = self.w0[name].to(w.device)
-        delta = w.float() - self._w0_dev[name]
+        if layer is not None:  # DoRA: ΔW against the base it scales
+            delta = layer.delta_weight().detach().float()
+        else:
+            w = self.model.get_submodule(name).weight.detach()
+            if name not in self._w0_dev:
+                self._w0_dev[name] = self.w0[name].to(w.device)
+            delta = w.float() - self._w0_dev[name]
         if delta.is_cuda:  # the Gram path: one eigh of the smaller Gram matrix
             S = spectra.svdvals_gram(delta)[0].cpu()
             U = spectra.svd_top(delta, max(PHI_K))[0].cpu()
@@ -83,3 +90,11 @@ def summary(rows: list[dict]) -> dict:
         if vals:
             out[f"dynamics/{key}"] = sum(vals) / len(vals)
     return out
+
+
+def write_dynamics(run_dir, rows: list[dict]) -> None:
+    """dynamics.csv in the run directory: one row per snapshot step × matrix (COLUMNS), written whole."""
+    lines = [",".join(COLUMNS)]
+    for r in rows:
+        lines.append(",".join("" if r[c] is None else str(r[c]) for c in COLUMNS))
+    write_text(Path(run_dir) / FILE, "\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ factors [B, −B0] and [A; A0] (lowrank.delta), so spectra still come from QR of
 DoRA (Liu et al. 2024): W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row, with the magnitude m (out,) trained and
 started at W0's row norms, so again the first forward is the base model's. As in the paper (§4.3) and PEFT, the
 norm is treated as a constant in backward. ΔW = W' − W0 is dense (not a product of the factors); it is written as
-`{name}.delta`, and m's change beside it (`{name}.magnitude`, `{name}.magnitude0`) for the ΔM / ΔD analysis.
+`{name}.delta`; the analysis gives every run ΔM and ΔD (analysis.amplification.magnitude_direction_change).
 """
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,6 @@ class DoRALinear(LoRALinear):
         super().__init__(base_layer, rank, alpha, dropout, scaling, init)
         w = base_layer.weight
         self.magnitude = nn.Parameter(torch.linalg.vector_norm(w.detach().float(), dim=1).to(w.dtype))
-        self.register_buffer("magnitude0", self.magnitude.detach().clone(), persistent=True)
 
     def _row_scale(self) -> torch.Tensor:
         """m / ‖W0 + s·B A‖_row, the norm detached (DoRA §4.3)."""
@@ -86,16 +85,6 @@ class DoRALinear(LoRALinear):
         self.base_layer.weight.copy_(self._w0)
         del self._w0
         self.merged = False
-
-
-def magnitude_direction_change(w0: torch.Tensor, delta: torch.Tensor) -> tuple[float, float]:
-    """The DoRA paper's ΔM and ΔD (its Eq. 5) for one matrix, with its row convention: ΔM = mean over rows of
-    | ‖W_ft‖ − ‖W0‖ |, ΔD = mean over rows of 1 − cos(W_ft, W0). Works for any method's ΔW."""
-    w0, w = w0.double(), w0.double() + delta.double()
-    n0, n1 = torch.linalg.vector_norm(w0, dim=1), torch.linalg.vector_norm(w, dim=1)
-    dm = (n1 - n0).abs().mean().item()
-    dd = (1 - (w * w0).sum(1) / (n0 * n1).clamp_min(1e-300)).mean().item()
-    return dm, dd
 
 
 @torch.no_grad()

@@ -466,7 +466,10 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
         activation_checkpointing = bool(t.get("activation_checkpointing", False))
     precision = resolve_precision(t.precision, device_type)
     targets = m.targets if isinstance(m.targets, str) else list(m.targets)
-    return estimate_memory(config, m.name, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
+    # method=subspace is estimated as full fine-tuning, an upper bound: its targets' weight gradients exist as there,
+    # but the optimizer holds moments of θ_d only
+    method = "full" if m.name == "subspace" else m.name
+    return estimate_memory(config, method, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
                            num_labels=cfg.task.get("num_labels", 2), trainable_dtype="fp32",
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
                            precision=precision, activation_checkpointing=activation_checkpointing,

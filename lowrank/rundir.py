@@ -130,7 +130,7 @@ def check_run_location(name, runs_root) -> None:
 
 
 # Where a run goes and how it is watched, not what it computes: not part of its identity.
-NOT_IDENTITY = ("runs_root", "name", "logger", "trainer.progress_bar")
+NOT_IDENTITY = ("runs_root", "name", "logger", "trainer.progress_bar", "trainer.dynamics", "trainer.dynamics_targets")
 # Keys added after runs existed, whose null default means what their absence meant: left out of the hash while null,
 # so those runs' directories are found again.
 NULL_AS_ABSENT = ("method.rank_pattern",)

@@ -29,7 +29,9 @@ from .errors import ConfigError
 from .job_scope import job_scope
 from .logger import make_logger
 from .memory import estimate_from_cfg
-from .lora import freeze_for_lora, inject_lora, lora_scaling, match_targets
+from .dynamics import Dynamics, summary as dynamics_summary, tracked, write_dynamics
+from .intrinsic import freeze_for_subspace, inject_subspace
+from .lora import freeze_for_lora, inject_lora, lora_layers, lora_scaling, match_targets
 from .objectives import objective_for
 from .optimizers import lr_lambda, make_optimizer, make_scheduler, resolve_optimizer
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
@@ -234,9 +236,16 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     base_path = ensure_base_weights(runs_root, cfg.model.name, model) if keep_delta and main else None
     if mc.name == "lora":
         check_rank_fits(mc.rank, {n: min(model.get_submodule(n).weight.shape) for n in names}, mc.get("rank_pattern"))
-        inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init, mc.get("rank_pattern"))
-        freeze_for_lora(model, head)
         w0 = None
+        if mc.get("dora"):  # DoRA's ΔW is not B·A alone: it is written dense, against W0
+            w0 = linear_weights(model, names) if keep_delta and main else None
+        inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init, mc.get("rank_pattern"),
+                    dora=bool(mc.get("dora")))
+        freeze_for_lora(model, head)
+    elif mc.name == "subspace":
+        w0 = linear_weights(model, names) if keep_delta and main else None
+        inject_subspace(model, names, mc.dim, mc.said, seed=cfg.seed)
+        freeze_for_subspace(model, head)
     else:
         w0 = linear_weights(model, names) if keep_delta and main else None  # on CPU: ΔW is exactly W_ft − W_0
     if weight_dtype == "bf16":
@@ -267,13 +276,16 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     # mask every step, and its packed-sequence check makes the host wait for the GPU (lowrank/blocks.py).
     mask_free = (tc.mask_free_attention and train_batches.unpadded and test_batches.unpadded
                  and model.config.model_type in CAUSAL_MODEL_TYPES)
-    optimizer_kind = resolve_optimizer(tc.optimizer, mc.name, device.type, precision, static_batches=mask_free)
+    loraplus = mc.get("loraplus_ratio")  # LoRA+: B's learning rate is this many times A's
+    optimizer_kind = resolve_optimizer(tc.optimizer, mc.name, device.type, precision, static_batches=mask_free,
+                                       loraplus=loraplus is not None)
     if parallel != "none" and optimizer_kind == "flat_master":
         if tc.optimizer == "flat_master":
             raise ConfigError(f"trainer.optimizer=flat_master is not valid with trainer.parallel={parallel}; "
                               f"use auto or adamw")
         optimizer_kind = "adamw"  # its flat master copy is one process's; DDP/FSDP step torch's AdamW
-    optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda",
+                               loraplus_ratio=loraplus)
     scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
     if tc.batch_size > len(train_batches):
         raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
@@ -328,6 +340,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                          OmegaConf.to_container(cfg, resolve=True),
                          cfg.logger.get("group") or group, run_name)
 
+    dynamics = None  # rank over training time (lowrank/dynamics.py): rank 0, one process's weights
+    if tc.get("dynamics", True) and main and parallel != "fsdp" and (mc.name == "lora" or w0 is not None):
+        tracked_names = list(lora_layers(model)) if mc.name == "lora" else names
+        dynamics = Dynamics(model, tracked(tracked_names, tc.get("dynamics_targets", "all")), w0)
     sigterm, previous_handler = sigterm_flag()
     diverged_at = None
     bar = tqdm(range(loop["step"], tc.max_steps), desc=run_name, disable=not (tc.progress_bar and main),
@@ -359,6 +375,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             logger.log({f"eval/{k}": v for k, v in ev.items()}, step=step + 1)
             log.info("step %d: train_loss %.4f %s", step + 1, loop["history"][-1]["train_loss"],
                      " ".join(f"eval_{k} {v:.4f}" for k, v in ev.items()))
+            if dynamics is not None:  # ΔW's spectrum now, and how far its top directions moved since the last
+                rows = dynamics.snapshot(step + 1)
+                loop["dynamics"] = loop.get("dynamics", []) + rows
+                logger.log(dynamics_summary(rows), step=step + 1)
         preempted = distributed.any_rank(sigterm["set"])  # SIGTERM on any rank: every rank checkpoints here
         if preempted or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
                          and step + 1 < tc.max_steps):
@@ -426,6 +446,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         return metrics
 
     final_scores = objective.final(model, test_batches, eval_batch_size, device, autocast, mask_free)
+    if dynamics is not None and main:
+        write_dynamics(run_dir, loop.get("dynamics", []))
     if keep_delta:
         write_delta(run_dir, model, mc.name, names, w0, base_path,
                     {"base_model": cfg.model.path, "base_model_name": cfg.model.name,

@@ -12,7 +12,7 @@ from .lora import INITS, SCALINGS
 from .optimizers import OPTIMIZERS
 from .targets import module_ranks, read_rank_pattern
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "subspace")
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -38,6 +38,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"method.dropout={m.dropout!r} is not valid; it must be in [0, 1)")
         check_choice("method.scaling", m.scaling, SCALINGS)
         check_choice("method.init", m.init, INITS)
+        if not isinstance(m.get("dora", False), bool):
+            raise ConfigError(f"method.dora={m.dora!r} is not valid; it must be true or false")
+        if m.get("loraplus_ratio") is not None:
+            check_positive("method.loraplus_ratio", m.loraplus_ratio)
+    if m.name == "subspace":
+        check_positive("method.dim", m.dim, integer=True)
+        if not isinstance(m.said, bool):
+            raise ConfigError(f"method.said={m.said!r} is not valid; it must be true or false")
         read_rank_pattern(m.get("rank_pattern"))  # a mapping {module: rank >= 1} or a readable JSON file of one
     if not m.targets:
         raise ConfigError("method.targets is empty; give module-name suffixes such as [query,value] or all-linear")
@@ -65,7 +73,14 @@ def validate(cfg: DictConfig) -> None:
     check_choice("trainer.schedule", t.schedule, SCHEDULES)
     check_choice("trainer.optimizer", t.optimizer, OPTIMIZERS)
     if t.optimizer == "flat_master" and m.name != "lora":
-        raise ConfigError("trainer.optimizer=flat_master is not valid with method=full; it steps LoRA factors")
+        raise ConfigError(f"trainer.optimizer=flat_master is not valid with method={m.name}; it steps LoRA factors")
+    if t.optimizer == "flat_master" and m.get("loraplus_ratio") is not None:
+        raise ConfigError("trainer.optimizer=flat_master is not valid with method.loraplus_ratio set; LoRA+ needs two "
+                          "learning rates: use auto or adamw")
+    variant = ("method=subspace" if m.name == "subspace" else "method.dora=true" if m.get("dora") else
+               "method.init=pissa" if m.get("init") == "pissa" else None)
+    if variant and t.get("parallel", "auto") in ("ddp", "fsdp"):
+        raise ConfigError(f"trainer.parallel={t.parallel} is not valid with {variant}; it runs in one process")
     check_choice("logger.name", cfg.logger.name, LOGGERS)
     for key in ("train_size", "eval_size", "test_size", "train_examples", "test_examples"):
         if cfg.task.get(key) is not None:

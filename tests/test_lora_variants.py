@@ -119,7 +119,8 @@ def test_pissa_starts_as_the_base_model_and_matches_peft():
 
 
 def test_dora_starts_as_the_base_model_and_matches_peft():
-    from lowrank.lora_variants import DoRALinear, magnitude_direction_change
+    from analysis.amplification import magnitude_direction_change
+    from lowrank.lora_variants import DoRALinear
 
     def make(model):
         _inject(model, DoRALinear)
