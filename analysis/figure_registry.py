@@ -11,7 +11,7 @@ from .figure_data import MissingRuns
 from .figures import (Drawn, figure_1, figure_2, figure_3, figure_4, figure_5, figure_6, figure_7, figure_8,
                       figure_9, figure_10)
 from .lm_figures import figure_11, figure_12, figure_13
-from .param_figures import figure_14
+from .param_figures import figure_14, figure_15
 from .tables import FIGURES_DIR, markdown_table
 
 SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure needs; demo_*: the small versions
@@ -26,6 +26,7 @@ SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure nee
                "`experiment=lm_full`)",
     "intrinsic": "intrinsic_dim + rank_sweep + full_baseline (`python -m experiments.train -m "
                  "experiment=intrinsic_dim`, then `experiment=full_baseline`)",
+    "dynamics": "any sweep trained with trainer.dynamics=true (the default), e.g. rank_sweep + full_baseline",
     "lm_lr": "lm_lr_sweep + lm_lr_sweep_full (`python -m experiments.train -m experiment=lm_lr_sweep`, then "
              "`experiment=lm_lr_sweep_full`)",
 }
@@ -100,6 +101,11 @@ FIGURES = [
          "counted): full fine-tuning, LoRA over ranks, the subspace method (intrinsic dimension) over d; mean over "
          "seeds. Dashed lines: d90 and the LoRA rank that first reach 90 % of full fine-tuning's accuracy on the "
          "same seeds (table below, analysis/intrinsic_dim.py).", "intrinsic"),
+    Spec(15, figure_15,
+         "Rank over training time: top, the energy rank r90 of ΔW at each evaluation (mean over the matrices a run "
+         "tracked, then over seeds); bottom, φ(1,1) between ΔW's top output direction and the previous snapshot's "
+         "(1: it stayed; near 0: a new one). Full fine-tuning against LoRA per configuration (trainer.dynamics).",
+         "dynamics"),
 ]
 
 

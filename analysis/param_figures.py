@@ -1,6 +1,10 @@
-"""Figure 14: test accuracy against the number of numbers each method trains (log axis), full fine-tuning, LoRA over
-ranks (each target set and variant a curve), and the subspace method over d, with d90 and LoRA's 90% rank marked
-(analysis.intrinsic_dim). Classification runs only (eval_accuracy); one panel per setup.
+"""Figures beyond the paper's, one panel per setup:
+
+    figure_14: test accuracy against the number of numbers each method trains (log axis), full fine-tuning, LoRA over
+               ranks (each target set and variant a curve), and the subspace method over d, with d90 and LoRA's 90%
+               rank marked (analysis.intrinsic_dim); classification runs (eval_accuracy)
+    figure_15: rank over training time: ΔW's r90 and the drift of its top direction (φ(1,1) with the previous
+               snapshot) against step, per configuration (the runs' dynamics.csv, tables/dynamics.csv)
 """
 from pathlib import Path
 
@@ -77,3 +81,52 @@ def figure_14(tables, out_dir: Path) -> Drawn:
     d = params_data(runs)
     marks = threshold_table(runs)
     return _write(out_dir, "fig14_accuracy_vs_parameters", plot_params(d, marks), d, table=marks)
+
+
+def dynamics_data(tables) -> pd.DataFrame:
+    """One row per (setup, config, step): r90 and φ(1,1), φ(8,8) against the previous snapshot, each the mean over
+    the matrices a run tracked and then over its seeds; n = runs."""
+    d = tables.get("dynamics")
+    if d is None or d.empty:
+        raise MissingRuns("no run recorded rank dynamics (trainer.dynamics writes dynamics.csv)")
+    from .figure_data import prepare
+    runs = prepare(tables["runs"])[["run_id", "setup", "config", "order"]]
+    per_run = d.groupby(["run_id", "step"], as_index=False)[["r90", "phi_1", "phi_8"]].mean()
+    m = per_run.merge(runs, on="run_id")
+    if m.empty:
+        raise MissingRuns("no run with rank dynamics among the runs analysed")
+    out = m.groupby(["setup", "config", "step"], as_index=False).agg(
+        r90=("r90", "mean"), phi_1=("phi_1", "mean"), phi_8=("phi_8", "mean"), n=("run_id", "nunique"))
+    order = m.drop_duplicates("config").set_index("config")["order"]
+    return out.assign(_o=[order[c] for c in out.config]).sort_values(["setup", "_o", "step"]).drop(columns="_o")
+
+
+@styled
+def plot_dynamics(d: pd.DataFrame):
+    setups = list(dict.fromkeys(d.setup))
+    fig, axes = new_figure(2, len(setups), size=(4.8, 3.0))
+    for col, setup in enumerate(setups):
+        g = d[d.setup == setup]
+        configs = list(dict.fromkeys(g.config))
+        lora = [c for c in configs if c != "full"]
+        for c in configs:
+            h = g[g.config == c]
+            style = dict(color=FULL_COLOR, marker="s") if c == "full" else dict(color=color(lora.index(c)),
+                                                                                marker=marker(lora.index(c) + 1))
+            label = f"{c} ({n_label(int(h.n.max()), 'run')})"
+            axes[0][col].plot(h.step, h.r90, ms=3, lw=1, label=label, **style)
+            axes[1][col].plot(h.step, h.phi_1, ms=3, lw=1, **style)
+        axes[0][col].set(ylabel="r90 of ΔW (mean over matrices)", title=_setup_title(setup, "rank over training"))
+        axes[1][col].set(xlabel="step", ylabel="φ(1,1) with the previous snapshot", ylim=(-0.05, 1.05),
+                         xlim=axes[0][col].get_xlim())  # the first snapshot has no φ: keep the steps aligned
+        axes[1][col].legend(*axes[0][col].get_legend_handles_labels(), fontsize=6, loc="upper center",
+                            bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+    return fig
+
+
+def figure_15(tables, out_dir: Path) -> Drawn:
+    d = dynamics_data(tables)
+    return _write(out_dir, "fig15_rank_dynamics", plot_dynamics(d), d,
+                  table=d.groupby(["setup", "config"], as_index=False).agg(
+                      last_step=("step", "max"), r90_last=("r90", "last"), phi_1_last=("phi_1", "last"),
+                      n=("n", "max")))

@@ -45,3 +45,27 @@ def test_figure_14_draws_every_curve_and_marks_d90(tmp_path):
     assert set(drawn.data.curve) == {"full", "subspace (q,v)", "LoRA (q,v)"}
     marks = drawn.table.set_index("method")
     assert marks.loc["subspace", "size"] == 300 and marks.loc["lora", "size"] == 8
+
+
+def test_figure_15_averages_matrices_then_seeds(tmp_path):
+    from analysis.param_figures import figure_15
+    runs = pd.DataFrame([{"run_id": f"r{s}", "setup": "s1", "method.name": "lora", "method.rank": 4, "seed": s,
+                          "method.targets": '["query", "value"]'} for s in (0, 1)]
+                        + [{"run_id": "f0", "setup": "s1", "method.name": "full", "method.rank": None, "seed": 0,
+                            "method.targets": "all-linear"}])
+    dyn = pd.DataFrame([
+        {"run_id": "r0", "step": 2, "module": "a", "r90": 2, "phi_1": None, "phi_8": None},
+        {"run_id": "r0", "step": 2, "module": "b", "r90": 4, "phi_1": None, "phi_8": None},
+        {"run_id": "r1", "step": 2, "module": "a", "r90": 3, "phi_1": None, "phi_8": None},
+        {"run_id": "r1", "step": 2, "module": "b", "r90": 3, "phi_1": None, "phi_8": None},
+        {"run_id": "r0", "step": 4, "module": "a", "r90": 4, "phi_1": 1.0, "phi_8": 0.5},
+        {"run_id": "r0", "step": 4, "module": "b", "r90": 4, "phi_1": 0.0, "phi_8": 0.5},
+        {"run_id": "r1", "step": 4, "module": "a", "r90": 2, "phi_1": 1.0, "phi_8": 0.5},
+        {"run_id": "r1", "step": 4, "module": "b", "r90": 2, "phi_1": 1.0, "phi_8": 0.5},
+        {"run_id": "f0", "step": 4, "module": "a", "r90": 90, "phi_1": 0.9, "phi_8": 0.9}])
+    drawn = figure_15({"runs": runs, "dynamics": dyn}, tmp_path)
+    d = drawn.data.set_index(["config", "step"])
+    lora = [c for c in drawn.data.config.unique() if c != "full"][0]
+    assert d.loc[(lora, 2), "r90"] == 3.0 and d.loc[(lora, 4), "r90"] == 3.0  # (3 + 3) / 2, (4 + 2) / 2
+    assert d.loc[(lora, 4), "phi_1"] == 0.75 and d.loc[(lora, 4), "n"] == 2
+    assert d.loc[("full", 4), "r90"] == 90 and drawn.path.is_file()
