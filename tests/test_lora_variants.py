@@ -38,14 +38,8 @@ def test_loraplus_matches_peft_create_loraplus_optimizer():
     groups = loraplus_groups(ours, trainable, 2e-3, 16)
     assert [g["lr"] for g in groups] == [2e-3, 2e-3 * 16]
     assert len(groups[1]["params"]) == len(lora_layers(ours)) + 1  # every B and the head's bias, as PEFT's
-    batch = tok(["great coffee, will buy again", "stale and bland", "ok I guess", "the best tea"],
-                padding=True, return_tensors="pt")
-    labels = torch.tensor([1, 0, 0, 1])
-    for _ in range(3):
-        for m, opt in ((ours, opt_ours), (theirs, opt_theirs)):
-            m(**batch, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad()
+    batch, labels = _batch(tok)
+    _train_both(ours, theirs, batch, labels, opts=(opt_ours, opt_theirs))
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-5)
     for name, layer in lora_layers(ours).items():
@@ -70,8 +64,8 @@ def _batch(tok):
                return_tensors="pt"), torch.tensor([1, 0, 0, 1])
 
 
-def _train_both(ours, theirs, batch, labels, steps=3):
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
+def _train_both(ours, theirs, batch, labels, steps=3, opts=None):
+    opts = opts or [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
     for _ in range(steps):
         for m, opt in zip((ours, theirs), opts):
             m(**batch, labels=labels).loss.backward()
