@@ -463,7 +463,8 @@ def memory_data(runs: pd.DataFrame) -> dict:
     """Setups on the whole training set. points: setup, config, run_id, seed, peak_memory_bytes, tokens_per_second,
     padded_tokens_per_second; summary per setup and config: n, device, measured (what the peak is), peak_mean /
     peak_min / peak_max (bytes), tokens_per_second mean with seed_lo / seed_hi (bootstrap), padded tokens/s mean,
-    timed_steps and warmup_seconds (means), and the mean of each memory_estimate part (runs.csv's
+    timed_steps and warmup_seconds (means), world_size (processes) and grad_sync_bytes_per_step (mean; NaN for
+    one-process runs), and the mean of each memory_estimate part (runs.csv's
     `memory_estimate.*`: weights, grads, optimizer, weight copies, activations, total; NaN where no run has an
     estimate). tokens_per_second counts real (non-padding) tokens over the steady steps after the warm-up."""
     need(runs, ["peak_memory_bytes", "tokens_per_second"], "runs with peak memory and throughput")
@@ -475,7 +476,8 @@ def memory_data(runs: pd.DataFrame) -> dict:
     parts = [f"estimate_{p}" for p in MEMORY_PARTS + ["total_bytes"]]
     for p in MEMORY_PARTS + ["total_bytes"]:
         r[f"estimate_{p}"] = r[f"memory_estimate.{p}"] if f"memory_estimate.{p}" in r else np.nan
-    for c in ("padded_tokens_per_second", "timed_steps", "warmup_seconds", "device"):
+    for c in ("padded_tokens_per_second", "timed_steps", "warmup_seconds", "device", "grad_sync_bytes_per_step",
+              "world_size"):
         r[c] = _col(r, c)
     points = r[["setup", "config", "order", "run_id", "seed", "peak_memory_bytes", "tokens_per_second",
                 "padded_tokens_per_second"]].sort_values(["setup", "order", "run_id"], ignore_index=True)
@@ -490,7 +492,9 @@ def memory_data(runs: pd.DataFrame) -> dict:
                      "tokens_per_second_lo": tps["seed_lo"], "tokens_per_second_hi": tps["seed_hi"],
                      "padded_tokens_per_second_mean": g.padded_tokens_per_second.astype(float).mean(),
                      "timed_steps": g.timed_steps.astype(float).mean(),
-                     "warmup_seconds": g.warmup_seconds.astype(float).mean()}
+                     "warmup_seconds": g.warmup_seconds.astype(float).mean(),
+                     "world_size": g.world_size.astype(float).max(),
+                     "grad_sync_bytes_per_step": g.grad_sync_bytes_per_step.astype(float).mean()}
                     | {p: g[p].astype(float).mean() for p in parts})
     summary = pd.DataFrame(rows).sort_values(["setup", "order"], ignore_index=True).drop(columns="order")
     notes = [left_out_note(left_out)]
@@ -504,7 +508,7 @@ def memory_data(runs: pd.DataFrame) -> dict:
 def memory_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Figure 7's table: per setup and configuration, n, the measured peak (what it is, mean and range, GiB),
     the estimate's total (GiB), steady tokens/s (real tokens; mean, seed interval), padded tokens/s, timed
-    steps and warm-up seconds."""
+    steps, warm-up seconds, processes and the gradient traffic per step (runs under torchrun)."""
     return pd.DataFrame({
         "setup": summary.setup, "configuration": summary.config, "n": summary.n, "measured": summary.measured,
         "peak GiB (mean)": summary.peak_mean / GIB,
@@ -514,7 +518,9 @@ def memory_table(summary: pd.DataFrame) -> pd.DataFrame:
         "seed interval": [interval_text(lo, hi, n, 0) for lo, hi, n in zip(summary.tokens_per_second_lo,
                                                                            summary.tokens_per_second_hi, summary.n)],
         "padded tokens/s": summary.padded_tokens_per_second_mean, "timed steps": summary.timed_steps,
-        "warm-up s": summary.warmup_seconds})
+        "warm-up s": summary.warmup_seconds, "processes": summary.world_size,
+        # bytes reduced across processes per optimizer step, as DDP's hook or FSDP's reduce-scatter counted them
+        "gradient sync MiB/step": summary.grad_sync_bytes_per_step / 2**20})
 
 
 def accuracy_memory_data(runs: pd.DataFrame) -> dict:
