@@ -10,10 +10,14 @@ hashes, checked on every read), `lowrank.atomic` (every file it writes), `lowran
     statistics.py        the aggregation rules: setups (which runs may be pooled), amplification as a ratio of
                          sums, Wilson and stratified-bootstrap intervals; pure functions over arrays and tables
     report.py            `python -m analysis.report ROOT ... --out DIR`: the tables, the figures, report.md
+    rank_advice.py, rank_advice_report.py    which rank per module (pure functions), and its table and section
+    intrinsic_dim.py     d90 and LoRA's 90 % rank from the runs table
+    dynamics.py          the runs' dynamics.csv (rank over training time) as one table
     report_cli.py        its command line, checked before anything is written
     tables.py            DIR's layout, the CSV writer, markdown tables
     figure_data.py       what each figure plots: pure functions over the tables
     figures.py, style.py the drawing: one function per figure, one style
+    lm_figures.py, param_figures.py   figures 11-13 (causal LMs) and 14-15 (trained numbers, rank dynamics)
     figure_registry.py   every figure with its caption and sweep; the report's figure section
     wandb_sync.py        the `analysis` W&B run
 

@@ -46,8 +46,8 @@ class LoRALinear(nn.Module):
         w = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, device=w.device, dtype=w.dtype))
-        if init in ("kaiming_uniform", "pissa"):  # what loralib and PEFT do (nn.Linear's default init); PiSSA
-            # then overwrites A and B with W's top singular part (lowrank.lora_variants.pissa_init)
+        if init in ("kaiming_uniform", "pissa"):  # what loralib and PEFT do (nn.Linear's default init); for PiSSA
+            # the trainer then sets A, B and the base from W's top singular part (lowrank.lora_variants.pissa_init)
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif init == "gaussian":  # the paper's text: "random Gaussian initialization for A"
             nn.init.normal_(self.lora_A, std=1.0 / rank)
@@ -181,7 +181,7 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
                 scaling: str = "standard", init: str = "kaiming_uniform", rank_pattern=None,
-                dora: bool = False) -> list[str]:
+                layer_type: type | None = None) -> list[str]:
     """Replace each targeted nn.Linear by a LoRALinear wrapping it; returns the replaced names. Layers that
     share their input (SHARED_INPUT) compute together (SharedInputGroup). `rank_pattern` (a mapping or the path
     of a JSON file, PEFT's semantics: lowrank.targets.pattern_key) gives some modules another rank; each module's
@@ -192,14 +192,10 @@ def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: flo
         raise ConfigError(f"method.rank_pattern selects none of the {len(names)} targets (keys such as "
                           f"{next(iter(pattern))!r}; targets such as {names[0]!r}); give module-name suffixes or "
                           f"full names of targeted modules")
-    from .lora_variants import DoRALinear, pissa_init  # the variants build on LoRALinear
-    layer_type = DoRALinear if dora else LoRALinear
+    layer_type = layer_type or LoRALinear  # a subclass: lowrank.lora_variants.DoRALinear
     for name, r in module_ranks(names, rank, pattern).items():
-        layer = layer_type(model.get_submodule(name), r, alpha, dropout, scaling, init)
-        if init == "pissa":
-            pissa_init(layer)
-        model.set_submodule(name, layer)
-    if not dora:  # DoRA's layers compute alone (their row norms need the whole product)
+        model.set_submodule(name, layer_type(model.get_submodule(name), r, alpha, dropout, scaling, init))
+    if layer_type is LoRALinear:  # a variant's layers compute alone (DoRA's row norms need the whole product)
         group_shared_inputs(model, names)
     return names
 

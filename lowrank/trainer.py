@@ -1,4 +1,5 @@
-"""Fine-tune a pretrained model on a text-classification task, fully or with LoRA, and write its run directory.
+"""Fine-tune a pretrained model (a classifier or a causal LM), fully, with LoRA or a variant, or in a random subspace,
+and write its run directory.
 
 `train(cfg) -> metrics` is a plain function (tests call it directly); `experiments/train.py` wraps it in
 `@hydra.main`. The run directory (its contract: `lowrank/rundir.py`) ends up with `.hydra/config.yaml`,
@@ -22,21 +23,24 @@ from tqdm.auto import tqdm
 
 from . import atomic, distributed, rundir
 from .blocks import causal_attention_without_mask, compile_blocks
-from .budget import BudgetFit, fit_to_budget, free_cuda_memory
+from .budget import fit_to_budget, free_cuda_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .delta import ensure_base_weights, linear_weights, write_delta
 from .errors import ConfigError
 from .job_scope import job_scope
 from .logger import make_logger
-from .memory import estimate_from_cfg
 from .dynamics import Dynamics, summary as dynamics_summary, tracked, write_dynamics
+from .memory import estimate_from_cfg
 from .intrinsic import freeze_for_subspace, inject_subspace
 from .lora import freeze_for_lora, inject_lora, lora_layers, lora_scaling, match_targets
+from .lora_variants import DoRALinear, pissa_init
 from .objectives import objective_for
 from .optimizers import lr_lambda, make_optimizer, make_scheduler, resolve_optimizer
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
 from .preemption import Preempted, sigterm_flag
-from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, OVERRIDES_FILE
+from .run_record import (RunLog, check_same_config, does_not_fit, record_end, run_dir_and_group, write_config_once,
+                         write_run_metrics)
+from .rundir import CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE
 from .throughput import StepClock, compile_seconds
 from .train_step import TrainStep, place_lr, use_cuda_graph
 from .validation import budget_bytes, check_rank_fits, resolve_device, resolve_precision, resolve_weight_dtype, validate
@@ -50,107 +54,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_dir_and_group(run_dir) -> tuple[Path, str | None]:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    group = None
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        run_dir = run_dir or hc.runtime.output_dir
-        if hc.mode == RunMode.MULTIRUN:
-            group = Path(hc.sweep.dir).name
-    if run_dir is None:
-        raise ValueError("train(cfg) outside Hydra needs run_dir")
-    return Path(run_dir), group
-
-
-def _does_not_fit(run_dir: Path, cfg, fit: BudgetFit, t_start: float) -> dict:
-    """A run that cannot fit its budget is a result of the sweep, not a crash."""
-    metrics = {"status": "does_not_fit", "method": cfg.method.name, "fits": False, "budget_bytes": fit.budget_bytes,
-               "reason": fit.reason, "failed_at": fit.failed_at, "tried": fit.tried,
-               "memory_estimate": fit.memory_estimate, "wall_seconds": time.perf_counter() - t_start}
-    log.warning("budget.gib=%g: does not fit (%s); recorded in %s", fit.budget_bytes / 2**30, fit.reason,
-                run_dir / METRICS_FILE)
-    return _write_metrics(run_dir, cfg, metrics)
-
-
-def _hydra_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _check_same_config(run_dir: Path, cfg: DictConfig) -> None:
-    """A directory that already holds another configuration is refused: it would mix two configs' results
-    (or hand back another config's metrics as this one's)."""
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
-        return
-    try:
-        stored = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception:
-        stored = None  # unreadable: a kill can't leave that (atomic writes), but an edit or a disk fault can
-    if not isinstance(stored, dict) or rundir.config_hash(stored) != rundir.config_hash(
-            OmegaConf.to_container(cfg, resolve=True)):
-        raise ConfigError(f"{run_dir} already holds a run of another configuration ({CONFIG_FILE} differs); "
-                          f"give this run another `name` or run_dir")
-
-
-def _write_config_once(run_dir: Path, cfg: DictConfig) -> None:
-    """The resolved config and the overrides, written when the run starts and never again."""
-    if not (run_dir / CONFIG_FILE).exists():
-        atomic.write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-        atomic.write_text(run_dir / OVERRIDES_FILE, OmegaConf.to_yaml(OmegaConf.create(_hydra_overrides())))
-
-
-class _RunLog:
-    """train.log: this run's log records (the trainer owns the file; Hydra only prints to the console)."""
-
-    def __init__(self, run_dir: Path):
-        self.handler = logging.FileHandler(run_dir / rundir.LOG_FILE)
-        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        self.file_only = logging.getLogger("lowrank.run_log")  # why a run ended: the entry point prints it
-        self.file_only.propagate = False
-
-    def __enter__(self):
-        root = logging.getLogger()
-        self.level = root.level
-        root.addHandler(self.handler)
-        root.setLevel(min(root.level, logging.INFO) or logging.INFO)  # train() outside Hydra logs INFO too
-        self.file_only.addHandler(self.handler)
-        return self
-
-    def __exit__(self, *exc):
-        root = logging.getLogger()
-        root.removeHandler(self.handler)
-        self.file_only.removeHandler(self.handler)
-        root.setLevel(self.level)
-        self.handler.close()
-        return False
-
-
-def _write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict) -> dict:
-    """metrics.json, tied to .hydra/config.yaml as stored: the same config as `cfg` (checked when the run
-    started) but for where it lives, which may have moved (`runs_root`) since the run began. Other ranks
-    write nothing."""
-    if not distributed.is_main():
-        return metrics
-    try:
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
-    except Exception:  # not written yet (bad input found before it) or unreadable
-        config = OmegaConf.to_container(cfg, resolve=True)
-    return rundir.write_metrics(run_dir, metrics, config)
-
-
-def _record(run_dir: Path, cfg: DictConfig, status: str, reason: str) -> None:
-    _write_metrics(run_dir, cfg, {"status": status, "reason": reason, "method": OmegaConf.select(cfg, "method.name")})
-
-
 def train(cfg: DictConfig, run_dir=None) -> dict:
     """Fine-tune, evaluate, and write the run directory. Returns the metrics written to metrics.json.
 
     A finished run directory is returned as it is; one with a checkpoint resumes from it. Raises ConfigError
     for bad input (recorded as `status: invalid`) and RunInProgress when another process holds the run."""
-    run_dir, group = _run_dir_and_group(run_dir)
+    run_dir, group = run_dir_and_group(run_dir)
     try:
         distributed.start(cfg.trainer)  # under torchrun: join the process group
     except ConfigError:
@@ -184,7 +93,7 @@ def _lead(cfg: DictConfig, run_dir: Path, group: str | None, tell) -> dict:
     if not run_dir.resolve().is_relative_to(runs_root):
         raise ConfigError(f"run directory {run_dir} is outside runs_root={cfg.runs_root}; runs stay inside it")
     with rundir.RunLock(run_dir):
-        _check_same_config(run_dir, cfg)
+        check_same_config(run_dir, cfg)
         done = rundir.finished_metrics(run_dir)
         if done is not None:
             # A kill between metrics.json and the checkpoint's removal leaves it behind; it is never needed.
@@ -196,20 +105,20 @@ def _lead(cfg: DictConfig, run_dir: Path, group: str | None, tell) -> dict:
         for folder in (run_dir, run_dir / CONFIG_FILE.parent):  # we hold the lock: every temp file is stale
             if folder.is_dir():
                 atomic.remove_stale_temps(folder, everything=True)
-        with _RunLog(run_dir) as run_log, job_scope():
+        with RunLog(run_dir) as run_log, job_scope():
             try:
-                _write_config_once(run_dir, cfg)  # first: an invalid run's record says what was asked
+                write_config_once(run_dir, cfg)  # first: an invalid run's record says what was asked
                 validate(cfg)
                 distributed.start(cfg.trainer)  # a bad trainer.parallel or trainer.world_size ends here as invalid
                 tell(("train", str(run_dir)))
                 return _train(cfg, run_dir, group, runs_root)
             except ConfigError as e:
                 run_log.file_only.error("invalid: %s", e)
-                _record(run_dir, cfg, rundir.INVALID, str(e))
+                record_end(run_dir, cfg, rundir.INVALID, str(e))
                 raise
             except Exception as e:
                 run_log.file_only.exception("failed")
-                _record(run_dir, cfg, rundir.FAILED, f"{type(e).__name__}: {e}")
+                record_end(run_dir, cfg, rundir.FAILED, f"{type(e).__name__}: {e}")
                 raise
 
 
@@ -240,7 +149,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         if mc.get("dora"):  # DoRA's ΔW is not B·A alone: it is written dense, against W0
             w0 = linear_weights(model, names) if keep_delta and main else None
         inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init, mc.get("rank_pattern"),
-                    dora=bool(mc.get("dora")))
+                    layer_type=DoRALinear if mc.get("dora") else None)
+        if mc.init == "pissa":  # the adapter starts as W's top-r part; the base keeps the residual
+            for layer in lora_layers(model).values():
+                pissa_init(layer)
         freeze_for_lora(model, head)
     elif mc.name == "subspace":
         w0 = linear_weights(model, names) if keep_delta and main else None
@@ -305,7 +217,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                         causal_lm=head is None, measure=parallel == "none")
     seed_everything(cfg.seed)  # the budget probes drew random numbers (dropout): start from the seed again
     if not fit.fits:
-        return _does_not_fit(run_dir, cfg, fit, t_start)
+        return does_not_fit(run_dir, cfg, fit, t_start)
     micro, checkpointing = fit.micro_batch, fit.activation_checkpointing
     if fit.budget_bytes:
         log.info("budget.gib=%g: micro-batch %d × %d accumulated, activation checkpointing %s (estimate %.2f GiB)",
@@ -428,7 +340,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
             raise
         free_cuda_memory(device)  # the probes fit, yet a later step did not: still a result of the sweep
         logger.finish()
-        return _does_not_fit(run_dir, cfg, fit.out_of_memory_at(loop["step"] + 1), t_start)
+        return does_not_fit(run_dir, cfg, fit.out_of_memory_at(loop["step"] + 1), t_start)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -438,7 +350,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         metrics = {"status": "diverged", "diverged_at_step": diverged_at, "method": mc.name,
                    "eval_history": loop["history"], "wall_seconds": time.perf_counter() - t_start}
         log.error("non-finite loss or gradient at step %d: run marked diverged", diverged_at)
-        metrics = _write_metrics(run_dir, cfg, metrics)
+        metrics = write_run_metrics(run_dir, cfg, metrics)
         if main:
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         logger.summary(metrics)
@@ -499,7 +411,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         "eval_history": loop["history"],
         "delta_file": DELTA_FILE if keep_delta else None,
     }
-    metrics = _write_metrics(run_dir, cfg, metrics)
+    metrics = write_run_metrics(run_dir, cfg, metrics)
     if main:
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is final; ΔW and metrics are what remain
     logger.summary(metrics)

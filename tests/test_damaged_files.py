@@ -114,11 +114,11 @@ def test_analysis_reads_what_was_written_or_skips_the_run(study, target, how):
             run_dir = (root / TARGETS[target]).parent
             assert rundir.read_metrics(run_dir) in (None, intact["2026-01-01/full"][0])
         if target == "config":
-            from lowrank.trainer import _check_same_config
+            from lowrank.run_record import check_same_config
             run_dir = (root / TARGETS[target]).parents[1]
             config = OmegaConf.create(intact["2026-01-01/lora"][1])
             try:
-                _check_same_config(run_dir, config)  # passes only for the same config (hash of every key)
+                check_same_config(run_dir, config)  # passes only for the same config (hash of every key)
             except ConfigError as e:
                 assert "another configuration" in str(e)
             else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from analysis.runs import load_run
 from experiments.export_peft import export, main
@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from experiments.shape_run import write_shape_run
 
-from .test_import_delta import MINILM, TEXT
+from .test_import_delta import TEXT
 
 SMALL = ("model.shape.num_hidden_layers=1", "model.shape.hidden_size=16", "model.shape.intermediate_size=32",
          "model.shape.num_attention_heads=2", "model.shape.num_key_value_heads=2")

@@ -3,7 +3,6 @@ reads it; a LoRA run's rank dynamics end at the spectrum of its final ΔW."""
 import csv
 import math
 
-import torch
 
 from analysis import spectra
 from analysis.runs import collect_runs
