@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .figure_data import MissingRuns, targets_label
+from .figure_data import MissingRuns, prepare, targets_label
 from .figures import Drawn, _setup_title, _write
 from .intrinsic_dim import SHARE, threshold_table
 from .statistics import n_label
@@ -89,7 +89,6 @@ def dynamics_data(tables) -> pd.DataFrame:
     d = tables.get("dynamics")
     if d is None or d.empty:
         raise MissingRuns("no run recorded rank dynamics (trainer.dynamics writes dynamics.csv)")
-    from .figure_data import prepare
     runs = prepare(tables["runs"])[["run_id", "setup", "config", "order"]]
     per_run = d.groupby(["run_id", "step"], as_index=False)[["r90", "phi_1", "phi_8"]].mean()
     m = per_run.merge(runs, on="run_id")
