@@ -26,6 +26,7 @@ from .atomic import remove_stale_temps, write_safetensors, write_safetensors_str
 from .errors import ConfigError
 from .integrity import DIGEST_KEY, CorruptArtifact, combined_digest, tensor_digests, verify_safetensors
 from .lora import block_linear_names, lora_layers
+from .lora_variants import DoRALinear, pissa_factors
 from .rundir import BASE_WEIGHTS_DIR, DELTA_FILE, HEAD_FILE, MODULE_RANK_KEY, MODULE_SCALING_KEY
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,6 @@ def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], 
         for n, w_ft in linear_weights(model, names).items():
             tensors[f"{n}.delta"] = w_ft - w0[n]
     else:
-        from .lora_variants import DoRALinear, pissa_factors  # the variants build on lora: imported when used
         layers = lora_layers(model)
         if any(isinstance(layer, DoRALinear) for layer in layers.values()):  # ΔW is not B·A: dense, against W0
             for n, layer in layers.items():
