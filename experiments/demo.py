@@ -95,7 +95,8 @@ def outcome(metrics: dict | None, before: dict | None) -> str:
     if before is not None and before.get("status") in rundir.FINAL_STATUSES and before == metrics:
         return f"finished before ({metrics['status']}): skipped"
     if metrics["status"] == rundir.COMPLETE:
-        return f"eval_accuracy {metrics['eval_accuracy']:.3f}, {metrics['wall_seconds']:.0f} s"
+        quality = next((f"{k} {metrics[k]:.3f}" for k in ("eval_accuracy", "eval_loss") if k in metrics), "")
+        return f"{quality}, {metrics['wall_seconds']:.0f} s"
     return f"{metrics['status']}" + (f": {metrics['reason']}" if metrics.get("reason") else "")
 
 
