@@ -141,6 +141,7 @@ def svd_top(x: torch.Tensor, k: int, start: tuple | None = None,
     top_eigh's, a residual relative to σ_1². When a top σ is
     below 1e-4·σ_1 (past svdvals_gram's accuracy; a rank-deficient x), the vectors come from torch.linalg.svd
     instead: the Gram matrix has lost them to rounding, and dividing by σ would not give unit vectors."""
+    x = x.double()  # a no-op for the analysis' fp64 ΔW; a training-time fp32 ΔW (dynamics) is promoted here
     k = min(k, *x.shape)
     if k == 0:
         return x.new_zeros(x.shape[0], 0), x.new_zeros(0), x.new_zeros(0, x.shape[1]), "none"

@@ -45,6 +45,8 @@ def test_top_singular_vectors_agree_with_the_svd(shape):
     assert U0.shape == (shape[0], min(shape)) and Vh0.shape == (5, shape[1])
     torch.testing.assert_close(S0[:40], Se[:40], rtol=1e-10, atol=0)
     assert ((U0[:, :40] * Ue[:, :40]).sum(0).abs() - 1).abs().max() < 1e-8
+    U32, S32 = spectra.svd_top(x.float(), 8)[:2]   # a training-time fp32 ΔW (rank dynamics) is promoted to fp64
+    assert U32.dtype == torch.float64 and torch.allclose(S32, Se[:8], rtol=1e-6)
     warm = spectra.svd_top(x + 1e-3 * low_rank_plus_noise(*shape, seed=1), 8, start=(U, Vh.mT))
     assert warm[3] == "iteration" and warm[0].shape == (shape[0], 8)
 
