@@ -7,48 +7,23 @@
     figure_13: full fine-tuning's ΔW energy rank r90 per layer and matrix type, beside the LoRA ranks run
 
 Each panel is one setup (analysis.statistics: runs of different setups are never pooled). A figure without its
-runs raises figure_data.MissingRuns.
+runs raises figure_data.MissingRuns. Their data: analysis/lm_tables.py.
 """
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .figure_data import MissingRuns, SHORT, matrix_order, need, prepare
+from .figure_data import SHORT, matrix_order
 from .figures import Drawn, _setup_title, _write
+from .lm_tables import frontier_data, lr_data, r90_layer_data
 from .statistics import n_label
 from .style import FULL_COLOR, color, marker, new_figure, styled
-
-LM_OBJECTIVES = ("cpt", "sft")
-
-
-def lm_runs(runs: pd.DataFrame, columns) -> pd.DataFrame:
-    """The causal-LM runs (prepare()'d) that recorded `columns`; MissingRuns when there are none."""
-    if "task.objective" not in runs:
-        raise MissingRuns("no causal-LM runs (task.objective cpt or sft)")
-    r = runs[runs["task.objective"].isin(LM_OBJECTIVES)]
-    if r.empty or any(c not in r for c in columns):
-        raise MissingRuns(f"no causal-LM runs with {', '.join(columns)}")
-    r = prepare(r)
-    r = r.dropna(subset=list(columns))
-    if r.empty:
-        raise MissingRuns(f"no causal-LM runs with {', '.join(columns)}")
-    r["curve"] = ["full" if m == "full" else f"LoRA r={int(k)}" for m, k in zip(r.method, r["rank"])]
-    r["curve_order"] = [(0, 0) if m == "full" else (1, k) for m, k in zip(r.method, r["rank"])]
-    return r
 
 
 def _curve_style(curves: list[str]) -> dict:
     lora = [c for c in curves if c != "full"]
     return {"full": (FULL_COLOR, "s")} | {c: (color(i), marker(i + 1)) for i, c in enumerate(lora)}
-
-
-def frontier_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: setup, curve (full / LoRA r=k), seed, lr, eval_loss, forgetting, eval_loss_base."""
-    r = lm_runs(runs, ["eval_loss", "forgetting"])
-    keep = ["setup", "curve", "curve_order", "config", "seed", "trainer.lr", "eval_loss", "forgetting"]
-    return r[keep + [c for c in ("eval_loss_base",) if c in r]].sort_values(
-        ["setup", "curve_order", "trainer.lr", "seed"], ignore_index=True)
 
 
 @styled
@@ -59,16 +34,23 @@ def plot_frontier(d: pd.DataFrame):
         g = d[d.setup == setup]
         curves = list(dict.fromkeys(g.sort_values("curve_order").curve))
         style = _curve_style(curves)
+        base = g.eval_loss_base.dropna().iloc[0] if "eval_loss_base" in g and g.eval_loss_base.notna().any() else None
+        worse = g.eval_loss > base if base is not None else pd.Series(False, index=g.index)
         for c in curves:
-            h = g[g.curve == c]
+            h = g[(g.curve == c) & ~worse]
             ax.scatter(h.eval_loss, h.forgetting, color=style[c][0], marker=style[c][1], s=22,
                        label=f"{c} ({n_label(len(h), 'run')})", gid=f"frontier:{c}")
-        if "eval_loss_base" in g and g.eval_loss_base.notna().any():
-            base = g.eval_loss_base.dropna().iloc[0]
+        if base is not None:
             ax.scatter([base], [1.0], color="white", edgecolor="black", marker="*", s=80, label="base model")
         ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
+        ax.set_yscale("log")  # a ratio: after / before
+        if worse.any():
+            k = int(worse.sum())
+            ax.text(0.01, 0.99, f"not shown: {k} run{'s' * (k > 1)} above the base model's loss",
+                    transform=ax.transAxes, fontsize=6, va="top", color="#555555")
         ax.set(xlabel="held-out in-domain loss (nats/token; lower: learned more)",
-               ylabel="forgetting: OOD perplexity after / before", title=_setup_title(setup, "learning vs forgetting"))
+               ylabel="forgetting: OOD perplexity after / before (log)",
+               title=_setup_title(setup, "learning vs forgetting"))
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     return fig
 
@@ -81,24 +63,8 @@ def figure_11(tables, out_dir: Path) -> Drawn:
                       n=("eval_loss", "size")).reset_index())
 
 
-def lr_data(runs: pd.DataFrame) -> dict:
-    """curves: setup, curve, lr, eval_loss (mean over seeds), n; best: per setup and curve the learning rate of
-    the lowest mean loss, and its ratio to full fine-tuning's best in the setup (NaN without a full curve).
-    Setups whose curves have fewer than two learning rates are left out."""
-    r = lm_runs(runs, ["eval_loss", "trainer.lr"])
-    c = r.groupby(["setup", "curve", "curve_order", "trainer.lr"], sort=True).agg(
-        eval_loss=("eval_loss", "mean"), n=("eval_loss", "size")).reset_index().rename(columns={"trainer.lr": "lr"})
-    spread = c.groupby("setup").lr.nunique()
-    c = c[c.setup.isin(spread[spread >= 2].index)]
-    if c.empty:
-        raise MissingRuns("no causal-LM setup with runs at two or more learning rates")
-    best = c.loc[c.groupby(["setup", "curve"]).eval_loss.idxmin()].reset_index(drop=True)
-    full = best[best.curve == "full"].set_index("setup").lr
-    best["lr_over_full"] = [lr / full[s] if s in full else np.nan for s, lr in zip(best.setup, best.lr)]
-    best["edge"] = [lr in (c[(c.setup == s) & (c.curve == k)].lr.min(), c[(c.setup == s) & (c.curve == k)].lr.max())
-                    for s, k, lr in zip(best.setup, best.curve, best.lr)]  # the best is at the grid's edge
-    return {"curves": c.sort_values(["setup", "curve_order", "lr"], ignore_index=True),
-            "best": best.sort_values(["setup", "curve_order"], ignore_index=True)}
+def per_lr(n: pd.Series) -> str:
+    return n_label(int(n.max())) if n.nunique() == 1 else f"n={int(n.min())}-{int(n.max())} seeds"
 
 
 @styled
@@ -114,7 +80,7 @@ def plot_lr(data: dict):
             h, hb = g[g.curve == k], b[b.curve == k].iloc[0]
             ratio = "" if k == "full" or not np.isfinite(hb.lr_over_full) else f", best ÷ full's {hb.lr_over_full:.3g}"
             ax.plot(h.lr, h.eval_loss, color=style[k][0], marker=style[k][1], ms=4, lw=1,
-                    label=f"{k} ({n_label(int(h.n.max()))} per lr; best lr {hb.lr:.3g}{ratio})", gid=f"lr:{k}")
+                    label=f"{k} ({per_lr(h.n)} per lr; best lr {hb.lr:.3g}{ratio})", gid=f"lr:{k}")
             ax.scatter([hb.lr], [hb.eval_loss], s=90, facecolor="none", edgecolor=style[k][0], lw=1.2)
         ax.set_xscale("log")
         ax.set(xlabel="learning rate (log scale)", ylabel="final held-out loss (nats/token)",
@@ -131,25 +97,6 @@ def figure_12(tables, out_dir: Path) -> Drawn:
                                   "the true optimum may lie beyond it.")
     return _write(out_dir, "fig12_loss_vs_lr", plot_lr(data), data["curves"].drop(columns="curve_order"),
                   table=best[["setup", "curve", "lr", "eval_loss", "lr_over_full", "edge"]], note=note)
-
-
-def r90_layer_data(spectrum: pd.DataFrame, runs: pd.DataFrame) -> dict:
-    """Full fine-tuning of causal LMs: r90 per setup, matrix type and layer (mean, min, max over runs), the
-    matrix width (the largest possible rank), and the LoRA ranks run in each setup (for reference lines)."""
-    need(spectrum, ["run_id", "r90", "layer", "matrix_type"], "spectra")
-    r = lm_runs(runs, ["eval_loss"])
-    full = r[r.method == "full"].set_index("run_id")
-    sp = spectrum[spectrum.run_id.isin(full.index)].copy()
-    if sp.empty:
-        raise MissingRuns("no full fine-tuning ΔW of a causal LM")
-    sp["setup"] = full.loc[sp.run_id, "setup"].values
-    sp["width"] = sp[["out_features", "in_features"]].min(axis=1) if "in_features" in sp else np.nan
-    sp["r90"] = sp.r90.astype(float)
-    d = sp.groupby(["setup", "matrix_type", "layer"], sort=True).agg(
-        r90=("r90", "mean"), r90_min=("r90", "min"), r90_max=("r90", "max"), n=("run_id", "nunique"),
-        width=("width", "min")).reset_index()
-    ranks = {s: sorted({int(k) for k in g["rank"].dropna()}) for s, g in r[r.method == "lora"].groupby("setup")}
-    return {"data": d, "lora_ranks": ranks}
 
 
 @styled

@@ -46,6 +46,7 @@ from .report_cli import parse_args
 from .figure_data import prepare, targets_label
 from .dynamics import dynamics_table
 from .runs import Run, config_keys
+from .lm_findings import findings, report_lines
 from .stream import PHASES, analyse_runs
 from .subspace import phi_grid, random_phi_grid
 from .tables import REPORT_FILE, TIMING_FILE, markdown_table, table_path, write_csv
@@ -75,18 +76,6 @@ def sigma_rows(results) -> list[pd.DataFrame]:
     """singular_values.csv's rows, one block per matrix: (identity and place) × index × σ."""
     return [pd.DataFrame({**{k: [v] * len(S) for k, v in ident.items()}, "index": range(1, len(S) + 1), "sigma": S})
             for res in results.values() for ident, S in res.sigmas]
-
-
-def add_setups(table: pd.DataFrame, runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The runs table with a `setup` column after run_id (statistics.find_setups over every identity key of the
-    runs' configs but the seed and the configuration), and the setups table."""
-    keys = sorted({k for r in runs for k in config_keys(r) if st.is_identity_key(k)})
-    ids, setups = st.find_setups(table, st.setup_columns(keys))
-    if table.empty:
-        return table.assign(setup=pd.Series(dtype=object)), setups
-    table = table.copy()
-    table.insert(1, "setup", ids.loc[table.run_id].values)
-    return table, setups
 
 
 def select_pairs(table: pd.DataFrame) -> pd.DataFrame:
@@ -284,7 +273,7 @@ def run_report(opts) -> dict:
         opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"} | {8})  # cut to the runs analysed below
     t_load = time.perf_counter() - t_start
     progress(f"{len(runs)} runs to analyse, {len(skipped)} skipped ({t_load:.1f} s)")
-    keep = lora_setups_runs(add_setups(table, runs)[0])
+    keep = lora_setups_runs(st.add_setups(table, {k for r in runs for k in config_keys(r)})[0])
     results, failed, stream = analyse_runs(runs, opts, keep)
     for run in runs:
         res = results.get(run.run_id)
@@ -300,7 +289,7 @@ def run_report(opts) -> dict:
             res.amps = [a for a in res.amps if a["method"] == "lora" or a["r"] in lora_ranks]
     t_runs = time.perf_counter() - t_start - t_load
 
-    table, setups = add_setups(table, runs)
+    table, setups = st.add_setups(table, {k for r in runs for k in config_keys(r)})
     pairs = select_pairs(table)
     blocks = [block for p in pairs.itertuples() for block in
               subspace_rows(p.kind, p.run_a, p.run_b, results[p.run_a].bases, results[p.run_b].bases)]
@@ -325,6 +314,7 @@ def run_report(opts) -> dict:
         write_json(out / file, pattern)
     tables = {"runs": table, "setups": setups, "spectrum": spectrum, "singular_values": sigmas,
               "subspace": subspace, "amplification": amps, "rank_advice": advice, "dynamics": dynamics_table(runs)}
+    tables["lm_findings"] = findings(tables)
     t_tables = time.perf_counter()
     for name, df in tables.items():
         write_csv(table_path(out, name), df)
@@ -344,7 +334,7 @@ def run_report(opts) -> dict:
     write_json(out / TIMING_FILE, record)
     timing = timing_lines(record, runs, results, len(pairs), len(subspace), table_path(out, "subspace"))
     write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures,
-                                            rank_advice_lines(advice, advice_info)))
+                                            rank_advice_lines(advice, advice_info) + report_lines(tables["lm_findings"])))
     for k, v in timing.items():
         print(f"{k}: {v}")
     none_found = "" if runs or skipped else (

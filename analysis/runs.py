@@ -13,6 +13,8 @@ come from the run-directory contract `lowrank.rundir`; every safetensors file is
 `check_data=False`, its header only, each tensor then being hashed and checked as it is read
 (analysis/checked_reads.py; so a 26 GB ΔW is read and hashed once, not twice). Those two small modules are all this
 imports from `lowrank`: never the model or training code. A run that fails any check is skipped with the reason.
+`outcome_table` reads the configs and metrics alone. Its 431 lines keep every check of a run directory in one
+place.
 """
 import json
 import math
@@ -216,9 +218,9 @@ def _base_path(run_dir: Path, rel) -> Path:
     return path
 
 
-def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
-    """Read and check one run directory; raises SkippedRun with the reason when it cannot be analysed.
-    check_data=False reads the safetensors headers only (Run.unread: each tensor is checked when read)."""
+def load_outcome(run_dir: Path) -> tuple[dict, dict]:
+    """(config, metrics) of a run directory that ended complete, its config the one its metrics were computed
+    with; raises SkippedRun with the reason otherwise. What a run's quality and cost are read from, ΔW or not."""
     run_dir = Path(run_dir)
     if why := _file_problem(run_dir / CONFIG_FILE):
         raise SkippedRun(f"{CONFIG_FILE} {why}")
@@ -241,7 +243,14 @@ def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
     if metrics.get("config_sha256") != config_sha256(config):
         raise SkippedRun(f"{CONFIG_FILE} is not the config {METRICS_FILE} was computed with (its hash differs "
                          f"from the one recorded there)")
+    return config, metrics
 
+
+def load_run(run_dir: Path, run_id: str, check_data: bool = True) -> Run:
+    """Read and check one run directory; raises SkippedRun with the reason when it cannot be analysed.
+    check_data=False reads the safetensors headers only (Run.unread: each tensor is checked when read)."""
+    run_dir = Path(run_dir)
+    config, metrics = load_outcome(run_dir)
     delta_path = run_dir / DELTA_FILE
     fingerprints = {}
     if not check_data and delta_path.is_file():
@@ -345,13 +354,30 @@ def run_table(runs: list[Run]) -> pd.DataFrame:
     metric (`eval_accuracy`, `wall_seconds`, ...), metrics that are dicts flattened too
     (`memory_estimate.weights_bytes`, ...); lists such as `eval_history` are left out. A metric named like
     a config column (or run_id, path) never replaces it: the config says what the run was."""
-    rows = []
-    for r in runs:
-        ident = {"run_id": r.run_id, "path": str(r.path)} | _flatten(r.config)
-        scalars = {k: v for k, v in r.metrics.items() if not isinstance(v, (list, dict))}
-        nested = _flatten({k: v for k, v in r.metrics.items() if isinstance(v, dict)})
-        rows.append(ident | {k: v for k, v in (scalars | nested).items() if k not in ident})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([_row(r.run_id, r.path, r.config, r.metrics) for r in runs])
+
+
+def _row(run_id: str, path: Path, config: dict, metrics: dict) -> dict:
+    ident = {"run_id": run_id, "path": str(path)} | _flatten(config)
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    nested = _flatten({k: v for k, v in metrics.items() if isinstance(v, dict)})
+    return ident | {k: v for k, v in (scalars | nested).items() if k not in ident}
+
+
+def outcome_table(roots) -> tuple[pd.DataFrame, set[str], list[tuple[str, str]]]:
+    """run_table's rows for every complete run below `roots` from its config and metrics alone (no ΔW read or
+    needed: its spectra may have been analysed on another machine), their config keys, and [(run_id, reason)]
+    for the others."""
+    rows, keys, skipped = [], set(), []
+    for run_id, run_dir in run_ids(roots):
+        try:
+            config, metrics = load_outcome(run_dir)
+        except SkippedRun as e:
+            skipped.append((run_id, str(e)))
+            continue
+        rows.append(_row(run_id, run_dir, config, metrics))
+        keys |= set(_flatten(config))
+    return pd.DataFrame(rows), keys, skipped
 
 
 def collect_runs(roots, check_data: bool = True) -> tuple[list[Run], pd.DataFrame, list[tuple[str, str]]]:
@@ -360,21 +386,26 @@ def collect_runs(roots, check_data: bool = True) -> tuple[list[Run], pd.DataFram
     two of the roots (one inside the other) is taken once. Raises ValueError for roots that cannot be read
     together (`roots_problem`). check_data=False checks everything but the tensors' bytes, which are then
     checked as they are read (Run.delta, Run.base_weight: DamagedFile for damage from before)."""
-    roots = [Path(r) for r in roots]
-    if why := roots_problem(roots):
-        raise ValueError(why)
-    runs, skipped, seen = [], [], set()
-    for root, run_dir in find_run_dirs(roots):
-        if run_dir.resolve() in seen:
-            continue
-        seen.add(run_dir.resolve())
-        rel = run_dir.relative_to(root).as_posix()
-        run_id = f"{root.resolve().name}/{rel}" if len(roots) > 1 else rel
+    runs, skipped = [], []
+    for run_id, run_dir in run_ids(roots):
         try:
             runs.append(load_run(run_dir, run_id, check_data))
         except SkippedRun as e:
             skipped.append((run_id, str(e)))
     return runs, run_table(runs), skipped
+
+
+def run_ids(roots):
+    """(run_id, run directory) below `roots`, each directory once (ValueError: roots_problem)."""
+    roots = [Path(r) for r in roots]
+    if why := roots_problem(roots):
+        raise ValueError(why)
+    seen = set()
+    for root, run_dir in find_run_dirs(roots):
+        if run_dir.resolve() not in seen:
+            seen.add(run_dir.resolve())
+            rel = run_dir.relative_to(root).as_posix()
+            yield (f"{root.resolve().name}/{rel}" if len(roots) > 1 else rel), run_dir
 
 
 _INDEX = re.compile(r"^\d+$")

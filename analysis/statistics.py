@@ -65,6 +65,17 @@ def setup_columns(identity_keys, axis=()) -> list[str]:
                   and not _under(k, axis))
 
 
+def add_setups(table: pd.DataFrame, config_keys) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs table with a `setup` column after run_id (find_setups over every identity key among the runs'
+    flattened `config_keys` but the seed and the configuration), and the setups table."""
+    ids, setups = find_setups(table, setup_columns(sorted(k for k in set(config_keys) if is_identity_key(k))))
+    if table.empty:
+        return table.assign(setup=pd.Series(dtype=object)), setups
+    table = table.copy()
+    table.insert(1, "setup", ids.loc[table.run_id].values)
+    return table, setups
+
+
 def canonical(value) -> object:
     """One spelling per value, so that equal settings group together: NaN and None alike, 100 and 100.0 alike."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -13,7 +13,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from analysis import figure_data as D
 from analysis import figures as F
 from analysis import statistics as st
-from analysis.report import add_setups, amplification_summary_table, select_pairs
+from analysis.report import amplification_summary_table, select_pairs
+from analysis.runs import config_keys
+from analysis.statistics import add_setups
 
 
 # ---- intervals ---------------------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_add_setups_uses_every_identity_key_of_the_configs():
                            "logger.name": "wandb"},
                           {"run_id": "b", "seed": 1, "task.eval_size": 1000, "method.name": "full",
                            "logger.name": "none"}])
-    with_setups, setups = add_setups(table, [FakeRun(a), FakeRun(b)])
+    with_setups, setups = add_setups(table, config_keys(FakeRun(a)) + config_keys(FakeRun(b)))
     assert list(with_setups.columns[:2]) == ["run_id", "setup"] and with_setups.setup.nunique() == 2
     assert list(setups.label) == ["task.eval_size=100", "task.eval_size=1000"]
 
