@@ -86,8 +86,9 @@ def ensure_base_weights(runs_root: Path, model_name: str, model: nn.Module) -> P
 
 
 def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], w0: dict | None,
-                base_weights: Path, meta: dict) -> Path:
-    """Write ΔW of `names` (full: `w0` holds their W0) or of every LoRA layer (LoRA, with the head beside it)."""
+                base_weights: Path, meta: dict, dense: bool = False) -> Path:
+    """Write ΔW of `names` (full: `w0` holds their W0) or of every LoRA layer (LoRA, with the head beside it;
+    `dense`, or DoRA: base weight + the adapter's ΔW − W0, as ReLoRA's base moves)."""
     if distributed.world_size() > 1:
         return _write_delta_gathered(run_dir, model, method, names, w0, base_weights, meta)
     tensors = {}
@@ -96,7 +97,7 @@ def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], 
             tensors[f"{n}.delta"] = w_ft - w0[n]
     else:
         layers = lora_layers(model)
-        if any(isinstance(layer, DoRALinear) for layer in layers.values()):  # ΔW is not B·A: dense, against W0
+        if dense or any(isinstance(layer, DoRALinear) for layer in layers.values()):  # not B·A: dense, against W0
             for n, layer in layers.items():
                 tensors[f"{n}.delta"] = layer.base_layer.weight.detach().float().cpu() + \
                     layer.delta_weight().detach().float().cpu() - w0[n]

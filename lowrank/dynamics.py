@@ -34,10 +34,11 @@ def tracked(names: list[str], targets) -> list[str]:
 
 
 class Dynamics:
-    """Snapshots of ΔW for `names` (LoRA layers by their factors; other methods against `w0`, CPU fp32)."""
+    """Snapshots of ΔW for `names` (LoRA layers by their factors; other methods against `w0`, CPU fp32; with
+    `merged_base`, ReLoRA's LoRA layers as their base weight + s·B A against `w0`)."""
 
-    def __init__(self, model: nn.Module, names: list[str], w0: dict | None):
-        self.model, self.names, self.w0 = model, names, w0
+    def __init__(self, model: nn.Module, names: list[str], w0: dict | None, merged_base: bool = False):
+        self.model, self.names, self.w0, self.merged_base = model, names, w0, merged_base
         self.lora = lora_layers(model)
         self.previous: dict[str, torch.Tensor] = {}  # top-8 left singular vectors at the last snapshot (CPU)
         self._w0_dev: dict[str, torch.Tensor] = {}
@@ -45,17 +46,19 @@ class Dynamics:
     def _delta_svd(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(all singular values, the top-8 left singular vectors) of the current ΔW, float64 on the CPU."""
         layer = self.lora.get(name)
-        if layer is not None and not hasattr(layer, "magnitude"):  # a product of factors (PiSSA's: [B, −B0][A; A0])
+        if layer is not None and not hasattr(layer, "magnitude") and not self.merged_base:  # B·A (PiSSA: [B, −B0][A; A0])
             B, A = pissa_factors(layer) if hasattr(layer, "lora_A0") else (layer.lora_B, layer.lora_A)
             U, S, _ = spectra.svd_factored(B.detach(), A.detach(), layer.scaling)
             return S.cpu(), U[:, :max(PHI_K)].cpu()
-        if layer is not None:  # DoRA: ΔW against the base it scales
+        if layer is not None and not self.merged_base:  # DoRA: ΔW against the base it scales
             delta = layer.delta_weight().detach().float()
         else:
-            w = self.model.get_submodule(name).weight.detach()
+            w = (layer.base_layer if layer is not None else self.model.get_submodule(name)).weight.detach()
             if name not in self._w0_dev:
                 self._w0_dev[name] = self.w0[name].to(w.device)
             delta = w.float() - self._w0_dev[name]
+            if layer is not None:  # ReLoRA: what was folded into the base, and the live adapter
+                delta += layer.delta_weight().detach().float()
         if delta.is_cuda:  # the Gram path: one eigh of the smaller Gram matrix
             S = spectra.svdvals_gram(delta)[0].cpu()
             U = spectra.svd_top(delta, max(PHI_K))[0].cpu()

@@ -6,6 +6,7 @@ and write its run directory.
 `metrics.json`, `delta_w.safetensors` and the log; `RUNS_ROOT/base_weights/` holds W0 once per base model.
 Whatever happens, the run directory says so: bad input ends as `status: invalid` and an unexpected error as
 `status: failed`, each with its one-line `reason`, and what the run set process-wide is undone (`job_scope`).
+Its 434 lines are one run's story in the order it happens; what each step calls lives in its own module.
 """
 import logging
 import math
@@ -34,6 +35,7 @@ from .memory import estimate_from_cfg
 from .intrinsic import freeze_for_subspace, inject_subspace
 from .lora import freeze_for_lora, inject_lora, lora_layers, lora_scaling, match_targets
 from .lora_variants import DoRALinear, pissa_init
+from .relora import ReLoRA, jagged
 from .objectives import objective_for
 from .optimizers import lr_lambda, make_optimizer, make_scheduler, resolve_optimizer
 from .perf import flops_per_token, peak_flops, peak_memory_bytes, state_bytes
@@ -146,7 +148,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     if mc.name == "lora":
         check_rank_fits(mc.rank, {n: min(model.get_submodule(n).weight.shape) for n in names}, mc.get("rank_pattern"))
         w0 = None
-        if mc.get("dora"):  # DoRA's ΔW is not B·A alone: it is written dense, against W0
+        if mc.get("dora") or mc.get("relora_every"):  # ΔW is not B·A alone: it is written dense, against W0
             w0 = linear_weights(model, names) if keep_delta and main else None
         inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init, mc.get("rank_pattern"),
                     layer_type=DoRALinear if mc.get("dora") else None)
@@ -189,8 +191,9 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     mask_free = (tc.mask_free_attention and train_batches.unpadded and test_batches.unpadded
                  and model.config.model_type in CAUSAL_MODEL_TYPES)
     loraplus = mc.get("loraplus_ratio")  # LoRA+: B's learning rate is this many times A's
+    relora_every = mc.get("relora_every") if mc.name == "lora" else None  # ReLoRA: merge and restart every N steps
     optimizer_kind = resolve_optimizer(tc.optimizer, mc.name, device.type, precision, static_batches=mask_free,
-                                       loraplus=loraplus is not None)
+                                       loraplus=loraplus is not None or bool(relora_every))
     if parallel != "none" and optimizer_kind == "flat_master":
         if tc.optimizer == "flat_master":
             raise ConfigError(f"trainer.optimizer=flat_master is not valid with trainer.parallel={parallel}; "
@@ -198,7 +201,10 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         optimizer_kind = "adamw"  # its flat master copy is one process's; DDP/FSDP step torch's AdamW
     optimizer = make_optimizer(model, trainable, optimizer_kind, tc.lr, tc.weight_decay, fused=device.type == "cuda",
                                loraplus_ratio=loraplus)
-    scheduler = make_scheduler(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
+    schedule = lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps)
+    scheduler = make_scheduler(optimizer, jagged(schedule, relora_every, mc.get("relora_warmup", 0))
+                               if relora_every else schedule)
+    relora = ReLoRA(model, optimizer, relora_every) if relora_every else None
     if tc.batch_size > len(train_batches):
         raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
                           f"size ({len(train_batches)})")
@@ -235,6 +241,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
 
     loop = load_checkpoint(run_dir, model, optimizer, scheduler) or {
         "step": 0, "history": [], "recent_losses": [], "timing": None}
+    if relora is not None:
+        relora.load_state_dict(loop.pop("relora", None))  # the base weights its restarts merged into
     graphed, why_not = use_cuda_graph(tc.get("cuda_graph", "auto"), device, mask_free, checkpointing)
     if parallel != "none":  # collectives and each rank's step are not captured in one process's graph
         graphed, why_not = False, f"it runs on {distributed.world_size()} processes (trainer.parallel={parallel})"
@@ -255,7 +263,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
     dynamics = None  # rank over training time (lowrank/dynamics.py): rank 0, one process's weights
     if tc.get("dynamics", True) and main and parallel != "fsdp" and (mc.name == "lora" or w0 is not None):
         tracked_names = list(lora_layers(model)) if mc.name == "lora" else names
-        dynamics = Dynamics(model, tracked(tracked_names, tc.get("dynamics_targets", "all")), w0)
+        dynamics = Dynamics(model, tracked(tracked_names, tc.get("dynamics_targets", "all")), w0,
+                            merged_base=relora is not None)
     sigterm, previous_handler = sigterm_flag()
     diverged_at = None
     bar = tqdm(range(loop["step"], tc.max_steps), desc=run_name, disable=not (tc.progress_bar and main),
@@ -291,10 +300,13 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
                 rows = dynamics.snapshot(step + 1)
                 loop["dynamics"] = loop.get("dynamics", []) + rows
                 logger.log(dynamics_summary(rows), step=step + 1)
+        if relora is not None:
+            relora.after_step(step + 1, tc.max_steps)
         preempted = distributed.any_rank(sigterm["set"])  # SIGTERM on any rank: every rank checkpoints here
         if preempted or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
                          and step + 1 < tc.max_steps):
-            save_checkpoint(run_dir, model, optimizer, scheduler, loop)
+            save_checkpoint(run_dir, model, optimizer, scheduler,
+                            loop | ({"relora": relora.state_dict()} if relora is not None else {}))
         if preempted:
             log.warning("SIGTERM at step %d: checkpoint written; re-run the same command to resume", step + 1)
             logger.finish()
@@ -306,7 +318,8 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         before the next step launches."""
         n = step + 1
         return (not train_step.overlaps or n % tc.eval_interval == 0 or n == tc.max_steps or sigterm["set"]
-                or bool(tc.checkpoint_every and n % tc.checkpoint_every == 0))
+                or bool(tc.checkpoint_every and n % tc.checkpoint_every == 0)
+                or (relora is not None and relora.due(n, tc.max_steps)))
 
     pending = None  # a graphed step in flight whose bookkeeping waits until the next one is launched
     try:
@@ -364,7 +377,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         write_delta(run_dir, model, mc.name, names, w0, base_path,
                     {"base_model": cfg.model.path, "base_model_name": cfg.model.name,
                      "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
-                     "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": names})
+                     "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": names}, dense=relora is not None)
 
     timing = clock.summary()
     tokens_per_second = timing["tokens_per_second"]
@@ -379,6 +392,7 @@ def _train(cfg: DictConfig, run_dir: Path, group: str | None, runs_root: Path) -
         **{k: v for k, v in last.items() if k != "step"},  # eval_loss, eval_accuracy or eval_perplexity, train_loss
         **final_scores,  # train accuracy (classification); forgetting, exact match (causal LM)
         "trainable_params": sum(p.numel() for p in trainable),
+        **({"relora_restarts": relora.restarts} if relora is not None else {}),
         "head_params": head_params,
         "adapted_params": sum(p.numel() for p in trainable) - head_params,
         "total_params": sum(p.numel() for p in model.parameters()),

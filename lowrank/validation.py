@@ -42,6 +42,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"method.dora={m.dora!r} is not valid; it must be true or false")
         if m.get("loraplus_ratio") is not None:
             check_positive("method.loraplus_ratio", m.loraplus_ratio)
+        if m.get("relora_every") is not None:
+            check_positive("method.relora_every", m.relora_every, integer=True)
+            check_positive("method.relora_warmup", m.get("relora_warmup", 0), integer=True, allow_zero=True)
+            if m.get("dora") or m.init == "pissa":
+                raise ConfigError(f"method.relora_every={m.relora_every} is not valid with "
+                                  f"{'method.dora=true' if m.get('dora') else 'method.init=pissa'}; use one variant")
     if m.name == "subspace":
         check_positive("method.dim", m.dim, integer=True)
         if not isinstance(m.said, bool):
@@ -74,11 +80,15 @@ def validate(cfg: DictConfig) -> None:
     check_choice("trainer.optimizer", t.optimizer, OPTIMIZERS)
     if t.optimizer == "flat_master" and m.name != "lora":
         raise ConfigError(f"trainer.optimizer=flat_master is not valid with method={m.name}; it steps LoRA factors")
+    if t.optimizer == "flat_master" and m.get("relora_every") is not None:
+        raise ConfigError("trainer.optimizer=flat_master is not valid with method.relora_every set; ReLoRA resets "
+                          "each factor's Adam state: use auto or adamw")
     if t.optimizer == "flat_master" and m.get("loraplus_ratio") is not None:
         raise ConfigError("trainer.optimizer=flat_master is not valid with method.loraplus_ratio set; LoRA+ needs two "
                           "learning rates: use auto or adamw")
     variant = ("method=subspace" if m.name == "subspace" else "method.dora=true" if m.get("dora") else
-               "method.init=pissa" if m.get("init") == "pissa" else None)
+               "method.init=pissa" if m.get("init") == "pissa" else
+               "method.relora_every" if m.get("relora_every") is not None else None)
     if variant and t.get("parallel", "auto") in ("ddp", "fsdp"):
         raise ConfigError(f"trainer.parallel={t.parallel} is not valid with {variant}; it runs in one process")
     check_choice("logger.name", cfg.logger.name, LOGGERS)
