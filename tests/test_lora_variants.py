@@ -172,3 +172,29 @@ def test_relora_accumulates_more_than_rank_r_after_two_restarts():
     s = torch.linalg.svdvals(accumulated.double())
     assert int((s > 1e-3 * s[0]).sum()) > 2
     assert torch.linalg.matrix_rank(layer.delta_weight().detach()) <= 2
+
+
+def test_rslora_scaling_matches_peft_use_rslora():
+    """method.scaling=rslora (alpha/√r) against PEFT's use_rslora=True: the same scaling, the same 3 steps."""
+    from lowrank.lora import LoRALinear
+
+    def make(model):
+        from lowrank.lora import match_targets
+        for name in match_targets(model, ["query", "value"]):
+            model.set_submodule(name, LoRALinear(model.get_submodule(name), 4, 8, scaling="rslora"))
+        freeze_for_lora(model, model.classifier)
+
+    ours, theirs, tok = _peft_pair({"use_rslora": True}, make)
+    batch, labels = _batch(tok)
+    for name, layer in lora_layers(ours).items():
+        p = theirs.base_model.model.get_submodule(name)
+        assert layer.scaling == p.scaling["default"] == 8 / 2.0  # alpha / √r, not alpha / r = 2
+        with torch.no_grad():
+            p.lora_A["default"].weight.copy_(layer.lora_A)
+    _train_both(ours, theirs, batch, labels)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-4)
+        for name, layer in lora_layers(ours).items():
+            p = theirs.base_model.model.get_submodule(name)
+            mine, peft_delta = layer.delta_weight(), p.get_delta_weight("default")
+            assert torch.linalg.norm(mine - peft_delta) <= 1e-3 * torch.linalg.norm(mine), name
