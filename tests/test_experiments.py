@@ -7,6 +7,7 @@ import pytest
 from experiments.demo import compose, sweep_jobs
 from lowrank.validation import validate
 
+from .cli_batch import run_cli_batch
 from .conftest import CONF, ROOT, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -83,25 +84,42 @@ def test_demo_command_runs_a_tiny_study_and_names_its_report(tmp_path):
     assert "### Figure 1\n\nSkipped: no full-data LoRA runs" in report
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["trainer.max_step=5"], ["trainer.max_step is not a config key", "max_steps"]),
-    (["method=lorra"], ["method='lorra'", "lora"]),
-    (["trainer.lr=abc"], ["trainer.lr='abc'", "a number"]),
-    (["--sweeps", "nope"], ["--sweeps", "'nope'", "demo_lora"]),
-    (["--jobs", "0"], ["--jobs=0", ">= 1"]),
-    (["name=../up"], ["name='../up'", "one folder name"]),
-    (["--jobs", "abc"], ["--jobs", "invalid int value"]),
-    (["trainer.device=tpu"], ["trainer.device='tpu'", "cuda:N"]),
-    (["budget.gib=-3"], ["budget.gib=-3", "GiB > 0"]),
-])
-def test_demo_checks_every_job_before_it_starts_any(tmp_path, args, needles):
+DEMO_BAD_ARGS = {  # arguments -> what the one error line must hold
+    "trainer.max_step=5": ["trainer.max_step is not a config key", "max_steps"],
+    "method=lorra": ["method='lorra'", "lora"],
+    "trainer.lr=abc": ["trainer.lr='abc'", "a number"],
+    "--sweeps nope": ["--sweeps", "'nope'", "demo_lora"],
+    "--jobs 0": ["--jobs=0", ">= 1"],
+    "name=../up": ["name='../up'", "one folder name"],
+    "--jobs abc": ["--jobs", "invalid int value"],
+    "trainer.device=tpu": ["trainer.device='tpu'", "cuda:N"],
+    "budget.gib=-3": ["budget.gib=-3", "GiB > 0"],
+}
+
+
+def demo_argv(tmp, args: str) -> list[str]:
+    return ["-m", "experiments.demo", "--runs-root", str(tmp / "runs"), "--out", str(tmp / "out"), *args.split()]
+
+
+@pytest.fixture(scope="module")
+def demo_bad_results(tmp_path_factory):
+    """{args: (result, its folder)} of `python -m experiments.demo --runs-root F/runs --out F/out ARGS`, a folder F
+    each, all from one tests.cli_batch process (a process each, the imports paid once; the fresh interpreter's
+    path: test_demo_refuses_an_out_that_is_a_file)."""
+    dirs = {args: tmp_path_factory.mktemp("demo_bad") for args in DEMO_BAD_ARGS}
+    results = run_cli_batch([demo_argv(dirs[a], a) for a in DEMO_BAD_ARGS], [ROOT] * len(dirs), timeout=600)
+    return {args: (res, dirs[args]) for args, res in zip(DEMO_BAD_ARGS, results)}
+
+
+@pytest.mark.parametrize("args", list(DEMO_BAD_ARGS))
+def test_demo_checks_every_job_before_it_starts_any(demo_bad_results, args):
     """One line, exit 2, and nothing written: every job's config is checked before any starts."""
-    res = run_cli(["-m", "experiments.demo", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
-                   *args], cwd=ROOT, timeout=300)
+    res, tmp = demo_bad_results[args]
+    needles = DEMO_BAD_ARGS[args]
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+    assert not (tmp / "runs").exists() and not (tmp / "out").exists()
 
 
 def test_demo_refuses_an_out_that_is_a_file(tmp_path):

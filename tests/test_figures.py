@@ -142,11 +142,23 @@ def build_root(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report_run(tmp_path_factory) -> tuple[Path, dict]:
-    """The report on the synthetic root: its folder, and the tables as it handed them to the figures."""
+def report_run(tmp_path_factory) -> tuple[Path, dict, list]:
+    """The report on the synthetic root: its folder, the tables as it handed them to the figures, and the figures
+    as write_figures handed them back to it (in memory)."""
+    import analysis.figure_registry as registry
     root = build_root(tmp_path_factory.mktemp("runs"))
     out = tmp_path_factory.mktemp("report")
-    return out, run_report(parse_args([str(root), "--out", str(out), "--threads", "1"]))
+    built, real = [], registry.write_figures
+
+    def keep(*args, **kwargs):
+        result = real(*args, **kwargs)
+        built.extend(result)
+        return result
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "write_figures", keep)  # what the report imports when it draws
+        tables = run_report(parse_args([str(root), "--out", str(out), "--threads", "1"]))
+    assert built
+    return out, tables, built
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +169,11 @@ def out(report_run) -> Path:
 @pytest.fixture(scope="module")
 def tables(report_run) -> dict:
     return report_run[1]
+
+
+@pytest.fixture(scope="module")
+def built(report_run) -> list:
+    return report_run[2]
 
 
 def artists(ax_or_fig, gid):
@@ -205,7 +222,7 @@ def test_report_lists_the_setups_and_their_runs(out, tables):
     assert "| run_id | setup | method.name | method.rank | targets | seed |" in report
 
 
-def test_the_frames_handed_on_in_memory_are_the_files_written(out, tables, tmp_path):
+def test_the_frames_handed_on_in_memory_are_the_files_written(out, tables, built, tmp_path):
     """The report hands its tables to the figures in memory, and a figure's plotted data and table go to W&B and
     report.md from memory: each is what its CSV file holds, and report.md shows the table file's numbers."""
     def same_as_file(df, path):
@@ -213,13 +230,14 @@ def test_the_frames_handed_on_in_memory_are_the_files_written(out, tables, tmp_p
         return (tmp_path / "again.csv").read_bytes() == path.read_bytes()
     for name in ["runs", "setups", "spectrum", "singular_values", "subspace", "amplification"]:
         assert same_as_file(tables[name], table_path(out, name)), name
-    built = write_figures(tmp_path, tables, numbers=[1, 5, 6, 10])
+    built = [b for b in built if b.spec.number in (1, 5, 6, 10)]  # as the report's own run drew them
+    assert len(built) == 4
     for b in built:
         assert same_as_file(b.drawn.data, b.drawn.path.with_suffix(".csv")), b.drawn.path.stem
     tabled = [b.drawn for b in built if b.drawn.table is not None]
     assert [d.path.stem for d in tabled] == ["fig1_accuracy_vs_rank", "fig5_amplification", "fig6_spectra",
                                              "fig10_checkpoint_size"]
-    section = figures_markdown(built, tmp_path)
+    section = figures_markdown(built, out)
     for drawn in tabled:
         table_file = drawn.path.with_name(f"{drawn.path.stem}_table.csv")
         assert same_as_file(drawn.table, table_file)

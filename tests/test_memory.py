@@ -21,6 +21,7 @@ from lowrank.memory import (GIB, arch_from_config, count_params, estimate_from_c
 from lowrank.model_files import conv1d_to_linear, resolve_path
 from lowrank.shapes import build_random_model, hf_config_from_shape, load_hf_config
 
+from .cli_batch import run_cli_batch
 from .conftest import CONF, compose_cfg, run_cli
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # LlamaForCausalLM, Llama-2-7B (Touvron et al. 2023 report 7B; HF counts this)
@@ -401,7 +402,13 @@ def test_a_bf16_base_with_fp32_factors_by_hand():
 
 
 def test_estimate_checks_values_as_the_trainer_does(tmp_path):
-    for bad, needle in (("method.rank=0", "method.rank=0 is not valid"), ("trainer.batch_size=0", "trainer.batch_size=0")):
-        result = run_cli(["-m", "experiments.estimate", "model=llama_1b_shape", bad], cwd=tmp_path, timeout=120)
+    cases = (("method.rank=0", "method.rank=0 is not valid"), ("trainer.batch_size=0", "trainer.batch_size=0"))
+    dirs = [tmp_path / str(i) for i in range(len(cases))]
+    for d in dirs:
+        d.mkdir()
+    # each a process of its own, the imports paid once (tests/cli_batch.py)
+    results = run_cli_batch([["-m", "experiments.estimate", "model=llama_1b_shape", bad] for bad, _ in cases], dirs,
+                            timeout=240)
+    for (bad, needle), result in zip(cases, results):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-1000:]

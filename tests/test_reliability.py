@@ -37,16 +37,27 @@ def final_state(runs_root):
     return metrics, load_file(str(run / "delta_w.safetensors")), run
 
 
+def resumable_args(root) -> list[str]:
+    return [*RESUMABLE, "method.rank=2", f"runs_root={root}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(metrics, ΔW, run dir) of the run the interrupted ones are compared with, never interrupted (only read)."""
+    ref_root = tmp_path_factory.mktemp("ref")
+    done = run_cli(["-m", "experiments.train", *resumable_args(ref_root)], cwd=ref_root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return final_state(ref_root)
+
+
 @pytest.mark.parametrize("mode", ["before", "mid"])
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, mode):
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, mode, uninterrupted):
     """Killed at step 8 (checkpoints every 2 steps), before or halfway through writing that checkpoint: the
     re-run resumes from step 6, removes the half-written temp file, and ends bit-identical to a run never
     interrupted."""
-    ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
-    for root in (ref_root, cut_root):
-        root.mkdir()
-    args = lambda root: [*RESUMABLE, "method.rank=2", f"runs_root={root}"]  # noqa: E731
-    assert run_cli(["-m", "experiments.train", *args(ref_root)], cwd=ref_root).returncode == 0
+    cut_root = tmp_path / "cut"
+    cut_root.mkdir()
+    args = resumable_args
 
     killed = run_cli(["-m", "tests.kill_at_step", "8", mode, *args(cut_root)], cwd=cut_root)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -59,7 +70,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, mode):
     assert "resuming" in (run / "train.log").read_text() and "from step 6" in (run / "train.log").read_text()
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
 
-    (m_ref, d_ref, _), (m_cut, d_cut, run) = final_state(ref_root), final_state(cut_root)
+    (m_ref, d_ref, _), (m_cut, d_cut, run) = uninterrupted, final_state(cut_root)
     for key in ("eval_accuracy", "eval_loss", "train_loss", "train_accuracy", "eval_history"):
         assert m_ref[key] == m_cut[key], key
     assert d_ref.keys() == d_cut.keys()

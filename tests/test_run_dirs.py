@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from lowrank import atomic, rundir
 from lowrank.cli import register_resolvers
 from lowrank.errors import ConfigError
+from tests.cli_batch import run_cli_batch
 from tests.conftest import CONF, TINY, compose_cfg, run_cli
 
 
@@ -73,11 +74,28 @@ def test_train_refuses_a_directory_holding_another_config(tiny_run):
         tiny_run("method.rank=2", name="shared")
 
 
-@pytest.mark.parametrize("name", ["../../escape", "..", "a/b", ""])
-def test_a_name_cannot_leave_runs_root(tmp_path, name):
-    root = tmp_path / "deep" / "runs"
-    result = run_cli(["-m", "experiments.train", f"runs_root={root}", f"name={name}", *TINY], cwd=tmp_path,
-                     timeout=120)
+BAD_NAMES = ["../../escape", "..", "a/b", ""]
+
+
+@pytest.fixture(scope="module")
+def bad_location_results(tmp_path_factory):
+    """`python -m experiments.train` with each bad name (runs_root=F/deep/runs), and with a runs_root that is a
+    file (F/file), each from a folder F of its own, all from one tests.cli_batch process (a process each, the
+    imports paid once): {case: (result, F)}."""
+    cases = {name: tmp_path_factory.mktemp("bad_name") for name in BAD_NAMES}
+    argvs = [["-m", "experiments.train", f"runs_root={d / 'deep' / 'runs'}", f"name={name}", *TINY]
+             for name, d in cases.items()]
+    file_root = tmp_path_factory.mktemp("file_root")
+    (file_root / "file").write_text("x")
+    cases["runs_root file"] = file_root
+    argvs.append(["-m", "experiments.train", f"runs_root={file_root / 'file'}", *TINY])
+    results = run_cli_batch(argvs, list(cases.values()), timeout=600, preload=["torch._dynamo"])
+    return {case: (res, d) for (case, d), res in zip(cases.items(), results)}
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_name_cannot_leave_runs_root(bad_location_results, name):
+    result, tmp_path = bad_location_results[name]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "name=" in result.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere
@@ -91,9 +109,8 @@ def test_train_refuses_a_run_dir_outside_runs_root(tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_runs_root_that_is_a_file_is_one_line(tmp_path):
-    (tmp_path / "file").write_text("x")
-    result = run_cli(["-m", "experiments.train", f"runs_root={tmp_path / 'file'}", *TINY], cwd=tmp_path, timeout=120)
+def test_runs_root_that_is_a_file_is_one_line(bad_location_results):
+    result, _ = bad_location_results["runs_root file"]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "runs_root=" in result.stderr
 

@@ -1,5 +1,6 @@
 """Tiny real runs through train(cfg): the run directory is complete and ΔW is what it claims to be."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 import lowrank.trainer
 from lowrank import rundir
 from lowrank.lora import lora_layers
+from tests.conftest import TINY, compose_cfg
 
 
 def read_delta(run_dir):
@@ -18,16 +20,37 @@ def read_delta(run_dir):
     return load_file(str(path)), meta
 
 
-def test_full_run_writes_exact_delta(tiny_run, monkeypatch):
+LORA_R4 = ["method=lora", "method.rank=4", "method.alpha=8"]
+
+
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory):
+    """Two tiny runs in one runs root, LoRA r=4 (α=8) and then full fine-tuning, each with what the trainer handed
+    write_delta (LoRA: each adapter's ΔW = scaling · B A; full: every parameter, W_ft):
+    {"lora" | "full": (metrics, run_dir, captured)}. The tests only read them."""
+    from lowrank.trainer import train
+    root = tmp_path_factory.mktemp("runs")
     captured = {}
     original = lowrank.trainer.write_delta
 
-    def spy(run_dir, model, *args, **kwargs):  # keep W_ft as the trainer saw it
-        captured.update({n: p.detach().clone() for n, p in model.named_parameters()})
+    def spy(run_dir, model, *args, **kwargs):  # keep the model as the trainer saw it
+        layers = lora_layers(model)
+        captured[Path(run_dir).name] = (
+            {n: layer.delta_weight().detach().clone() for n, layer in layers.items()} if layers else
+            {n: p.detach().clone() for n, p in model.named_parameters()})
         return original(run_dir, model, *args, **kwargs)
 
-    monkeypatch.setattr(lowrank.trainer, "write_delta", spy)
-    metrics, run_dir = tiny_run("method=full")
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lowrank.trainer, "write_delta", spy)
+        for name, overrides in (("lora", LORA_R4), ("full", ["method=full"])):
+            cfg = compose_cfg(TINY + [f"runs_root={root}", *overrides])
+            runs[name] = (train(cfg, run_dir=root / name), root / name, captured[name])
+    return runs
+
+
+def test_full_run_writes_exact_delta(shared_runs):
+    metrics, run_dir, captured = shared_runs["full"]  # W_ft as the trainer saw it
     tensors, meta = read_delta(run_dir)
     w0 = load_file(str((run_dir / meta["base_weights"]).resolve()))
     names = [k[: -len(".delta")] for k in tensors]
@@ -41,8 +64,8 @@ def test_full_run_writes_exact_delta(tiny_run, monkeypatch):
     assert metrics["checkpoint_bytes"] == 4 * metrics["total_params"]
 
 
-def test_lora_run_directory(tiny_run):
-    metrics, run_dir = tiny_run("method=lora", "method.rank=4", "method.alpha=8")
+def test_lora_run_directory(shared_runs):
+    metrics, run_dir, _ = shared_runs["lora"]  # method=lora method.rank=4 method.alpha=8
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert rundir.load_metrics(run_dir) == metrics  # what train() returns is what metrics.json says
     assert saved.keys() == metrics.keys() | {"content_sha256"}
@@ -65,26 +88,19 @@ def test_lora_run_directory(tiny_run):
     assert base.parent.name == "base_weights" and base.exists()
 
 
-def test_runs_share_one_base_weights_copy(tiny_run):
-    _, a = tiny_run("method.rank=1", name="a")
-    _, b = tiny_run("method=full", name="b")
+def test_runs_share_one_base_weights_copy(shared_runs):
+    a, b = shared_runs["lora"][1], shared_runs["full"][1]  # LoRA first, then full fine-tuning, one runs root
+    assert a.parent == b.parent
     assert len(list((a.parent / "base_weights").iterdir())) == 1
     assert read_delta(a)[1]["base_weights"] == read_delta(b)[1]["base_weights"]
 
 
-def test_lora_layer_seen_in_trained_model(tiny_run, monkeypatch):
+def test_lora_layer_seen_in_trained_model(shared_runs):
     """The adapter that was trained is the one stored (ΔW = scaling · B A, not re-initialised)."""
-    captured = {}
-    original = lowrank.trainer.write_delta
-
-    def spy(run_dir, model, *args, **kwargs):
-        captured.update({n: l.delta_weight().detach().clone() for n, l in lora_layers(model).items()})
-        return original(run_dir, model, *args, **kwargs)
-
-    monkeypatch.setattr(lowrank.trainer, "write_delta", spy)
-    _, run_dir = tiny_run("method.rank=2")
+    _, run_dir, captured = shared_runs["lora"]  # each layer's delta_weight() as write_delta got the model
     tensors, meta = read_delta(run_dir)
     s = float(meta["scaling"])
+    assert len(captured) == 12
     for n, delta in captured.items():
         torch.testing.assert_close(s * tensors[f"{n}.lora_B"] @ tensors[f"{n}.lora_A"], delta)
 
@@ -102,7 +118,6 @@ def test_smollm2_lora_run(tiny_run):
 def test_budget_on_cpu_fits_by_the_estimate(tiny_run):
     from lowrank.memory import estimate_from_cfg
     from lowrank.shapes import load_hf_config
-    from tests.conftest import TINY, compose_cfg
 
     cfg = compose_cfg(TINY + ["method=full"])
     config = load_hf_config(cfg.model, cfg.task.num_labels)
@@ -124,12 +139,12 @@ def test_budget_on_cpu_fits_by_the_estimate(tiny_run):
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "does_not_fit"
 
 
-def test_compiled_run_compiles_the_blocks_and_trains_like_eager(tiny_run, monkeypatch):
+def test_compiled_run_compiles_the_blocks_and_trains_like_eager(tiny_run, shared_runs, monkeypatch):
     compiled_models = []
     real = lowrank.trainer.compile_blocks
     monkeypatch.setattr(lowrank.trainer, "compile_blocks", lambda m: (compiled_models.append(m), real(m)))
-    metrics, run_dir = tiny_run("method=lora", "trainer.compile=true")
-    eager, _ = tiny_run("method=lora", name="eager")
+    metrics, run_dir = tiny_run(*LORA_R4, "trainer.compile=true")
+    eager = shared_runs["lora"][0]  # the same run, eager
     assert len(compiled_models) == 1
     assert all(b._compiled_call_impl is not None for b in compiled_models[0].bert.encoder.layer)
     assert metrics["status"] == "complete" and (run_dir / "delta_w.safetensors").exists()
