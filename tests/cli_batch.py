@@ -1,24 +1,25 @@
-"""`python -m tests.cli_batch SPEC.json`: run several command lines of one interpreter in turn, each as
-`python -m MODULE ARGS` (or `python -c CODE`) from its own working directory would, but without paying the
-imports (torch, transformers, hydra: seconds) once per command line.
+"""`python -m tests.cli_batch SPEC.json`: run several command lines, each as `python -m MODULE ARGS` (or
+`python -c CODE`) started in its own working directory would run, without paying the imports (torch,
+transformers, hydra: seconds) once per command line. Tests call `run_cli_batch`, as they would call run_cli.
 
-This process imports what the entry point imports at its top level (read with `ast`: the same statements, so the
-same modules, in the same order), keeps what that printed and checks it started no thread, then forks once per
-command line. The child changes to its working directory, points its stdout and stderr at files of its own, and
-runs the module as `__main__` with `runpy` (as `python -m` does: its `if __name__ == "__main__"` block, sys.argv,
-sys.path[0] the working directory), or the code in a fresh `__main__`; an exception it does not catch is printed
-by the interpreter as a traceback, and its exit status is what a fresh `python -m` would return. Every command
-line has a process of its own, forked from this one, so Hydra's global state, the warnings already shown,
-logging, signal handlers and the working directory never carry from one to the next. Up to one per CPU (at most
-MAX_JOBS) run side by side: command lines of one batch must not write the same files. It ends
-as the interpreter would (exit status, traceback, threads joined, atexit, streams flushed; see exit_as_python).
+This process imports what the entry points import at their top level (their own import statements, read with
+`ast`: the same modules in the same order), and any `preload` modules (those an entry point imports later, inside
+a function, when that costs seconds each time), then forks once per command line. The child changes to its
+working directory, points its stdout and stderr at files of its own, and runs the module as `__main__` with
+`runpy` (as `python -m` does: its `if __name__ == "__main__"` block, sys.argv, sys.path[0] its working
+directory), or the code in a fresh `__main__`; it ends as the interpreter would (exit_as_python: exit status,
+traceback of an uncaught exception, threads joined, atexit functions, streams flushed). Each command line's
+output starts with what the imports printed, as a fresh interpreter's would.
+
+Every command line has a process of its own, so Hydra's global state, the warnings already shown, logging,
+signal handlers and the working directory never carry from one to the next. Up to one per CPU (at most MAX_JOBS)
+run side by side: the command lines of one batch must not write the same files.
 
 SPEC: {"argvs": [["-m", "experiments.train", "a=b"], ["-c", "print(1)"], ...], "cwds": [...],
-       "preload": ["torch._dynamo"] (optional: modules to import too, after the entry point's imports: those it
-       imports later, inside a function, at seconds a command line),
-       "out": "RESULTS.json"}
-RESULTS: {"threads": N, "preloaded": [module names], "results": [{"returncode", "stdout", "stderr"}]}, each
-output starting with what the imports printed (as a fresh interpreter's would). Tests call `run_cli_batch`.
+       "preload": ["torch._dynamo"] or null, "out": "RESULTS.json"}
+RESULTS: {"threads": the threads alive when forking (1, or the fork would lack some), "jobs": N,
+          "preload_seconds": s, "preloaded": [sys.modules when forking],
+          "results": [{"returncode", "stdout", "stderr", "seconds"}, ...]}
 """
 import ast
 import importlib
