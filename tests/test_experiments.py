@@ -128,3 +128,11 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path):
                   cwd=ROOT, timeout=300)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()] and "--out=" in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_causal_lm_runs_line_gives_its_loss():
+    """A causal-LM run records eval_loss, not eval_accuracy: the demo's line for it must not fail on the key."""
+    from experiments.demo import outcome
+    assert outcome({"status": "complete", "eval_loss": 2.0691, "wall_seconds": 190.0}, None) == "eval_loss 2.069, 190 s"
+    assert outcome({"status": "complete", "eval_accuracy": 0.7775, "wall_seconds": 84.0}, None).startswith(
+        "eval_accuracy 0.777")
