@@ -44,6 +44,8 @@ def replaced(args: list[str], extra) -> list[str]:
 
 def compose(args: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
+    from lowrank.cli import register_resolvers
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=args)
 

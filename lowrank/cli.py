@@ -110,9 +110,19 @@ def _run_dirname(*, _root_) -> str:
     return run_dirname(",".join(f"{k}={v}" for k, v in sorted(label.items())), digest)
 
 
+def _lr_for_dim(step_size, dim):
+    """`${lr_for_dim:${method.step_size},${method.dim}}`: step_size / √dim. Adam moves each of θ_d's d numbers by
+    about lr a step, and P keeps norms, so each target matrix moves by about lr·√d: this lr holds that move at
+    step_size whatever d is. None for a value that is not a positive number (validate names the key)."""
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return step_size / dim ** 0.5 if positive(step_size) and positive(dim) else None
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
     OmegaConf.register_new_resolver("run_dirname", _run_dirname, replace=True)
+    OmegaConf.register_new_resolver("lr_for_dim", _lr_for_dim, replace=True)
 
 
 class SweepOutcome:

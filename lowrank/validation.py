@@ -50,6 +50,8 @@ def validate(cfg: DictConfig) -> None:
                                   f"{'method.dora=true' if m.get('dora') else 'method.init=pissa'}; use one variant")
     if m.name == "subspace":
         check_positive("method.dim", m.dim, integer=True)
+        if m.get("step_size") is not None:
+            check_positive("method.step_size", m.step_size)
         if not isinstance(m.said, bool):
             raise ConfigError(f"method.said={m.said!r} is not valid; it must be true or false")
         read_rank_pattern(m.get("rank_pattern"))  # a mapping {module: rank >= 1} or a readable JSON file of one

@@ -16,6 +16,8 @@ TINY = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.eval_interval=3"
 
 def compose_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
+    from lowrank.cli import register_resolvers
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=overrides)
 
