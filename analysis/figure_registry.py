@@ -99,8 +99,9 @@ FIGURES = [
     Spec(14, figure_14,
          "Test accuracy against the numbers each method trains (log axis; the head, which every method trains, not "
          "counted): full fine-tuning, LoRA over ranks, the subspace method (intrinsic dimension) over d; mean over "
-         "seeds. Dashed lines: d90 and the LoRA rank that first reach 90 % of full fine-tuning's accuracy on the "
-         "same seeds (table below, analysis/intrinsic_dim.py).", "intrinsic"),
+         "seeds at each point's best learning rate (chosen on this test accuracy, an upper envelope over the lrs "
+         "run). Dashed lines: d90 and the LoRA rank that first reach 90 % of full fine-tuning's best accuracy on "
+         "the same seeds (table below with the lrs, analysis/intrinsic_dim.py).", "intrinsic"),
     Spec(15, figure_15,
          "Rank over training time: top, the energy rank r90 of ΔW at each evaluation (mean over the matrices a run "
          "tracked, then over seeds); bottom, φ(1,1) between ΔW's top output direction and the previous snapshot's "

@@ -1,55 +1,87 @@
 """Intrinsic dimension beside intrinsic rank: how few trained numbers reach a share of full fine-tuning's accuracy.
 
     d90 (Li et al. 2018; Aghajanyan et al. 2020): the smallest subspace dimension d whose mean test accuracy over
-        seeds reaches 90% of full fine-tuning's mean on the same setup and the same seeds;
+        seeds, at its best learning rate, reaches 90% of full fine-tuning's mean at its best learning rate, on the
+        same setup and the same seeds;
     LoRA's r90 by the same rule: the smallest rank (per target set) reaching it, with its trainable parameters.
 
-Both read the runs table (analysis.report's tables/runs.csv): `setup`, `method.name`, `seed`, `eval_accuracy`,
-`adapted_params`, and `method.dim` or `method.rank`. Means are over the seeds that both the candidate and full
-fine-tuning ran; a candidate with no seed in common is not judged. None where nothing reaches the threshold.
+Each method is judged at its own best learning rate ("Learning Rate Matters": a method's rank shows only once its
+lr is tuned), chosen on the same test accuracy that is judged, as in both papers, where each d's lr was tuned on
+the evaluation set too; so the curve is an upper envelope over the lrs that ran. It reads the runs table (analysis.report's tables/runs.csv): `setup`,
+`method.name`, `seed`, `eval_accuracy`, `adapted_params`, `method.dim` or `method.rank`, and `trainer.lr` when
+present. Means are over the seeds that both the candidate and full fine-tuning ran; a candidate with no seed in
+common is not judged. None where nothing reaches the threshold.
 """
 import math
 
 import pandas as pd
 
 SHARE = 0.9
+LR = "trainer.lr"
 
 
-def _mean_on(runs: pd.DataFrame, seeds: set) -> float:
-    acc = runs[runs.seed.isin(seeds)].eval_accuracy
-    return float(acc.mean()) if len(acc) else math.nan
+def _by_lr(runs: pd.DataFrame):
+    """(lr, runs at that lr) for each learning rate among `runs` (one group of lr None without the column)."""
+    if LR not in runs:
+        return [(None, runs)]
+    return list(runs.groupby(runs[LR].astype(float), dropna=False))
 
 
-def threshold_table(runs: pd.DataFrame, share: float = SHARE) -> pd.DataFrame:
-    """One row per (setup, method, target set): the smallest size (d, or rank) whose mean accuracy reaches `share`
-    × full fine-tuning's on common seeds, its accuracy and trainable parameters, the target accuracy and how many
-    seeds were compared. Setups without full fine-tuning runs give no row."""
+def best_mean(runs: pd.DataFrame, seeds: set) -> tuple[float, float | None]:
+    """The highest mean accuracy over `seeds` among the learning rates of `runs` (each lr's mean over the seeds
+    it ran of these), and that lr; (nan, None) when no run is on those seeds."""
+    means = [(float(acc.mean()), lr) for lr, g in _by_lr(runs) if len(acc := g[g.seed.isin(seeds)].eval_accuracy)]
+    return max(means, key=lambda m: m[0]) if means else (math.nan, None)
+
+
+def _smallest_reaching(mt: pd.DataFrame, key: str, full: pd.DataFrame, share: float) -> dict | None:
+    full_seeds = set(full.seed)
+    for size, ms in sorted(mt.groupby(key), key=lambda kv: kv[0]):
+        passing = []
+        for lr, g in _by_lr(ms):
+            seeds = set(g.seed) & full_seeds
+            if not seeds:
+                continue
+            full_acc, full_lr = best_mean(full, seeds)
+            acc = float(g[g.seed.isin(seeds)].eval_accuracy.mean())
+            if acc >= share * full_acc:
+                passing.append({"size": size, "accuracy": acc, "goal": share * full_acc, "seeds": len(seeds),
+                                "adapted_params": float(g.adapted_params.mean()), "lr": lr, "full_lr": full_lr})
+        if passing:
+            return max(passing, key=lambda p: p["accuracy"] - p["goal"])
+    return None
+
+
+def threshold_table(runs: pd.DataFrame, share: float = SHARE, majority: dict | None = None) -> pd.DataFrame:
+    """One row per (setup, method, target set): the smallest size (d, or rank) whose mean accuracy at one of its
+    learning rates reaches `share` × full fine-tuning's best mean on common seeds; its accuracy, lr, trainable
+    parameters, the target accuracy, full fine-tuning's lr behind it and how many seeds were compared (the lr
+    with the widest margin where several reach it). Setups without full fine-tuning runs give no row.
+
+    With `majority` ({setup: the test set's majority-class rate}), `gain_share` is the share of full fine-tuning's
+    gain over the majority class that the size reached, (accuracy − majority) / (full − majority): where the
+    majority class alone is near `share` of full, reaching `share` says little, and this says how little."""
     rows = []
     for setup, g in runs.groupby("setup"):
         full = g[g["method.name"] == "full"]
         if full.empty:
             continue
-        full_seeds = set(full.seed)
         for method, key in (("subspace", "method.dim"), ("lora", "method.rank")):
             m = g[g["method.name"] == method]
             if m.empty or key not in m:
                 continue
             targets = m["method.targets"].astype(str) if "method.targets" in m else pd.Series("", index=m.index)
             for tgt, mt in m.groupby(targets):
-                found = None
-                for size, ms in sorted(mt.groupby(key), key=lambda kv: kv[0]):
-                    seeds = set(ms.seed) & full_seeds
-                    if not seeds:
-                        continue
-                    goal = share * _mean_on(full, seeds)
-                    acc = _mean_on(ms, seeds)
-                    if acc >= goal:
-                        found = {"size": size, "accuracy": acc, "goal": goal, "seeds": len(seeds),
-                                 "adapted_params": float(ms.adapted_params.mean())}
-                        break
+                found = _smallest_reaching(mt, key, full, share)
+                if found is None:
+                    full_acc, full_lr = best_mean(full, set(full.seed))
+                    found = {"size": None, "accuracy": None, "seeds": None, "adapted_params": None, "lr": None,
+                             "goal": share * full_acc, "full_lr": full_lr}
+                floor = (majority or {}).get(setup, math.nan)
+                gain = (found["accuracy"] - floor) / (found["goal"] / share - floor) \
+                    if found["accuracy"] is not None and math.isfinite(floor) else None
                 rows.append({"setup": setup, "method": method, "targets": tgt, "size_key": key.split(".")[1],
-                             "share": share, **(found or {"size": None, "accuracy": None, "seeds": None,
-                                                          "adapted_params": None,
-                                                          "goal": share * float(full.eval_accuracy.mean())})})
+                             "share": share, **found, "majority": floor if math.isfinite(floor) else None,
+                             "gain_share": gain})
     return pd.DataFrame(rows, columns=["setup", "method", "targets", "size_key", "share", "size", "accuracy", "goal",
-                                       "seeds", "adapted_params"])
+                                       "seeds", "adapted_params", "lr", "full_lr", "majority", "gain_share"])

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .figure_data import MissingRuns, prepare, targets_label
+from .figure_data import MissingRuns, majority_by_setup, prepare, targets_label
 from .figures import Drawn, _setup_title, _write
-from .intrinsic_dim import SHARE, threshold_table
+from .intrinsic_dim import LR, SHARE, threshold_table
 from .statistics import n_label
 from .style import FULL_COLOR, color, marker, new_figure, styled
 
@@ -30,8 +30,9 @@ def _curve(row) -> str:
 
 
 def params_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (setup, curve, size): mean accuracy over seeds, the seeds, mean trained numbers (adapted_params:
-    the head, trained by every method, is not counted)."""
+    """One row per (setup, curve, size) at its best learning rate (the highest mean accuracy over seeds, as d90 is
+    judged: analysis.intrinsic_dim): that mean, the lr, the runs at it and their mean trained numbers
+    (adapted_params: the head, trained by every method, is not counted)."""
     need = ["setup", "method.name", "seed", "eval_accuracy", "adapted_params"]
     if any(c not in runs for c in need):
         raise MissingRuns("no runs with eval_accuracy and adapted_params")
@@ -42,9 +43,12 @@ def params_data(runs: pd.DataFrame) -> pd.DataFrame:
     size = np.where(r["method.name"] == "subspace", pd.to_numeric(r.get("method.dim"), errors="coerce"),
                     pd.to_numeric(r.get("method.rank"), errors="coerce"))
     r["size"] = np.where(r["method.name"] == "full", 0, size)
-    g = r.groupby(["setup", "curve", "size"], dropna=False)
-    return g.agg(method=("method.name", "first"), accuracy=("eval_accuracy", "mean"),
-                 n=("eval_accuracy", "size"), params=("adapted_params", "mean")).reset_index()
+    r["lr"] = pd.to_numeric(r[LR], errors="coerce") if LR in r else np.nan
+    g = r.groupby(["setup", "curve", "size", "lr"], dropna=False)
+    per_lr = g.agg(method=("method.name", "first"), accuracy=("eval_accuracy", "mean"),
+                   n=("eval_accuracy", "size"), params=("adapted_params", "mean")).reset_index()
+    best = per_lr.sort_values("accuracy", ascending=False, kind="stable").drop_duplicates(["setup", "curve", "size"])
+    return best.sort_values(["setup", "curve", "size"]).reset_index(drop=True)
 
 
 @styled
@@ -79,7 +83,7 @@ def plot_params(d: pd.DataFrame, marks: pd.DataFrame):
 def figure_14(tables, out_dir: Path) -> Drawn:
     runs = tables["runs"]
     d = params_data(runs)
-    marks = threshold_table(runs)
+    marks = threshold_table(runs, majority=majority_by_setup(runs))
     return _write(out_dir, "fig14_accuracy_vs_parameters", plot_params(d, marks), d, table=marks)
 
 

@@ -26,6 +26,31 @@ def test_d90_is_the_smallest_d_reaching_ninety_percent_on_common_seeds():
     assert t.loc["lora", "size"] == 8 and abs(t.loc["lora", "goal"] - 0.72) < 1e-12 and t.loc["lora", "seeds"] == 1
 
 
+def test_each_size_and_full_fine_tuning_are_judged_at_their_best_learning_rate():
+    def at(lr, *row_args, **kw):
+        return {**_row(*row_args, **kw), "trainer.lr": lr}
+    runs = pd.DataFrame([
+        at(1e-4, "full", 0, 0.80), at(1e-4, "full", 1, 0.90),                 # best full: 0.85 -> goal 0.765
+        at(5e-5, "full", 0, 0.60), at(5e-5, "full", 1, 0.62),
+        at(0.1, "subspace", 0, 0.70, dim=100, params=100), at(0.1, "subspace", 1, 0.72, dim=100, params=100),
+        at(0.3, "subspace", 0, 0.76, dim=100, params=100), at(0.3, "subspace", 1, 0.78, dim=100, params=100),
+        at(0.03, "subspace", 0, 0.64, dim=300, params=300), at(0.03, "subspace", 1, 0.66, dim=300, params=300),
+        at(0.1, "subspace", 0, 0.80, dim=300, params=300), at(0.1, "subspace", 1, 0.82, dim=300, params=300)])
+    t = threshold_table(runs).set_index("method")
+    assert t.loc["subspace", "size"] == 100 and t.loc["subspace", "lr"] == 0.3   # 0.77 >= 0.765; 0.71 is not
+    assert abs(t.loc["subspace", "goal"] - 0.765) < 1e-12 and t.loc["subspace", "full_lr"] == 1e-4
+    # of full fine-tuning's gain over a majority class of 0.6, d = 100 reached (0.77 − 0.6) / (0.85 − 0.6)
+    g = threshold_table(runs, majority={"s1": 0.6}).set_index("method")
+    assert abs(g.loc["subspace", "gain_share"] - 0.68) < 1e-12 and g.loc["subspace", "majority"] == 0.6
+    assert t.loc["subspace", "gain_share"] is None   # no majority rate known: no share of the gain
+    # mixing the two lrs of d = 100 would give 0.74 and miss the goal: each lr is judged on its own
+    from analysis.param_figures import params_data
+    d = params_data(runs).set_index(["curve", "size"])
+    assert abs(d.loc[("subspace (q,v)", 100), "accuracy"] - 0.77) < 1e-12 and d.loc[("subspace (q,v)", 100), "lr"] == 0.3
+    assert abs(d.loc[("subspace (q,v)", 300), "accuracy"] - 0.81) < 1e-12 and d.loc[("full", 0), "lr"] == 1e-4
+    assert d.loc[("full", 0), "n"] == 2   # the runs at the best lr
+
+
 def test_nothing_reaching_the_goal_gives_none_and_no_full_gives_no_row():
     runs = pd.DataFrame([_row("full", 0, 0.9), _row("subspace", 0, 0.5, dim=10, params=10)])
     t = threshold_table(runs)
