@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .figure_data import MissingRuns, majority_by_setup, prepare, targets_label
-from .figures import Drawn, _setup_title, _write
+from .figures import Drawn, _majority, _setup_title, _write
 from .intrinsic_dim import LR, SHARE, threshold_table
 from .statistics import n_label
 from .style import FULL_COLOR, color, marker, new_figure, styled
@@ -68,6 +68,8 @@ def plot_params(d: pd.DataFrame, marks: pd.DataFrame):
             ax.scatter([f.params], [f.accuracy], color=FULL_COLOR, marker="s", s=30, zorder=3,
                        label=f"full ({n_label(int(f.n), 'run')})")
             ax.axhline(SHARE * f.accuracy, color="#999999", lw=0.8, ls=":", label=f"{SHARE:.0%} of full")
+        floors = marks.loc[marks.setup == setup, "majority"].dropna()
+        _majority(ax, float(floors.iloc[0]) if len(floors) else None)  # how much of "90 % of full" it gives alone
         for m in marks[(marks.setup == setup) & marks["size"].notna()].to_dict("records"):
             name = "d90" if m["method"] == "subspace" else "LoRA r90%"
             ax.axvline(m["adapted_params"], color="#555555", lw=0.7, ls="--")

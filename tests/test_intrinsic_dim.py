@@ -65,8 +65,13 @@ def test_figure_14_draws_every_curve_and_marks_d90(tmp_path):
         _row("subspace", 0, 0.70, dim=100, params=100), _row("subspace", 1, 0.74, dim=100, params=100),
         _row("subspace", 0, 0.74, dim=300, params=300), _row("subspace", 1, 0.80, dim=300, params=300),
         _row("lora", 0, 0.70, rank=1, params=6144), _row("lora", 0, 0.80, rank=8, params=49152)])
+    runs["eval_label_counts.0"], runs["eval_label_counts.1"] = 257, 143   # the test set's labels: majority 0.6425
     drawn = figure_14({"runs": runs}, tmp_path)
-    assert drawn.path.is_file()
+    assert drawn.path.is_file() and set(drawn.table.majority) == {0.6425}
+    from analysis.param_figures import plot_params
+    fig = plot_params(drawn.data, drawn.table)
+    (line,) = [a for a in fig.findobj() if a.get_gid() == "majority"]
+    assert set(line.get_ydata()) == {0.6425}
     assert set(drawn.data.curve) == {"full", "subspace (q,v)", "LoRA (q,v)"}
     marks = drawn.table.set_index("method")
     assert marks.loc["subspace", "size"] == 300 and marks.loc["lora", "size"] == 8
