@@ -125,7 +125,7 @@ def plot_dynamics(d: pd.DataFrame):
         axes[1][col].set(xlabel="step", ylabel="φ(1,1) with the previous snapshot", ylim=(-0.05, 1.05),
                          xlim=axes[0][col].get_xlim())  # the first snapshot has no φ: keep the steps aligned
         axes[1][col].legend(*axes[0][col].get_legend_handles_labels(), fontsize=6, loc="upper center",
-                            bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+                            bbox_to_anchor=(0.5, -0.3), ncol=2 if len(configs) <= 6 else 1, frameon=False)
     return fig
 
 
