@@ -117,3 +117,17 @@ def test_said_counts_its_scales_in_d_and_trains_them():
     model(x).sum().backward()
     assert space.scales.grad is not None and space.theta.grad.abs().sum() > 0
     assert math.isclose(float(space.scales.detach().sum()), 2.0)
+
+
+def test_the_learning_rate_is_the_step_size_over_root_d_unless_set():
+    import pytest
+    from lowrank.errors import ConfigError
+    from lowrank.validation import validate
+    from tests.conftest import compose_cfg
+    assert compose_cfg(["method=subspace", "method.dim=100"]).trainer.lr == pytest.approx(1.7 / 10)
+    assert compose_cfg(["method=subspace", "method.dim=10000", "method.step_size=3.4"]).trainer.lr == \
+        pytest.approx(3.4 / 100)
+    assert compose_cfg(["method=subspace", "method.dim=100", "trainer.lr=1e-3"]).trainer.lr == 1e-3
+    for bad in ("-1", "0", "abc"):
+        with pytest.raises(ConfigError, match=r"^method\.step_size=.* is not valid; it must be a number > 0$"):
+            validate(compose_cfg(["method=subspace", f"method.step_size={bad}"]))
