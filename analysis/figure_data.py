@@ -59,8 +59,8 @@ def _col(r: pd.DataFrame, name: str, default=np.nan) -> pd.Series:
     return r[name] if name in r else pd.Series(default, index=r.index, dtype=object)
 
 
-def _fmt(value) -> str:  # 4 digits: an lr derived from a step size (method=subspace) need not print 6
-    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def prepare(runs: pd.DataFrame) -> pd.DataFrame:

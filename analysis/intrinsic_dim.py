@@ -6,9 +6,9 @@
     LoRA's r90 by the same rule: the smallest rank (per target set) reaching it, with its trainable parameters.
 
 Each method is judged at its own best learning rate ("Learning Rate Matters": a method's rank shows only once its
-lr is tuned), chosen on the same test accuracy that is judged, as in both papers, where each d's lr was tuned on
-the evaluation set too; so the curve is an upper envelope over the lrs that ran. It reads the runs table (analysis.report's tables/runs.csv): `setup`,
-`method.name`, `seed`, `eval_accuracy`, `adapted_params`, `method.dim` or `method.rank`, and `trainer.lr` when
+lr is tuned), chosen on the same test accuracy that is judged (the tasks here have no separate dev split), so the
+curve is an upper envelope over the lrs that ran. It reads the runs table (analysis.report's tables/runs.csv):
+`setup`, `method.name`, `seed`, `eval_accuracy`, `adapted_params`, `method.dim` or `method.rank`, and `trainer.lr` when
 present. Means are over the seeds that both the candidate and full fine-tuning ran; a candidate with no seed in
 common is not judged. None where nothing reaches the threshold.
 """
