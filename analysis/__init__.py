@@ -1,6 +1,6 @@
 """ΔW analysis from run directories. It never imports the model or training code: from `lowrank` it takes only the
-run-directory contract `lowrank.rundir` (file names, statuses, the metrics reader), `lowrank.integrity` (content
-hashes, checked on every read), `lowrank.atomic` (every file it writes), `lowrank.logger` (`has_wandb_key`) and
+run-directory contract `lowrank.rundir.layout` (file names, statuses, the metrics reader), `lowrank.rundir.integrity` (content
+hashes, checked on every read), `lowrank.rundir.atomic` (every file it writes), `lowrank.logger` (`has_wandb_key`) and
 `lowrank.errors` (`fail`: the one-line `error: ...` of every entry point). tests/test_analysis_imports.py checks it.
 
     runs.py              read and check run directories

@@ -10,7 +10,7 @@ a top-k singular vector of W0 + ΔW whose largest |cosine| with every singular v
 """
 import torch
 
-from .subspace import phi, random_basis
+from lowrank.linalg.subspace import phi, random_basis
 
 
 def projected_norm(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:

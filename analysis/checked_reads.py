@@ -1,5 +1,5 @@
 """Checked reads of a run's safetensors files: the header checks `collect_runs` makes, and reads of single
-tensors, each compared with the content hash its file's metadata lists (`lowrank.integrity`).
+tensors, each compared with the content hash its file's metadata lists (`lowrank.rundir.integrity`).
 
     keys, metadata, digests = check_file(path, check_data=False)   # header only; SkippedRun with the reason
     [t] = read_checked(path, [key], digests, unread=fingerprint(path))
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lowrank.integrity import DIGEST_KEY, CorruptArtifact, check_tensor, read_header, tensor_sha256, verify_safetensors
+from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact, check_tensor, read_header, tensor_sha256, verify_safetensors
 
 
 class SkippedRun(Exception):

@@ -1,9 +1,9 @@
-"""The runs' rank dynamics (each run directory's dynamics.csv, written by lowrank.dynamics during training) gathered
+"""The runs' rank dynamics (each run directory's dynamics.csv, written by lowrank.train.dynamics during training) gathered
 into one table, `tables/dynamics.csv`, for figure 15.
 """
 import pandas as pd
 
-DYNAMICS_FILE = "dynamics.csv"  # lowrank.dynamics writes it in a run directory
+DYNAMICS_FILE = "dynamics.csv"  # lowrank.train.dynamics writes it in a run directory
 
 
 def dynamics_table(runs) -> pd.DataFrame:

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lowrank.atomic import write_text
+from lowrank.rundir.atomic import write_text
 
-from .figure_data import MissingRuns
-from .lm_tables import frontier_data, lm_runs, lr_data
-from .runs import outcome_table
-from .statistics import add_setups
-from .tables import markdown_table, table_path, write_csv
+from analysis.figures.data import MissingRuns
+from analysis.lm_tables import frontier_data, lm_runs, lr_data
+from analysis.runs import outcome_table
+from analysis.statistics import add_setups
+from analysis.tables import markdown_table, table_path, write_csv
 
 STEP = 10 ** 0.5          # half a decade: one step of a ~3x learning-rate grid
 FACTOR = 10               # "10-100x typical LoRA ranks"; "best LoRA lr ~10x full's"
@@ -128,7 +128,7 @@ def report_lines(table: pd.DataFrame) -> list[str]:
 
 
 def main(argv=None) -> None:
-    from .figure_registry import figures_markdown, write_figures  # lazy: matplotlib only here
+    from analysis.figures.registry import figures_markdown, write_figures  # lazy: matplotlib only here
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("roots", nargs="+", type=Path, help="directories holding run directories")
     p.add_argument("--spectrum", action="append", type=Path, default=[],

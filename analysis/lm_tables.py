@@ -1,12 +1,12 @@
 """The generative studies' tables (causal LMs: `task.objective` cpt or sft), from the runs and spectrum tables:
-what figures 11-13 draw (analysis/lm_figures.py) and what the findings test (analysis/lm_findings.py). Each setup
+what figures 11-13 draw (analysis/figures/lm.py) and what the findings test (analysis/lm_findings.py). Each setup
 stands alone (analysis.statistics: runs of different setups are never pooled); without their runs,
 figure_data.MissingRuns.
 """
 import numpy as np
 import pandas as pd
 
-from .figure_data import MissingRuns, need, prepare
+from analysis.figures.data import MissingRuns, need, prepare
 
 LM_OBJECTIVES = ("cpt", "sft")
 

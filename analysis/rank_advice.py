@@ -16,7 +16,7 @@ import heapq
 
 import torch
 
-from .spectra import energy_rank
+from lowrank.linalg.spectra import energy_rank
 
 DEFAULT_SHARE, DEFAULT_UNIFORM_RANK = 0.9, 8  # the budget defaults to uniform rank 8's parameter count
 

@@ -4,9 +4,9 @@ files and the section of report.md (the math: analysis/rank_advice.py).
 import pandas as pd
 import torch
 
-from . import rank_advice as ra
-from .runs import Run
-from .tables import markdown_table
+from analysis import rank_advice as ra
+from analysis.runs import Run
+from analysis.tables import markdown_table
 
 RANK_PATTERN_FILE, BUDGET_PATTERN_FILE = "rank_pattern.json", "rank_pattern_budget.json"
 RANK_ADVICE_COLUMNS = ["module", "layer", "matrix_type", "out_features", "in_features", "runs", "energy_rank",

@@ -13,15 +13,15 @@ Writes (each file atomically; re-running on the same runs gives identical tables
                               and the rank a --rank-budget of parameters allows (analysis/rank_advice.py)
   rank_pattern.json           those energy ranks as a PEFT rank_pattern (method.rank_pattern=FILE trains with it);
   rank_pattern_budget.json    the budget's ranks; both only where there are full fine-tuning runs
-  figures/figN_*              the figures (analysis/figure_registry.py) from those tables, passed in memory
+  figures/figN_*              the figures (analysis/figures/registry.py) from those tables, passed in memory
   report.md                   the setups found and their runs, the figures with captions and tables, runs
                               analysed and skipped (with reasons), key numbers per setup, and the analysis' own
                               seconds per phase, peak host RSS and device
-  timing.json                 those numbers for programs (experiments.analysis_bench); never identical twice, so
+  timing.json                 those numbers for programs (benchmarks.analysis_bench); never identical twice, so
                               kept out of tables/
 --no-figures writes the tables and the text report only; --wandb logs figures and tables as an `analysis` run
 (analysis/wandb_sync.py). The matrices stream (analysis/stream.py): one ΔW and its W0 in memory at a time, each
-tensor read and hashed once. A run whose files fail a check (lowrank.integrity: content hashes, finite values:
+tensor read and hashed once. A run whose files fail a check (lowrank.rundir.integrity: content hashes, finite values:
 headers when runs are collected, each tensor as it is read) is listed as skipped with the reason. Bad command-line
 input exits with status 2 and one line `error: ...` naming the argument and what would be valid
 (analysis/report_cli.py).
@@ -34,23 +34,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lowrank.atomic import write_json, write_text
+from lowrank.rundir.atomic import write_json, write_text
 from lowrank.errors import fail
-from lowrank.rundir import CONFIG_FILE, METRICS_FILE
+from lowrank.rundir.layout import CONFIG_FILE, METRICS_FILE
 
-from . import rank_advice as ra
-from .rank_advice_report import rank_advice_lines, rank_advice_table
-from . import runs as runs_mod
-from . import statistics as st
-from .report_cli import parse_args
-from .figure_data import prepare, targets_label
-from .dynamics import dynamics_table
-from .runs import Run, config_keys
-from .lm_findings import findings, report_lines
-from .stream import PHASES, analyse_runs
-from .subspace import phi_grid, random_phi_grid
-from .tables import REPORT_FILE, TIMING_FILE, markdown_table, table_path, write_csv
-from .wandb_sync import analysis_run_settings, log_analysis_run
+from analysis import rank_advice as ra
+from analysis.rank_advice_report import rank_advice_lines, rank_advice_table
+from analysis import runs as runs_mod
+from analysis import statistics as st
+from analysis.report_cli import parse_args
+from analysis.figures.data import prepare, targets_label
+from analysis.dynamics import dynamics_table
+from analysis.runs import Run, config_keys
+from analysis.lm_findings import findings, report_lines
+from analysis.stream import PHASES, analyse_runs
+from lowrank.linalg.subspace import phi_grid, random_phi_grid
+from analysis.tables import REPORT_FILE, TIMING_FILE, markdown_table, table_path, write_csv
+from analysis.wandb_sync import analysis_run_settings, log_analysis_run
 
 SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
                     "random_baseline"]
@@ -373,7 +373,7 @@ def timing_lines(record: dict, runs: list[Run], results: dict, n_pairs: int, n_r
 def make_figures(out_dir: Path, tables: dict[str, pd.DataFrame], wandb: str = "auto", numbers=None) -> str:
     """The figures (all, or those in `numbers`) from the tables, their W&B run (wandb: auto | on | off; auto: when
     the runs used logger=wandb), and the report's figure section (markdown)."""
-    from .figure_registry import figures_markdown, write_figures  # lazy: matplotlib only when figures are asked for
+    from analysis.figures.registry import figures_markdown, write_figures  # lazy: matplotlib only when figures are asked for
     built = write_figures(out_dir, tables, numbers)
     settings = analysis_run_settings(tables["runs"], wandb)
     if settings is not None:

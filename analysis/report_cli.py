@@ -12,9 +12,9 @@ import torch
 
 from lowrank.errors import fail
 
-from .runs import roots_problem
-from .spectra import default_device
-from .tables import FIGURES_DIR, REPORT_FILE, TABLES_DIR
+from analysis.runs import roots_problem
+from lowrank.linalg.spectra import default_device
+from analysis.tables import FIGURES_DIR, REPORT_FILE, TABLES_DIR
 
 DESCRIPTION = "Analyse every run below one or more roots and write the tables the figures are built from."
 

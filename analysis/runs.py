@@ -8,7 +8,7 @@
 A run directory holds `.hydra/config.yaml`, `metrics.json` (status 'complete' once final) and
 `delta_w.safetensors`; W0 lives once per base model in `RUNS_ROOT/base_weights/`, named by the delta file's
 `base_weights` metadata (a path relative to the run directory). File names, statuses and the metrics reader
-come from the run-directory contract `lowrank.rundir`; every safetensors file is checked by `lowrank.integrity`
+come from the run-directory contract `lowrank.rundir.layout`; every safetensors file is checked by `lowrank.rundir.integrity`
 (content hashes, finite values) before a number is computed from it: all of it by `collect_runs`, or, with
 `check_data=False`, its header only, each tensor then being hashed and checked as it is read
 (analysis/checked_reads.py; so a 26 GB ΔW is read and hashed once, not twice). Those two small modules are all this
@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from lowrank.integrity import DIGEST_KEY, CorruptArtifact
-from lowrank.rundir import (BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, MODULE_RANK_KEY,
+from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact
+from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, MODULE_RANK_KEY,
                             MODULE_SCALING_KEY, config_sha256, load_metrics)
 
-from .checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
+from analysis.checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
 
 NOT_RUNS = {BASE_WEIGHTS_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
 METHODS = ("full", "lora", "subspace")

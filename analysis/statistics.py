@@ -33,7 +33,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from lowrank.rundir import NOT_IDENTITY
+from lowrank.rundir.layout import NOT_IDENTITY
 
 Z95 = 1.959963984540054     # the standard normal's 97.5 % quantile: two-sided 95 % intervals
 RESAMPLES = 2000            # bootstrap resamples (rliable's default is 2000 too)

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowrank.integrity import CorruptArtifact
+from lowrank.rundir.integrity import CorruptArtifact
 
-from . import amplification as amp
-from . import spectra
-from .checked_reads import DamagedFile
-from .runs import LowRank, Run, layer_and_matrix
-from .subspace import factor_bases, random_phi
+from analysis import amplification as amp
+from lowrank.linalg import spectra
+from analysis.checked_reads import DamagedFile
+from analysis.runs import LowRank, Run, layer_and_matrix
+from lowrank.linalg.subspace import factor_bases, random_phi
 
 PHASES = ("read", "spectra", "ΔW vectors", "W0 SVDs", "intruders", "amplification")
 WARM_START = 16  # W0's top directions beyond --intruder-k that start the search for W0 + ΔW's

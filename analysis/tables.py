@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lowrank.atomic import write_text
+from lowrank.rundir.atomic import write_text
 
 # the output folder: OUT/tables/*.csv (analysis.report), OUT/figures/figN_* (figure_registry), OUT/report.md, and
 # OUT/timing.json: seconds per phase and peak memory of the analysis itself (not a table: it differs at every run)

@@ -28,11 +28,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from tqdm.auto import tqdm
 
 from analysis.report import main as report_main
-from lowrank import rundir
+from lowrank.rundir import layout as rundir
 from lowrank.cli import (CONF_DIR, check_group_overrides, check_locations, check_value_overrides, compose_first_job,
                          group_options, register_resolvers)
 from lowrank.errors import ConfigError, fail
-from lowrank.validation import validate
+from lowrank.config import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ["demo_full", "demo_scarce", "demo_lora", "demo_targets"]  # full fine-tuning first: the longest runs

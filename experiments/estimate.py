@@ -24,13 +24,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lowrank.budget import fit_with_estimate, require_weights_fit
+from lowrank.train.budget import fit_with_estimate, require_weights_fit
 from lowrank.cli import one_line_errors, run_main
-from lowrank.distributed import PARALLEL
+from lowrank.train.distributed import PARALLEL
 from lowrank.errors import ConfigError, check_choice
-from lowrank.memory import GIB, estimate_from_cfg
-from lowrank.validation import budget_bytes, validate
-from lowrank.shapes import load_hf_config
+from lowrank.train.memory import GIB, estimate_from_cfg
+from lowrank.config import budget_bytes, validate
+from lowrank.data.shapes import load_hf_config
 
 # Run in place: no run directory, no .hydra/ folder, no log file (a sweep's multirun.yaml goes to the temp dir).
 NO_OUTPUT = ["hydra.run.dir=.", f"hydra.sweep.dir={Path(tempfile.gettempdir()) / 'lowrank-estimate'}",

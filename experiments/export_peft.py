@@ -10,7 +10,7 @@ DIR gets `adapter_config.json` (peft.LoraConfig: target_modules = the run's adap
 lora_alpha = method.rank and method.alpha, use_rslora for method.scaling=rslora, rank_pattern for modules of
 another rank (method.rank_pattern), alpha_pattern only where a module's scaling would otherwise differ, lora_dropout,
 task_type SEQ_CLS or CAUSAL_LM) and `adapter_model.safetensors` (`base_model.model.{module}.lora_A.weight` and
-`.lora_B.weight`, the run's fp32 factors, lowrank.peft_adapter's format). lowrank's rule is PEFT's: h = W0 x +
+`.lora_B.weight`, the run's fp32 factors, lowrank.rundir.peft's format). lowrank's rule is PEFT's: h = W0 x +
 (alpha/r) · B A x, or alpha/√r, so the outputs agree to float rounding. A classifier's head trains with the adapter:
 it is in the run's head.safetensors and goes into `modules_to_save`. Runs written before head.safetensors existed
 lack it: they are exported with a warning, and PEFT then leaves the base model's freshly initialised head.
@@ -28,13 +28,13 @@ from safetensors.torch import save_file
 
 from analysis.checked_reads import SkippedRun
 from analysis.runs import load_run
-from lowrank import atomic
+from lowrank.rundir import atomic
 from lowrank.errors import fail
-from lowrank.integrity import CorruptArtifact, verify_safetensors
-from lowrank.lora import lora_scaling
-from lowrank.model_files import gguf_cache_dir, resolve_path
-from lowrank.peft_adapter import ADAPTER_WEIGHTS, PREFIX, factor_keys
-from lowrank.rundir import HEAD_FILE
+from lowrank.rundir.integrity import CorruptArtifact, verify_safetensors
+from lowrank.adapters.lora import lora_scaling
+from lowrank.data.model_files import gguf_cache_dir, resolve_path
+from lowrank.rundir.peft import ADAPTER_WEIGHTS, PREFIX, factor_keys
+from lowrank.rundir.layout import HEAD_FILE
 
 try:
     from peft import LoraConfig

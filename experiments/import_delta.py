@@ -4,11 +4,11 @@
     python -m experiments.import_delta --adapter ADAPTER [--base BASE] --out RUNS/NAME/RUN    # a PEFT LoRA adapter folder
     python -m analysis.report RUNS --out REPORT
 
-BASE and FT are Hub ids, local folders or pkg://PACKAGE/DIR paths of Hugging Face checkpoints (lowrank.checkpoint_files:
+BASE and FT are Hub ids, local folders or pkg://PACKAGE/DIR paths of Hugging Face checkpoints (lowrank.data.hf_checkpoint:
 safetensors, sharded or not; .bin with a warning); ADAPTER is a folder written by PeftModel.save_pretrained (or a Hub
 id), whose base model is BASE or, without --base, the adapter's `base_model_name_or_path`.
 
-The run directory is the trainer's format (lowrank.rundir, lowrank.delta): `delta_w.safetensors` with `{module}.delta`
+The run directory is the trainer's format (lowrank.rundir.layout, lowrank.rundir.delta): `delta_w.safetensors` with `{module}.delta`
 = W_ft − W_0 in fp32 (bitwise the difference of the fp32 values) for every 2-D weight of the numbered blocks, or an
 adapter's `{module}.lora_A` / `.lora_B` (fp32, as PEFT stored them) with per-module `module_rank` / `module_scaling`
 where rank_pattern, alpha_pattern or use_rslora make them differ; W0 in `RUNS/base_weights/`; `.hydra/config.yaml`, a
@@ -17,7 +17,7 @@ sources; seed 0 and task.name `imported`, since an import has neither); `metrics
 accuracy (`imported: true`). Modules are named as BASE names them (e.g. `encoder.layer.0.attention.self.query`); the
 other checkpoint's names are mapped to those by dropping leading components (`bert.`, `model.`, PEFT's
 `base_model.model.`), and a module of another shape stops the import with one line naming it and both shapes.
-Everything streams: each file is written one tensor at a time (lowrank.atomic.write_safetensors_streamed) from
+Everything streams: each file is written one tensor at a time (lowrank.rundir.atomic.write_safetensors_streamed) from
 tensors read one at a time, so memory holds a few matrices whatever the model's size.
 """
 import argparse
@@ -29,16 +29,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lowrank import atomic
-from lowrank.atomic import write_safetensors_streamed
-from lowrank.checkpoint_files import Checkpoint, block_matrices, file_checkpoint, local_folder, open_checkpoint
-from lowrank.delta import base_weights_path, delta_metadata, module_overrides
+from lowrank.rundir import atomic
+from lowrank.rundir.atomic import write_safetensors_streamed
+from lowrank.data.hf_checkpoint import Checkpoint, block_matrices, file_checkpoint, local_folder, open_checkpoint
+from lowrank.rundir.delta import base_weights_path, delta_metadata, module_overrides
 from lowrank.errors import ConfigError, fail
-from lowrank.integrity import CorruptArtifact, read_header
-from lowrank.lora import lora_scaling
-from lowrank.peft_adapter import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, adapter_factors, module_lora,
+from lowrank.rundir.integrity import CorruptArtifact, read_header
+from lowrank.adapters.lora import lora_scaling
+from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, adapter_factors, module_lora,
                                   read_adapter_config, scaling_rule)
-from lowrank.rundir import CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
+from lowrank.rundir.layout import CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
 
 MAX_STRIP = 3  # leading name components dropped when mapping one checkpoint's names onto the other's
 FP32 = torch.float32
@@ -94,7 +94,7 @@ def write_base_weights(runs_root: Path, name: str, base: Checkpoint, keys: list[
     if same:
         pending.unlink()
     else:
-        pending.replace(path)  # named by its content, as lowrank.delta.ensure_base_weights names it
+        pending.replace(path)  # named by its content, as lowrank.rundir.delta.ensure_base_weights names it
     log(f"W0: {len(keys)} matrices -> {path}")
     return path
 

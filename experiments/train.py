@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lowrank.cli import one_line_errors, run_main
-from lowrank.trainer import train
+from lowrank.train.recipe import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

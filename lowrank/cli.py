@@ -6,9 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, fail
-from . import rundir
-from .rundir import NOT_IDENTITY, RunInProgress, config_hash, find_run_dir, format_value, run_dirname
+from lowrank.errors import ConfigError, fail
+from lowrank.rundir import layout as rundir
+from lowrank.rundir.layout import NOT_IDENTITY, RunInProgress, config_hash, find_run_dir, format_value, run_dirname
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NOT_IN_NAME = ("experiment",)  # besides rundir.NOT_IDENTITY: an experiment file's settings are in the hash

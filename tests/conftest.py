@@ -25,7 +25,7 @@ def compose_cfg(overrides: list[str]):
 @pytest.fixture
 def tiny_run(tmp_path):
     """Run train(cfg) on a tiny config; returns (metrics, run_dir)."""
-    from lowrank.trainer import train
+    from lowrank.train.recipe import train
 
     def run(*overrides, name="run"):
         cfg = compose_cfg(TINY + [f"runs_root={tmp_path}"] + list(overrides))

@@ -10,9 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
-import lowrank.trainer as trainer
-from lowrank import atomic
-from lowrank.rundir import CHECKPOINT_FILE
+import lowrank.train.recipe as trainer
+from lowrank.rundir import atomic
+from lowrank.rundir.layout import CHECKPOINT_FILE
 
 STEP, MODE = int(sys.argv.pop(1)), sys.argv.pop(1)
 _save = trainer.save_checkpoint

@@ -10,18 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from .cli_batch import run_cli_batch
+from tests.cli_batch import run_cli_batch
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = sorted(p.stem for p in (ROOT / "analysis").glob("*.py") if p.stem != "__init__")
-LOWRANK_ALLOWED = {"lowrank.rundir", "lowrank.integrity", "lowrank.atomic", "lowrank.logger", "lowrank.errors"}
+MODULES = sorted(".".join(p.relative_to(ROOT / "analysis").with_suffix("").parts)
+                 for p in (ROOT / "analysis").rglob("*.py") if p.stem != "__init__")
+LOWRANK_ALLOWED = {"lowrank.rundir.layout", "lowrank.rundir.integrity", "lowrank.rundir.atomic", "lowrank.logger",
+                   "lowrank.errors", "lowrank.linalg.spectra", "lowrank.linalg.subspace"}
+PACKAGES = {"lowrank", "lowrank.rundir", "lowrank.linalg"}  # their __init__ files are empty
 LAZY = {"matplotlib", "wandb"}  # heavy optional dependencies: the only reason for a function-local import
 
 
 def imports(module: str) -> list[tuple[str, bool]]:
     """(imported module, inside a function?) for every import in analysis/MODULE.py, relative ones resolved
-    (`from . import spectra` -> analysis.spectra, `from .runs import Run` -> analysis.runs)."""
-    tree = ast.parse((ROOT / "analysis" / f"{module}.py").read_text())
+    (`from . import spectra` -> lowrank.linalg.spectra, `from .runs import Run` -> analysis.runs)."""
+    tree = ast.parse((ROOT / "analysis" / f"{module.replace('.', '/')}.py").read_text())
     in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                    for n in ast.walk(f)}
     found = []
@@ -31,6 +34,8 @@ def imports(module: str) -> list[tuple[str, bool]]:
             found += [(a.name, local) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level:
             found.append((node.module, local))
+            if node.module in ("analysis", "analysis.figures"):  # `from analysis import runs` names a module
+                found += [(f"{node.module}.{a.name}", local) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.append((f"analysis.{node.module}", local))
         elif isinstance(node, ast.ImportFrom):
@@ -41,7 +46,8 @@ def imports(module: str) -> list[tuple[str, bool]]:
 def loads_lazy(name: str) -> bool:
     """Does `import NAME` import matplotlib or wandb, itself or through the analysis modules it imports at the top?"""
     top = name.split(".")[0]
-    return top in LAZY or (top == "analysis" and pulls_in_lazy(name.split(".")[1]))
+    return top in LAZY or (top == "analysis" and "." in name and name.split(".", 1)[1] in MODULES
+                           and pulls_in_lazy(name.split(".", 1)[1]))
 
 
 def pulls_in_lazy(module: str) -> bool:
@@ -49,7 +55,8 @@ def pulls_in_lazy(module: str) -> bool:
 
 
 def analysis_graph() -> dict[str, set[str]]:
-    return {m: {i.removeprefix("analysis.") for i, _ in imports(m) if i.startswith("analysis.")} for m in MODULES}
+    return {m: {i.removeprefix("analysis.") for i, _ in imports(m) if i.removeprefix("analysis.") in MODULES}
+            for m in MODULES}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -104,7 +111,7 @@ def test_each_module_imports_in_a_fresh_interpreter(fresh_imports, module):
     assert res.returncode == 0, res.stderr
     loaded = set(json.loads(res.stdout.splitlines()[-1]))
     lowrank = {m for m in loaded if m.split(".")[0] == "lowrank"}
-    assert lowrank <= LOWRANK_ALLOWED | {"lowrank", "lowrank.errors"}, lowrank  # errors: what cli and rundir use
+    assert lowrank <= LOWRANK_ALLOWED | PACKAGES, lowrank  # errors: what cli and rundir use
     assert bool(loaded & LAZY) == pulls_in_lazy(module), loaded & LAZY
 
 
@@ -124,12 +131,12 @@ def test_cycle_finder_finds_cycles():
 
 def test_no_import_cycle_among_analysis_modules():
     graph = analysis_graph()
-    assert set(graph["report"]) >= {"tables", "figure_registry"}   # the graph sees both kinds of import
+    assert set(graph["report"]) >= {"tables", "figures.registry"}   # the graph sees both kinds of import
     assert (cycle := find_cycle(graph)) is None, " -> ".join(cycle)
 
 
 def test_function_local_imports_only_keep_matplotlib_or_wandb_lazy():
-    assert pulls_in_lazy("figures") and pulls_in_lazy("figure_registry") and not pulls_in_lazy("report")
+    assert pulls_in_lazy("figures.draw") and pulls_in_lazy("figures.registry") and not pulls_in_lazy("report")
     for m in MODULES:
         for name, local in imports(m):
             assert not local or loads_lazy(name), \
@@ -137,6 +144,6 @@ def test_function_local_imports_only_keep_matplotlib_or_wandb_lazy():
 
 
 def test_analysis_takes_from_lowrank_only_the_run_directory_contract():
-    used = {name for m in MODULES for name, _ in imports(m) if name.split(".")[0] == "lowrank"}
+    used = {name for m in MODULES for name, _ in imports(m) if name.split(".")[0] == "lowrank"} - PACKAGES
     assert used <= LOWRANK_ALLOWED, used - LOWRANK_ALLOWED
-    assert {"lowrank.rundir", "lowrank.integrity"} <= used   # the parser sees `from lowrank.x import y`
+    assert {"lowrank.rundir.layout", "lowrank.rundir.integrity"} <= used   # the parser sees `from lowrank.x import y`

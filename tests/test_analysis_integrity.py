@@ -17,13 +17,13 @@ from safetensors.torch import save_file
 import analysis.report as report_mod
 from analysis.report import main
 from analysis.runs import collect_runs
-from lowrank.atomic import write_safetensors
-from lowrank.integrity import DIGEST_KEY, CorruptArtifact
-from lowrank.rundir import DELTA_FILE
+from lowrank.rundir.atomic import write_safetensors
+from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact
+from lowrank.rundir.layout import DELTA_FILE
 
-from .cli_batch import run_cli_batch
-from .conftest import run_cli
-from .test_analysis_report import module, write_base, write_metrics, write_run
+from tests.cli_batch import run_cli_batch
+from tests.conftest import run_cli
+from tests.test_analysis_report import module, write_base, write_metrics, write_run
 
 DAY = "2026-01-01"
 GOOD = ["full_s0", "lora_r2_s0", "lora_r4_s0", "full_s2_metrics_shadow"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from analysis import amplification as amp
-from analysis import spectra
+from lowrank.linalg import spectra
 from analysis.runs import layer_and_matrix
-from analysis.subspace import factor_bases, phi, phi_grid, random_basis, random_phi, random_phi_grid
+from lowrank.linalg.subspace import factor_bases, phi, phi_grid, random_basis, random_phi, random_phi_grid
 
 CPU = torch.device("cpu")
 

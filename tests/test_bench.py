@@ -1,12 +1,12 @@
-"""experiments.bench: the ratios and target checks it reports (lowrank.bench_ratios), the median of repeats,
+"""benchmarks.bench: the ratios and target checks it reports (benchmarks.harness.ratios), the median of repeats,
 merging runs, the step graph's undo, and a CPU smoke run of the script."""
 import json
 
 import pytest
 
-from lowrank.bench_ratios import check_targets, ratio_rows, read_targets
-from lowrank.bench_record import median_run, write_result
-from lowrank.targets import ALL_LINEAR
+from benchmarks.harness.ratios import check_targets, ratio_rows, read_targets
+from benchmarks.harness.record import median_run, write_result
+from lowrank.adapters.targets import ALL_LINEAR
 from tests.conftest import ROOT, run_cli
 
 
@@ -57,7 +57,7 @@ def test_repeated_configs_report_the_median_run_and_keep_every_run():
 
 
 def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
-    result = run_cli(["-m", "experiments.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
+    result = run_cli(["-m", "benchmarks.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
                       "--only", "full", "lora:ours:16", "lora:peft:16", "--no-parity", "--no-trainer"], cwd=ROOT,
                      env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,15 +70,15 @@ def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
     assert rows[1]["targets"] == "all-linear" == ALL_LINEAR
     md = (tmp_path / "lora_vs_peft_cpu.md").read_text()
     assert "| tiny | lora | ours | 16 | all-linear | eager |" in md
-    assert result["meta"]["command"].endswith("-m experiments.bench --smoke --out " + str(tmp_path) + " --modes eager "
+    assert result["meta"]["command"].endswith("-m benchmarks.bench --smoke --out " + str(tmp_path) + " --modes eager "
                                               "--only full lora:ours:16 lora:peft:16 --no-parity --no-trainer")
     assert result["settings"]["models"] == ["tiny"] and f"`{result['meta']['command']}`" in md
 
 
 def test_smoke_trainer_rows_run_the_trainer_and_its_loss_curves_agree(tmp_path):
-    """The bench's `trainer` rows are lowrank.trainer.train runs (task=synthetic_lm), their ratio row compares
+    """The bench's `trainer` rows are lowrank.train.recipe.train runs (task=synthetic_lm), their ratio row compares
     LoRA with the trainer's own full fine-tuning, and the trainer's fast and plain paths give one loss curve."""
-    result = run_cli(["-m", "experiments.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
+    result = run_cli(["-m", "benchmarks.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
                       "--only", "nothing", "--no-parity"], cwd=ROOT, env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     result = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
@@ -106,10 +106,10 @@ def test_trainer_targets_are_judged_on_the_trainer_rows():
 
 
 def test_all_linear_adapts_the_seven_llama_projections_in_ours_and_in_peft():
-    """lowrank.targets.ALL_LINEAR is the one name for "every linear layer of the blocks"; ours and PEFT's own
+    """lowrank.adapters.targets.ALL_LINEAR is the one name for "every linear layer of the blocks"; ours and PEFT's own
     "all-linear" select the same layers of a Llama (not the head), so the parity check can copy A between them."""
-    from experiments.bench import SHAPES, add_lora, build
-    from lowrank.lora import lora_layers
+    from benchmarks.bench import SHAPES, add_lora, build
+    from lowrank.adapters.lora import lora_layers
     import torch
     ours = add_lora(build(SHAPES["tiny"], torch.device("cpu"), torch.float32, 0), "ours", 4, ALL_LINEAR)
     theirs = add_lora(build(SHAPES["tiny"], torch.device("cpu"), torch.float32, 0), "peft", 4, ALL_LINEAR)
@@ -129,7 +129,7 @@ def _row(model, method, impl, rank, tps):  # the fields markdown reads
 
 
 def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
-    from experiments.bench import merge
+    from benchmarks.bench import merge
     meta = dict(commit="c0ffee", dirty=False, device="GPU", date="2026-01-01T00:00:00+00:00",
                 versions=dict(python="3", torch="t", transformers="tf", peft="p", triton=None))
     par = dict(model="m1", steps=2, rank=16, lr=1e-3, ours=[2.0, 1.0], peft=[2.0, 1.1], max_abs_diff=0.1,
@@ -178,8 +178,8 @@ def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
 @pytest.mark.parametrize("flat", [True, False])
 def test_undo_training_restores_weights_and_a_fresh_optimizer_in_place(flat):
     import torch
-    from lowrank.lora_fast import FlatMasterAdamW
-    from lowrank.step_graph import undo_training
+    from lowrank.adapters.fused import FlatMasterAdamW
+    from lowrank.train.step_graph import undo_training
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
     opt = FlatMasterAdamW(params, lr=0.1) if flat else torch.optim.AdamW(params, lr=0.1)

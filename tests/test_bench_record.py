@@ -1,4 +1,4 @@
-"""lowrank.bench_record: one writer for every benchmark result, `{name}.json` + `{name}.md`, each written whole,
+"""benchmarks.harness.record: one writer for every benchmark result, `{name}.json` + `{name}.md`, each written whole,
 with the metadata that says where the numbers came from."""
 import json
 import os
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank import atomic, bench_record
-from lowrank.bench_record import (Column, collect_metadata, git_state, markdown_table, plain_cell, read_result,
+from lowrank.rundir import atomic
+from benchmarks.harness import record as bench_record
+from benchmarks.harness.record import (Column, collect_metadata, git_state, markdown_table, plain_cell, read_result,
                                   result_name, write_result)
 
 ROWS = [dict(model="m", impl="ours", rank=16, tokens_per_second=1234.5678, note="a|b", runs=[1.0, 2.0]),

@@ -1,13 +1,14 @@
 """The benchmark scripts that launch other commands (budget_bench, demo_speed) write their results through
-lowrank.bench_record: tested with the launched commands replaced by fakes that leave their metrics behind."""
+benchmarks.harness.record: tested with the launched commands replaced by fakes that leave their metrics behind."""
 import json
 import sys
 
 import pytest
 
-from experiments import budget_bench, demo_speed
-from lowrank.bench_record import read_result
-from lowrank.memory import GIB
+from benchmarks import budget_bench
+from benchmarks import demo_speed
+from benchmarks.harness.record import read_result
+from lowrank.train.memory import GIB
 
 
 def test_budget_bench_tabulates_each_cell_into_one_result(tmp_path, monkeypatch):
@@ -23,14 +24,14 @@ def test_budget_bench_tabulates_each_cell_into_one_result(tmp_path, monkeypatch)
     monkeypatch.setattr(budget_bench, "run_sweeps", fake_sweeps)
     args = ["--out", str(tmp_path / "out"), "--runs-root", str(tmp_path / "runs")]
     monkeypatch.setattr(sys, "argv", ["budget_bench", *args])
-    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", "-m", "experiments.budget_bench", *args])
+    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", "-m", "benchmarks.budget_bench", *args])
     budget_bench.main()
     (result,) = (tmp_path / "out").glob("budget_*.json")
     data = read_result(result)
     assert [(r["method"], r["fits"], r["targets"]) for r in data["rows"]] == [("full", False, None),
                                                                               ("lora", True, "all-linear")]
     assert data["settings"]["budgets"] == budget_bench.BUDGETS
-    assert data["meta"]["command"] == f"python3 -m experiments.budget_bench --out {tmp_path / 'out'} --runs-root " \
+    assert data["meta"]["command"] == f"python3 -m benchmarks.budget_bench --out {tmp_path / 'out'} --runs-root " \
                                       f"{tmp_path / 'runs'}"
     md = result.with_suffix(".md").read_text()
     assert "| full | 8 | no | – | – | – | 7.80 | – | – | – |" in md
@@ -64,4 +65,4 @@ def test_demo_speed_times_each_variant_into_one_result(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("script", [budget_bench, demo_speed])
 def test_the_scripts_say_what_they_write(script):
-    assert "lowrank.bench_record" in script.__doc__
+    assert "benchmarks.harness.record" in script.__doc__

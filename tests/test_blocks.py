@@ -1,4 +1,4 @@
-"""lowrank.blocks: finding the repeated blocks, and compiled blocks computing what eager blocks compute."""
+"""lowrank.train.blocks: finding the repeated blocks, and compiled blocks computing what eager blocks compute."""
 import copy
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from lowrank.blocks import causal_attention_without_mask, compile_blocks, decoder_blocks, graph_blocks
-from lowrank.lora import freeze_for_lora, inject_lora, lora_layers
+from lowrank.train.blocks import causal_attention_without_mask, compile_blocks, decoder_blocks, graph_blocks
+from lowrank.adapters.lora import freeze_for_lora, inject_lora, lora_layers
 
 
 def tiny_llama(seed=0):
@@ -46,7 +46,7 @@ def test_lowrank_plus_linear_custom_op_passes_torch_opcheck():
     """The op torch.compile sees in place of the in-place GEMM epilogues: its fake (shape) function and its
     schema agree with what it computes, for each call site (forward, input gradient, a group's input
     gradient over two layers)."""
-    from lowrank.lora_fast import _lowrank_plus_linear, _lowrank_plus_linear_op
+    from lowrank.adapters.fused import _lowrank_plus_linear, _lowrank_plus_linear_op
     g = torch.Generator().manual_seed(0)
     x, gy, W, A, B, h, t, gy2, W2, t2 = (torch.randn(*shape, generator=g) for shape in
                                          [(10, 6), (10, 5), (5, 6), (3, 6), (5, 3), (10, 3), (10, 3), (10, 4),

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from lowrank.cli import check_group_overrides, check_value_overrides
 from lowrank.errors import ConfigError
-from lowrank.trainer import train
+from lowrank.train.recipe import train
 from tests.conftest import TINY, compose_cfg
 
 VALUES = {

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from analysis.runs import LowRank, collect_runs
-from lowrank import rundir
-from lowrank.checkpoint import load_checkpoint, save_checkpoint
+from lowrank.rundir import layout as rundir
+from lowrank.train.checkpoint import load_checkpoint, save_checkpoint
 from lowrank.errors import ConfigError
 
-from .test_analysis_report import write_base, write_run
+from tests.test_analysis_report import write_base, write_run
 
 DAMAGE = st.one_of(
     st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
@@ -114,7 +114,7 @@ def test_analysis_reads_what_was_written_or_skips_the_run(study, target, how):
             run_dir = (root / TARGETS[target]).parent
             assert rundir.read_metrics(run_dir) in (None, intact["2026-01-01/full"][0])
         if target == "config":
-            from lowrank.run_record import check_same_config
+            from lowrank.rundir.record import check_same_config
             run_dir = (root / TARGETS[target]).parents[1]
             config = OmegaConf.create(intact["2026-01-01/lora"][1])
             try:
@@ -181,9 +181,9 @@ def tiny_bert():
 @settings(max_examples=25, deadline=None)
 @given(how=DAMAGE)
 def test_reused_base_weights_are_checked_and_rewritten_when_damaged(tiny_bert, how):
-    from lowrank.delta import ensure_base_weights, linear_weights
-    from lowrank.integrity import verify_safetensors
-    from lowrank.lora import block_linear_names
+    from lowrank.rundir.delta import ensure_base_weights, linear_weights
+    from lowrank.rundir.integrity import verify_safetensors
+    from lowrank.adapters.lora import block_linear_names
     with tempfile.TemporaryDirectory() as tmp:
         path = ensure_base_weights(Path(tmp), "tiny", tiny_bert)
         damage(path, how, b'{"status": "complete"}')
@@ -204,7 +204,7 @@ def test_reused_base_weights_are_checked_and_rewritten_when_damaged(tiny_bert, h
 @settings(max_examples=30, deadline=None)
 @given(how=DAMAGE)
 def test_a_damaged_data_file_loads_or_is_one_clear_error(how):
-    from lowrank.data import load_task
+    from lowrank.data.classification import load_task
     from tests.conftest import compose_cfg
     rows = "text,sentiment\n" + "".join(f"tweet number {i} about food,{['negative', 'neutral', 'positive'][i % 3]}\n"
                                          for i in range(60))

@@ -1,4 +1,4 @@
-"""Training over several processes (lowrank.distributed): 2 gloo processes under torchrun give the 1-process
+"""Training over several processes (lowrank.train.distributed): 2 gloo processes under torchrun give the 1-process
 result for full fine-tuning and LoRA, with one run directory; resume after both ranks are killed; SIGTERM on one
 rank checkpoints once; FSDP follows DDP's loss curve; gradient traffic is measured. A sweep through Hydra's
 submitit launcher; the SLURM launcher config composes; the sharded memory estimate by hand.
@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank.errors import ConfigError
-from lowrank.memory import GIB, estimate_memory
-from lowrank.trainer import train
+from lowrank.train.memory import GIB, estimate_memory
+from lowrank.train.recipe import train
 
-from .conftest import compose_cfg, run_cli
-from .test_memory import shape
+from tests.conftest import compose_cfg, run_cli
+from tests.test_memory import shape
 
 TINY_LLAMA = ["model=llama_1b_shape", "model.shape.hidden_size=32", "model.shape.intermediate_size=64",
               "model.shape.num_hidden_layers=2", "model.shape.num_attention_heads=4",

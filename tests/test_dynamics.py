@@ -1,11 +1,11 @@
-"""Rank over training time (lowrank.dynamics): snapshots against closed-form cases."""
+"""Rank over training time (lowrank.train.dynamics): snapshots against closed-form cases."""
 import math
 
 import torch
 from torch import nn
 
-from lowrank.dynamics import Dynamics, summary, tracked
-from lowrank.lora import inject_lora, lora_layers
+from lowrank.train.dynamics import Dynamics, summary, tracked
+from lowrank.adapters.lora import inject_lora, lora_layers
 
 
 def test_full_snapshot_sees_a_planted_rank_and_phi_tracks_direction_change():

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from experiments.demo import compose, sweep_jobs
-from lowrank.validation import validate
+from lowrank.config import validate
 
-from .cli_batch import run_cli_batch
-from .conftest import CONF, ROOT, run_cli
+from tests.cli_batch import run_cli_batch
+from tests.conftest import CONF, ROOT, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 TINY_RUN = ["trainer.max_steps=1", "task.train_size=32", "task.eval_size=16", "trainer.batch_size=8", "logger=none",

@@ -11,14 +11,14 @@ from transformers import AutoModelForSequenceClassification
 
 from analysis.runs import load_run
 from experiments.export_peft import export, main
-from lowrank.lora import inject_lora, lora_layers
-from lowrank.models import load_model
-from lowrank.rundir import HEAD_FILE
+from lowrank.adapters.lora import inject_lora, lora_layers
+from lowrank.data.models import load_model
+from lowrank.rundir.layout import HEAD_FILE
 from omegaconf import OmegaConf
 
-from experiments.shape_run import write_shape_run
+from benchmarks.shape_run import write_shape_run
 
-from .test_import_delta import TEXT
+from tests.test_import_delta import TEXT
 
 SMALL = ("model.shape.num_hidden_layers=1", "model.shape.hidden_size=16", "model.shape.intermediate_size=32",
          "model.shape.num_attention_heads=2", "model.shape.num_key_value_heads=2")

@@ -1,5 +1,5 @@
 """Every figure from a small synthetic runs root written through the real writers (the trainer's config,
-lowrank.delta's ΔW and W0 files, lowrank.atomic's metrics.json): the files exist, the plotted data equal the
+lowrank.rundir.delta's ΔW and W0 files, lowrank.rundir.atomic's metrics.json): the files exist, the plotted data equal the
 tables, a figure without its runs is skipped naming its sweep, and the same runs give the same files."""
 import sys
 import types
@@ -14,21 +14,22 @@ from matplotlib.text import Text
 from omegaconf import OmegaConf
 from torch import nn
 
-from analysis import figure_data as D
-from analysis import figures as F
+from analysis.figures import data as D
+from analysis.figures import draw as F
 from analysis import statistics as st
-from analysis.figure_data import GIB, MIB
-from analysis.figure_registry import FIGURES, figures_markdown, write_figures
+from analysis.figures.data import GIB, MIB
+from analysis.figures.registry import FIGURES, figures_markdown, write_figures
 from analysis.report import main as report_main
 from analysis.report import make_figures, run_report
 from analysis.report_cli import parse_args
 from analysis.tables import markdown_table, table_path, write_csv
 from analysis.wandb_sync import remove_older_offline_runs
-from lowrank import atomic, rundir
-from lowrank.delta import ensure_base_weights, linear_weights, write_delta
-from lowrank.lora import inject_lora, lora_layers
+from lowrank.rundir import atomic
+from lowrank.rundir import layout as rundir
+from lowrank.rundir.delta import ensure_base_weights, linear_weights, write_delta
+from lowrank.adapters.lora import inject_lora, lora_layers
 
-from .conftest import compose_cfg
+from tests.conftest import compose_cfg
 
 LAYERS, WIDTH, MLP = 3, 64, 96
 ALL_ATTENTION = "[query,key,value,attention.output.dense]"
@@ -145,7 +146,7 @@ def build_root(root: Path) -> Path:
 def report_run(tmp_path_factory) -> tuple[Path, dict, list]:
     """The report on the synthetic root: its folder, the tables as it handed them to the figures, and the figures
     as write_figures handed them back to it (in memory)."""
-    import analysis.figure_registry as registry
+    import analysis.figures.registry as registry
     root = build_root(tmp_path_factory.mktemp("runs"))
     out = tmp_path_factory.mktemp("report")
     built, real = [], registry.write_figures

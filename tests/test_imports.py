@@ -12,13 +12,14 @@ PACKAGES = ("lowrank", "analysis", "experiments")
 
 
 def modules() -> dict[str, Path]:
-    return {f"{p.parent.name}.{p.stem}": p for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))
-            if p.stem != "__init__"}
+    """Every module of the packages, subpackages included, by its dotted name."""
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts): p for pkg in PACKAGES
+            for p in sorted((ROOT / pkg).rglob("*.py")) if p.stem != "__init__"}
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """The project modules `name` imports anywhere in its file (top level or inside a function)."""
-    package = name.split(".")[0]
+    package = name.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -26,7 +27,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # from .x import y / from . import x
-                base = f"{package}.{base}" if base else package
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names}  # `from . import atomic` names a module
     return {m for m in found if m in known and m != name}

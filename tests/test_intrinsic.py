@@ -7,8 +7,8 @@ import sys
 import torch
 from torch import nn
 
-from lowrank.fastfood import Fastfood, walsh_hadamard
-from lowrank.intrinsic import freeze_for_subspace, inject_subspace, projection_bytes
+from lowrank.adapters.fastfood import Fastfood, walsh_hadamard
+from lowrank.adapters.subspace import freeze_for_subspace, inject_subspace, projection_bytes
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_fastfood_memory_is_linear_in_D_measured():
     assert ff.state_bytes() == ff.L * (1 + 8 + 4)
     code = """
 import json, resource, torch
-from lowrank.fastfood import Fastfood
+from lowrank.adapters.fastfood import Fastfood
 ff = Fastfood(10_000, 2 ** 22, torch.Generator().manual_seed(0))
 theta = torch.randn(10_000)
 ff(theta)  # warm: the allocator's first pages
@@ -122,7 +122,7 @@ def test_said_counts_its_scales_in_d_and_trains_them():
 def test_the_learning_rate_is_the_step_size_over_root_d_unless_set():
     import pytest
     from lowrank.errors import ConfigError
-    from lowrank.validation import validate
+    from lowrank.config import validate
     from tests.conftest import compose_cfg
     assert compose_cfg(["method=subspace", "method.dim=100"]).trainer.lr == pytest.approx(1.7 / 10)
     assert compose_cfg(["method=subspace", "method.dim=10000", "method.step_size=3.4"]).trainer.lr == \

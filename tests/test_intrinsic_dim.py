@@ -44,7 +44,7 @@ def test_each_size_and_full_fine_tuning_are_judged_at_their_best_learning_rate()
     assert abs(g.loc["subspace", "gain_share"] - 0.68) < 1e-12 and g.loc["subspace", "majority"] == 0.6
     assert t.loc["subspace", "gain_share"] is None   # no majority rate known: no share of the gain
     # mixing the two lrs of d = 100 would give 0.74 and miss the goal: each lr is judged on its own
-    from analysis.param_figures import params_data
+    from analysis.figures.params import params_data
     d = params_data(runs).set_index(["curve", "size"])
     best_100 = d.loc[("subspace (q,v)", 100)]
     assert abs(best_100["accuracy"] - 0.77) < 1e-12 and best_100["lr"] == 0.3
@@ -60,7 +60,7 @@ def test_nothing_reaching_the_goal_gives_none_and_no_full_gives_no_row():
 
 
 def test_figure_14_draws_every_curve_and_marks_d90(tmp_path):
-    from analysis.param_figures import figure_14
+    from analysis.figures.params import figure_14
     runs = pd.DataFrame([
         _row("full", 0, 0.80, params=22_000_000), _row("full", 1, 0.90, params=22_000_000),
         _row("subspace", 0, 0.70, dim=100, params=100), _row("subspace", 1, 0.74, dim=100, params=100),
@@ -69,7 +69,7 @@ def test_figure_14_draws_every_curve_and_marks_d90(tmp_path):
     runs["eval_label_counts.0"], runs["eval_label_counts.1"] = 257, 143   # the test set's labels: majority 0.6425
     drawn = figure_14({"runs": runs}, tmp_path)
     assert drawn.path.is_file() and set(drawn.table.majority) == {0.6425}
-    from analysis.param_figures import plot_params
+    from analysis.figures.params import plot_params
     fig = plot_params(drawn.data, drawn.table)
     (line,) = [a for a in fig.findobj() if a.get_gid() == "majority"]
     assert set(line.get_ydata()) == {0.6425}
@@ -79,7 +79,7 @@ def test_figure_14_draws_every_curve_and_marks_d90(tmp_path):
 
 
 def test_figure_15_averages_matrices_then_seeds(tmp_path):
-    from analysis.param_figures import figure_15
+    from analysis.figures.params import figure_15
     runs = pd.DataFrame([{"run_id": f"r{s}", "setup": "s1", "method.name": "lora", "method.rank": 4, "seed": s,
                           "method.targets": '["query", "value"]'} for s in (0, 1)]
                         + [{"run_id": "f0", "setup": "s1", "method.name": "full", "method.rank": None, "seed": 0,

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch._dynamo.config as dynamo_config
 
-from lowrank import lora_fast, rundir
-from lowrank.budget import cap_process_memory
-from lowrank.job_scope import job_scope
+from lowrank.adapters import fused as lora_fast
+from lowrank.rundir import layout as rundir
+from lowrank.train.budget import cap_process_memory
+from lowrank.train.job_scope import job_scope
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_module_switches_and_backend_flags_are_restored():
 
 def test_the_trainer_runs_each_job_in_a_scope_and_records_a_crash(tiny_run, tmp_path, monkeypatch):
     """A job that changes a switch and then fails: the switch is back, and metrics.json says why it failed."""
-    import lowrank.objectives as objectives
+    import lowrank.data.objectives as objectives
     before = lora_fast.FUSED_FACTOR_GRADS
 
     def broken_loader(*args, **kwargs):

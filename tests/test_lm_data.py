@@ -8,10 +8,10 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lowrank import lm_data
-from lowrank.batches import Batches
-from lowrank.data import Split
-from lowrank.lm_data import IGNORE, PackedLM, encode_examples, load_lm_task, pack_documents, pack_examples
+from lowrank.data import lm as lm_data
+from lowrank.data.batches import Batches
+from lowrank.data.classification import Split
+from lowrank.data.lm import IGNORE, PackedLM, encode_examples, load_lm_task, pack_documents, pack_examples
 from tests.conftest import CONF, compose_cfg
 from tests.test_bad_inputs import config_error
 

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from lowrank import lm_eval
-from lowrank.blocks import causal_attention_without_mask
-from lowrank.lm_data import IGNORE, encode_examples, pack_documents, pack_examples, prompt_ids
-from lowrank.lm_eval import cached_base_perplexity, exact_match, forgetting, greedy_generate, perplexity
-from lowrank.models import load_causal_lm
+from lowrank.data import lm_eval
+from lowrank.train.blocks import causal_attention_without_mask
+from lowrank.data.lm import IGNORE, encode_examples, pack_documents, pack_examples, prompt_ids
+from lowrank.data.lm_eval import cached_base_perplexity, exact_match, forgetting, greedy_generate, perplexity
+from lowrank.data.models import load_causal_lm
 from tests.conftest import CONF
 from tests.test_lm_data import WORDS, ids, tiny_lm, word_tokenizer
 

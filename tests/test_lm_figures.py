@@ -1,10 +1,10 @@
-"""The generative studies' figures (analysis/lm_figures.py) from hand-made tables: the numbers they show."""
+"""The generative studies' figures (analysis/figures/lm.py) from hand-made tables: the numbers they show."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.figure_data import MissingRuns
-from analysis.lm_figures import figure_11, figure_12, figure_13, lr_data
+from analysis.figures.data import MissingRuns
+from analysis.figures.lm import figure_11, figure_12, figure_13, lr_data
 
 
 def _runs():
@@ -61,7 +61,7 @@ def test_lm_figures_pass_a_reviewers_look(number, tmp_path):
     no two texts overlapping, every legend entry with its n or a reference."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from analysis import lm_figures as L
+    from analysis.figures import lm as L
     from tests.test_figures import drawn_texts, inside, overlaps
     runs = _runs()
     spectrum = pd.DataFrame([{"run_id": f"fullNone-0.0001-{s}", "layer": layer, "matrix_type": t, "r90": 100 + layer,

@@ -4,7 +4,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from analysis import lm_findings as F
-from lowrank.rundir import COMPLETE, write_metrics
+from lowrank.rundir.layout import COMPLETE, write_metrics
 from tests.conftest import compose_cfg
 
 

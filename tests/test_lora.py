@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers, match_targets
-from lowrank.lora_fast import lora_linear
+from lowrank.adapters.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers, match_targets
+from lowrank.adapters.fused import lora_linear
 
 
 def trained_layer(rank=4, d_in=12, d_out=10, seed=0):
@@ -140,7 +140,7 @@ def test_siblings_of_different_input_widths_are_not_grouped():
 def test_parity_with_peft_on_minilm():
     """Same weights, same A init, same data, same optimizer: same outputs and same ΔW as PEFT's LoRA."""
     import peft  # a test dependency (pyproject [test])
-    from lowrank.models import load_model
+    from lowrank.data.models import load_model
     from omegaconf import OmegaConf
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowrank.lora_fast import lora_linear, lora_linear_group
+from lowrank.adapters.fused import lora_linear, lora_linear_group
 
 
 def reference(x, W, bias, A, B, scaling):
@@ -66,7 +66,7 @@ def test_fp32_3d_matches_autograd_reference(needs):
 def test_matches_lora_linear_module():
     from torch import nn
 
-    from lowrank.lora import LoRALinear
+    from lowrank.adapters.lora import LoRALinear
     torch.manual_seed(6)
     layer = LoRALinear(nn.Linear(20, 12), rank=4, alpha=8)
     nn.init.normal_(layer.lora_B)
@@ -108,7 +108,7 @@ def test_flat_master_adamw_matches_adamw(in_place):
     parameters stay views into the flat buffer."""
     from torch import nn
 
-    from lowrank.lora_fast import FlatMasterAdamW
+    from lowrank.adapters.fused import FlatMasterAdamW
     torch.manual_seed(7)
     ref = [nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(5, 4))]
     ours = [nn.Parameter(p.detach().clone()) for p in ref]
@@ -136,7 +136,7 @@ def test_flat_master_adamw_matches_adamw(in_place):
 def test_flat_master_keeps_fp32_master_for_bf16_params():
     from torch import nn
 
-    from lowrank.lora_fast import FlatMasterAdamW
+    from lowrank.adapters.fused import FlatMasterAdamW
     p = nn.Parameter(torch.full((8,), 1.0, dtype=torch.bfloat16))
     opt = FlatMasterAdamW([p], lr=1e-4, weight_decay=0.0)
     for _ in range(4):  # each step moves 1.0 by ~1e-4: below bf16's resolution at 1.0, kept by the master
@@ -200,7 +200,7 @@ def test_group_matches_each_layer_alone(need_x, drop_output):
 # fp16 against float64, for ranks that pad to 16, 32 and 64 (not powers of two among them).
 _FUSED_SCRIPT = r"""
 import torch
-import lowrank.lora_fast as lf
+import lowrank.adapters.fused as lf
 assert lf.triton is not None
 torch.manual_seed(0)
 n, d_in = 96, 40
@@ -250,7 +250,7 @@ def test_fused_factor_grads_match_cublas_path_in_triton_interpreter():
 
 def test_fused_factor_grads_apply_only_where_the_kernel_is_right_and_fast(monkeypatch):
     import types
-    import lowrank.lora_fast as lf
+    import lowrank.adapters.fused as lf
     pytest.importorskip("triton")
 
     def g(numel=8192 * 2048, is_cuda=True, dtype=torch.bfloat16):

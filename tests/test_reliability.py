@@ -129,7 +129,7 @@ def test_a_bad_value_ends_its_job_and_the_sweep_goes_on(tmp_path):
 def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_again(tiny_run, tmp_path):
     """Empty, garbage, or a sound checkpoint of another model: each is renamed out of the way with one warning,
     and the run trains from step 0 to exactly the result of a run that never had it."""
-    from lowrank.checkpoint import save_checkpoint
+    from lowrank.train.checkpoint import save_checkpoint
     ref, _ = tiny_run(name="ref")
     other = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(other.parameters())
@@ -157,6 +157,6 @@ def test_damaged_base_weights_are_written_again_not_reused(tiny_run, tmp_path):
     data[8 + header + 100] ^= 0xFF  # the data part: the header still parses
     base.write_bytes(bytes(data))
     tiny_run("method.rank=2", name="second")
-    from lowrank.integrity import verify_safetensors
+    from lowrank.rundir.integrity import verify_safetensors
     verify_safetensors(base)  # intact again: the same weights, rewritten from the model
     assert "cannot be reused" in (tmp_path / "second" / "train.log").read_text()

@@ -7,11 +7,11 @@ import signal
 import pytest
 import torch
 
-from analysis import spectra
+from lowrank.linalg import spectra
 from analysis.runs import collect_runs
-from lowrank import relora as relora_mod
+from lowrank.adapters import relora as relora_mod
 from lowrank.errors import ConfigError
-from lowrank.validation import validate
+from lowrank.config import validate
 from tests.conftest import compose_cfg
 from tests.test_train import read_delta
 

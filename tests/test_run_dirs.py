@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from lowrank import atomic, rundir
+from lowrank.rundir import atomic
+from lowrank.rundir import layout as rundir
 from lowrank.cli import register_resolvers
 from lowrank.errors import ConfigError
 from tests.cli_batch import run_cli_batch
@@ -102,7 +103,7 @@ def test_a_name_cannot_leave_runs_root(bad_location_results, name):
 
 
 def test_train_refuses_a_run_dir_outside_runs_root(tmp_path):
-    from lowrank.trainer import train
+    from lowrank.train.recipe import train
     cfg = compose_cfg([*TINY, f"runs_root={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match="outside runs_root"):
         train(cfg, run_dir=tmp_path / "elsewhere")

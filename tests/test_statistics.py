@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from analysis import figure_data as D
-from analysis import figures as F
+from analysis.figures import data as D
+from analysis.figures import draw as F
 from analysis import statistics as st
 from analysis.report import amplification_summary_table, select_pairs
 from analysis.runs import config_keys

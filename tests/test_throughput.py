@@ -1,8 +1,8 @@
 """Throughput as it is: the warm-up window is left out of tokens/s, real tokens are counted apart from padding."""
 import pytest
 
-import lowrank.throughput as throughput
-from lowrank.throughput import StepClock
+import lowrank.train.throughput as throughput
+from lowrank.train.throughput import StepClock
 
 
 def test_warmup_steps_are_left_out_of_the_steady_rate():

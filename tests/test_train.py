@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import lowrank.trainer
-from lowrank import rundir
-from lowrank.lora import lora_layers
+import lowrank.train.recipe
+from lowrank.rundir import layout as rundir
+from lowrank.adapters.lora import lora_layers
 from tests.conftest import TINY, compose_cfg
 
 
@@ -28,10 +28,10 @@ def shared_runs(tmp_path_factory):
     """Two tiny runs in one runs root, LoRA r=4 (α=8) and then full fine-tuning, each with what the trainer handed
     write_delta (LoRA: each adapter's ΔW = scaling · B A; full: every parameter, W_ft):
     {"lora" | "full": (metrics, run_dir, captured)}. The tests only read them."""
-    from lowrank.trainer import train
+    from lowrank.train.recipe import train
     root = tmp_path_factory.mktemp("runs")
     captured = {}
-    original = lowrank.trainer.write_delta
+    original = lowrank.train.recipe.write_delta
 
     def spy(run_dir, model, *args, **kwargs):  # keep the model as the trainer saw it
         layers = lora_layers(model)
@@ -42,7 +42,7 @@ def shared_runs(tmp_path_factory):
 
     runs = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lowrank.trainer, "write_delta", spy)
+        mp.setattr(lowrank.train.recipe, "write_delta", spy)
         for name, overrides in (("lora", LORA_R4), ("full", ["method=full"])):
             cfg = compose_cfg(TINY + [f"runs_root={root}", *overrides])
             runs[name] = (train(cfg, run_dir=root / name), root / name, captured[name])
@@ -116,8 +116,8 @@ def test_smollm2_lora_run(tiny_run):
 
 
 def test_budget_on_cpu_fits_by_the_estimate(tiny_run):
-    from lowrank.memory import estimate_from_cfg
-    from lowrank.shapes import load_hf_config
+    from lowrank.train.memory import estimate_from_cfg
+    from lowrank.data.shapes import load_hf_config
 
     cfg = compose_cfg(TINY + ["method=full"])
     config = load_hf_config(cfg.model, cfg.task.num_labels)
@@ -141,8 +141,8 @@ def test_budget_on_cpu_fits_by_the_estimate(tiny_run):
 
 def test_compiled_run_compiles_the_blocks_and_trains_like_eager(tiny_run, shared_runs, monkeypatch):
     compiled_models = []
-    real = lowrank.trainer.compile_blocks
-    monkeypatch.setattr(lowrank.trainer, "compile_blocks", lambda m: (compiled_models.append(m), real(m)))
+    real = lowrank.train.recipe.compile_blocks
+    monkeypatch.setattr(lowrank.train.recipe, "compile_blocks", lambda m: (compiled_models.append(m), real(m)))
     metrics, run_dir = tiny_run(*LORA_R4, "trainer.compile=true")
     eager = shared_runs["lora"][0]  # the same run, eager
     assert len(compiled_models) == 1

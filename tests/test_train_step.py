@@ -1,17 +1,17 @@
-"""The trainer's step (lowrank.train_step) and its batching: when the whole step is graphed, learning rates as
+"""The trainer's step (lowrank.train.step) and its batching: when the whole step is graphed, learning rates as
 tensors a graph can read, and length-grouped batches. CUDA graphs themselves are checked on a GPU
-(experiments.bench's trainer rows: loss curves graphed and not)."""
+(benchmarks.bench's trainer rows: loss curves graphed and not)."""
 from contextlib import nullcontext
 
 import pytest
 import torch
 
-from lowrank.batches import MEGA_BATCHES, Batches
-from lowrank.data import Split
+from lowrank.data.batches import MEGA_BATCHES, Batches
+from lowrank.data.classification import Split
 from lowrank.errors import ConfigError
-from lowrank.optimizers import lr_lambda, make_scheduler
-from lowrank.train_step import TrainStep, place_lr, use_cuda_graph
-from lowrank.validation import validate
+from lowrank.train.optim import lr_lambda, make_scheduler
+from lowrank.train.step import TrainStep, place_lr, use_cuda_graph
+from lowrank.config import validate
 from tests.conftest import TINY, compose_cfg
 
 CUDA = torch.device("cuda", 0)
@@ -125,12 +125,12 @@ class _Overlapping(TrainStep):
 
 
 def test_deferred_bookkeeping_gives_the_same_run(tiny_run, monkeypatch):
-    import lowrank.trainer
-    from experiments.bench_trainer import _loss_curve
+    import lowrank.train.recipe
+    from benchmarks.bench_trainer import _loss_curve
     args = ("trainer.max_steps=7", "trainer.eval_interval=3", "trainer.checkpoint_every=5")
     with _loss_curve() as plain_curve:
         plain, _ = tiny_run(*args, name="plain")
-    monkeypatch.setattr(lowrank.trainer, "TrainStep", _Overlapping)
+    monkeypatch.setattr(lowrank.train.recipe, "TrainStep", _Overlapping)
     with _loss_curve() as deferred_curve:
         deferred, _ = tiny_run(*args, name="deferred")
     assert deferred_curve.losses == plain_curve.losses and len(plain_curve.losses) == 7
@@ -140,7 +140,7 @@ def test_deferred_bookkeeping_gives_the_same_run(tiny_run, monkeypatch):
 
 
 def test_auto_optimizer_is_the_flat_master_only_for_a_graphable_lora_step():
-    from lowrank.optimizers import resolve_optimizer
+    from lowrank.train.optim import resolve_optimizer
     assert resolve_optimizer("auto", "lora", "cuda", "bf16", static_batches=True) == "flat_master"
     for args in (("full", "cuda", "bf16", True), ("lora", "cpu", "fp32", True), ("lora", "cuda", "fp32", True),
                  ("lora", "cuda", "bf16", False)):

@@ -4,7 +4,7 @@ import csv
 import math
 
 
-from analysis import spectra
+from lowrank.linalg import spectra
 from analysis.runs import collect_runs
 from tests.test_train import read_delta
 

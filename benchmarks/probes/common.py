@@ -2,14 +2,14 @@
 
     python -m benchmarks.probes.NAME --out benchmarks/results/probes     # on one GPU, from the repository root
 
-Each probe writes `NAME_{device}.{json,md}` under --out through lowrank.bench_record (commit, command,
+Each probe writes `NAME_{device}.{json,md}` under --out through benchmarks.harness.record (commit, command,
 versions, device): one row per case it times, and in `details` what is not a row (sums, per-config sweeps).
 """
 import argparse
 
 import torch
 
-from lowrank.bench_record import result_name, write_result
+from benchmarks.harness.record import result_name, write_result
 
 DEFAULT_OUT = "benchmarks/results/probes"
 

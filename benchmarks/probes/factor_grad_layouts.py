@@ -6,15 +6,15 @@
 Per shape of a 1.1B step (M = 8192 tokens): the A gradient (rank R × width K, summed over the tokens) and the
 B gradient (width N × rank 16) in the orders cuBLAS could be given, each timed with CUDA events and profiled
 once for the kernels it launches. `--steps` then measures full fine-tuning and ours (r=16, all linear layers)
-in compile+graphs, three times interleaved, through experiments.bench.measure, into factor_grad_layouts_steps.
+in compile+graphs, three times interleaved, through benchmarks.bench.measure, into factor_grad_layouts_steps.
 """
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.probes.common import probe_args, save, time_us
-from experiments.bench import SHAPES, measure
-from lowrank.bench_record import collect_metadata
-from lowrank.targets import ALL_LINEAR
+from benchmarks.bench import SHAPES, measure
+from benchmarks.harness.record import collect_metadata
+from lowrank.adapters.targets import ALL_LINEAR
 
 M, s = 8192, 2.0
 bf = dict(device="cuda", dtype=torch.bfloat16)

@@ -4,7 +4,7 @@
 
 For g (n, d): t = s g B (n, r) and the B gradient s gᵀ h (d, r), reading g once, against cuBLAS's two GEMMs
 (the second split-K, plus its reduction kernel). The kernel is the library's
-(`lowrank.lora_fast._t_and_b_grad_kernel`: each program owns BM rows, loops over g's columns, accumulates t in
+(`lowrank.adapters.fused._t_and_b_grad_kernel`: each program owns BM rows, loops over g's columns, accumulates t in
 registers and adds its share of the B gradient into an fp32 buffer with atomics); here it is timed over 15
 launch configurations, with the zero fill before and the bf16 cast after, both sides replayed from CUDA
 graphs. Its tests, in Triton's CPU interpreter, are in tests/test_lora_fast.py.
@@ -13,8 +13,8 @@ import torch
 import triton
 
 from benchmarks.probes.common import probe_args, save
-from lowrank.bench_record import collect_metadata
-from lowrank.lora_fast import _t_and_b_grad_kernel
+from benchmarks.harness.record import collect_metadata
+from lowrank.adapters.fused import _t_and_b_grad_kernel
 
 R = 16
 

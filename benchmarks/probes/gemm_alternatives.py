@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.probes.common import probe_args, rows_by, save, time_us
-from lowrank.bench_record import collect_metadata
+from benchmarks.harness.record import collect_metadata
 
 dev = "cuda"
 M, r, s = 8192, 16, 2.0

@@ -11,7 +11,7 @@ The factor gradients' results are not kept: their kernels are what is timed.
 import torch
 
 from benchmarks.probes.common import probe_args, rows_by, save, time_us
-from lowrank.bench_record import collect_metadata
+from benchmarks.harness.record import collect_metadata
 
 M, r, s = 8192, 16, 2.0
 bf = dict(device="cuda", dtype=torch.bfloat16)

@@ -11,7 +11,7 @@ survives CUDA-graph capture.
 import torch
 
 from benchmarks.probes.common import probe_args, rows_by, save, time_us
-from lowrank.bench_record import collect_metadata
+from benchmarks.harness.record import collect_metadata
 
 M, r, s = 8192, 16, 2.0
 SH = {"q/o": (2048, 2048), "k/v": (2048, 256), "gate/up": (2048, 5632), "down": (5632, 2048)}

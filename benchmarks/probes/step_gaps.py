@@ -2,7 +2,7 @@
 
     python -m benchmarks.probes.step_gaps          # on one GPU, from the repository root, a few minutes
 
-Per method, built as experiments.bench builds it: the calls that synchronize the host with the GPU
+Per method, built as benchmarks.bench builds it: the calls that synchronize the host with the GPU
 (`torch.cuda.set_sync_debug_mode`), the wall time of 20 steps (and the time to launch them), and from a
 profiler trace of two steps: kernels per step, kernel time, the GPU's idle gaps over 5 µs (the 25 longest,
 with the host ops running at the time) and the small ones.
@@ -17,9 +17,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.probes.common import probe_args, rows_by, save
-from experiments.bench import SHAPES, add_lora, build, make_step, speed_up_blocks
-from lowrank.bench_record import collect_metadata
-from lowrank.targets import ALL_LINEAR
+from benchmarks.bench import SHAPES, add_lora, build, make_step, speed_up_blocks
+from benchmarks.harness.record import collect_metadata
+from lowrank.adapters.targets import ALL_LINEAR
 
 
 def gaps_of(trace: Path) -> dict:

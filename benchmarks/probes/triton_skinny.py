@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.probes.common import probe_args, rows_by, save, time_us
-from lowrank.bench_record import collect_metadata
+from benchmarks.harness.record import collect_metadata
 
 M = 8192
 bf = dict(device="cuda", dtype=torch.bfloat16)

@@ -1,0 +1,164 @@
+"""ΔW on disk: one file per run, one shared copy of W0 per base model.
+
+`delta_w.safetensors` keys, by module path `name` of an adapted/analysed nn.Linear:
+  full fine-tuning: `{name}.delta` (out, in) fp32, exactly W_ft − W_0
+  LoRA:             `{name}.lora_A` (r, in) and `{name}.lora_B` (out, r); ΔW = scaling · B @ A
+Metadata (strings): method, scaling, rank, alpha, targets, base_model (path), base_model_name, base_weights
+(path relative to the run dir); LoRA with per-module ranks or scalings (`method.rank_pattern`, an imported PEFT
+adapter's rank_pattern/alpha_pattern): `module_rank` and `module_scaling`, JSON {module: value} for the modules whose
+rank or scaling differ from `rank` and `scaling`, so module m's ΔW = module_scaling.get(m, scaling) · B A.
+`head.safetensors` (LoRA) holds the trained parameters that are not LoRA factors (a classifier's head, fp32), which
+an exported adapter needs (experiments.export_peft).
+`RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors` holds W0 of every block linear layer once; the
+fingerprint is a hash of all of W0, so a file of that name holds exactly these weights (checked on reuse).
+Every file carries per-tensor content hashes (`lowrank.rundir.integrity`).
+"""
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowrank.train import distributed
+from lowrank.rundir.atomic import remove_stale_temps, write_safetensors, write_safetensors_streamed
+from lowrank.errors import ConfigError
+from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact, combined_digest, tensor_digests, verify_safetensors
+from lowrank.adapters.lora import block_linear_names, lora_layers
+from lowrank.adapters.variants import DoRALinear, pissa_factors
+from lowrank.rundir.layout import BASE_WEIGHTS_DIR, DELTA_FILE, HEAD_FILE, MODULE_RANK_KEY, MODULE_SCALING_KEY
+
+log = logging.getLogger(__name__)
+
+
+def linear_param(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of the named nn.Linear, or of the frozen base of a LoRA layer."""
+    m = model.get_submodule(name)
+    return m.base_layer.weight if hasattr(m, "base_layer") else m.weight
+
+
+def linear_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the weight of each named nn.Linear (or of the frozen base of a LoRA layer)."""
+    out = {}
+    for n in names:
+        m = model.get_submodule(n)
+        w = m.base_layer.weight if hasattr(m, "base_layer") else m.weight
+        out[n] = w.detach().float().cpu().clone()
+    return out
+
+
+def base_weights_path(runs_root, model_name: str, digests: dict[str, str]) -> Path:
+    """RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors, the fingerprint from W0's tensor hashes."""
+    return Path(runs_root) / BASE_WEIGHTS_DIR / f"{model_name}-{combined_digest(digests)[:10]}.safetensors"
+
+
+def delta_metadata(run_dir: Path, method: str, base_weights: Path, meta: dict) -> dict[str, str]:
+    """The delta file's metadata: `meta` (base_model, scaling, rank, ...; non-strings JSON-encoded), the method, and
+    W0's file relative to the run directory."""
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return metadata | {"method": method, "base_weights": os.path.relpath(base_weights, run_dir)}
+
+
+def ensure_base_weights(runs_root: Path, model_name: str, model: nn.Module) -> Path:
+    """Write W0 of every block linear layer once per base model; later runs reuse the file after checking
+    that it holds exactly these weights (a damaged or truncated one is rewritten, with a warning)."""
+    tensors = {f"{n}.weight": w for n, w in linear_weights(model, block_linear_names(model)).items()}
+    digests = tensor_digests(tensors)  # SHA-256 of all of W0: ~1.5 GB/s, a few seconds for a 7B model
+    path = base_weights_path(runs_root, model_name, digests)
+    folder = path.parent
+    if folder.is_dir():
+        remove_stale_temps(folder)  # what a writer killed mid-write left behind
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder where the base weights file belongs; remove it (runs_root="
+                          f"{runs_root})")
+    if path.exists():
+        try:
+            _, metadata = verify_safetensors(path)
+            if json.loads(metadata[DIGEST_KEY]) == digests:
+                return path
+            reason = "it holds other weights"
+        except CorruptArtifact as e:
+            reason = str(e)
+        log.warning("%s cannot be reused (%s); writing it again from the model", path, reason)
+    write_safetensors(path, tensors, {"base_model": model_name})
+    return path
+
+
+def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], w0: dict | None,
+                base_weights: Path, meta: dict, dense: bool = False) -> Path:
+    """Write ΔW of `names` (full: `w0` holds their W0) or of every LoRA layer (LoRA, with the head beside it;
+    `dense`, or DoRA: base weight + the adapter's ΔW − W0, as ReLoRA's base moves)."""
+    if distributed.world_size() > 1:
+        return _write_delta_gathered(run_dir, model, method, names, w0, base_weights, meta)
+    tensors = {}
+    if method in ("full", "subspace"):
+        for n, w_ft in linear_weights(model, names).items():
+            tensors[f"{n}.delta"] = w_ft - w0[n]
+    else:
+        layers = lora_layers(model)
+        if dense or any(isinstance(layer, DoRALinear) for layer in layers.values()):  # not B·A: dense, against W0
+            for n, layer in layers.items():
+                tensors[f"{n}.delta"] = layer.base_layer.weight.detach().float().cpu() + \
+                    layer.delta_weight().detach().float().cpu() - w0[n]
+            meta = meta | {"delta_form": "dense"}
+        else:
+            ranks = {}
+            for n, layer in layers.items():
+                # PiSSA's ΔW against the original W0 is s(B A − B0 A0): the factors [B, −B0], [A; A0], rank 2r
+                B, A = pissa_factors(layer) if hasattr(layer, "lora_A0") else (layer.lora_B, layer.lora_A)
+                tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = A.detach().float(), B.detach().float()
+                ranks[n] = (A.shape[0], layer.scaling)
+            meta = meta | module_overrides(ranks, meta.get("rank"), meta.get("scaling"))
+        write_head(run_dir, model)
+    return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, delta_metadata(run_dir, method, base_weights, meta))
+
+
+def module_overrides(per_module: dict[str, tuple[int, float]], rank, scaling) -> dict:
+    """The `module_rank` / `module_scaling` metadata: {module: value} where a module's (rank, scaling) differs from
+    the file's `rank` and `scaling`; nothing where none does."""
+    ranks = {n: r for n, (r, _) in per_module.items() if r != rank}
+    scalings = {n: s for n, (_, s) in per_module.items() if s != scaling}
+    return ({MODULE_RANK_KEY: ranks} if ranks else {}) | ({MODULE_SCALING_KEY: scalings} if scalings else {})
+
+
+def write_head(run_dir: Path, model: nn.Module) -> Path | None:
+    """head.safetensors: every trained parameter that is not a LoRA factor (a classifier's head), fp32, by its name in
+    the model; nothing when there is none (a causal LM adapts only its targets)."""
+    factors = {id(p) for layer in lora_layers(model).values() for p in layer.parameters()}  # DoRA's magnitude too
+    head = {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad and id(p) not in factors}
+    return write_safetensors(Path(run_dir) / HEAD_FILE, head) if head else None
+
+
+def _write_delta_gathered(run_dir: Path, model: nn.Module, method: str, names: list[str], w0: dict | None,
+                          base_weights: Path, meta: dict) -> Path | None:
+    """write_delta under torchrun: rank 0 writes. An FSDP model's tensors are gathered one at a time on every rank
+    (in the file's key order) and streamed into the file, so no rank ever holds the whole model; a DDP model is
+    whole on rank 0 already. `w0` is needed on rank 0 only."""
+    sharded, main = distributed.is_sharded(model), distributed.is_main()
+    if not sharded and not main:
+        return None
+    if method == "full":
+        params = {f"{n}.delta": linear_param(model, n) for n in names}
+    else:
+        layers = lora_layers(model)
+        params = {f"{n}.lora_{f}": getattr(layer, f"lora_{f}") for n, layer in layers.items() for f in "AB"}
+        meta = meta | module_overrides({n: (layer.rank, layer.scaling) for n, layer in layers.items()},
+                                       meta.get("rank"), meta.get("scaling"))
+        factors = {id(p) for p in params.values()}
+        head = {n: distributed.full_tensor(p.detach()).float().cpu() for n, p in model.named_parameters()
+                if p.requires_grad and id(p) not in factors}
+        if head and main:
+            write_safetensors(Path(run_dir) / HEAD_FILE, head)
+
+    def make(key: str) -> torch.Tensor:
+        full = distributed.full_tensor(params[key].detach()).float().cpu()  # a collective under FSDP
+        return full - w0[key.removesuffix(".delta")] if method == "full" and main else full
+    specs = {key: (torch.float32, tuple(p.shape)) for key, p in params.items()}
+    if not main:
+        for key in sorted(specs):  # rank 0's order: each gather pairs with its own
+            make(key)
+        return None
+    path, _ = write_safetensors_streamed(Path(run_dir) / DELTA_FILE, specs, make,
+                                         delta_metadata(run_dir, method, base_weights, meta))
+    return path

@@ -1,0 +1,238 @@
+"""The run-directory contract: where a configuration's directory is, its file names and statuses, and the
+lock that lets one process at a time work in it. Writers (the trainer) and readers (analysis, the demo, the
+benchmarks) import it, so both sides agree.
+
+A run directory is a function of the resolved config: `RUNS_ROOT/NAME/{overrides}-{config_hash}`, where
+`overrides` are the command-line settings written from their resolved values (a readable label; `defaults`
+when there are none) and `config_hash` hashes the whole resolved config except the keys in NOT_IDENTITY.
+Two configs never share a directory, and one config finds its directory again however it was reached
+(`find_run_dir` looks the hash up first), so a re-launched sweep skips what is done and resumes the rest.
+
+    RUNS_ROOT/NAME/RUN/.hydra/config.yaml   the resolved config (written once, when the run starts)
+                      .hydra/overrides.yaml the command-line overrides that led here
+                      metrics.json          `status` and, once complete, every metric
+                      delta_w.safetensors   ΔW (full) or the LoRA factors, with content hashes
+                      head.safetensors      LoRA: the other trained parameters (a classifier's head), if any
+                      checkpoint.pt         training state while the run is unfinished
+                      train.log             the log (written only by the process holding .lock)
+    RUNS_ROOT/base_weights/                 W0 once per base model
+"""
+import fcntl
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+from lowrank.rundir import atomic
+from lowrank.errors import ConfigError
+from lowrank.rundir.integrity import CorruptArtifact
+
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+METRICS_FILE = "metrics.json"
+DELTA_FILE = "delta_w.safetensors"
+HEAD_FILE = "head.safetensors"
+# delta file metadata of LoRA runs whose modules differ in rank or scaling (rank_pattern, alpha_pattern): JSON
+# {module: rank} and {module: scaling} for the modules that differ from the file's `rank` and `scaling`
+MODULE_RANK_KEY, MODULE_SCALING_KEY = "module_rank", "module_scaling"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train.log"
+LOCK_FILE = ".lock"
+BASE_WEIGHTS_DIR = "base_weights"
+
+# Statuses in metrics.json. Final ones are results: re-running the same config gives the same outcome, so a
+# re-launched sweep skips them. `invalid` (bad input) and `failed` (an unexpected error) say why a job did
+# not run to the end; they are retried when launched again (the input or the code may have been fixed).
+COMPLETE, DIVERGED, DOES_NOT_FIT = "complete", "diverged", "does_not_fit"
+INVALID, FAILED = "invalid", "failed"
+FINAL_STATUSES = (COMPLETE, DIVERGED, DOES_NOT_FIT)
+STATUSES = FINAL_STATUSES + (INVALID, FAILED)
+
+
+METRICS_DIGEST_KEY = "content_sha256"  # in metrics.json: SHA-256 of the rest, as canonical JSON
+
+
+def _metrics_digest(metrics: dict) -> str:
+    text = json.dumps(metrics, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_sha256(config: dict) -> str:
+    """SHA-256 of a whole resolved config, every key included: what ties metrics.json to .hydra/config.yaml."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def write_metrics(run_dir, metrics: dict, config: dict) -> dict:
+    """Write metrics.json with the hashes of the resolved config it belongs to (`config_hash`: its identity,
+    as in the directory name; `config_sha256`: all of it, which readers check .hydra/config.yaml against)
+    and a content hash of the whole (a changed digit is caught, not read as a result). Returns the metrics
+    as `load_metrics` will read them back."""
+    body = metrics | {"config_hash": config_hash(config), "config_sha256": config_sha256(config)}
+    body = json.loads(json.dumps(atomic.finite(body), allow_nan=False))
+    atomic.write_json(Path(run_dir) / METRICS_FILE, body | {METRICS_DIGEST_KEY: _metrics_digest(body)})
+    return body
+
+
+def load_metrics(run_dir) -> dict:
+    """metrics.json of a run directory, checked against its content hash; raises CorruptArtifact with the
+    reason (missing, not a file, unreadable, not a JSON object, no hash, hash mismatch)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise CorruptArtifact(f"{METRICS_FILE} {'missing' if not path.exists() else 'is not a file'}")
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptArtifact(f"{METRICS_FILE} unreadable ({type(e).__name__})") from None
+    if not isinstance(metrics, dict):
+        raise CorruptArtifact(f"{METRICS_FILE} holds a JSON {type(metrics).__name__}, not an object")
+    digest = metrics.pop(METRICS_DIGEST_KEY, None)
+    if digest is None:
+        raise CorruptArtifact(f"{METRICS_FILE} has no content hash ({METRICS_DIGEST_KEY}); it was not written by "
+                              f"this version of lowrank")
+    try:
+        intact = digest == _metrics_digest(metrics)
+    except ValueError:  # NaN or inf, which our writer never stores
+        intact = False
+    if not intact:
+        raise CorruptArtifact(f"{METRICS_FILE} does not match its content hash (damaged or edited)")
+    return metrics
+
+
+def read_metrics(run_dir) -> dict | None:
+    """load_metrics, or None when the file is missing or cannot be trusted."""
+    try:
+        return load_metrics(run_dir)
+    except CorruptArtifact:
+        return None
+
+
+def finished_metrics(run_dir) -> dict | None:
+    """The metrics of a run that reached a final status, else None."""
+    metrics = read_metrics(run_dir)
+    return metrics if metrics is not None and metrics.get("status") in FINAL_STATUSES else None
+
+
+def check_run_location(name, runs_root) -> None:
+    """`name` must be one plain directory name (runs stay inside runs_root); runs_root must be a folder."""
+    name = str(name)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+        raise ConfigError(f"name={name!r} is not valid; it must be one folder name below runs_root (no '/', "
+                          f"'..' or '~'), e.g. name=my_study")
+    root = Path(str(runs_root)).expanduser()
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the deepest existing part must be a folder we can create the rest in
+    if not probe.is_dir():
+        raise ConfigError(f"runs_root={runs_root} is not valid; {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"runs_root={runs_root} is not valid; {probe} is not writable")
+
+
+# Where a run goes and how it is watched, not what it computes: not part of its identity.
+NOT_IDENTITY = ("runs_root", "name", "logger", "trainer.progress_bar", "trainer.dynamics", "trainer.dynamics_targets")
+# Keys added after runs existed, whose null default means what their absence meant: left out of the hash while null,
+# so those runs' directories are found again.
+NULL_AS_ABSENT = ("method.rank_pattern",)
+# The same for keys whose default is `auto`: how many processes train a run does not change what it computes
+# (the global batch stays the configured one), so one run directory serves 1 process or N.
+DEFAULT_AS_ABSENT = {"trainer.parallel": "auto", "trainer.world_size": "auto"}
+HASH_LENGTH = 10
+MAX_LABEL = 160  # characters of the readable part before it is shortened (file names stop at 255 bytes)
+
+
+def _drop(config: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def config_hash(config: dict) -> str:
+    """Hash of a resolved config (a plain nested dict) without the NOT_IDENTITY keys."""
+    config = json.loads(json.dumps(config, default=str))  # a deep copy of plain values
+    for key in NOT_IDENTITY:
+        _drop(config, key)
+    for key in NULL_AS_ABSENT:
+        if _get(config, key) is None:
+            _drop(config, key)
+    for key, default in DEFAULT_AS_ABSENT.items():
+        if _get(config, key) == default:
+            _drop(config, key)
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def format_value(value) -> str:
+    """A config value as it appears in a directory name: one spelling per value (1e4 and 10000.0 alike)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def run_dirname(label: str, digest: str) -> str:
+    """`{label}-{digest}`: no path separators, never empty, short enough for any file system."""
+    label = label.replace("/", "_") or "defaults"
+    if len(label) > MAX_LABEL:
+        label = f"{label[:MAX_LABEL - 9]}~{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+    return f"{label}-{digest}"
+
+
+def find_run_dir(study_dir, digest: str) -> Path | None:
+    """The existing directory of the config with this hash below `study_dir`, if any."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        return None
+    found = sorted(p for p in study_dir.glob(f"*-{digest}") if p.is_dir())
+    return found[0] if found else None
+
+
+class RunInProgress(Exception):
+    """Another process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`fcntl.flock` of `.lock`, dropped when the process ends, even
+    by SIGKILL), so the same run launched twice trains once. The file names the holder for the message."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunInProgress(f"{self.path.parent} is being run by {holder}; not started a second time "
+                                f"(wait for it to end, or stop it)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # drops the lock
+        self.fd = None
+        return False
