@@ -22,15 +22,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hydra import compose as hydra_compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from tqdm.auto import tqdm
 
 from analysis.report import main as report_main
 from lowrank.rundir import layout as rundir
-from lowrank.cli import (CONF_DIR, check_group_overrides, check_locations, check_value_overrides, compose_first_job,
-                         group_options, register_resolvers)
+from lowrank.cli import (check_group_overrides, check_locations, check_value_overrides, compose, compose_first_job,
+                         group_options, parse, sweep_axes)
 from lowrank.errors import ConfigError, fail
 from lowrank.config import validate
 
@@ -38,27 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ["demo_full", "demo_scarce", "demo_lora", "demo_targets"]  # full fine-tuning first: the longest runs
 
 
-def compose(overrides: list[str], hydra_config: bool = False):
-    """The config `python -m experiments.train <overrides>` would run with (Hydra's compose API)."""
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
-
-
 def sweep_jobs(experiment: str, overrides: list[str] = ()) -> list[list[str]]:
     """The overrides of every job `python -m experiments.train -m experiment=EXPERIMENT OVERRIDES` launches: the
     experiment's `hydra.sweeper.params` grid (command-line values replace a key's list, as in Hydra), expanded as
     the basic sweeper does, one list of `key=value` per job, each starting with `experiment=EXPERIMENT`."""
-    parser = OverridesParser.create()
     arguments = [f"experiment={experiment}", *overrides]
-    fixed = [o.input_line for o in parser.parse_overrides(arguments) if not o.is_sweep_override()]
+    fixed = [o.input_line for o in parse(arguments) if not o.is_sweep_override()]
     params = compose(fixed, hydra_config=True).hydra.sweeper.params or {}
-    axes = {}  # as hydra's BasicSweeper.split_arguments: a key keeps its first place, the last value wins
-    for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + arguments):
-        key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        axes[key] = [f"{key}={v}" for v in values]
-    return [list(job) for job in itertools.product(*axes.values())]
+    axes = sweep_axes(arguments, params)
+    return [[o.input_line for o in job] for job in itertools.product(*axes.values())]
 
 
 def _key(override: str) -> str:
@@ -160,7 +146,7 @@ def check_inputs(opts) -> list:
             fail(f"{arg!r} is not an override; write key=value (e.g. trainer.max_steps=20)")
     common = [f"runs_root={Path(opts.runs_root).resolve()}", *opts.overrides]
     check_group_overrides(common)
-    check_value_overrides(common, compose_first_job([f"experiment={sweeps[0]}", *common]))
+    check_value_overrides(common, compose_first_job([f"experiment={sweeps[0]}", *common], multirun=True))
     jobs = [job for sweep in sweeps for job in sweep_jobs(sweep, common)]
     configs = [compose(job) for job in jobs]
     check_locations(common, configs[0])
