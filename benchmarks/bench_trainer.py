@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import lowrank.train.recipe
+import lowrank.train.setup
 from lowrank.train.recipe import train
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -69,12 +70,12 @@ class _LossCurve:
 
 @contextlib.contextmanager
 def _loss_curve():
-    curve, real = _LossCurve(), lowrank.train.recipe.make_logger
-    lowrank.train.recipe.make_logger = lambda *a, **k: curve
+    curve, real = _LossCurve(), lowrank.train.setup.make_logger
+    lowrank.train.setup.make_logger = lambda *a, **k: curve
     try:
         yield curve
     finally:
-        lowrank.train.recipe.make_logger = real
+        lowrank.train.setup.make_logger = real
 
 
 def run(args: list[str]) -> tuple[dict, list[float]]:

@@ -10,12 +10,12 @@ import signal
 import sys
 from pathlib import Path
 
-import lowrank.train.recipe as trainer
+import lowrank.train.loop as loop
 from lowrank.rundir import atomic
 from lowrank.rundir.layout import CHECKPOINT_FILE
 
 STEP, MODE = int(sys.argv.pop(1)), sys.argv.pop(1)
-_save = trainer.save_checkpoint
+_save = loop.save_checkpoint
 
 
 def die() -> None:
@@ -39,5 +39,5 @@ def save_or_die(run_dir, model, optimizer, scheduler, loop):
     return _save(run_dir, model, optimizer, scheduler, loop)
 
 
-trainer.save_checkpoint = save_or_die
+loop.save_checkpoint = save_or_die
 runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)  # as `python -m experiments.train`

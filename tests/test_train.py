@@ -7,7 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import lowrank.train.finish
 import lowrank.train.recipe
+import lowrank.train.setup
 from lowrank.rundir import layout as rundir
 from lowrank.adapters.lora import lora_layers
 from tests.conftest import TINY, compose_cfg
@@ -31,7 +33,7 @@ def shared_runs(tmp_path_factory):
     from lowrank.train.recipe import train
     root = tmp_path_factory.mktemp("runs")
     captured = {}
-    original = lowrank.train.recipe.write_delta
+    original = lowrank.train.finish.write_delta
 
     def spy(run_dir, model, *args, **kwargs):  # keep the model as the trainer saw it
         layers = lora_layers(model)
@@ -42,7 +44,7 @@ def shared_runs(tmp_path_factory):
 
     runs = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lowrank.train.recipe, "write_delta", spy)
+        mp.setattr(lowrank.train.finish, "write_delta", spy)
         for name, overrides in (("lora", LORA_R4), ("full", ["method=full"])):
             cfg = compose_cfg(TINY + [f"runs_root={root}", *overrides])
             runs[name] = (train(cfg, run_dir=root / name), root / name, captured[name])
@@ -141,8 +143,8 @@ def test_budget_on_cpu_fits_by_the_estimate(tiny_run):
 
 def test_compiled_run_compiles_the_blocks_and_trains_like_eager(tiny_run, shared_runs, monkeypatch):
     compiled_models = []
-    real = lowrank.train.recipe.compile_blocks
-    monkeypatch.setattr(lowrank.train.recipe, "compile_blocks", lambda m: (compiled_models.append(m), real(m)))
+    real = lowrank.train.setup.compile_blocks
+    monkeypatch.setattr(lowrank.train.setup, "compile_blocks", lambda m: (compiled_models.append(m), real(m)))
     metrics, run_dir = tiny_run(*LORA_R4, "trainer.compile=true")
     eager = shared_runs["lora"][0]  # the same run, eager
     assert len(compiled_models) == 1

@@ -125,12 +125,12 @@ class _Overlapping(TrainStep):
 
 
 def test_deferred_bookkeeping_gives_the_same_run(tiny_run, monkeypatch):
-    import lowrank.train.recipe
+    import lowrank.train.setup
     from benchmarks.bench_trainer import _loss_curve
     args = ("trainer.max_steps=7", "trainer.eval_interval=3", "trainer.checkpoint_every=5")
     with _loss_curve() as plain_curve:
         plain, _ = tiny_run(*args, name="plain")
-    monkeypatch.setattr(lowrank.train.recipe, "TrainStep", _Overlapping)
+    monkeypatch.setattr(lowrank.train.setup, "TrainStep", _Overlapping)
     with _loss_curve() as deferred_curve:
         deferred, _ = tiny_run(*args, name="deferred")
     assert deferred_curve.losses == plain_curve.losses and len(plain_curve.losses) == 7

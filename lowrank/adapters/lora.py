@@ -35,6 +35,12 @@ def lora_scaling(alpha: float, rank: int, rule: str) -> float:
 
 
 class LoRALinear(nn.Module):
+    """The adapter protocol, which its variants (lowrank.adapters.variants) keep: `trainable()` names what trains,
+    `delta_factors()` gives ΔW against the original W0 as a product (or None where it is not one, then
+    `delta_weight()` is read: `dense_delta`), and `shares_input` says whether siblings may compute together
+    (SharedInputGroup)."""
+    shares_input, dense_delta = True, False
+
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  scaling: str = "standard", init: str = "kaiming_uniform"):
         super().__init__()
@@ -72,6 +78,13 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B A, shape (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in)
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(B, A, s) with ΔW against the original W0 = s · B A: (out, r), (r, in); spectra come from QR of them."""
+        return self.lora_B, self.lora_A, self.scaling
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -159,7 +172,7 @@ def group_shared_inputs(model: nn.Module, names: list[str]) -> None:
             if len(members) > 1:
                 groups.append(SharedInputGroup([model.get_submodule(n) for n in members]))
     if groups:
-        if not hasattr(model, "lora_groups"):
+        if getattr(model, "lora_groups", None) is None:  # the first groups: the model clears them each forward
             model.lora_groups = []
             model.register_forward_pre_hook(_clear_groups)
         model.lora_groups.extend(groups)
@@ -192,10 +205,10 @@ def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: flo
         raise ConfigError(f"method.rank_pattern selects none of the {len(names)} targets (keys such as "
                           f"{next(iter(pattern))!r}; targets such as {names[0]!r}); give module-name suffixes or "
                           f"full names of targeted modules")
-    layer_type = layer_type or LoRALinear  # a subclass: lowrank.adapters.variants.DoRALinear
+    layer_type = layer_type or LoRALinear  # a subclass: lowrank.adapters.variants.PiSSALinear, DoRALinear
     for name, r in module_ranks(names, rank, pattern).items():
         model.set_submodule(name, layer_type(model.get_submodule(name), r, alpha, dropout, scaling, init))
-    if layer_type is LoRALinear:  # a variant's layers compute alone (DoRA's row norms need the whole product)
+    if layer_type.shares_input:  # DoRA's layers compute alone (its row norms need the whole product)
         group_shared_inputs(model, names)
     return names
 
@@ -208,9 +221,7 @@ def freeze_for_lora(model: nn.Module, head: nn.Module | None) -> None:
     """Freeze by module type: only LoRA factors and the task head train."""
     model.requires_grad_(False)
     for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-        if hasattr(layer, "magnitude"):  # DoRA
-            layer.magnitude.requires_grad_(True)
+        for p in layer.trainable():
+            p.requires_grad_(True)
     if head is not None:
         head.requires_grad_(True)

@@ -38,8 +38,23 @@ def pissa_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([B, -layer.lora_B0.float()], 1), torch.cat([A, layer.lora_A0.float()], 0)
 
 
+class PiSSALinear(LoRALinear):
+    """LoRALinear started from W's top-r singular part (`pissa_init`), the base holding the residual; its ΔW
+    against the original W0 is the rank-2r product of `pissa_factors`."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 scaling: str = "standard", init: str = "pissa"):
+        super().__init__(base_layer, rank, alpha, dropout, scaling, init)
+        pissa_init(self)
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return (*pissa_factors(self), self.scaling)
+
+
 class DoRALinear(LoRALinear):
-    """LoRALinear with DoRA's magnitude / direction split. Computes on its own (no fused or shared-input path)."""
+    """LoRALinear with DoRA's magnitude / direction split. Computes on its own (no fused or shared-input path);
+    its ΔW is dense (`delta_factors` is None)."""
+    shares_input, dense_delta = False, True
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  scaling: str = "standard", init: str = "kaiming_uniform"):
@@ -62,6 +77,12 @@ class DoRALinear(LoRALinear):
         lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
         out = self._row_scale().to(x.dtype) * (F.linear(x, b.weight) + lora)
         return out if b.bias is None else out + b.bias
+
+    def delta_factors(self) -> None:
+        return None
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.magnitude]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = m ⊙ (W0 + s·B A) / ‖·‖_row − W0, shape (out, in)."""

@@ -25,8 +25,7 @@ from lowrank.train import distributed
 from lowrank.rundir.atomic import remove_stale_temps, write_safetensors, write_safetensors_streamed
 from lowrank.errors import ConfigError
 from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact, combined_digest, tensor_digests, verify_safetensors
-from lowrank.adapters.lora import block_linear_names, lora_layers
-from lowrank.adapters.variants import DoRALinear, pissa_factors
+from lowrank.adapters.lora import LoRALinear, block_linear_names, lora_layers
 from lowrank.rundir.layout import BASE_WEIGHTS_DIR, DELTA_FILE, HEAD_FILE, MODULE_RANK_KEY, MODULE_SCALING_KEY
 
 log = logging.getLogger(__name__)
@@ -35,17 +34,12 @@ log = logging.getLogger(__name__)
 def linear_param(model: nn.Module, name: str) -> torch.Tensor:
     """The weight of the named nn.Linear, or of the frozen base of a LoRA layer."""
     m = model.get_submodule(name)
-    return m.base_layer.weight if hasattr(m, "base_layer") else m.weight
+    return m.base_layer.weight if isinstance(m, LoRALinear) else m.weight
 
 
 def linear_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """fp32 CPU copies of the weight of each named nn.Linear (or of the frozen base of a LoRA layer)."""
-    out = {}
-    for n in names:
-        m = model.get_submodule(n)
-        w = m.base_layer.weight if hasattr(m, "base_layer") else m.weight
-        out[n] = w.detach().float().cpu().clone()
-    return out
+    return {n: linear_param(model, n).detach().float().cpu().clone() for n in names}
 
 
 def base_weights_path(runs_root, model_name: str, digests: dict[str, str]) -> Path:
@@ -85,33 +79,27 @@ def ensure_base_weights(runs_root: Path, model_name: str, model: nn.Module) -> P
     return path
 
 
-def write_delta(run_dir: Path, model: nn.Module, method: str, names: list[str], w0: dict | None,
-                base_weights: Path, meta: dict, dense: bool = False) -> Path:
-    """Write ΔW of `names` (full: `w0` holds their W0) or of every LoRA layer (LoRA, with the head beside it;
-    `dense`, or DoRA: base weight + the adapter's ΔW − W0, as ReLoRA's base moves)."""
+def write_delta(run_dir: Path, model: nn.Module, method, names: list[str], w0: dict | None,
+                base_weights: Path, meta: dict) -> Path:
+    """Write ΔW of `names` as `method` reads it (lowrank.adapters.methods: factors, or dense against `w0`, CPU fp32
+    copies of the targets' W0), one matrix at a time; a LoRA run's head goes beside it."""
     if distributed.world_size() > 1:
-        return _write_delta_gathered(run_dir, model, method, names, w0, base_weights, meta)
-    tensors = {}
-    if method in ("full", "subspace"):
-        for n, w_ft in linear_weights(model, names).items():
-            tensors[f"{n}.delta"] = w_ft - w0[n]
-    else:
-        layers = lora_layers(model)
-        if dense or any(isinstance(layer, DoRALinear) for layer in layers.values()):  # not B·A: dense, against W0
-            for n, layer in layers.items():
-                tensors[f"{n}.delta"] = layer.base_layer.weight.detach().float().cpu() + \
-                    layer.delta_weight().detach().float().cpu() - w0[n]
-            meta = meta | {"delta_form": "dense"}
+        return _write_delta_gathered(run_dir, model, method.name, names, w0, base_weights, meta)
+    tensors, ranks = {}, {}
+    for n in names:
+        d = method.delta(model, n, w0[n] if method.needs_w0 else None)
+        if d.factors is None:
+            tensors[f"{n}.delta"] = d.dense.cpu()
         else:
-            ranks = {}
-            for n, layer in layers.items():
-                # PiSSA's ΔW against the original W0 is s(B A − B0 A0): the factors [B, −B0], [A; A0], rank 2r
-                B, A = pissa_factors(layer) if hasattr(layer, "lora_A0") else (layer.lora_B, layer.lora_A)
-                tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = A.detach().float(), B.detach().float()
-                ranks[n] = (A.shape[0], layer.scaling)
-            meta = meta | module_overrides(ranks, meta.get("rank"), meta.get("scaling"))
+            B, A, scaling = d.factors  # PiSSA's are [B, −B0], [A; A0]: rank 2r
+            tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"] = A.float(), B.float()
+            ranks[n] = (A.shape[0], scaling)
+    if method.name == "lora":
+        meta = meta | (module_overrides(ranks, meta.get("rank"), meta.get("scaling")) if ranks
+                       else {"delta_form": "dense"})
         write_head(run_dir, model)
-    return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, delta_metadata(run_dir, method, base_weights, meta))
+    return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, delta_metadata(run_dir, method.name, base_weights,
+                                                                                 meta))
 
 
 def module_overrides(per_module: dict[str, tuple[int, float]], rank, scaling) -> dict:

@@ -17,11 +17,9 @@ from lowrank.linalg import spectra
 from lowrank.linalg.subspace import phi
 
 from lowrank.rundir.atomic import write_text
-from lowrank.adapters.lora import lora_layers
-from lowrank.adapters.variants import pissa_factors
+from lowrank.rundir.layout import DYNAMICS_FILE
 
 PHI_K = (1, 8)
-FILE = "dynamics.csv"
 COLUMNS = ("step", "module", "r50", "r90", "r99", "effective_rank", "stable_rank", "fro_norm", "phi_1", "phi_8")
 
 
@@ -34,36 +32,32 @@ def tracked(names: list[str], targets) -> list[str]:
 
 
 class Dynamics:
-    """Snapshots of ΔW for `names` (LoRA layers by their factors; other methods against `w0`, CPU fp32; with
-    `merged_base`, ReLoRA's LoRA layers as their base weight + s·B A against `w0`)."""
+    """Snapshots of ΔW for `names`, read as `method` reads it (lowrank.adapters.methods): from its factors where it
+    is a product, else dense against `w0` (CPU fp32 copies, moved once to the weights' device)."""
 
-    def __init__(self, model: nn.Module, names: list[str], w0: dict | None, merged_base: bool = False):
-        self.model, self.names, self.w0, self.merged_base = model, names, w0, merged_base
-        self.lora = lora_layers(model)
+    def __init__(self, model: nn.Module, names: list[str], w0: dict | None, method):
+        self.model, self.names, self.w0, self.method = model, names, w0, method
         self.previous: dict[str, torch.Tensor] = {}  # top-8 left singular vectors at the last snapshot (CPU)
         self._w0_dev: dict[str, torch.Tensor] = {}
 
+    def _w0_on_device(self, name: str) -> torch.Tensor | None:
+        if not self.method.needs_w0:
+            return None
+        if name not in self._w0_dev:
+            self._w0_dev[name] = self.w0[name].to(self.method.weight(self.model, name).device)
+        return self._w0_dev[name]
+
     def _delta_svd(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(all singular values, the top-8 left singular vectors) of the current ΔW, float64 on the CPU."""
-        layer = self.lora.get(name)
-        if layer is not None and not hasattr(layer, "magnitude") and not self.merged_base:  # B·A (PiSSA: [B, −B0][A; A0])
-            B, A = pissa_factors(layer) if hasattr(layer, "lora_A0") else (layer.lora_B, layer.lora_A)
-            U, S, _ = spectra.svd_factored(B.detach(), A.detach(), layer.scaling)
+        d = self.method.delta(self.model, name, self._w0_on_device(name))
+        if d.factors is not None:  # QR of the factors: an r × r core, cheap at any size
+            U, S, _ = spectra.svd_factored(*d.factors)
             return S.cpu(), U[:, :max(PHI_K)].cpu()
-        if layer is not None and not self.merged_base:  # DoRA: ΔW against the base it scales
-            delta = layer.delta_weight().detach().float()
+        if d.dense.is_cuda:  # the Gram path: one eigh of the smaller Gram matrix
+            S = spectra.svdvals_gram(d.dense)[0].cpu()
+            U = spectra.svd_top(d.dense, max(PHI_K))[0].cpu()
         else:
-            w = (layer.base_layer if layer is not None else self.model.get_submodule(name)).weight.detach()
-            if name not in self._w0_dev:
-                self._w0_dev[name] = self.w0[name].to(w.device)
-            delta = w.float() - self._w0_dev[name]
-            if layer is not None:  # ReLoRA: what was folded into the base, and the live adapter
-                delta += layer.delta_weight().detach().float()
-        if delta.is_cuda:  # the Gram path: one eigh of the smaller Gram matrix
-            S = spectra.svdvals_gram(delta)[0].cpu()
-            U = spectra.svd_top(delta, max(PHI_K))[0].cpu()
-        else:
-            U, S, _ = torch.linalg.svd(delta.double(), full_matrices=False)
+            U, S, _ = torch.linalg.svd(d.dense.double(), full_matrices=False)
             U = U[:, :max(PHI_K)]
         return S.double(), U.double()
 
@@ -100,4 +94,4 @@ def write_dynamics(run_dir, rows: list[dict]) -> None:
     lines = [",".join(COLUMNS)]
     for r in rows:
         lines.append(",".join("" if r[c] is None else str(r[c]) for c in COLUMNS))
-    write_text(Path(run_dir) / FILE, "\n".join(lines) + "\n")
+    write_text(Path(run_dir) / DYNAMICS_FILE, "\n".join(lines) + "\n")

@@ -344,6 +344,29 @@ class MemoryEstimate:
         return head + "\n" + "\n".join(f"  {name:<31}{b / GIB:9.2f} GiB" for name, b in rows)
 
 
+def _autocast_copies(c: int, w: int, tw: int, checkpointing: bool, full: bool, linear_weights: int, adapter: int,
+                     one_layer: int) -> int:
+    """Bytes of autocast's weight copies. fp32 weights under bf16 autocast: a bf16 copy of every linear weight lives
+    from forward to backward. With checkpointing, frozen weights' copies are dropped at once (only one recomputed
+    layer's exist) and trainable ones stay in autocast's cache until the forward ends."""
+    if c < w:
+        if not checkpointing:
+            return c * (linear_weights + adapter)
+        return c * linear_weights if full else c * (one_layer + adapter)
+    if c < tw:  # a bf16 base with fp32 factors: only the factors are cast
+        return c * adapter
+    return 0
+
+
+def _fsdp_gather(arch, c: int, w: int, tw: int, full: bool, targets, rank: int, one_layer: int) -> tuple[int, bool]:
+    """Bytes of the two blocks FSDP holds gathered whole, and whether it gathers bf16 casts of fp32 weights
+    (bf16 compute: MixedPrecisionPolicy)."""
+    casts = c < w and tw == w
+    block = one_layer + sum(lin.out_features for lin in arch.linears if lin.bias)  # biases; norms are tiny
+    block_trainable = block if full else lora_adapter_params(arch, targets, rank) // arch.layers
+    return 2 * block * (c if casts else w) + 2 * block_trainable * tw, casts
+
+
 def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank: int = 8,
                     targets=ALL_LINEAR, num_labels: int = 2, weight_dtype: str = "fp32", precision: str = "bf16",
                     trainable_dtype: str | None = None,
@@ -386,20 +409,8 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     weights = (params - trainable) * w + trainable * tw
     grads = trainable * tw
     optimizer = 2 * trainable * tw
-    # fp32 weights under bf16 autocast: a bf16 copy of every linear weight lives from forward to backward.
-    # With checkpointing, frozen weights' copies are dropped at once (only one recomputed layer's exist) and
-    # trainable ones stay in autocast's cache until the forward ends.
-    copies = 0
     one_layer = sum(lin.in_features * lin.out_features for lin in arch.linears)
-    if c < w:
-        if not activation_checkpointing:
-            copies = c * (counts.linear_weights + adapter)
-        elif full:
-            copies = c * counts.linear_weights
-        else:
-            copies = c * (one_layer + adapter)
-    elif c < tw:  # a bf16 base with fp32 factors: only the factors are cast
-        copies = c * adapter
+    copies = _autocast_copies(c, w, tw, activation_checkpointing, full, counts.linear_weights, adapter, one_layer)
 
     r = w if arch.family == "llama" else 4  # LayerNorm (autocast fp32 op) makes the residual stream fp32
     tokens = batch_size * seq_len
@@ -425,10 +436,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     gather = 0
     if shards > 1:
         weights, grads, optimizer = (-(-x // shards) for x in (weights, grads, optimizer))  # ceil: padded shards
-        casts = c < w and tw == w  # bf16 compute of fp32 weights: FSDP gathers bf16 copies (MixedPrecisionPolicy)
-        block = one_layer + sum(lin.out_features for lin in arch.linears if lin.bias)  # biases; norms are tiny
-        block_trainable = block if full else lora_adapter_params(arch, targets, rank) // arch.layers
-        gather = 2 * block * (c if casts else w) + 2 * block_trainable * tw
+        gather, casts = _fsdp_gather(arch, c, w, tw, full, targets, rank, one_layer)
         if casts:
             copies = 0
             last_layer -= c * one_layer  # the gathered bf16 block is counted in `gather`

@@ -10,6 +10,8 @@ import sys
 import torch
 from torch import nn
 
+from lowrank.adapters.lora import lora_layers
+
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; unknown devices give None.
 PEAK_BF16_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
@@ -31,9 +33,8 @@ def flops_per_token(model: nn.Module, seq_len: int, n_layers: int, hidden: int) 
         if isinstance(m, nn.Linear):
             n = m.weight.numel()
             total += (6 if m.weight.requires_grad else 4) * n
-    for name, p in model.named_parameters():  # LoRA factors are plain parameters used as matmul weights
-        if name.endswith(("lora_A", "lora_B")):
-            total += 6 * p.numel()
+    for layer in lora_layers(model).values():  # LoRA factors are plain parameters used as matmul weights
+        total += 6 * (layer.lora_A.numel() + layer.lora_B.numel())
     return total + 12 * n_layers * hidden * seq_len
 
 
