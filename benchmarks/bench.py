@@ -11,7 +11,7 @@ ours compiled and graphed, ours in the step graph, PEFT. Writes `lora_vs_peft_{d
 (benchmarks.harness.record: commit, command, versions; rewritten after every config, so a cut-off run keeps what it
 measured), with each LoRA config's ratios judged against the targets in benchmarks/targets.json.
 
-The generic parts live in lowrank (step_graph, kernel_profile, bench_record, bench_ratios); what stays here,
+The generic parts live in benchmarks/harness/ (graphs, kernel_profile, record, ratios); what stays here,
 about 450 lines, is the benchmark's own definition: its configs, how each variant is built and stepped, the
 timing loop and the parity check.
 """
@@ -33,13 +33,13 @@ from benchmarks.harness.ratios import (COMPILE_MODEL, TARGETS_FILE, TRAINER, che
                                   read_targets)
 from benchmarks.harness.record import (Column, collect_metadata, markdown_table, median_run, read_result, result_name,
                                   write_result)
-from lowrank.train.blocks import causal_attention_without_mask, compile_blocks, graph_blocks
+from lowrank.train.blocks import causal_attention_without_mask, compile_blocks
+from benchmarks.harness.graphs import graph_blocks, graph_step, undo_training
 from lowrank.train.budget import free_cuda_memory
 from benchmarks.harness.kernel_profile import kernel_time
 from lowrank.adapters.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
 from lowrank.adapters.fused import FlatMasterAdamW
 from lowrank.train.perf import flops_per_token, peak_flops, peak_memory_bytes, sync
-from lowrank.train.step_graph import graph_step, undo_training
 from lowrank.adapters.targets import ALL_LINEAR
 
 from benchmarks.bench_trainer import trainer_parity, trainer_row

@@ -179,7 +179,7 @@ def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
 def test_undo_training_restores_weights_and_a_fresh_optimizer_in_place(flat):
     import torch
     from lowrank.adapters.fused import FlatMasterAdamW
-    from lowrank.train.step_graph import undo_training
+    from benchmarks.harness.graphs import undo_training
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
     opt = FlatMasterAdamW(params, lr=0.1) if flat else torch.optim.AdamW(params, lr=0.1)

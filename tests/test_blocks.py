@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from lowrank.train.blocks import causal_attention_without_mask, compile_blocks, decoder_blocks, graph_blocks
+from lowrank.train.blocks import causal_attention_without_mask, compile_blocks, decoder_blocks
+from benchmarks.harness.graphs import graph_blocks
 from lowrank.adapters.lora import freeze_for_lora, inject_lora, lora_layers
 
 

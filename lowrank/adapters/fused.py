@@ -265,7 +265,7 @@ class FlatMasterAdamW:
     `.grad`); `step()` gathers them with one concatenation (a parameter without a gradient counts as zero,
     where torch's AdamW would skip it), widens them to fp32, steps the flat fp32 master with one fused
     AdamW, and copies it back; `zero_grad()` sets the gradients to None. Same update as AdamW on fp32
-    parameters. With `graph_blocks`, whose graphs write gradients into static buffers, accumulating over
+    parameters. With `graph_blocks` (benchmarks/harness/graphs.py), whose graphs write gradients into static buffers, accumulating over
     several backward passes needs `accumulate_in_place=True`: the gradients are then preset views into one
     flat buffer that backward adds into (a kernel per parameter and pass), and `zero_grad()` zeroes it.
     """

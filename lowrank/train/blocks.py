@@ -1,9 +1,9 @@
-"""Faster transformer blocks for any training method: per-block CUDA graphs, and torch.compile.
+"""Faster transformer blocks for any training method: torch.compile, and attention without a mask.
 
-    opt = ...                                        # build the optimizer first (it may move parameters)
-    graph_blocks(model, batch_size=8, seq_len=1024)  # then: train as usual; eval and no_grad run eagerly
-    compile_blocks(model)                            # or: each block through torch.compile (also on CPU)
+    compile_blocks(model)                            # each block through torch.compile (also on CPU)
     causal_attention_without_mask(model)             # batches without padding: no mask built, no sync
+    decoder_blocks(model)                            # the repeated blocks (per-block CUDA graphs in the
+                                                     # benchmarks, benchmarks/harness/graphs.py, use them too)
 
 Why: at a few thousand tokens per step a 7B model's LoRA step is paced by the CPU launching kernels, not by
 the GPU (an H200 ran 143 ms of kernels in a 184 ms eager step): eager Python runs every operator of every
@@ -31,70 +31,6 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     if not lists:
         raise ValueError(f"{type(model).__name__} has no list of repeated blocks to graph or compile")
     return min(lists, key=lambda t: t[:3])[3]
-
-
-class _Block(nn.Module):
-    """(hidden, cos, sin) -> hidden: the positional, tensor-only call make_graphed_callables needs."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, hidden, cos, sin):  # through __call__: a compiled block runs compiled
-        return self.block(hidden, attention_mask=None, position_embeddings=(cos, sin))
-
-
-def graph_blocks(model: nn.Module, batch_size: int, seq_len: int, amp_dtype: torch.dtype | None = torch.bfloat16,
-                 warmup: int = 3) -> None:
-    """Capture each decoder block's forward and backward as CUDA graphs for (batch_size, seq_len) inputs, in
-    place, under autocast to `amp_dtype` (None: no autocast), after `compile_blocks` if both are wanted.
-    Afterwards a block replays its graphs when the model trains with grad enabled, with the captured shape,
-    dtype and autocast state and no attention mask; otherwise it runs its eager code.
-
-    Limits, as for any CUDA graph: outputs live in static buffers, so one forward must be followed by its
-    backward before the next forward; arguments beyond the rotary tables (position_ids, a cache) are not
-    graph inputs. Gradient accumulation over several backward passes needs `.grad` tensors that exist before
-    the first one (`p.grad = torch.zeros_like(p)` for every trained parameter, kept with a torch
-    optimizer's `zero_grad(set_to_none=False)`, or `FlatMasterAdamW(..., accumulate_in_place=True)`): a
-    `.grad` that is None adopts the graph's static gradient buffer, which the next replay overwrites."""
-    blocks = decoder_blocks(model)
-    p = next(model.parameters())
-    if p.device.type != "cuda":
-        raise ValueError("graph_blocks needs the model on a CUDA device")
-    # what the blocks get: the embedding output, in the embedding's dtype (grad only when it trains), and
-    # the rotary tables
-    embed = model.get_input_embeddings()
-    dtype, embed_trains = embed.weight.dtype, embed.weight.requires_grad
-    hidden = torch.randn(batch_size, seq_len, model.config.hidden_size, device=p.device, dtype=dtype)
-    position_ids = torch.arange(seq_len, device=p.device).unsqueeze(0)
-    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is None:
-        raise ValueError(f"{type(model).__name__} has no rotary_emb: graph_blocks takes Llama-family decoders")
-    with torch.no_grad():
-        cos, sin = rotary(hidden, position_ids)
-    wrapped = tuple(_Block(b) for b in blocks)
-    samples = tuple((hidden.clone().requires_grad_(i > 0 or embed_trains), cos, sin) for i in range(len(blocks)))
-    with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None,
-                        cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(wrapped, samples, num_warmup_iters=warmup)
-    captured = (batch_size, seq_len, dtype, amp_dtype)
-    for block, g in zip(blocks, graphed):
-        block._compiled_call_impl = None  # captured already; __call__ must reach the forward set here
-        block.forward = _graphed_forward(block, g, captured)
-
-
-def _graphed_forward(block: nn.Module, graphed: nn.Module, captured: tuple):
-    eager = type(block).forward.__get__(block)
-
-    def forward(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
-        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        if (not block.training or not torch.is_grad_enabled() or attention_mask is not None
-                or (*hidden_states.shape[:2], hidden_states.dtype, amp) != captured):
-            return eager(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
-                         **kwargs)
-        cos, sin = position_embeddings
-        return graphed(hidden_states, cos, sin)
-    return forward
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> None:

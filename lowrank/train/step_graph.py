@@ -1,9 +1,7 @@
 """The whole training step (forward, backward, optimizer step) captured as one CUDA graph and replayed.
 
     opt = torch.optim.AdamW(params, fused=True, capturable=True)   # step count on the GPU: capturable
-    undo = undo_training(params, opt)                   # optional: to start from these weights once captured
-    step = graph_step(step, example_batch, after_capture=undo)      # then: loss = step(batch), same shape
-    step = StepGraph(step, warmup=3)    # or: the first 3 calls run as they are, each on its own batch (a trainer)
+    step = StepGraph(step, warmup=3)    # the first 3 calls run as they are, each on its own batch, then replays
 
 Why: with compiled blocks a step is a few thousand kernels, and per-block graphs still leave the host
 launching the embeddings, the head, the loss and the optimizer between them; with the whole step in one
@@ -13,8 +11,6 @@ updates its parameters in place with its state on the GPU.
 """
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
-
-from lowrank.adapters.fused import FlatMasterAdamW
 
 
 class StepGraph:
@@ -61,50 +57,3 @@ class StepGraph:
                 self.outputs = self.step(self.static)
         self.graph.replay()
         return tree_map(lambda t: t.clone(), self.outputs)  # the next replay overwrites the captured outputs
-
-
-def graph_step(step, example: torch.Tensor, warmup: int = 3, after_capture=None):
-    """`step(batch) -> loss` captured as one CUDA graph: the returned step copies its batch into the captured
-    input and replays. Warm-up runs first on a side stream, as torch.cuda.graph needs: it compiles, and
-    creates the optimizer's state (created inside the capture, the moments would restart from zero at every
-    replay). The step should end by setting gradients to None, so backward in the capture allocates them in
-    the graph's memory and each replay writes them afresh. `after_capture()` runs once captured (a capture
-    runs no kernels: only the warm-up steps have trained)."""
-    static = example.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step(static)
-    if after_capture is not None:
-        after_capture()
-
-    def replay(batch):
-        static.copy_(batch)
-        graph.replay()
-        return loss.clone()  # the next replay overwrites the captured loss
-    return replay
-
-
-def undo_training(params, opt):
-    """For an optimizer that has not stepped yet: a function that puts the parameters back as they are now and
-    the optimizer's state to that of a fresh one (zero moments at step 0), in the same tensors (a captured
-    graph keeps using them). For a loss curve that must start where the others start."""
-    inner = opt.optimizer if isinstance(opt, FlatMasterAdamW) else opt
-    if inner.state:
-        raise ValueError("undo_training needs an optimizer that has not stepped yet")
-    tensors = list(params) + ([opt.master] if isinstance(opt, FlatMasterAdamW) else [])
-    saved = [t.detach().clone() for t in tensors]
-
-    @torch.no_grad()
-    def undo():
-        for t, v in zip(tensors, saved):
-            t.copy_(v)
-        for state in inner.state.values():  # created by the first step: back to zero moments at step 0
-            for v in state.values():
-                v.zero_()
-    return undo
