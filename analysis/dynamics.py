@@ -3,7 +3,7 @@ into one table, `tables/dynamics.csv`, for figure 15.
 """
 import pandas as pd
 
-DYNAMICS_FILE = "dynamics.csv"  # lowrank.train.dynamics writes it in a run directory
+from lowrank.rundir.layout import DYNAMICS_FILE
 
 
 def dynamics_table(runs) -> pd.DataFrame:

@@ -33,6 +33,7 @@ OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 METRICS_FILE = "metrics.json"
 DELTA_FILE = "delta_w.safetensors"
 HEAD_FILE = "head.safetensors"
+DYNAMICS_FILE = "dynamics.csv"  # rank over training time (lowrank.train.dynamics), one row per snapshot × matrix
 # delta file metadata of LoRA runs whose modules differ in rank or scaling (rank_pattern, alpha_pattern): JSON
 # {module: rank} and {module: scaling} for the modules that differ from the file's `rank` and `scaling`
 MODULE_RANK_KEY, MODULE_SCALING_KEY = "module_rank", "module_scaling"
