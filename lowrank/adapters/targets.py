@@ -59,7 +59,7 @@ def read_rank_pattern(value, key: str = "method.rank_pattern") -> dict[str, int]
             raise ConfigError(f"{key}={str(path)!r} is not valid JSON ({e}); it must hold {{module: rank}}") from None
         where = f"{key}={str(path)!r}"
     else:
-        where = key
+        where = key if hasattr(value, "items") else f"{key}={value!r}"  # a mapping's entries are named one by one
     if not hasattr(value, "items"):
         raise ConfigError(f"{where} is not valid; it must be a mapping {{module-name pattern: rank}} or a JSON file of one")
     pattern = {}
