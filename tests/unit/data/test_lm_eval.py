@@ -16,7 +16,7 @@ from lowrank.data.lm import IGNORE, encode_examples, pack_documents, pack_exampl
 from lowrank.data.lm_eval import cached_base_perplexity, exact_match, forgetting, greedy_generate, perplexity
 from lowrank.data.models import load_causal_lm
 from tests.conftest import CONF
-from tests.test_lm_data import WORDS, ids, tiny_lm, word_tokenizer
+from tests.unit.data.test_lm_data import WORDS, ids, tiny_lm, word_tokenizer
 
 
 def sft_rows():

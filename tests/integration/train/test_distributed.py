@@ -18,7 +18,7 @@ from lowrank.train.memory import GIB, estimate_memory
 from lowrank.train.recipe import train
 
 from tests.conftest import compose_cfg, run_cli
-from tests.test_memory import shape
+from tests.unit.train.test_memory import shape
 
 TINY_LLAMA = ["model=llama_1b_shape", "model.shape.hidden_size=32", "model.shape.intermediate_size=64",
               "model.shape.num_hidden_layers=2", "model.shape.num_attention_heads=4",

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_batch import run_cli_batch
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 MODULES = sorted(".".join(p.relative_to(ROOT / "analysis").with_suffix("").parts)
                  for p in (ROOT / "analysis").rglob("*.py") if p.stem != "__init__")
 LOWRANK_ALLOWED = {"lowrank.rundir.layout", "lowrank.rundir.integrity", "lowrank.rundir.atomic", "lowrank.logger",

@@ -13,7 +13,7 @@ from lowrank.data.batches import Batches
 from lowrank.data.classification import Split
 from lowrank.data.lm import IGNORE, PackedLM, encode_examples, load_lm_task, pack_documents, pack_examples
 from tests.conftest import CONF, compose_cfg
-from tests.test_bad_inputs import config_error
+from tests.unit.data.test_bad_inputs import config_error
 
 WORDS = "<eos> <pad> <unk> <user> <bot> what is a b c cat dog bird fish hi yo def import return x".split()
 # The user turn and the generation prompt end in <bot>; the answer's turn is " answer <eos>".

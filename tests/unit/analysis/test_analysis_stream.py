@@ -19,7 +19,7 @@ from lowrank.rundir.atomic import write_safetensors, write_safetensors_streamed
 from lowrank.rundir.integrity import verify_safetensors
 from lowrank.rundir.layout import DELTA_FILE, config_hash
 
-from tests.test_analysis_report import write_base, write_run
+from tests.unit.analysis.test_analysis_report import write_base, write_run
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ from lowrank.adapters import relora as relora_mod
 from lowrank.errors import ConfigError
 from lowrank.config import validate
 from tests.conftest import compose_cfg
-from tests.test_train import read_delta
+from tests.integration.train.test_train import read_delta
 
 RELORA = ["method=relora", "method.rank=1", "method.relora_every=2", "method.relora_warmup=1", "trainer.max_steps=6",
           "trainer.eval_interval=3", "trainer.checkpoint_every=0"]

@@ -19,7 +19,7 @@ from lowrank.rundir import layout as rundir
 from lowrank.train.checkpoint import load_checkpoint, save_checkpoint
 from lowrank.errors import ConfigError
 
-from tests.test_analysis_report import write_base, write_run
+from tests.unit.analysis.test_analysis_report import write_base, write_run
 
 DAMAGE = st.one_of(
     st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),

@@ -23,7 +23,7 @@ from lowrank.rundir.layout import DELTA_FILE
 
 from tests.cli_batch import run_cli_batch
 from tests.conftest import run_cli
-from tests.test_analysis_report import module, write_base, write_metrics, write_run
+from tests.unit.analysis.test_analysis_report import module, write_base, write_metrics, write_run
 
 DAY = "2026-01-01"
 GOOD = ["full_s0", "lora_r2_s0", "lora_r4_s0", "full_s2_metrics_shadow"]

@@ -188,7 +188,7 @@ def artist(ax_or_fig, gid):
     return artists(ax_or_fig, gid)[0]
 
 
-CLASSIFIER_FIGURES = [s for s in FIGURES if s.number <= 10]  # 11-13 are the causal LMs': tests/test_lm_figures.py
+CLASSIFIER_FIGURES = [s for s in FIGURES if s.number <= 10]  # 11-13 are the causal LMs': tests/unit/analysis/figures/test_lm_figures.py
 
 
 def test_every_figure_and_its_data_are_written_and_embedded(out):

@@ -23,7 +23,7 @@ from lowrank.rundir import layout as rundir
 from lowrank.rundir.atomic import write_safetensors
 from lowrank.rundir.integrity import DIGEST_KEY
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 LAYERS = 2
 SHAPES = {"attention.self.query": (16, 16), "attention.self.value": (16, 16),
@@ -106,7 +106,7 @@ def runs_root(tmp_path_factory):
 def report(runs_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     res = run_cli(["-m", "analysis.report", str(runs_root), "--out", str(out), "--max-dim", "8"],
-                  cwd=Path(__file__).resolve().parent.parent, timeout=120)
+                  cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     tables = {p.stem: pd.read_csv(p) for p in (out / "tables").glob("*.csv")}
     return out, tables, res.stdout
