@@ -220,15 +220,17 @@ _ABSENT = object()
 
 
 def option(cfg, key: str):
-    """`cfg`'s value at the dotted `key`, else the table's default (a ConfigError where the key is required);
-    a KeyError for a key that is not in RULES."""
+    """`cfg`'s value at the dotted `key`, else the table's default; None for a required key of another method
+    (method.rank of method=full), a ConfigError for one of this method. A KeyError for a key not in RULES."""
     rule = RULES[key]
     value = OmegaConf.select(cfg, key, default=_ABSENT)
     if value is not _ABSENT:
         return value
-    if rule.default is REQUIRED:
+    if rule.default is not REQUIRED:
+        return rule.default
+    if applies(cfg, key):
         raise missing(key)
-    return rule.default
+    return None
 
 
 def missing(key: str) -> ConfigError:

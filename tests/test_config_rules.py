@@ -334,6 +334,10 @@ def test_option_reads_the_config_else_the_table_default():
     assert option(cfg, "trainer.cuda_graph") == "auto" and option(cfg, "task.objective") == "classification"
     with pytest.raises(KeyError):
         option(cfg, "method.nope")
+    assert option(cfg, "method.dim") is None and option(composed(["method=full"]), "method.rank") is None  # not theirs
+    cfg = composed(["method=subspace"])
+    OmegaConf.set_struct(cfg, False)
+    del cfg.method["dim"]
     with pytest.raises(ConfigError, match=r"^method\.dim is missing; it must be an integer > 0$"):
         option(cfg, "method.dim")
 
