@@ -3,25 +3,20 @@ scalings differ between modules) loads in PEFT with the run's outputs on real te
 gives the factors and delta metadata it says."""
 import json
 
-import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
 from analysis.runs import load_run
-from experiments.export_peft import export, main
+from experiments.export_peft import export
 from lowrank.adapters.lora import inject_lora, lora_layers
 from lowrank.data.models import load_model
 from lowrank.rundir.layout import HEAD_FILE
 from omegaconf import OmegaConf
 
-from benchmarks.shape_run import write_shape_run
-
 from tests.unit.experiments.test_import_delta import TEXT
 
-SMALL = ("model.shape.num_hidden_layers=1", "model.shape.hidden_size=16", "model.shape.intermediate_size=32",
-         "model.shape.num_attention_heads=2", "model.shape.num_key_value_heads=2")
 PATTERN = {"layer.1.attention.self.query": 2, "layer.0.attention.self.value": 6}  # default rank 8
 
 
@@ -68,10 +63,3 @@ def test_c_an_exported_run_loads_in_peft_with_the_same_outputs(tmp_path, tiny_ru
     assert (a - b).abs().max().item() <= 1e-5
     assert (a - plain).abs().max().item() > 1e-3  # the adapter and head change the outputs: the test has teeth
 
-
-def test_export_refuses_a_full_run_in_one_line(tmp_path, capsys):
-    run_dir = write_shape_run("llama_1b_shape", tmp_path, overrides=SMALL, log=lambda *a: None)
-    with pytest.raises(SystemExit) as exit_:
-        main([str(run_dir), "--out", str(tmp_path / "a")])
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
-        f"error: {run_dir} cannot be exported: it is a full fine-tuning run; only LoRA runs have an adapter to export")

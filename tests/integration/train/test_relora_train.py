@@ -10,9 +10,6 @@ import torch
 from lowrank.linalg import spectra
 from analysis.runs import collect_runs
 from lowrank.adapters import relora as relora_mod
-from lowrank.errors import ConfigError
-from lowrank.config import validate
-from tests.conftest import compose_cfg
 from tests.integration.train.test_train import read_delta
 
 RELORA = ["method=relora", "method.rank=1", "method.relora_every=2", "method.relora_warmup=1", "trainer.max_steps=6",
@@ -54,11 +51,3 @@ def test_two_restarts_accumulate_rank_above_r_and_resume_exactly(tiny_run, tmp_p
     for name, delta in tensors.items():
         torch.testing.assert_close(resumed[name], delta, rtol=1e-5, atol=1e-7)
 
-
-@pytest.mark.parametrize("overrides, key", [(["method.relora_every=0"], "method.relora_every"),
-                                            (["method.init=pissa"], "method.init=pissa"),
-                                            (["trainer.optimizer=flat_master"], "trainer.optimizer=flat_master"),
-                                            (["trainer.parallel=ddp"], "trainer.parallel=ddp")])
-def test_bad_relora_settings_name_their_key(overrides, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_cfg(["method=relora", *overrides]))

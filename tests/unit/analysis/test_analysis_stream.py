@@ -1,12 +1,11 @@
 """The report streams: each tensor of a run is read (and hashed) once, at most two ΔW matrices are held at a time, and
 no file is read whole; the certified top-k solver agrees with an SVD or says it fell back; a streamed safetensors file
-is the file write_safetensors writes; and the benchmark's shape-only run (benchmarks.shape_run) is a run directory the
-report analyses like a trained one."""
+is the file write_safetensors writes (the benchmark's shape-only run, analysed like a trained one:
+tests/integration/benchmarks/test_analysis_bench.py)."""
 import json
 import weakref
 from collections import Counter
 
-import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
@@ -14,10 +13,9 @@ from safetensors import safe_open
 import analysis.checked_reads as checked_reads
 from lowrank.linalg import spectra
 from analysis.report import main
-from analysis.runs import collect_runs
 from lowrank.rundir.atomic import write_safetensors, write_safetensors_streamed
 from lowrank.rundir.integrity import verify_safetensors
-from lowrank.rundir.layout import DELTA_FILE, config_hash
+from lowrank.rundir.layout import DELTA_FILE
 
 from tests.unit.analysis.test_analysis_report import write_base, write_run
 
@@ -133,23 +131,3 @@ def test_the_report_reads_each_tensor_once_and_holds_two_at_most(tmp_path, monke
     assert {"spectra", "ΔW vectors", "W0 SVDs", "intruders", "amplification", "subspace", "total"} <= set(
         timing["seconds"]) and timing["peak host RSS bytes"] > 0 and timing["device"] == "cpu"
 
-
-def test_a_shape_run_is_analysed_like_a_trained_one(tmp_path):
-    """benchmarks.analysis_bench --smoke: a tiny llama shape built by benchmarks.shape_run, the report on it in a
-    child process, the record written; the run directory passes every check of a full collect."""
-    from benchmarks.analysis_bench import main as bench_main
-    bench_main(["--smoke", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
-    record = json.loads((tmp_path / "out" / "analysis_cpu.json").read_text())
-    phases = {r["phase"]: r["seconds"] for r in record["rows"]}
-    assert {"spectra", "W0 SVDs", "intruders", "amplification", "total"} <= set(phases)
-    assert record["details"]["peak_rss_bytes"] > 0 and record["details"]["report"]["matrices"] == 14
-    runs, _, skipped = collect_runs([tmp_path / "runs"])   # every hash and value checked
-    assert not skipped and len(runs) == 1
-    run = runs[0]
-    assert run.path.name.endswith(config_hash(run.config)) and run.method == "full" and len(run.names) == 14
-    spec = pd.read_csv(tmp_path / "out" / "report_run" / "tables" / "spectrum.csv")
-    assert len(spec) == 14 and spec[["r90", "effective_rank", "intruders", "rel_norm"]].notna().all().all()
-    row = spec[spec.module == run.names[0]].iloc[0]
-    S = torch.linalg.svdvals(run.delta(run.names[0]).double())
-    assert row.r90 == spectra.energy_rank(S, 0.9) and row.fro_norm == pytest.approx(spectra.fro_norm(S), rel=1e-6)
-    assert 1e-3 < row.rel_norm < 1e-2   # ΔW is ~2e-3 of W0, as after a short full fine-tuning run

@@ -1,5 +1,5 @@
 """benchmarks.bench: the ratios and target checks it reports (benchmarks.harness.ratios), the median of repeats,
-merging runs, the step graph's undo, and a CPU smoke run of the script."""
+merging runs, the step graph's undo (the script's CPU smoke runs: tests/integration/benchmarks/test_bench_smoke.py)."""
 import json
 
 import pytest
@@ -7,7 +7,6 @@ import pytest
 from benchmarks.harness.ratios import check_targets, ratio_rows, read_targets
 from benchmarks.harness.record import median_run, write_result
 from lowrank.adapters.targets import ALL_LINEAR
-from tests.conftest import ROOT, run_cli
 
 
 def row(model, impl, mode, tps, rank=16, mem=10):
@@ -54,44 +53,6 @@ def test_repeated_configs_report_the_median_run_and_keep_every_run():
     assert row["tokens_per_second_runs"] == [90.0, 120.0, 100.0]
     assert median_run(runs[:2])["tokens_per_second"] == 90.0  # even count: the lower middle
     assert "tokens_per_second_runs" not in median_run(runs[:1])
-
-
-def test_smoke_run_writes_the_rows_the_issue_asks_for(tmp_path):
-    result = run_cli(["-m", "benchmarks.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
-                      "--only", "full", "lora:ours:16", "lora:peft:16", "--no-parity", "--no-trainer"], cwd=ROOT,
-                     env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
-    rows = result["rows"]
-    assert [(r["impl"], r["rank"]) for r in rows] == [("torch", None), ("ours", 16), ("peft", 16)]
-    for r in rows:
-        assert {"model", "method", "impl", "rank", "targets", "tokens_per_second", "peak_memory_bytes", "mfu"} <= set(r)
-        assert r["tokens_per_second"] > 0 and r["peak_memory_bytes"] > 0
-    assert rows[1]["targets"] == "all-linear" == ALL_LINEAR
-    md = (tmp_path / "lora_vs_peft_cpu.md").read_text()
-    assert "| tiny | lora | ours | 16 | all-linear | eager |" in md
-    assert result["meta"]["command"].endswith("-m benchmarks.bench --smoke --out " + str(tmp_path) + " --modes eager "
-                                              "--only full lora:ours:16 lora:peft:16 --no-parity --no-trainer")
-    assert result["settings"]["models"] == ["tiny"] and f"`{result['meta']['command']}`" in md
-
-
-def test_smoke_trainer_rows_run_the_trainer_and_its_loss_curves_agree(tmp_path):
-    """The bench's `trainer` rows are lowrank.train.recipe.train runs (task=synthetic_lm), their ratio row compares
-    LoRA with the trainer's own full fine-tuning, and the trainer's fast and plain paths give one loss curve."""
-    result = run_cli(["-m", "benchmarks.bench", "--smoke", "--out", str(tmp_path), "--modes", "eager",
-                      "--only", "nothing", "--no-parity"], cwd=ROOT, env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = json.loads((tmp_path / "lora_vs_peft_cpu.json").read_text())
-    rows = {(r["method"], r["impl"], r["mode"]): r for r in result["rows"]}
-    assert set(rows) == {("full", "trainer", "trainer"), ("lora", "trainer", "trainer")}
-    lora = rows[("lora", "trainer", "trainer")]
-    assert lora["tokens_per_second"] > 0 and lora["timed_steps"] == 2 and lora["cuda_graph"] is False
-    assert lora["trainable_params"] < rows[("full", "trainer", "trainer")]["trainable_params"]
-    (ratio,) = result["details"]["ratios"]
-    assert ratio["ours_over_trainer_full"] == pytest.approx(
-        lora["tokens_per_second"] / rows[("full", "trainer", "trainer")]["tokens_per_second"])
-    par = result["details"]["trainer_parity"]
-    assert len(par["fast"]) == len(par["plain"]) == 4 and par["max_abs_diff"] < 1e-4
 
 
 def test_trainer_targets_are_judged_on_the_trainer_rows():
@@ -204,3 +165,4 @@ def test_undo_training_restores_weights_and_a_fresh_optimizer_in_place(flat):
     assert train(3) == first  # as if the first three steps had not happened
     with pytest.raises(ValueError, match="not stepped"):
         undo_training(params, opt)
+

@@ -1,7 +1,5 @@
-"""Every sweep in conf/experiment/ composes, job by job, into a config the trainer accepts; one of them really
-runs as a (tiny) Hydra multirun; the demo command runs a tiny study end to end."""
-import json
-
+"""Every sweep in conf/experiment/ composes, job by job, into a config the trainer accepts (one of them runs as a
+tiny multirun, and the demo end to end, in tests/integration/experiments/test_sweeps.py)."""
 import pytest
 
 from experiments.demo import compose, sweep_jobs
@@ -56,34 +54,6 @@ def test_command_line_values_replace_a_grid_axis():
     assert all(compose(j).trainer.max_steps == 3 for j in jobs)
 
 
-@pytest.mark.slow
-def test_a_sweep_starts_and_finishes_as_a_tiny_multirun(tmp_path):
-    res = run_cli(["-m", "experiments.train", "-m", "experiment=subspace", "method.rank=8", "seed=0",
-                   f"runs_root={tmp_path}", *TINY_RUN], cwd=ROOT, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (metrics,) = (tmp_path / "subspace").glob("*/metrics.json")
-    assert json.loads(metrics.read_text())["status"] == "complete"
-    assert "method.rank=8" in metrics.parent.name and "seed=0" in metrics.parent.name
-
-
-@pytest.mark.slow
-def test_demo_command_runs_a_tiny_study_and_names_its_report(tmp_path):
-    """demo_scarce shrunk (a full and a LoRA run, side by side as subprocesses, one progress bar), then the report."""
-    args = ["-m", "experiments.demo", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "report"),
-            "--sweeps", "demo_scarce", *TINY_RUN]
-    res = run_cli(args, cwd=ROOT, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert res.stdout.strip().splitlines()[-1] == f"report: {tmp_path / 'report' / 'report.md'}"
-    assert "demo: training" in res.stderr and "2/2" in res.stderr   # the progress bar counted both runs' steps
-    runs = sorted(p.parent.name for p in (tmp_path / "runs" / "demo").glob("*/metrics.json"))
-    assert [r.split(",")[0] for r in runs] == ["method=full", "method=lora"] and "task.train_size=32" in runs[0]
-    assert "demo_scarce method=lora: eval_accuracy" in res.stdout
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert "Runs analysed (2)" in report
-    assert "![Figure 10](figures/fig10_checkpoint_size.png)" in report   # 32 examples: only data-size-free figures
-    assert "### Figure 1\n\nSkipped: no full-data LoRA runs" in report
-
-
 DEMO_BAD_ARGS = {  # arguments -> what the one error line must hold
     "trainer.max_step=5": ["trainer.max_step is not a config key", "max_steps"],
     "method=lorra": ["method='lorra'", "lora"],
@@ -136,3 +106,4 @@ def test_a_causal_lm_runs_line_gives_its_loss():
     assert outcome({"status": "complete", "eval_loss": 2.0691, "wall_seconds": 190.0}, None) == "eval_loss 2.069, 190 s"
     assert outcome({"status": "complete", "eval_accuracy": 0.7775, "wall_seconds": 84.0}, None).startswith(
         "eval_accuracy 0.777")
+

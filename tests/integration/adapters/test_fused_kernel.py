@@ -1,0 +1,56 @@
+"""The fused factor-gradient kernel (lowrank.adapters.fused) against the cuBLAS path, run by Triton's CPU interpreter
+in a process of its own (TRITON_INTERPRET=1 must be set before triton is imported)."""
+import pytest
+
+
+# The fused factor-gradient kernel runs on CUDA only; on the CPU Triton's interpreter runs it (TRITON_INTERPRET is
+# read when the kernel is defined, so in a fresh process). Group of three (q, k, v-like widths, ranks 16, 8, 4)
+# and a single layer: the fused backward against the cuBLAS path, every gradient; the kernel alone in fp32 and
+# fp16 against float64, for ranks that pad to 16, 32 and 64 (not powers of two among them).
+_FUSED_SCRIPT = r"""
+import torch
+import lowrank.adapters.fused as lf
+assert lf.triton is not None
+torch.manual_seed(0)
+n, d_in = 96, 40
+layers = [(torch.randn(d, d_in, dtype=torch.float64), None, torch.randn(r, d_in, dtype=torch.float64),
+           torch.randn(d, r, dtype=torch.float64), s) for d, r, s in ((48, 16, 2.0), (24, 8, 0.5), (200, 4, 1.0))]
+x = torch.randn(n, d_in, dtype=torch.float64)
+# direct: T and each B gradient against float64 references (fp32 accumulation inside the kernel)
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2)):
+    shapes = ((48, 16, 2.0), (24, 12, 0.5), (130, 40, 1.0), (7, 24, 1.5))  # ranks pad to 16, 16, 64, 32
+    gs = [torch.randn(n + 5, d, dtype=dtype) for d, _, _ in shapes]
+    Bs = [torch.randn(d, r, dtype=dtype) for d, r, _ in shapes]
+    H = torch.randn(n + 5, sum(r for _, r, _ in shapes) + 3, dtype=dtype)[:, 3:]  # a strided view, like H's columns
+    T, *gBs = lf.t_and_b_grads(gs, Bs, H, [s for *_, s in shapes])
+    assert T.dtype == dtype and all(gB.dtype == dtype and gB.shape == B.shape for gB, B in zip(gBs, Bs))
+    col = 0
+    for g, B, gB, (_, r, s) in zip(gs, Bs, gBs, shapes):
+        t_ref, gB_ref = s * g.double() @ B.double(), s * g.double().t() @ H[:, col:col + r].double()
+        torch.testing.assert_close(T[:, col:col + r].double(), t_ref, rtol=tol, atol=tol * t_ref.abs().max().item())
+        torch.testing.assert_close(gB.double(), gB_ref, rtol=tol, atol=tol * gB_ref.abs().max().item())
+        col += r
+torch.library.opcheck(lf._t_and_b_grads_op, (gs, Bs, H, [s for *_, s in shapes]))  # schema, fake, aot dispatch
+# through autograd: the fused branch forced on (CPU), against the cuBLAS branch
+def grads(fused, group):
+    lf.fused_factor_grads_apply = (lambda gs, rows, max_rank: True) if fused else (lambda gs, rows, max_rank: False)
+    ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
+    xi = x.float().clone().requires_grad_(True)
+    if group:
+        ys = lf.lora_linear_group(xi, [(*p, l[4]) for p, l in zip(ps, layers)])
+    else:
+        ys = [lf.lora_linear(xi, *p, l[4]) for p, l in zip(ps, layers)]
+    sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys).backward()
+    return [xi.grad] + [t.grad for p in ps for t in p if t is not None and t.grad is not None]
+for group in (True, False):
+    for a, b in zip(grads(True, group), grads(False, group)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+def test_fused_factor_grads_match_cublas_path_in_triton_interpreter():
+    pytest.importorskip("triton")  # a test dependency on Linux (no wheels elsewhere)
+    from tests.conftest import ROOT, run_cli
+    result = run_cli(["-c", _FUSED_SCRIPT], cwd=ROOT, env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+                     timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -1,0 +1,66 @@
+"""Run directories, checked in-process: a function of the resolved config, found again however it was reached, and
+inside runs_root; temp files of live writers are kept."""
+import json
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from lowrank.cli import register_resolvers
+from lowrank.errors import ConfigError
+from lowrank.rundir import atomic
+from lowrank.rundir import layout as rundir
+from tests.conftest import CONF, TINY, compose_cfg
+
+
+def run_dir_of(overrides: list[str], runs_root) -> str:
+    """The directory `python -m experiments.train OVERRIDES` would use (Hydra resolves hydra.run.dir)."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"runs_root={runs_root}", *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return str(cfg.hydra.run.dir)
+
+def test_settings_from_an_experiment_file_give_another_directory(tmp_path):
+    lora = run_dir_of(["experiment=demo_lora", "seed=0", "method.rank=8"], tmp_path)
+    targets = run_dir_of(["experiment=demo_targets", "seed=0", "method.rank=8"], tmp_path)
+    assert lora != targets  # same command-line overrides, different targets from the experiment files
+    assert os.path.basename(lora).startswith("method.rank=8,seed=0-")
+
+def test_one_config_one_name_however_it_is_spelled(tmp_path):
+    assert run_dir_of(["trainer.lr=1e4"], tmp_path) == run_dir_of(["trainer.lr=10000.0"], tmp_path)
+    assert run_dir_of(["trainer.lr=1e4"], tmp_path).endswith("/trainer.lr=10000.0-" +
+                                                              run_dir_of(["trainer.lr=1e4"], tmp_path)[-10:])
+    default = run_dir_of([], tmp_path)
+    assert default.startswith(f"{tmp_path}/default/defaults-")
+    os.makedirs(default)  # once it exists, the same config reached by other overrides finds it
+    assert run_dir_of(["seed=0"], tmp_path) == default
+    assert run_dir_of(["seed=1"], tmp_path) != default
+    assert run_dir_of(["logger=none", "trainer.progress_bar=false"], tmp_path) == default  # not identity
+
+def test_config_hash_ignores_only_where_and_how_it_is_watched():
+    cfg = {"seed": 0, "name": "a", "runs_root": "x", "logger": {"name": "wandb"}, "trainer": {"lr": 1e-3,
+                                                                                              "progress_bar": True}}
+    moved = json.loads(json.dumps(cfg)) | {"name": "b", "runs_root": "y", "logger": {"name": "none"}}
+    moved["trainer"]["progress_bar"] = False
+    assert rundir.config_hash(cfg) == rundir.config_hash(moved)
+    other = json.loads(json.dumps(cfg))
+    other["trainer"]["lr"] = 2e-3
+    assert rundir.config_hash(cfg) != rundir.config_hash(other)
+
+def test_train_refuses_a_run_dir_outside_runs_root(tmp_path):
+    from lowrank.train.recipe import train
+    cfg = compose_cfg([*TINY, f"runs_root={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match="outside runs_root"):
+        train(cfg, run_dir=tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
+
+def test_stale_temp_files_of_live_writers_are_kept(tmp_path):
+    live = tmp_path / f".x~{os.getpid()}@{os.uname().nodename}~abc.tmp"
+    dead = tmp_path / f".x~999999999@{os.uname().nodename}~abc.tmp"
+    foreign = tmp_path / ".x~999999999@another-host~abc.tmp"
+    for p in (live, dead, foreign):
+        p.write_text("")
+    assert atomic.remove_stale_temps(tmp_path) == [dead]
+    assert live.exists() and foreign.exists()
