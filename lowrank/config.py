@@ -28,6 +28,7 @@ from lowrank.data.model_files import UNREADABLE, conv1d_to_linear, gguf_cache_di
 from lowrank.data.shapes import hf_config_from_shape
 from lowrank.errors import ConfigError, check_choice
 from lowrank.train.distributed import PARALLEL
+from lowrank.train.dynamics import tracked
 from lowrank.train.optim import OPTIMIZERS
 from lowrank.train.step import use_cuda_graph
 
@@ -467,6 +468,7 @@ def check_model_fits(cfg, model: nn.Module) -> list[str]:
         pattern = option(cfg, "method.rank_pattern")
         check_pattern_selects(pattern, names)
         check_rank_fits(m.rank, {n: min(model.get_submodule(n).weight.shape) for n in names}, pattern)
+    tracked(names, option(cfg, "trainer.dynamics_targets"))  # rank dynamics' matrices, among the targets
     if m.name == "subspace" and option(cfg, "method.said") and m.dim <= len(names):
         raise ConfigError(f"method.dim={m.dim} is not valid with method.said=true; it must exceed the number of target "
                           f"matrices ({len(names)}), which each take one scale")

@@ -1,7 +1,7 @@
 """Each fine-tuning method as one type: how it is applied to a model, what it trains, and how its ΔW against W0
 is read, so the trainer, the ΔW writer and rank dynamics each run one loop over `method.delta(...)`.
 
-    method = method_for(cfg.method, seed)       # Full, Subspace, LoRA (PiSSA, DoRA as layer types), ReLoRA
+    method = method_for(cfg)                    # Full, Subspace, LoRA (PiSSA, DoRA as layer types), ReLoRA
     method.apply(model, names, head)           # inject and freeze: afterwards requires_grad says what trains
     for name in names:
         d = method.delta(model, name, w0)      # Delta: s·B A as factors, or dense (out, in) fp32
@@ -19,6 +19,7 @@ from lowrank.adapters.lora import LoRALinear, freeze_for_lora, inject_lora
 from lowrank.adapters.relora import ReLoRA, jagged
 from lowrank.adapters.subspace import freeze_for_subspace, inject_subspace
 from lowrank.adapters.variants import DoRALinear, PiSSALinear
+from lowrank.config import option
 
 
 @dataclass
@@ -84,13 +85,13 @@ class LoRA(Full):
 
     base_moves = False
 
-    def __init__(self, mc, layer_type: type[LoRALinear] = LoRALinear):
-        self.mc, self.layer_type = mc, layer_type
+    def __init__(self, mc, rank_pattern=None, layer_type: type[LoRALinear] = LoRALinear):
+        self.mc, self.rank_pattern, self.layer_type = mc, rank_pattern, layer_type
         self.needs_w0 = layer_type.dense_delta or self.base_moves
 
     def apply(self, model: nn.Module, names: list[str], head: nn.Module | None) -> None:
         mc = self.mc
-        inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init, mc.get("rank_pattern"),
+        inject_lora(model, names, mc.rank, mc.alpha, mc.dropout, mc.scaling, mc.init, self.rank_pattern,
                     layer_type=self.layer_type)
         freeze_for_lora(model, head)
 
@@ -114,9 +115,9 @@ class ReLoRAMethod(LoRA):
     (lowrank.adapters.relora): the base moves, so ΔW is dense, against W0."""
     base_moves = True
 
-    def __init__(self, mc):
-        super().__init__(mc)
-        self.every, self.warmup = mc.relora_every, mc.get("relora_warmup", 0)
+    def __init__(self, mc, rank_pattern, every: int, warmup: int):
+        super().__init__(mc, rank_pattern)
+        self.every, self.warmup = every, warmup
         self.model, self.relora = None, None
 
     def apply(self, model: nn.Module, names: list[str], head: nn.Module | None) -> None:
@@ -145,14 +146,16 @@ class ReLoRAMethod(LoRA):
         return {"relora_restarts": self.relora.restarts}
 
 
-def method_for(mc, seed: int) -> Full:
+def method_for(cfg) -> Full:
     """The method `cfg.method` names (checked by lowrank.config.validate)."""
+    mc = cfg.method
     if mc.name == "full":
         return Full()
     if mc.name == "subspace":
-        return Subspace(mc.dim, mc.said, seed)
-    if mc.get("relora_every"):
-        return ReLoRAMethod(mc)
-    if mc.get("dora"):
-        return LoRA(mc, DoRALinear)
-    return LoRA(mc, PiSSALinear if mc.init == "pissa" else LoRALinear)
+        return Subspace(mc.dim, mc.said, cfg.seed)
+    pattern = option(cfg, "method.rank_pattern")
+    if option(cfg, "method.relora_every"):
+        return ReLoRAMethod(mc, pattern, option(cfg, "method.relora_every"), option(cfg, "method.relora_warmup"))
+    if option(cfg, "method.dora"):
+        return LoRA(mc, pattern, DoRALinear)
+    return LoRA(mc, pattern, PiSSALinear if mc.init == "pissa" else LoRALinear)

@@ -9,7 +9,7 @@ from lowrank.errors import ConfigError
 ALL_LINEAR = "all-linear"
 
 
-def select_targets(candidates: list[str], targets, where: str = "") -> list[str]:
+def select_targets(candidates: list[str], targets, where: str = "", key: str = "method.targets") -> list[str]:
     """The candidate module names that `targets` selects, in candidate order: "all-linear" (every candidate),
     or module-name suffixes on a '.' boundary (`query`, `attention.self.query`). A target that matches
     nothing is a ConfigError listing the valid suffixes; `where` names the model in that message."""
@@ -21,7 +21,7 @@ def select_targets(candidates: list[str], targets, where: str = "") -> list[str]
         hits = {n for n in candidates if n == t or n.endswith("." + t)}
         if not hits:
             suffixes = sorted({n.split(".")[-1] for n in candidates} | {".".join(n.split(".")[-2:]) for n in candidates})
-            raise ConfigError(f"method.targets entry {t!r} matches no linear layer{where}; valid suffixes: "
+            raise ConfigError(f"{key} entry {t!r} matches no linear layer{where}; valid suffixes: "
                               f"{', '.join(suffixes)} (or {ALL_LINEAR!r})")
         chosen |= hits
     return [n for n in candidates if n in chosen]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowrank.adapters.targets import select_targets
 from lowrank.linalg import spectra
 from lowrank.linalg.subspace import phi
 
@@ -24,11 +25,11 @@ COLUMNS = ("step", "module", "r50", "r90", "r99", "effective_rank", "stable_rank
 
 
 def tracked(names: list[str], targets) -> list[str]:
-    """The matrices `trainer.dynamics_targets` picks: all (or None), or those whose name ends in a suffix."""
+    """The matrices `trainer.dynamics_targets` picks among the targets: all (or None), or by the targets' own suffix
+    rule (lowrank.adapters.targets), so an entry that matches nothing is an error naming the valid suffixes."""
     if targets in (None, "all"):
         return list(names)
-    suffixes = [targets] if isinstance(targets, str) else list(targets)
-    return [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    return select_targets(names, targets, key="trainer.dynamics_targets")
 
 
 class Dynamics:

@@ -7,6 +7,7 @@ import time
 import torch
 
 from lowrank.adapters.lora import lora_scaling
+from lowrank.config import option
 from lowrank.rundir.delta import write_delta
 from lowrank.rundir.layout import CHECKPOINT_FILE, DELTA_FILE
 from lowrank.rundir.record import write_run_metrics
@@ -37,7 +38,7 @@ def finish(run: Run, state: LoopState, timing: dict) -> dict:
         write_delta(run.run_dir, run.model, run.method, run.names, run.w0, run.base_path,
                     {"base_model": cfg.model.path, "base_model_name": cfg.model.name,
                      "scaling": lora_scaling(mc.alpha, mc.rank, mc.scaling) if mc.name == "lora" else 1.0,
-                     "rank": mc.get("rank"), "alpha": mc.get("alpha"), "targets": run.names})
+                     "rank": option(cfg, "method.rank"), "alpha": option(cfg, "method.alpha"), "targets": run.names})
     metrics = {"status": "complete", "method": mc.name,
                "objective": run.objective.name if run.objective.name == "classification" else cfg.task.objective,
                **{k: v for k, v in state.history[-1].items() if k != "step"},  # eval_loss, eval_accuracy, train_loss

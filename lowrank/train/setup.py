@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank.adapters.lora import match_targets
 from lowrank.adapters.methods import Full, method_for
-from lowrank.config import (budget_bytes, check_rank_fits, resolve_device, resolve_precision,
-                            resolve_weight_dtype)
+from lowrank.config import (budget_bytes, check_batch_fits, check_model_fits, option, resolve_device,
+                            resolve_precision, resolve_weight_dtype)
 from lowrank.data.objectives import objective_for
 from lowrank.errors import ConfigError
 from lowrank.logger import make_logger
@@ -116,7 +115,7 @@ def _place(run: Run) -> None:
     tc = run.cfg.trainer
     run.device = resolve_device(tc.device)
     run.precision = resolve_precision(tc.precision, run.device.type)
-    run.weight_dtype = resolve_weight_dtype(run.cfg.model.dtype, run.cfg.method.name, run.precision)
+    run.weight_dtype = resolve_weight_dtype(option(run.cfg, "model.dtype"), run.cfg.method.name, run.precision)
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if run.precision == "bf16":
@@ -131,17 +130,14 @@ def _build_model(run: Run) -> None:
     run.objective = objective_for(cfg.task)
     model, run.tokenizer, run.head = run.objective.load_model(cfg, run.device)
     model.config.use_cache = False  # a k/v cache is for generation; in training it only costs memory
-    run.names = match_targets(model, mc.targets)  # a target matching nothing: ConfigError with the valid suffixes
+    run.names = check_model_fits(cfg, model)  # validate checked them on the model's config: now on the model
     if run.weight_dtype == "bf16":
         with torch.no_grad():  # bf16 values from the start, so W0 on disk is the W0 the run uses
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16))
     writes = run.keep_delta and run.main
     run.base_path = ensure_base_weights(run.runs_root, cfg.model.name, model) if writes else None
-    run.method = method_for(mc, cfg.seed)
-    if mc.name == "lora":
-        check_rank_fits(mc.rank, {n: min(model.get_submodule(n).weight.shape) for n in run.names},
-                        mc.get("rank_pattern"))
+    run.method = method_for(cfg)
     run.w0 = linear_weights(model, run.names) if writes and run.method.needs_w0 else None
     run.method.apply(model, run.names, run.head)
     if run.weight_dtype == "bf16":
@@ -179,8 +175,8 @@ def _data(run: Run) -> None:
 
 def _optimizer(run: Run) -> None:
     tc, mc = run.cfg.trainer, run.cfg.method
-    loraplus = mc.get("loraplus_ratio")  # LoRA+: B's learning rate is this many times A's
-    relora = mc.get("relora_every") if mc.name == "lora" else None
+    loraplus = option(run.cfg, "method.loraplus_ratio")  # LoRA+: B's learning rate is this many times A's
+    relora = option(run.cfg, "method.relora_every") if mc.name == "lora" else None
     kind = resolve_optimizer(tc.optimizer, mc.name, run.device.type, run.precision, static_batches=run.mask_free,
                              loraplus=loraplus is not None or bool(relora))
     if run.parallel != "none" and kind == "flat_master":
@@ -197,19 +193,14 @@ def _optimizer(run: Run) -> None:
 
 
 def _fit_budget(run: Run) -> None:
-    """The batch rules, then the micro-batch and activation checkpointing that fit `budget` (probing real steps
+    """The batch rules that need the data or the processes, then the micro-batch and activation checkpointing that fit `budget` (probing real steps
     in one process; the memory model under several)."""
     cfg, tc = run.cfg, run.cfg.trainer
-    if tc.batch_size > len(run.train_batches):
-        raise ConfigError(f"trainer.batch_size={tc.batch_size} is not valid; it must be <= the training set "
-                          f"size ({len(run.train_batches)})")
+    check_batch_fits(cfg, len(run.train_batches))  # the training set's size is known once it is loaded
     run.local_batch = tc.batch_size // distributed.world_size()  # each rank's share of every step's batch
-    micro = tc.micro_batch_size or run.local_batch
-    if tc.batch_size % micro:
-        raise ConfigError(f"trainer.micro_batch_size={micro} is not valid; it must divide trainer.batch_size="
-                          f"{tc.batch_size}")
-    distributed.check_batch(tc.batch_size, micro)
-    budget = budget_bytes(cfg.get("budget"))
+    micro = tc.micro_batch_size or run.local_batch  # validate checked that it divides the batch
+    distributed.check_batch(tc.batch_size, micro)  # under torchrun: the world size is known only now
+    budget = budget_bytes(cfg.budget)
     if run.parallel != "none" and budget:
         log.info("budget: the memory model picks the micro-batch (probing steps is for one process)")
     run.fit = fit_to_budget(budget, run.model, run.optimizer, run.device, run.autocast, run.local_batch,
@@ -263,7 +254,7 @@ def _observers(run: Run, group: str | None) -> None:
     cfg, tc, mc = run.cfg, run.cfg.trainer, run.cfg.method
     run.run_name = f"{mc.name}" + (f"-r{mc.rank}" if mc.name == "lora" else "") + f"-s{cfg.seed}"
     run.logger = make_logger(cfg.logger if run.main else OmegaConf.create({"name": "none"}), run.run_dir,
-                             OmegaConf.to_container(cfg, resolve=True), cfg.logger.get("group") or group, run.run_name)
+                             OmegaConf.to_container(cfg, resolve=True), option(cfg, "logger.group") or group, run.run_name)
     if (tc.dynamics and run.main and run.parallel != "fsdp"
             and (not run.method.needs_w0 or run.w0 is not None)):
         run.dynamics = Dynamics(run.model, tracked(run.names, tc.dynamics_targets), run.w0, run.method)

@@ -6,13 +6,14 @@ from torch import nn
 
 from lowrank.train.dynamics import Dynamics, summary, tracked
 from lowrank.adapters.lora import inject_lora, lora_layers
+from lowrank.adapters.methods import LoRA, Full
 
 
 def test_full_snapshot_sees_a_planted_rank_and_phi_tracks_direction_change():
     torch.manual_seed(0)
     model = nn.ModuleDict({"q": nn.Linear(20, 30), "v": nn.Linear(20, 30)})
     w0 = {n: model[n].weight.detach().clone() for n in ("q", "v")}
-    dyn = Dynamics(model, ["q", "v"], w0)
+    dyn = Dynamics(model, ["q", "v"], w0, Full())
     u, v = torch.linalg.qr(torch.randn(30, 3))[0], torch.linalg.qr(torch.randn(20, 3))[0]
     with torch.no_grad():
         model["q"].weight += u @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ v.T   # rank 3, σ = 3, 2, 1
@@ -38,7 +39,7 @@ def test_lora_snapshot_equals_the_spectrum_of_its_delta():
     inject_lora(model, ["query", "value"], rank=4, alpha=8)
     for layer in lora_layers(model).values():
         nn.init.normal_(layer.lora_B)
-    rows = Dynamics(model, list(lora_layers(model)), None).snapshot(5)
+    rows = Dynamics(model, list(lora_layers(model)), None, LoRA(mc=None)).snapshot(5)
     assert len(rows) == 2
     for row in rows:
         S = torch.linalg.svdvals(lora_layers(model)[row["module"]].delta_weight().double())
@@ -50,3 +51,12 @@ def test_tracked_picks_by_suffix():
     names = ["l.0.attention.self.query", "l.0.attention.self.value", "l.0.output.dense"]
     assert tracked(names, "all") == names
     assert tracked(names, ["query"]) == names[:1]
+
+
+def test_tracked_entry_matching_nothing_names_the_key():
+    """The targets' suffix rule, with its error (it used to match nothing silently)."""
+    import pytest
+    from lowrank.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"trainer.dynamics_targets entry 'keys' matches no linear layer; valid "
+                                          r"suffixes: .*query"):
+        tracked(["l.0.attention.self.query"], ["keys"])
