@@ -124,7 +124,8 @@ LORA, SUBSPACE = ("lora",), ("subspace",)
 # from method.step_size and method.dim). A default is what the code uses when the key is absent; keys that only
 # some config files have (method.dora, task.train_tokens, model.shape, ...) are checked when present.
 RULES: dict[str, Key] = {
-    "seed": Key(Check(_int, "it must be an integer")),
+    # numpy's seed is 0 .. 2**32 - 1; a negative one failed deep in the run
+    "seed": Key(Check(lambda v: _int(v) and 0 <= v < 2**32, "it must be an integer in [0, 2**32)")),
     "name": Key(Check(lambda v: _text(v) or _int(v), "it must be one folder name below runs_root, e.g. name=my_study")),
     "runs_root": Key(Check(lambda v: _text(v) or _int(v), "it must be a folder path")),
     "method.name": Key(choice(*METHODS)),
@@ -144,7 +145,9 @@ RULES: dict[str, Key] = {
     "method.step_size": Key(positive(nullable=True), None, SUBSPACE),
     "trainer.max_steps": Key(positive_int()),
     "trainer.batch_size": Key(positive_int()),
-    "trainer.max_length": Key(positive_int()),
+    # a tokenizer cannot honour 1 (a classifier's sequence needs [CLS] and [SEP], an LM's a next token): it
+    # silently kept whole texts
+    "trainer.max_length": Key(Check(lambda v: _int(v) and v >= 2, "it must be an integer >= 2")),
     "trainer.eval_interval": Key(positive_int()),
     "trainer.eval_batch_size": Key(positive_int()),
     "trainer.micro_batch_size": Key(positive_int(nullable=True), None),

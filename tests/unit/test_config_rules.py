@@ -45,7 +45,7 @@ def one_line(overrides: list[str], run=validate, cfg=None) -> str:
 INTEGER, COUNT, NUMBER = "it must be an integer > 0", "it must be an integer >= 0", "it must be a number > 0"
 SWITCH, AUTO_SWITCH, TEXT = "it must be true or false", "choose auto, true or false", "it must be a non-empty string"
 BAD = {  # key: (context overrides, bad value, what its one line says after `KEY=VALUE is not valid; `)
-    "seed": ([], "x", "it must be an integer"),
+    "seed": ([], "-1", "it must be an integer in [0, 2**32)"),  # -1 used to fail mid-run with a traceback
     "name": ([], "[a]", "it must be one folder name below runs_root"),
     "runs_root": ([], "[a]", "it must be a folder path"),
     "method.name": ([], "qlora", "choose one of ['full', 'lora', 'subspace']"),
@@ -65,7 +65,7 @@ BAD = {  # key: (context overrides, bad value, what its one line says after `KEY
     "method.step_size": (["method=subspace"], "0", NUMBER),
     "trainer.max_steps": ([], "0", INTEGER),
     "trainer.batch_size": ([], "0", INTEGER),
-    "trainer.max_length": ([], "0", INTEGER),
+    "trainer.max_length": ([], "1", "it must be an integer >= 2"),  # 1 used to train on whole texts silently
     "trainer.eval_interval": ([], "0", INTEGER),
     "trainer.eval_batch_size": ([], "0", INTEGER),
     "trainer.micro_batch_size": ([], "0", INTEGER),
