@@ -67,6 +67,9 @@ def run_in_child(argv: list[str], cwd: str, out: Path, err: Path) -> None:
     if kind == "-m":
         sys.argv = [what, *rest]
         sys.path[0] = os.getcwd()  # as `python -m` from CWD
+        # Another entry point of the batch may have imported this one (experiments.demo imports analysis.report):
+        # as in a fresh interpreter, the module runs as __main__ without being found imported already (runpy warns).
+        sys.modules.pop(what, None)
         import runpy
         runpy.run_module(what, run_name="__main__", alter_sys=True)
     elif kind == "-c":

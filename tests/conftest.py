@@ -40,3 +40,18 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def error_line(capsys, call, *needles, code: int = 2) -> str:
+    """The one line `call()` prints on stderr as it stops with SystemExit(CODE), as an entry point stops on bad
+    input (lowrank.errors.fail): `error: ...`, holding every needle, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        call()
+    err = capsys.readouterr().err
+    assert stop.value.code == code, (stop.value.code, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

@@ -1,7 +1,8 @@
 """Damaged run directories and bad command lines for `analysis.report`: every damaged file (flipped bytes in ΔW
 or W0, truncation, NaN written with valid hashes, unreadable metrics or config, base weights that are missing or
 elsewhere) makes its run skipped with a reason naming the problem, the other runs are analysed as usual, and a
-bad argument gives one line `error: ...` and exit status 2, never a traceback."""
+bad argument gives one line `error: ...` and exit status 2, never a traceback (analysis.report's main in this
+process; the command itself: tests/integration/test_entry_points.py)."""
 import json
 import os
 import shutil
@@ -21,8 +22,7 @@ from lowrank.rundir.atomic import write_safetensors
 from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact
 from lowrank.rundir.layout import DELTA_FILE
 
-from tests.cli_batch import run_cli_batch
-from tests.conftest import run_cli
+from tests.conftest import error_line
 from tests.unit.analysis.test_analysis_report import module, write_base, write_metrics, write_run
 
 DAY = "2026-01-01"
@@ -295,45 +295,37 @@ BAD_ARGS = {  # arguments (ROOT: the damaged runs root) -> what the one error li
 }
 
 
-@pytest.fixture(scope="module")
-def bad_cli_results(tmp_path_factory, damaged_root):
-    """{case: (result, its working directory)} of `python -m analysis.report ARGS` for every BAD_ARGS case, each in a
-    directory of its own, all from one tests.cli_batch process (a process each, the imports paid once; a fresh
-    interpreter's whole output: test_cli_on_damaged_and_empty_roots)."""
-    base = tmp_path_factory.mktemp("bad_cli")
-    dirs = {case: cli_case_dir(base / f"case{i}") for i, case in enumerate(sorted(BAD_ARGS))}
-    (dirs["out tables is a file"] / "tables").write_text("not a folder")
-    argvs = [["-m", "analysis.report", *[str(damaged_root) if a == "ROOT" else a for a in BAD_ARGS[case][0]]]
-             for case in dirs]
-    results = run_cli_batch(argvs, list(dirs.values()), timeout=600)
-    return {case: (res, dirs[case]) for case, res in zip(dirs, results)}
-
-
-def check_one_error_line(res, parts, cwd: Path) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    assert "Traceback" not in res.stderr + res.stdout
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for part in parts:
-        assert part in lines[0], (part, lines[0])
+def check_one_error_line(capsys, argv, parts, cwd: Path, monkeypatch) -> None:
+    """`python -m analysis.report ARGV` in CWD, as this process's analysis.report.main: one `error:` line naming
+    the parts, exit 2, and nothing written."""
+    monkeypatch.chdir(cwd)
+    error_line(capsys, lambda: main(argv), *parts)
     assert not (cwd / "o").exists()  # nothing written on a bad command line
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ARGS))
-def test_bad_cli_input_gives_one_error_line(case, bad_cli_results):
-    res, cwd = bad_cli_results[case]
-    check_one_error_line(res, BAD_ARGS[case][1], cwd)
+def test_bad_cli_input_gives_one_error_line(case, damaged_root, tmp_path, capsys, monkeypatch):
+    # was test_bad_cli_input_gives_one_error_line in tests/test_analysis_integrity.py (a process each, from
+    # tests/cli_batch.py; the command itself: tests/integration/test_entry_points.py)
+    cwd = cli_case_dir(tmp_path / "cwd")
+    if case == "out tables is a file":
+        (cwd / "tables").write_text("not a folder")
+    argv = [str(damaged_root) if a == "ROOT" else a for a in BAD_ARGS[case][0]]
+    check_one_error_line(capsys, argv, BAD_ARGS[case][1], cwd, monkeypatch)
 
 
-def test_cli_on_damaged_and_empty_roots(cli_dir, damaged_root):
-    res = run_cli(["-m", "analysis.report", str(damaged_root), "--out", "damaged_out", "--max-dim", "8",
-                   "--no-figures"], cwd=cli_dir, timeout=120)
-    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
-    assert f"{len(GOOD)} runs analysed, {len(EXPECTED)} skipped" in res.stdout
+def test_cli_on_damaged_and_empty_roots(cli_dir, damaged_root, capsys, monkeypatch):
+    # was test_cli_on_damaged_and_empty_roots in tests/test_analysis_integrity.py (two fresh `python -m
+    # analysis.report`), now analysis.report.main in this process
+    monkeypatch.chdir(cli_dir)
+    main([str(damaged_root), "--out", "damaged_out", "--max-dim", "8", "--no-figures"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    assert f"{len(GOOD)} runs analysed, {len(EXPECTED)} skipped" in out
     assert (cli_dir / "damaged_out" / "report.md").is_file()
-    res = run_cli(["-m", "analysis.report", "empty_root", "--out", "empty_out", "--no-figures"], cwd=cli_dir,
-                  timeout=120)
-    assert res.returncode == 0 and res.stderr == "", res.stderr
-    last = res.stdout.splitlines()[-1]
+    main(["empty_root", "--out", "empty_out", "--no-figures"])
+    out, err = capsys.readouterr()
+    assert err == "", err
+    last = out.splitlines()[-1]
     assert "0 runs analysed, 0 skipped" in last and "no run directories below empty_root" in last
     assert (cli_dir / "empty_out" / "report.md").is_file()

@@ -2,6 +2,8 @@
 through lowrank.rundir.atomic.write_safetensors, so they carry content hashes as the trainer's do): tables are written,
 broken runs are named as skipped, and the numbers equal the math functions' answers (Table 7's, for a run planted
 so that they are known by hand)."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -22,8 +24,6 @@ from lowrank.linalg.subspace import factor_bases, phi_grid, random_basis
 from lowrank.rundir import layout as rundir
 from lowrank.rundir.atomic import write_safetensors
 from lowrank.rundir.integrity import DIGEST_KEY
-
-from tests.conftest import ROOT, run_cli
 
 LAYERS = 2
 SHAPES = {"attention.self.query": (16, 16), "attention.self.value": (16, 16),
@@ -104,12 +104,14 @@ def runs_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(runs_root, tmp_path_factory):
+    """`python -m analysis.report RUNS_ROOT --out OUT --max-dim 8` as this process's analysis.report.main (it was a
+    fresh process; the command itself: tests/integration/test_entry_points.py): (OUT, its tables, its stdout)."""
     out = tmp_path_factory.mktemp("out")
-    res = run_cli(["-m", "analysis.report", str(runs_root), "--out", str(out), "--max-dim", "8"],
-                  cwd=ROOT, timeout=120)
-    assert res.returncode == 0, res.stderr
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main([str(runs_root), "--out", str(out), "--max-dim", "8"])
     tables = {p.stem: pd.read_csv(p) for p in (out / "tables").glob("*.csv")}
-    return out, tables, res.stdout
+    return out, tables, printed.getvalue()
 
 
 def test_collect_runs_lists_skipped_with_reasons(runs_root):

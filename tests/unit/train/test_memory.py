@@ -21,8 +21,9 @@ from lowrank.train.memory import (GIB, arch_from_config, count_params, estimate_
 from lowrank.data.model_files import conv1d_to_linear, resolve_path
 from lowrank.data.shapes import build_random_model, hf_config_from_shape, load_hf_config
 
-from tests.cli_batch import run_cli_batch
-from tests.conftest import CONF, compose_cfg, run_cli
+from experiments.estimate import main as estimate_main
+from lowrank.cli import check_command_line, command_line, register_resolvers
+from tests.conftest import CONF, compose_cfg, error_line
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # LlamaForCausalLM, Llama-2-7B (Touvron et al. 2023 report 7B; HF counts this)
 
@@ -329,20 +330,6 @@ def test_every_budget_config_composes(name):
         assert b == int(name.removesuffix("gb")) * GIB
 
 
-def test_estimate_entry_point_prints_json_last_and_writes_nothing(tmp_path):
-    result = run_cli(["-m", "experiments.estimate", "model=llama2_7b_shape", "method=full", "trainer.batch_size=1",
-                      "trainer.max_length=512", "budget=80gb"], cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    out = json.loads(lines[-1])
-    assert {"weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "total_bytes", "budget_bytes",
-            "fits"} <= set(out)
-    assert out["weights_bytes"] + out["grads_bytes"] + out["optimizer_bytes"] == 16 * out["params"]
-    assert out["budget_bytes"] == 80 * GIB and out["fits"] is False  # 16 bytes/param of 6.6B: 98 GiB + activations
-    assert "weights" in result.stdout and "GiB" in result.stdout
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_grouped_lora_layers_save_one_cast_copy_of_their_input():
     """fp32 weights under bf16 autocast: each LoRA layer casts its input to bf16 and saves the copy, but q, k,
     v (and gate, up) computing as one group (lowrank.adapters.lora.SharedInputGroup) cast and save it once. Measured
@@ -401,14 +388,18 @@ def test_a_bf16_base_with_fp32_factors_by_hand():
     assert estimate_from_cfg(cfg, config, device_type="cpu").weight_dtype == "fp32"
 
 
-def test_estimate_checks_values_as_the_trainer_does(tmp_path):
-    cases = (("method.rank=0", "method.rank=0 is not valid"), ("trainer.batch_size=0", "trainer.batch_size=0"))
-    dirs = [tmp_path / str(i) for i in range(len(cases))]
-    for d in dirs:
-        d.mkdir()
-    # each a process of its own, the imports paid once (tests/cli_batch.py)
-    results = run_cli_batch([["-m", "experiments.estimate", "model=llama_1b_shape", bad] for bad, _ in cases], dirs,
-                            timeout=240)
-    for (bad, needle), result in zip(cases, results):
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr[-1000:]
+def estimate_command(argv: list[str]) -> None:
+    """`python -m experiments.estimate ARGV` up to where bad input stops it, in this process: the command line's
+    checks, then the command's task (experiments.estimate.main, handed the composed config as Hydra hands it)."""
+    register_resolvers()
+    overrides, multirun = command_line(argv)
+    check_command_line(overrides, multirun)
+    estimate_main(compose_cfg(overrides))
+
+
+@pytest.mark.parametrize("bad, needle", [("method.rank=0", "method.rank=0 is not valid"),
+                                         ("trainer.batch_size=0", "trainer.batch_size=0")])
+def test_estimate_checks_values_as_the_trainer_does(capsys, bad, needle):
+    # was test_estimate_checks_values_as_the_trainer_does in tests/test_memory.py (a process each, from
+    # tests/cli_batch.py; the command itself: tests/integration/test_entry_points.py)
+    error_line(capsys, lambda: estimate_command(["model=llama_1b_shape", bad]), needle)
