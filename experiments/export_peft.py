@@ -1,6 +1,6 @@
 """A LoRA run of lowrank's trainer as a PEFT adapter folder, for use with transformers and PEFT.
 
-    python -m experiments.export_peft RUN_DIR --out DIR
+    python -m experiments.export_peft RUN_DIR --out DIR     # DIR new or empty (--force: write into it anyway)
 
     # then, in Python (N = the run's task.num_labels; a causal LM: AutoModelForCausalLM)
     base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=N)
@@ -71,6 +71,9 @@ def export(run_dir: Path, out: Path) -> Path:
         raise SkippedRun(f"it is a {run.method} fine-tuning run; only LoRA runs have an adapter to export")
     if run.config.get("imported"):
         raise SkippedRun("it was imported (experiments.import_delta), not trained here; export the original instead")
+    if not run.factored:  # DoRA, ReLoRA: ΔW is not one product B·A of the run's factors
+        raise SkippedRun("its ΔW is stored dense (method.dora or method.relora_every), and a PEFT LoRA adapter holds "
+                         "factors B, A; runs of LoRA, PiSSA, LoRA+ or rsLoRA export")
     cfg = OmegaConf.create(run.config)
     m = cfg.method
     rank, alpha, rule = m.rank, m.alpha, m.get("scaling", "standard")
@@ -107,12 +110,18 @@ def export(run_dir: Path, out: Path) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="a finished LoRA run directory of lowrank's trainer")
-    p.add_argument("--out", type=Path, required=True, help="the adapter folder to write")
+    p.add_argument("--out", type=Path, required=True, help="the adapter folder to write (new or empty)")
+    p.add_argument("--force", action="store_true", help="write into --out even if it holds files (an adapter there "
+                                                         "is replaced)")
     opts = p.parse_args(argv)
     if LoraConfig is None:
         fail("experiments.export_peft needs peft: pip install peft")
     if opts.out.exists() and not opts.out.is_dir():
         fail(f"argument --out: {str(opts.out)!r} is a file; give a folder for the adapter")
+    if opts.out.is_dir() and any(opts.out.iterdir()) and not opts.force:  # another adapter, or anything else
+        what = "an adapter" if (opts.out / "adapter_config.json").exists() else "files"
+        fail(f"argument --out: {str(opts.out)!r} already holds {what}; give a new or empty folder, or add --force "
+             f"to write into it")
     try:
         export(opts.run_dir, opts.out)
     except (SkippedRun, CorruptArtifact) as e:
