@@ -6,6 +6,7 @@ it documents passes the checks: `a=1,2`, choice(), range(), glob(), interval(), 
 values, `[a,b]` lists, `+key=`, `++key=`, `~key`.
 """
 import functools
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -268,10 +269,30 @@ def one_line_errors(task):
     return wrapped
 
 
+# conf/hydra/launcher/*.yaml: the Hydra plugin each launcher needs (the `cluster` extra installs both)
+LAUNCHER_PLUGINS = {"processes": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+                    "local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+                    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher")}
+
+
+def check_launcher(overrides: list[str]) -> None:
+    """`hydra/launcher=X` whose plugin is not installed: one line naming what to install (Hydra would say only
+    "Could not load 'hydra/launcher/joblib'")."""
+    for override in parse(overrides):
+        if override.key_or_group != "hydra/launcher":
+            continue
+        for job in expand(override):
+            module, package = LAUNCHER_PLUGINS.get(job.value(), (None, None))
+            if module and importlib.util.find_spec(module) is None:
+                fail(f"hydra/launcher={job.value()} needs the {package} plugin, which is not installed; "
+                     f"pip install -e .[cluster] (or pip install {package})")
+
+
 def check_command_line(overrides: list[str], multirun: bool):
     """Every check above, in order, before Hydra runs anything: the first job's config, or one `error:` line and
     exit 2."""
     check_group_overrides(overrides)
+    check_launcher(overrides)
     check_sweeps(overrides, multirun)
     try:
         cfg = compose_first_job(overrides, multirun)

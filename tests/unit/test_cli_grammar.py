@@ -110,3 +110,17 @@ def test_every_swept_runs_root_is_checked(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     line = error_line(capsys, check_command_line, [f"runs_root={tmp_path / 'ok'},{tmp_path / 'file' / 'x'}"], True)
     assert f"runs_root={tmp_path / 'file' / 'x'} is not valid" in line and "is a file, not a folder" in line
+
+
+def test_a_launcher_whose_plugin_is_missing_names_what_to_install(capsys, monkeypatch):
+    """Hydra alone says "Could not load 'hydra/launcher/joblib'" after its set-up; this names the extra."""
+    import importlib.util
+
+    from lowrank import cli
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hydra_plugins.hydra_joblib_launcher" else real(name, *a))
+    line = error_line(capsys, cli.check_launcher, ["hydra/launcher=processes", "seed=0"])
+    assert line == ("error: hydra/launcher=processes needs the hydra-joblib-launcher plugin, which is not installed; "
+                    "pip install -e .[cluster] (or pip install hydra-joblib-launcher)")
+    cli.check_launcher(["hydra/launcher=local"])  # submitit is installed with the test extra: no complaint
