@@ -4,6 +4,7 @@ Temp files are named `.{name}~{pid}@{host}~{random}.tmp` beside their target, so
 tell a dead writer's leftovers (a kill mid-write) from a live writer's file. Files get the mode a plain
 `open()` would give (0666 less the umask), so others on a shared cluster can read results.
 """
+import errno
 import json
 import math
 import os
@@ -30,8 +31,26 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
 
 
+class DiskFull(OSError):
+    """A write that ran out of disk or quota, naming the file; what was there before is intact."""
+
+
+# what a full disk looks like from torch.save's zip writer, which reports it as a RuntimeError
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed")
+
+
+def _disk_full(path: Path, e: BaseException) -> DiskFull | None:
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (full or isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED)):
+        return None
+    why = os.strerror(e.errno) if full else f"the writer stopped: {str(e).splitlines()[0][:120]}"
+    return DiskFull(errno.ENOSPC, f"writing {path} failed: the disk or quota is full ({why}); free space and run "
+                                  f"again (the file's previous version, if any, is intact)")
+
+
 def write_with(path, write) -> Path:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`. A full disk is a DiskFull
+    naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~{os.getpid()}@{socket.gethostname()}~",
@@ -41,8 +60,11 @@ def write_with(path, write) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)  # atomic on POSIX within one file system
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(path, e)
+        if full is not None:
+            raise full from e
         raise
     return path
 
