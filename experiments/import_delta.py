@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lowrank.rundir import atomic
-from lowrank.rundir.atomic import write_safetensors_streamed
+from lowrank.rundir.atomic import remove_stale_temps, write_safetensors_streamed
 from lowrank.data.hf_checkpoint import Checkpoint, block_matrices, file_checkpoint, local_folder, open_checkpoint
 from lowrank.rundir.delta import base_weights_path, delta_metadata, module_overrides
 from lowrank.errors import ConfigError, fail
@@ -38,7 +38,7 @@ from lowrank.rundir.integrity import CorruptArtifact, read_header
 from lowrank.adapters.lora import lora_scaling
 from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, adapter_factors, module_lora,
                                   read_adapter_config, scaling_rule)
-from lowrank.rundir.layout import CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
+from lowrank.rundir.layout import BASE_WEIGHTS_DIR, CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
 
 MAX_STRIP = 3  # leading name components dropped when mapping one checkpoint's names onto the other's
 FP32 = torch.float32
@@ -99,11 +99,36 @@ def write_base_weights(runs_root: Path, name: str, base: Checkpoint, keys: list[
     return path
 
 
+def clear_interrupted(out: Path, log=print) -> None:
+    """What a killed import left, removed once this process holds the run's lock: temp files of dead writers (in the
+    run directory, and in base_weights/ beside it, with W0 files a killed import had not named yet)."""
+    removed = remove_stale_temps(out, everything=True) if out.is_dir() else []
+    folder = out.parent.parent / BASE_WEIGHTS_DIR
+    if folder.is_dir():
+        removed += remove_stale_temps(folder)
+        for pending in folder.glob(".*-import-*.safetensors"):  # write_base_weights' unnamed W0, by its pid
+            if not _pid_alive(int(pending.stem.rsplit("-", 1)[1])):
+                pending.unlink(missing_ok=True)
+                removed.append(pending)
+    if (out / DELTA_FILE).exists() or removed:
+        log(f"{out}: an interrupted import ({len(removed)} leftover files removed); importing again")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_out(out: Path) -> Path:
     out = out.expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file; give a run directory RUNS/NAME/RUN")
-    if (out / METRICS_FILE).exists() or (out / DELTA_FILE).exists():
+    if (out / METRICS_FILE).exists():  # ΔW without metrics.json: an import killed before it ended, done again
         raise ConfigError(f"--out {str(out)!r} already holds a run; remove it or give another directory")
     if len(out.parents) < 3:
         raise ConfigError(f"--out {str(out)!r} is not valid; give RUNS/NAME/RUN (W0 goes to RUNS/base_weights/)")
@@ -141,6 +166,7 @@ def import_pair(base_src: str, ft_src: str, out: Path, name: str | None = None, 
     pairs = full_pair(base, ft)
     name = model_name(base_src, name)
     with RunLock(out):
+        clear_interrupted(out, log)
         base_path = write_base_weights(out.parent.parent, name, base, [b for b, _ in pairs.values()], base.conv1d, log)
 
         def delta_of(key: str) -> torch.Tensor:
@@ -206,6 +232,7 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
     name = model_name(base_src, name)
     rank, alpha, rule = acfg["r"], acfg["lora_alpha"], scaling_rule(acfg)
     with RunLock(out):
+        clear_interrupted(out, log)
         base_path = write_base_weights(out.parent.parent, name, base, base_keys, transpose, log)
         meta = {"base_model": base_src, "base_model_name": name, "scaling": lora_scaling(alpha, rank, rule),
                 "rank": rank, "alpha": alpha, "targets": list(per_module), "imported_from": adapter_src,
