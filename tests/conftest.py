@@ -42,6 +42,13 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
                           timeout=timeout)
 
 
+def outside_hydra() -> None:
+    """Forget the Hydra config a test set process-wide (HydraConfig.instance().set_config, as run directory names are
+    resolved), so a command called in-process starts as a fresh process does: no job's Hydra config yet."""
+    from hydra.core.hydra_config import HydraConfig
+    HydraConfig.instance().cfg = None
+
+
 def error_line(capsys, call, *needles, code: int = 2) -> str:
     """The one line `call()` prints on stderr as it stops with SystemExit(CODE), as an entry point stops on bad
     input (lowrank.errors.fail): `error: ...`, holding every needle, no traceback."""

@@ -6,7 +6,7 @@ import pytest
 
 from lowrank.cli import check_command_line, command_line, one_line_errors, register_resolvers
 from lowrank.train.recipe import train
-from tests.conftest import TINY, compose_cfg, error_line
+from tests.conftest import TINY, compose_cfg, error_line, outside_hydra
 
 BAD_INPUTS = {  # override(s) -> what the one error line must hold
     "method.rank=0": ["method.rank=0", "integer > 0"],
@@ -32,6 +32,7 @@ BAD_INPUTS = {  # override(s) -> what the one error line must hold
 def train_command(argv: list[str], run_dir) -> None:
     """`python -m experiments.train ARGV` up to where bad input stops it, in this process: the command line's
     checks, then the job (train(cfg) under one_line_errors) in RUN_DIR, the job directory Hydra would give it."""
+    outside_hydra()
     register_resolvers()
     overrides, multirun = command_line(argv)
     check_command_line(overrides, multirun)

@@ -23,7 +23,7 @@ from lowrank.data.shapes import build_random_model, hf_config_from_shape, load_h
 
 from experiments.estimate import main as estimate_main
 from lowrank.cli import check_command_line, command_line, register_resolvers
-from tests.conftest import CONF, compose_cfg, error_line
+from tests.conftest import CONF, compose_cfg, error_line, outside_hydra
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # LlamaForCausalLM, Llama-2-7B (Touvron et al. 2023 report 7B; HF counts this)
 
@@ -391,6 +391,7 @@ def test_a_bf16_base_with_fp32_factors_by_hand():
 def estimate_command(argv: list[str]) -> None:
     """`python -m experiments.estimate ARGV` up to where bad input stops it, in this process: the command line's
     checks, then the command's task (experiments.estimate.main, handed the composed config as Hydra hands it)."""
+    outside_hydra()
     register_resolvers()
     overrides, multirun = command_line(argv)
     check_command_line(overrides, multirun)
