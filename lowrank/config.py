@@ -179,6 +179,9 @@ RULES: dict[str, Key] = {
     "model.shape": Key(Check(lambda v: OmegaConf.is_dict(v) or isinstance(v, Mapping),
                              "it must be a mapping of config.json keys with a model_type", nullable=True), None),
     "model.dtype": Key(choice(*DTYPES), "auto"),
+    # every dropout probability in the model's config (lowrank.data.models.set_dropout); null: the model's own
+    "model.dropout": Key(Check(lambda v: _number(v) and 0 <= v < 1, "it must be in [0, 1), or null for the "
+                                                                       "model's own", nullable=True), None),
     "model.gguf_file": Key(text(nullable=True), None),
     "model.cache_dir": Key(text(nullable=True), None),
     "task.name": Key(text()),

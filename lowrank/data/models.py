@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from lowrank.errors import ConfigError
 from lowrank.data.model_files import check_source, conv1d_to_linear, folder_error, gguf_cache_dir, load_from_folder, resolve_path
-from lowrank.data.shapes import build_random_causal_lm, build_random_model
+from lowrank.data.shapes import build_random_causal_lm, build_random_model, set_dropout
 
 transformers.utils.logging.set_verbosity_error()  # no load report for the freshly initialised head
 transformers.utils.logging.disable_progress_bar()
@@ -58,6 +58,7 @@ def _config_and_tokenizer(cfg_model, **config_kwargs):
         resolved = _gguf_cache(cfg_model, resolved)
     # config first: the tokenizer reads config.json too, and fails on a bad one with a TypeError
     config = load_from_folder(cfg_model, resolved, "config.json", AutoConfig.from_pretrained, **config_kwargs)
+    set_dropout(config, cfg_model.get("dropout"))
     tokenizer = load_from_folder(cfg_model, resolved, "tokenizer", AutoTokenizer.from_pretrained)
     if len(tokenizer) <= len(tokenizer.all_special_tokens):  # no vocabulary file: transformers builds an empty one
         raise folder_error(cfg_model, resolved, f"no tokenizer files (the tokenizer has only its "

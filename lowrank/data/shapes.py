@@ -42,6 +42,17 @@ def hf_config_from_shape(shape: Mapping, num_labels: int) -> PretrainedConfig:
     return config
 
 
+def set_dropout(config, p: float | None) -> None:
+    """`model.dropout`: every dropout probability of the model's config (hidden_dropout_prob,
+    attention_probs_dropout_prob, attention_dropout, resid_pdrop, ...) set to `p`; 0 turns the model's dropout off,
+    as data-parallel runs need to equal a one-process run (each process draws its own masks). None: as trained."""
+    if p is None:
+        return
+    for key, value in vars(config).items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(config, key, float(p))
+
+
 def load_hf_config(cfg_model, num_labels: int) -> PretrainedConfig:
     """The model's config without its weights: from `model.shape`, or config.json under the resolved path."""
     if cfg_model.get("shape"):
@@ -71,6 +82,7 @@ def build_random_model(cfg_model, num_labels: int, device, dtype: torch.dtype = 
     """A sequence-classification model (or another `auto_class`) with random weights, allocated directly on
     `device` (no CPU copy)."""
     config = load_hf_config(cfg_model, num_labels)
+    set_dropout(config, cfg_model.get("dropout"))
     with torch.device(device):
         model = auto_class.from_config(config, dtype=dtype)
     conv1d_to_linear(model)  # as models.load_model does: one Linear convention for LoRA and ΔW

@@ -134,7 +134,7 @@ def check_run_location(name, runs_root) -> None:
 NOT_IDENTITY = ("runs_root", "name", "logger", "trainer.progress_bar", "trainer.dynamics", "trainer.dynamics_targets")
 # Keys added after runs existed, whose null default means what their absence meant: left out of the hash while null,
 # so those runs' directories are found again.
-NULL_AS_ABSENT = ("method.rank_pattern",)
+NULL_AS_ABSENT = ("method.rank_pattern", "model.dropout")
 # The same for keys whose default is `auto`: how many processes train a run does not change what it computes
 # (the global batch stays the configured one), so one run directory serves 1 process or N.
 DEFAULT_AS_ABSENT = {"trainer.parallel": "auto", "trainer.world_size": "auto"}

@@ -94,6 +94,7 @@ BAD = {  # key: (context overrides, bad value, what its one line says after `KEY
     "model.path": ([], "''", TEXT),
     "model.shape": (["model=llama_1b_shape"], "5", "it must be a mapping of config.json keys with a model_type"),
     "model.dtype": ([], "fp16", "choose one of ['auto', 'fp32', 'bf16']"),
+    "model.dropout": ([], "1.5", "it must be in [0, 1), or null for the model's own"),
     "model.gguf_file": (["model=smollm2"], "''", TEXT),
     "model.cache_dir": (["model=smollm2"], "''", TEXT),
     "task.name": ([], "''", TEXT),

@@ -141,3 +141,28 @@ def test_a_sweep_through_the_submitit_launcher_writes_complete_run_dirs(tmp_path
 
 # ---------------------------------------------------------------------------------------------- memory
 
+
+
+# MiniLM (the default model) with its own dropout turned off: the exact contract. With dropout on, each rank draws
+# the masks of its own slice of the batch, so two processes equal one only in distribution (docs/scale-out.md).
+MINILM = ["model.dropout=0", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_interval=2",
+          "task.train_size=16", "task.eval_size=8", "trainer.max_length=32", "trainer.checkpoint_every=0",
+          "logger=none", "trainer.progress_bar=false"]
+
+
+def test_on_the_default_model_with_dropout_off_two_processes_equal_one(tmp_path):
+    from lowrank.train.recipe import train
+    from tests.conftest import compose_cfg
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    m1 = train(compose_cfg(MINILM + [f"runs_root={single}"]), run_dir=single / "default" / "run")
+    d1 = load_file(str(single / "default" / "run" / "delta_w.safetensors"))
+    ddp.mkdir()
+    done = torchrun("experiments.train", MINILM + [f"runs_root={ddp}"], ddp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m2, d2, _ = result(ddp)
+    assert (m2["world_size"], m2["parallel"]) == (2, "ddp")
+    assert m2["train_loss"] == pytest.approx(m1["train_loss"], abs=1e-5)
+    assert m2["eval_loss"] == pytest.approx(m1["eval_loss"], abs=1e-5)
+    for k in d1:  # every lora_B moved (B starts at 0): the comparison has teeth
+        assert d1[k].abs().max() > 0 if k.endswith("lora_B") else True
+        torch.testing.assert_close(d2[k], d1[k], rtol=1e-3, atol=1e-6)
