@@ -6,6 +6,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable here; never wait on it
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist each core has a worker: one intra-op thread each, in this process and in every process a
+    # test starts (OMP_NUM_THREADS is inherited). Two OpenMP threads per worker would wait on each other's core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
