@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.cli_batch import run_cli_batch
 from tests.conftest import ROOT, TINY, run_cli
 
 RESUMABLE = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.eval_interval"))] + [
@@ -41,31 +42,48 @@ def resumable_args(root) -> list[str]:
     return [*RESUMABLE, "method.rank=2", f"runs_root={root}"]
 
 
+MODES = ["before", "mid"]  # killed before the step-8 checkpoint is written, or halfway through writing it
+
+
+def after_kill(cut_root):
+    """What a kill left below CUT_ROOT: (its run dir, is metrics.json there, the checkpoint's step, how many
+    half-written checkpoint temp files)."""
+    (run,) = [p.parent for p in cut_root.glob("default/*/checkpoint.pt")]
+    step = torch.load(run / "checkpoint.pt", weights_only=False)["loop"]["step"]
+    return run, (run / "metrics.json").exists(), step, len(list(run.glob(".checkpoint.pt*.tmp")))
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """(metrics, ΔW, run dir) of the run the interrupted ones are compared with, never interrupted (only read)."""
+def sigkilled(tmp_path_factory):
+    """The run never interrupted, and in each mode one killed at step 8 (tests/kill_at_step.py) and then re-run,
+    each a process, forked from one tests.cli_batch process per stage (the uninterrupted run and both kills side by
+    side, then both re-runs; the imports paid once a stage): ((metrics, ΔW, run dir) uninterrupted,
+    {mode: (killed, after_kill() before the re-run, or None, re-run, its runs root)}). The tests only read them."""
     ref_root = tmp_path_factory.mktemp("ref")
-    done = run_cli(["-m", "experiments.train", *resumable_args(ref_root)], cwd=ref_root)
+    cut = {mode: tmp_path_factory.mktemp(f"cut_{mode}") for mode in MODES}
+    first = run_cli_batch([["-m", "experiments.train", *resumable_args(ref_root)]]
+                          + [["-m", "tests.kill_at_step", "8", mode, *resumable_args(cut[mode])] for mode in MODES],
+                          [ref_root, *cut.values()], timeout=600, preload=["torch._dynamo"])
+    done, killed = first[0], dict(zip(MODES, first[1:]))
     assert done.returncode == 0, done.stderr[-2000:]
-    return final_state(ref_root)
+    left = {mode: after_kill(cut[mode]) if killed[mode].returncode == -signal.SIGKILL else None for mode in MODES}
+    resumed = dict(zip(MODES, run_cli_batch([["-m", "experiments.train", *resumable_args(cut[mode])] for mode in MODES],
+                                            list(cut.values()), timeout=600, preload=["torch._dynamo"])))
+    return final_state(ref_root), {mode: (killed[mode], left[mode], resumed[mode], cut[mode]) for mode in MODES}
 
 
-@pytest.mark.parametrize("mode", ["before", "mid"])
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, mode, uninterrupted):
+@pytest.mark.parametrize("mode", MODES)
+def test_sigkill_then_rerun_equals_uninterrupted(mode, sigkilled):
     """Killed at step 8 (checkpoints every 2 steps), before or halfway through writing that checkpoint: the
     re-run resumes from step 6, removes the half-written temp file, and ends bit-identical to a run never
     interrupted."""
-    cut_root = tmp_path / "cut"
-    cut_root.mkdir()
-    args = resumable_args
-
-    killed = run_cli(["-m", "tests.kill_at_step", "8", mode, *args(cut_root)], cwd=cut_root)
+    uninterrupted, runs = sigkilled
+    killed, left, resumed, cut_root = runs[mode]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    (run,) = [p.parent for p in cut_root.glob("default/*/checkpoint.pt")]
-    assert not (run / "metrics.json").exists()
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["loop"]["step"] == 6
-    assert len(list(run.glob(".checkpoint.pt*.tmp"))) == (mode == "mid")
-    resumed = run_cli(["-m", "experiments.train", *args(cut_root)], cwd=cut_root)
+    run, metrics_written, step, half_written = left  # as the kill left it, before the re-run
+    assert not metrics_written
+    assert step == 6
+    assert half_written == (mode == "mid")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in (run / "train.log").read_text() and "from step 6" in (run / "train.log").read_text()
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
