@@ -4,6 +4,8 @@ hashes, checked on every read), `lowrank.rundir.atomic` (every file it writes), 
 `lowrank.errors` (`fail`: the one-line `error: ...` of every entry point). tests/test_analysis_imports.py checks it.
 
     runs.py              read and check run directories
+    variants.py          which method a run is (LoRA, DoRA, PiSSA, ..., full, subspace, imported): one place, from its
+                         config, for every label, pairing and pooling rule
     checked_reads.py     their safetensors files: header checks, single tensors read and checked against their hashes
     stream.py            every matrix of every run analysed, one matrix in memory at a time, timed by phase
     spectra.py, subspace.py, amplification.py    the math: pure functions over tensors
@@ -14,6 +16,7 @@ hashes, checked on every read), `lowrank.rundir.atomic` (every file it writes), 
     intrinsic_dim.py     d90 and LoRA's 90 % rank from the runs table
     dynamics.py          the runs' dynamics.csv (rank over training time) as one table
     report_cli.py        its command line, checked before anything is written
+    sections.py          a part of the report that raises is left out with one line, not the report
     tables.py            DIR's layout, the CSV writer, markdown tables
     figure_data.py       what each figure plots: pure functions over the tables
     figures.py, style.py the drawing: one function per figure, one style

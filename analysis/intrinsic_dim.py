@@ -3,7 +3,8 @@
     d90 (Li et al. 2018; Aghajanyan et al. 2020): the smallest subspace dimension d whose mean test accuracy over
         seeds, at its best learning rate, reaches 90% of full fine-tuning's mean at its best learning rate, on the
         same setup and the same seeds;
-    LoRA's r90 by the same rule: the smallest rank (per target set) reaching it, with its trainable parameters.
+    LoRA's r90 by the same rule: the smallest rank (per target set) reaching it, with its trainable parameters; each
+        LoRA variant (DoRA, PiSSA, ...: analysis.variants) on its own.
 
 Each method is judged at its own best learning rate ("Learning Rate Matters": a method's rank shows only once its
 lr is tuned), chosen on the same test accuracy that is judged (the tasks here have no separate dev split), so the
@@ -15,6 +16,8 @@ common is not judged. None where nothing reaches the threshold.
 import math
 
 import pandas as pd
+
+from analysis.variants import variants
 
 SHARE = 0.9
 LR = "trainer.lr"
@@ -45,30 +48,50 @@ def _smallest_reaching(mt: pd.DataFrame, key: str, full: pd.DataFrame, share: fl
             full_acc, full_lr = best_mean(full, seeds)
             acc = float(g[g.seed.isin(seeds)].eval_accuracy.mean())
             if acc >= share * full_acc:
-                passing.append({"size": size, "accuracy": acc, "goal": share * full_acc, "seeds": len(seeds),
-                                "adapted_params": float(g.adapted_params.mean()), "lr": lr, "full_lr": full_lr})
+                passing.append({"size": size, "accuracy": acc, "goal": share * full_acc, "full_accuracy": full_acc,
+                                "seeds": len(seeds), "adapted_params": float(g.adapted_params.mean()), "lr": lr,
+                                "full_lr": full_lr})
         if passing:
             return max(passing, key=lambda p: p["accuracy"] - p["goal"])
     return None
 
 
+def gain_share(accuracy: float | None, full_accuracy: float, majority: float) -> tuple[float | None, str]:
+    """(accuracy − majority) / (full − majority), the share of full fine-tuning's gain over the majority class that
+    `accuracy` reached, and why there is none: None with a note where full fine-tuning gains nothing over the
+    majority class (a share of no gain is no number) or no majority rate is known."""
+    if accuracy is None or not math.isfinite(majority):
+        return None, ""
+    if not full_accuracy - majority > 0:
+        return None, (f"full fine-tuning ({full_accuracy:.3f}) gains nothing over the majority class "
+                      f"({majority:.3f}): no share of its gain")
+    return (accuracy - majority) / (full_accuracy - majority), ""
+
+
 def threshold_table(runs: pd.DataFrame, share: float = SHARE, majority: dict | None = None) -> pd.DataFrame:
-    """One row per (setup, method, target set): the smallest size (d, or rank) whose mean accuracy at one of its
-    learning rates reaches `share` × full fine-tuning's best mean on common seeds; its accuracy, lr, trainable
-    parameters, the target accuracy, full fine-tuning's lr behind it and how many seeds were compared (the lr
-    with the widest margin where several reach it). Setups without full fine-tuning runs give no row.
+    """One row per (setup, method, target set), method being the run's variant (analysis.variants: 'subspace',
+    'lora', 'dora', ...; each its own curve, never pooled with plain LoRA): the smallest size (d, or rank) whose mean
+    accuracy at one of its learning rates reaches `share` × full fine-tuning's best mean on common seeds; its
+    accuracy, lr, trainable parameters, the target accuracy, full fine-tuning's accuracy and lr behind it and how many
+    seeds were compared (the lr with the widest margin where several reach it). Setups without full fine-tuning
+    runs give no row.
 
     With `majority` ({setup: the test set's majority-class rate}), `gain_share` is the share of full fine-tuning's
     gain over the majority class that the size reached, (accuracy − majority) / (full − majority): where the
-    majority class alone is near `share` of full, reaching `share` says little, and this says how little."""
+    majority class alone is near `share` of full, reaching `share` says little, and this says how little. Where full
+    fine-tuning gains nothing over the majority class, there is no share: `note` says so."""
     rows = []
     for setup, g in runs.groupby("setup"):
         full = g[g["method.name"] == "full"]
         if full.empty:
             continue
-        for method, key in (("subspace", "method.dim"), ("lora", "method.rank")):
-            m = g[g["method.name"] == method]
-            if m.empty or key not in m:
+        kinds = variants(g)
+        names = pd.Series([v.name for v in kinds], index=g.index)
+        judged = {v.name: v for v in kinds if v.method in ("subspace", "lora")}
+        for kind in sorted(judged.values(), key=lambda v: (v.method != "subspace", v.order)):
+            m = g[names == kind.name]
+            key = "method.dim" if kind.method == "subspace" else "method.rank"
+            if key not in m:
                 continue
             targets = m["method.targets"].astype(str) if "method.targets" in m else pd.Series("", index=m.index)
             for tgt, mt in m.groupby(targets):
@@ -76,12 +99,12 @@ def threshold_table(runs: pd.DataFrame, share: float = SHARE, majority: dict | N
                 if found is None:
                     full_acc, full_lr = best_mean(full, set(full.seed))
                     found = {"size": None, "accuracy": None, "seeds": None, "adapted_params": None, "lr": None,
-                             "goal": share * full_acc, "full_lr": full_lr}
+                             "goal": share * full_acc, "full_accuracy": full_acc, "full_lr": full_lr}
                 floor = (majority or {}).get(setup, math.nan)
-                gain = (found["accuracy"] - floor) / (found["goal"] / share - floor) \
-                    if found["accuracy"] is not None and math.isfinite(floor) else None
-                rows.append({"setup": setup, "method": method, "targets": tgt, "size_key": key.split(".")[1],
+                gain, note = gain_share(found["accuracy"], found["full_accuracy"], floor)
+                rows.append({"setup": setup, "method": kind.name, "targets": tgt, "size_key": key.split(".")[1],
                              "share": share, **found, "majority": floor if math.isfinite(floor) else None,
-                             "gain_share": gain})
+                             "gain_share": gain, "note": note})
     return pd.DataFrame(rows, columns=["setup", "method", "targets", "size_key", "share", "size", "accuracy", "goal",
-                                       "seeds", "adapted_params", "lr", "full_lr", "majority", "gain_share"])
+                                       "full_accuracy", "seeds", "adapted_params", "lr", "full_lr", "majority",
+                                       "gain_share", "note"])

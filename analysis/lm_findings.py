@@ -8,6 +8,7 @@
     (c) lr_ratio:    best LoRA lr / best full lr ≈ 10 and nearly flat across ranks ("LoRA Without Regret"); holds
                      when every rank's ratio lies within one 3.16× step of 10 and all ratios within one step of
                      each other, no best lr at its grid's edge (curves of three or more learning rates)
+(b) and (c) are claims about plain LoRA: its variants (DoRA, PiSSA, ...: analysis.variants) are not pooled in.
 
 From a report's tables (analysis.report adds the section to report.md), or from run directories whose ΔW was
 analysed elsewhere (their spectrum.csv given):
@@ -62,7 +63,7 @@ def forgetting(runs: pd.DataFrame) -> list[dict]:
     d = frontier_data(runs)
     rows = []
     for setup, g in d.groupby("setup"):
-        full, lora = g[g.curve == "full"].sort_values("eval_loss"), g[g.curve != "full"]
+        full, lora = g[g.curve == "full"].sort_values("eval_loss"), g[g.variant == "lora"]  # plain LoRA's claim
         if full.empty or lora.empty:
             continue
         lo, hi = full.eval_loss.min(), full.eval_loss.max()
@@ -90,7 +91,7 @@ def lr_ratio(runs: pd.DataFrame) -> list[dict]:
     best = data["best"][[grid[s, c] >= 3 for s, c in zip(data["best"].setup, data["best"].curve)]]
     rows = []
     for setup, b in best.groupby("setup"):  # curves of three or more learning rates: a best inside the grid
-        lora, full = b[b.curve != "full"], b[b.curve == "full"]
+        lora, full = b[b.variant == "lora"], b[b.curve == "full"]  # plain LoRA's claim: no variant pooled in
         if lora.empty or full.empty:
             continue
         ratios = lora.lr_over_full.to_numpy(float)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures.data import MissingRuns, need, prepare
+from analysis.variants import variants
 
 LM_OBJECTIVES = ("cpt", "sft")
 
@@ -22,25 +23,36 @@ def lm_runs(runs: pd.DataFrame, columns) -> pd.DataFrame:
     r = r.dropna(subset=list(columns))
     if r.empty:
         raise MissingRuns(f"no causal-LM runs with {', '.join(columns)}")
-    r["curve"] = ["full" if m == "full" else f"LoRA r={int(k)}" for m, k in zip(r.method, r["rank"])]
-    r["curve_order"] = [(0, 0) if m == "full" else (1, k) for m, k in zip(r.method, r["rank"])]
+    dim = pd.to_numeric(r["method.dim"], errors="coerce") if "method.dim" in r else pd.Series(np.nan, index=r.index)
+    curves = [_curve(v, k, d) for v, k, d in zip(variants(r), r["rank"], dim)]
+    r["curve"], r["curve_order"] = [c for c, _ in curves], [o for _, o in curves]
     return r
 
 
+def _curve(v, rank: float, dim: float) -> tuple[str, tuple]:
+    """A run's curve ('full', 'LoRA r=8', 'DoRA r=8', 'subspace d=100': each variant its own) and its plotting order."""
+    if v.method == "full":
+        return v.label, (0, v.order, 0)
+    if v.method == "subspace":
+        return f"{v.label} d={dim:g}", (2, v.order, dim)
+    return f"{v.label} r={int(rank)}", (1, v.order, rank)
+
+
 def frontier_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: setup, curve (full / LoRA r=k), seed, lr, eval_loss, forgetting, eval_loss_base."""
+    """One row per run: setup, curve (full / LoRA r=k / DoRA r=k ...), variant (analysis.variants), seed, lr,
+    eval_loss, forgetting, eval_loss_base."""
     r = lm_runs(runs, ["eval_loss", "forgetting"])
-    keep = ["setup", "curve", "curve_order", "config", "seed", "trainer.lr", "eval_loss", "forgetting"]
+    keep = ["setup", "curve", "curve_order", "variant", "config", "seed", "trainer.lr", "eval_loss", "forgetting"]
     return r[keep + [c for c in ("eval_loss_base",) if c in r]].sort_values(
         ["setup", "curve_order", "trainer.lr", "seed"], ignore_index=True)
 
 
 def lr_data(runs: pd.DataFrame) -> dict:
-    """curves: setup, curve, lr, eval_loss (mean over seeds), n; best: per setup and curve the learning rate of
+    """curves: setup, curve, variant, lr, eval_loss (mean over seeds), n; best: per setup and curve the learning rate of
     the lowest mean loss, and its ratio to full fine-tuning's best in the setup (NaN without a full curve).
     Setups whose curves have fewer than two learning rates are left out."""
     r = lm_runs(runs, ["eval_loss", "trainer.lr"])
-    c = r.groupby(["setup", "curve", "curve_order", "trainer.lr"], sort=True).agg(
+    c = r.groupby(["setup", "curve", "curve_order", "variant", "trainer.lr"], sort=True).agg(
         eval_loss=("eval_loss", "mean"), n=("eval_loss", "size")).reset_index().rename(columns={"trainer.lr": "lr"})
     spread = c.groupby("setup").lr.nunique()
     c = c[c.setup.isin(spread[spread >= 2].index)]

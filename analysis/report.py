@@ -22,9 +22,12 @@ Writes (each file atomically; re-running on the same runs gives identical tables
 --no-figures writes the tables and the text report only; --wandb logs figures and tables as an `analysis` run
 (analysis/wandb_sync.py). The matrices stream (analysis/stream.py): one ΔW and its W0 in memory at a time, each
 tensor read and hashed once. A run whose files fail a check (lowrank.rundir.integrity: content hashes, finite values:
-headers when runs are collected, each tensor as it is read) is listed as skipped with the reason. Bad command-line
-input exits with status 2 and one line `error: ...` naming the argument and what would be valid
-(analysis/report_cli.py).
+headers when runs are collected, each tensor as it is read) is listed as skipped with the reason. A table, section of
+report.md or figure that raises is left out with one line on stderr and in report.md, and the rest is written
+(analysis/sections.py). Each method is its own configuration (analysis/variants.py: DoRA, ReLoRA, PiSSA, LoRA+,
+rsLoRA and imported runs are never pooled or paired with plain LoRA), and every analysis reads ΔW in whichever form a
+run stored it (factors, or dense). Bad command-line input, a root without run directories included, exits with
+status 2 and one line `error: ...` naming the argument and what would be valid (analysis/report_cli.py).
 """
 import argparse
 import resource
@@ -36,7 +39,6 @@ import torch
 
 from lowrank.rundir.atomic import write_json, write_text
 from lowrank.errors import fail
-from lowrank.rundir.layout import CONFIG_FILE, METRICS_FILE
 
 from analysis import rank_advice as ra
 from analysis.rank_advice_report import rank_advice_lines, rank_advice_table
@@ -46,6 +48,8 @@ from analysis.report_cli import parse_args
 from analysis.figures.data import prepare, targets_label
 from analysis.dynamics import dynamics_table
 from analysis.runs import Run, config_keys
+from analysis.sections import Sections
+from analysis.variants import variants
 from analysis.lm_findings import findings, report_lines
 from analysis.stream import PHASES, analyse_runs
 from lowrank.linalg.subspace import phi_grid, random_phi_grid
@@ -54,6 +58,7 @@ from analysis.wandb_sync import analysis_run_settings, log_analysis_run
 
 SUBSPACE_COLUMNS = ["run_a", "run_b", "kind", "basis", "side", "layer", "matrix_type", "i", "j", "phi",
                     "random_baseline"]
+NO_PAIRS = pd.DataFrame(columns=["run_a", "run_b", "kind"])
 WANDB_TABLES = ["runs", "setups", "spectrum", "amplification"]  # the per-matrix tables; subspace grids stay on disk
 
 
@@ -79,24 +84,27 @@ def sigma_rows(results) -> list[pd.DataFrame]:
 
 
 def select_pairs(table: pd.DataFrame) -> pd.DataFrame:
-    """Pairs of runs to compare, within one setup (the `setup` column, add_setups):
-      rank:         LoRA runs, same targets and seed, different ranks (run_a has the smaller rank)
-      seed:         LoRA runs, same targets and rank, different seeds (run_a has the smaller seed)
-      lora_vs_full: every LoRA run vs the full fine-tuning run with its seed, else the one with the smallest
-                    seed (run_a is the LoRA run; only the matrices both stored are compared).
+    """Pairs of runs to compare, within one setup (the `setup` column, add_setups), of LoRA and its variants; a
+    rank or seed pair stays within one variant (analysis.variants: a DoRA run is never paired with a plain LoRA one):
+      rank:         same variant, targets and seed, different ranks (run_a has the smaller rank)
+      seed:         same variant, targets and rank, different seeds (run_a has the smaller seed)
+      lora_vs_full: every run of LoRA or a variant vs the full fine-tuning run with its seed, else the one with the
+                    smallest seed (run_a is the LoRA run; only the matrices both stored are compared).
     Returns columns run_a, run_b, kind, sorted."""
     if table.empty:
         return pd.DataFrame(columns=["run_a", "run_b", "kind"])
     t = table.copy()
     for c in ["method.targets", "method.rank"]:
         t[c] = t[c].astype(str) if c in t else "None"  # None/NaN must group like any other value
+    t["variant"] = [v.name for v in variants(table)]
     rows = []
     for _, g in t.groupby("setup", sort=True):
         lora = g[g["method.name"] == "lora"].sort_values(["seed", "method.rank", "run_id"]).to_dict("records")
         full = g[g["method.name"] == "full"].sort_values(["seed", "run_id"]).to_dict("records")
         for a in lora:
             for b in lora:
-                if a["run_id"] == b["run_id"] or a["method.targets"] != b["method.targets"]:
+                if a["run_id"] == b["run_id"] or (a["variant"], a["method.targets"]) != (b["variant"],
+                                                                                         b["method.targets"]):
                     continue
                 ra, rb = int(float(a["method.rank"])), int(float(b["method.rank"]))
                 if a["seed"] == b["seed"] and ra < rb:
@@ -112,12 +120,13 @@ def select_pairs(table: pd.DataFrame) -> pd.DataFrame:
 
 def subspace_rows(kind: str, run_a: str, run_b: str, bases_a: dict, bases_b: dict) -> list[pd.DataFrame]:
     """φ grids for every matrix both runs stored, on both sides, one block of rows per matrix and side.
-    LoRA vs LoRA uses the factors' directions (basis 'factor', as the paper); a comparison with full
-    fine-tuning uses ΔW's (basis 'delta')."""
-    basis = "factor" if kind in ("rank", "seed") else "delta"
+    Two runs that both stored factors (LoRA, PiSSA, LoRA+, rsLoRA), compared by rank or seed, use the factors'
+    directions (basis 'factor', as the paper); every other pair uses ΔW's own (basis 'delta'): a comparison with
+    full fine-tuning, and runs whose ΔW is stored dense (DoRA, ReLoRA), which have no factors."""
     blocks = []
     for name in sorted(set(bases_a) & set(bases_b)):
         a, b = bases_a[name], bases_b[name]
+        basis = "factor" if kind in ("rank", "seed") and "factor" in a and "factor" in b else "delta"
         for side, col in (("output", 0), ("input", 1)):
             Ua, Ub = a[basis][col], b[basis][col]
             grid, base = phi_grid(Ua, Ub), random_phi_grid(Ua.shape[1], Ub.shape[1], Ua.shape[0])
@@ -167,7 +176,7 @@ def _runs_lines(table: pd.DataFrame) -> list[str]:
     if "eval_accuracy" in t and "eval_examples" in t:
         lo, hi = st.wilson_interval(t.eval_accuracy.to_numpy(float), t.eval_examples.to_numpy(float))
         t["test-set interval (Wilson 95 %)"] = [f"[{a:.3f}, {b:.3f}]" if pd.notna(a) else "" for a, b in zip(lo, hi)]
-    cols = [c for c in ["run_id", "setup", "method.name", "method.rank", "targets", "seed", "trainer.lr",
+    cols = [c for c in ["run_id", "setup", "method.name", "method.rank", "targets", "seed", "variant", "trainer.lr",
                         "eval_examples", "eval_accuracy", "test-set interval (Wilson 95 %)", "config_hash"] if c in t]
     return lines + [markdown_table(t[cols]), ""]
 
@@ -189,64 +198,92 @@ def amplification_summary_table(amps: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures: str = "",
-              advice_lines: list[str] = ()) -> str:
+              advice_lines: list[str] = (), sections: Sections | None = None) -> str:
     """The short report: the setups found and their runs, the figure section (markdown) if any, what was analysed,
-    what was skipped and why, key numbers per setup, timing."""
-    lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""] + _setup_lines(setups) + (
-        [figures, ""] if figures else []) + _runs_lines(table)
+    what was skipped and why, key numbers per setup, the parts left out (`sections`: each part that raises here is
+    left out too, with its line), timing."""
+    sections = sections if sections is not None else Sections()
+    runs = sections.attempt("configuration labels (analysis/figures/data.py prepare)",
+                            lambda: prepare(table).set_index("run_id") if len(table) else None)
+    parts = [("setups", lambda: _setup_lines(setups)), ("figures", lambda: [figures, ""] if figures else []),
+             ("runs analysed", lambda: _runs_lines(table))]
+    lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""]
+    lines += [line for name, make in parts for line in sections.attempt(f"report.md section '{name}'", make, [])]
     lines += [f"## Runs skipped ({len(skipped)})", ""] + [f"- `{r}`: {why}" for r, why in skipped] + [""]
-    runs = prepare(table).set_index("run_id") if len(table) else None
-    setup_of = runs.setup if runs is not None else pd.Series(dtype=object)
-    config_of = runs.config if runs is not None else pd.Series(dtype=object)
+    if runs is not None:
+        parts = [("φ(1,1) summary", lambda: _phi_lines(subspace, runs)),
+                 ("energy rank of full fine-tuning", lambda: _full_rank_lines(spectrum, runs)),
+                 ("per configuration and matrix type", lambda: _spectrum_lines(spectrum, runs, opts)),
+                 ("amplification", lambda: _amplification_lines(amps, runs))]
+        lines += [line for name, make in parts for line in sections.attempt(f"report.md section '{name}'", make, [])]
+    lines += list(advice_lines) + sections.lines()
+    return "\n".join(lines + ["## Timing", ""] + [f"- {k}: {v}" for k, v in timing.items()] + [""])
 
-    if len(subspace):
-        s = subspace[(subspace.i == 1) & (subspace.j == 1)].copy()
-        s["setup"] = setup_of.loc[s.run_a].values
-        s["pair"] = [f"{config_of[a]} vs {config_of[b]}" for a, b in zip(s.run_a, s.run_b)]
-        g = s.groupby(["setup", "kind", "pair", "side", "matrix_type"]).agg(
-            phi_1_1_median=("phi", "median"), phi_1_1_min=("phi", "min"), phi_1_1_max=("phi", "max"),
-            matrices=("phi", "size"), random_baseline=("random_baseline", "mean")).reset_index()
-        lines += ["## φ(·,·,1,1): overlap of the top directions (per setup, over layers and pairs)", "",
-                  "kind rank: same seed, two ranks; seed: same rank, two seeds (basis 'factor': input side = right "
-                  "singular vectors of A, output side = left of B). lora_vs_full: basis 'delta' (ΔW's own). "
-                  "Median, min and max over the matrices (layers × pairs).", "", markdown_table(g), ""]
-    if len(spectrum):
-        sp = spectrum.assign(setup=setup_of.loc[spectrum.run_id].values, config=config_of.loc[spectrum.run_id].values,
-                             width=spectrum[["out_features", "in_features"]].min(axis=1))
-        full = sp[sp.method == "full"]
-        if len(full):
-            g = full.groupby(["setup", "config", "matrix_type"]).agg(
-                r90_mean=("r90", "mean"), r90_min=("r90", "min"), r90_max=("r90", "max"), r50_mean=("r50", "mean"),
-                r99_mean=("r99", "mean"), effective_rank=("effective_rank", "mean"),
-                stable_rank=("stable_rank", "mean"), runs=("run_id", "nunique"), matrices=("r90", "size"),
-                width=("width", "min")).reset_index()
-            share = []
-            for setup, f in full.groupby("setup"):
-                ranks = sorted(sp.loc[(sp.method == "lora") & (sp.setup == setup), "rank"].dropna().unique().tolist())
-                share.append(f"{setup}: " + (", ".join(f"r={r}: {(f.r90 <= r).mean():.2f}" for r in ranks)
-                                             or "no LoRA runs"))
-            lines += ["## Energy rank of full fine-tuning ΔW (per setup, over layers and full runs)", "",
-                      "width = min(out, in), the largest possible rank. Share of full-FT matrices with r90 ≤ each "
-                      "LoRA rank of the setup: " + "; ".join(share) + ".", "", markdown_table(g), ""]
-        g = sp.groupby(["setup", "config", "matrix_type"], sort=False).agg(
-            r90_mean=("r90", "mean"), effective_rank=("effective_rank", "mean"), stable_rank=("stable_rank", "mean"),
-            rel_norm=("rel_norm", "mean"), intruders=("intruders", "mean"), runs=("run_id", "nunique"),
-            matrices=("r90", "size")).reset_index()
-        g = g.sort_values(["setup", "config", "matrix_type"], key=_config_order(runs), ignore_index=True)
-        lines += [f"## Per setup, configuration and matrix type (means over matrices; intruders: top-{opts.intruder_k} left "
-                  f"singular vectors, ε = {opts.intruder_eps})", "", markdown_table(g), ""]
-    if len(amps):
-        g = amplification_summary_table(amps.assign(setup=setup_of.loc[amps.run_id].values,
-                                                    config=config_of.loc[amps.run_id].values))
-        g = g.sort_values(["setup", "config", "r", "matrix_type"], key=_config_order(runs), ignore_index=True)
-        lines += ["## Amplification (LoRA paper Table 7: ‖UᵀWV‖_F for U, V from ΔW / W / random)", "",
-                  "Norms are means over the matrices (layers × runs). The amplification is the ratio of their sums "
-                  "(so the columns divide to it), with ΔW's top-r part ‖ΔW_r‖_F on top so that full fine-tuning (ΔW "
-                  "of full rank) and LoRA (ΔW_r = ΔW) are alike; never the mean of per-matrix ratios, which one "
-                  "near-zero projection can dominate. Σ‖ΔW‖/Σ‖UᵀWV‖ uses the whole ΔW (the same for LoRA).", "",
-                  markdown_table(g), ""]
-    lines += list(advice_lines) + ["## Timing", ""] + [f"- {k}: {v}" for k, v in timing.items()] + [""]
-    return "\n".join(lines)
+
+def _phi_lines(subspace: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    if not len(subspace):
+        return []
+    s = subspace[(subspace.i == 1) & (subspace.j == 1)].copy()
+    s["setup"] = runs.setup.loc[s.run_a].values
+    s["pair"] = [f"{runs.config[a]} vs {runs.config[b]}" for a, b in zip(s.run_a, s.run_b)]
+    g = s.groupby(["setup", "kind", "basis", "pair", "side", "matrix_type"]).agg(
+        phi_1_1_median=("phi", "median"), phi_1_1_min=("phi", "min"), phi_1_1_max=("phi", "max"),
+        matrices=("phi", "size"), random_baseline=("random_baseline", "mean")).reset_index()
+    return ["## φ(·,·,1,1): overlap of the top directions (per setup, over layers and pairs)", "",
+            "kind rank: same seed, two ranks; seed: same rank, two seeds; each within LoRA or one of its variants. "
+            "Basis 'factor' where both runs stored factors: input side = right singular vectors of A, output side = "
+            "left of B; else (lora_vs_full, and DoRA or ReLoRA, whose ΔW is stored dense) basis 'delta', ΔW's own. "
+            "Median, min and max over the matrices (layers × pairs).", "", markdown_table(g), ""]
+
+
+def _with_labels(spectrum: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    return spectrum.assign(setup=runs.setup.loc[spectrum.run_id].values, config=runs.config.loc[spectrum.run_id].values,
+                           width=spectrum[["out_features", "in_features"]].min(axis=1))
+
+
+def _full_rank_lines(spectrum: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    sp = _with_labels(spectrum, runs) if len(spectrum) else spectrum
+    full = sp[sp.method == "full"] if len(sp) else sp
+    if not len(full):
+        return []
+    g = full.groupby(["setup", "config", "matrix_type"]).agg(
+        r90_mean=("r90", "mean"), r90_min=("r90", "min"), r90_max=("r90", "max"), r50_mean=("r50", "mean"),
+        r99_mean=("r99", "mean"), effective_rank=("effective_rank", "mean"),
+        stable_rank=("stable_rank", "mean"), runs=("run_id", "nunique"), matrices=("r90", "size"),
+        width=("width", "min")).reset_index()
+    share = []
+    for setup, f in full.groupby("setup"):
+        ranks = sorted(sp.loc[(sp.method == "lora") & (sp.setup == setup), "rank"].dropna().unique().tolist())
+        share.append(f"{setup}: " + (", ".join(f"r={r}: {(f.r90 <= r).mean():.2f}" for r in ranks) or "no LoRA runs"))
+    return ["## Energy rank of full fine-tuning ΔW (per setup, over layers and full runs)", "",
+            "width = min(out, in), the largest possible rank. Share of full-FT matrices with r90 ≤ each "
+            "LoRA rank of the setup: " + "; ".join(share) + ".", "", markdown_table(g), ""]
+
+
+def _spectrum_lines(spectrum: pd.DataFrame, runs: pd.DataFrame, opts) -> list[str]:
+    if not len(spectrum):
+        return []
+    g = _with_labels(spectrum, runs).groupby(["setup", "config", "matrix_type"], sort=False).agg(
+        r90_mean=("r90", "mean"), effective_rank=("effective_rank", "mean"), stable_rank=("stable_rank", "mean"),
+        rel_norm=("rel_norm", "mean"), intruders=("intruders", "mean"), runs=("run_id", "nunique"),
+        matrices=("r90", "size")).reset_index()
+    g = g.sort_values(["setup", "config", "matrix_type"], key=_config_order(runs), ignore_index=True)
+    return [f"## Per setup, configuration and matrix type (means over matrices; intruders: top-{opts.intruder_k} left "
+            f"singular vectors, ε = {opts.intruder_eps})", "", markdown_table(g), ""]
+
+
+def _amplification_lines(amps: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    if not len(amps):
+        return []
+    g = amplification_summary_table(amps.assign(setup=runs.setup.loc[amps.run_id].values,
+                                                config=runs.config.loc[amps.run_id].values))
+    g = g.sort_values(["setup", "config", "r", "matrix_type"], key=_config_order(runs), ignore_index=True)
+    return ["## Amplification (LoRA paper Table 7: ‖UᵀWV‖_F for U, V from ΔW / W / random)", "",
+            "Norms are means over the matrices (layers × runs). The amplification is the ratio of their sums "
+            "(so the columns divide to it), with ΔW's top-r part ‖ΔW_r‖_F on top so that full fine-tuning (ΔW "
+            "of full rank) and LoRA (ΔW_r = ΔW) are alike; never the mean of per-matrix ratios, which one "
+            "near-zero projection can dominate. Σ‖ΔW‖/Σ‖UᵀWV‖ uses the whole ΔW (the same for LoRA).", "",
+            markdown_table(g), ""]
 
 
 def _config_order(runs: pd.DataFrame):
@@ -290,9 +327,9 @@ def run_report(opts) -> dict:
     t_runs = time.perf_counter() - t_start - t_load
 
     table, setups = st.add_setups(table, {k for r in runs for k in config_keys(r)})
-    pairs = select_pairs(table)
-    blocks = [block for p in pairs.itertuples() for block in
-              subspace_rows(p.kind, p.run_a, p.run_b, results[p.run_a].bases, results[p.run_b].bases)]
+    sections = Sections()  # a table or section that raises is left out with its line, not the report
+    pairs, subspace = sections.attempt("subspace grids (tables/subspace.csv)", lambda: subspace_table(table, results),
+                                       (NO_PAIRS, None))
     t_sub = time.perf_counter() - t_start - t_load - t_runs
     progress(f"{len(setups)} setups; subspace grids of {len(pairs)} pairs ({t_sub:.1f} s)")
 
@@ -302,28 +339,29 @@ def run_report(opts) -> dict:
     blocks_sv = sigma_rows(results)
     sigmas = _frame(pd.concat(blocks_sv, ignore_index=True) if blocks_sv else [], keys + ["index"], ["rank"])
     amps = _frame([r for v in results.values() for r in v.amps], keys + ["r"], ["rank"])
-    subspace = pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(columns=SUBSPACE_COLUMNS)
-    subspace = subspace.sort_values(["kind", "run_a", "run_b", "side", "layer", "matrix_type", "i", "j"],
-                                    ignore_index=True)
     table = table.sort_values("run_id", ignore_index=True) if len(table) else table
 
-    advice, advice_info = rank_advice_table(runs, results, getattr(opts, "energy_share", ra.DEFAULT_SHARE),
-                                            getattr(opts, "rank_budget", None))
+    advice, advice_info = sections.attempt(
+        "rank advice (tables/rank_advice.csv, rank_pattern*.json)",
+        lambda: rank_advice_table(runs, results, getattr(opts, "energy_share", ra.DEFAULT_SHARE),
+                                  getattr(opts, "rank_budget", None)), (None, {}))
     out = Path(opts.out)
     for file, pattern in advice_info.get("patterns", {}).items():
         write_json(out / file, pattern)
     tables = {"runs": table, "setups": setups, "spectrum": spectrum, "singular_values": sigmas,
-              "subspace": subspace, "amplification": amps, "rank_advice": advice, "dynamics": dynamics_table(runs)}
-    tables["lm_findings"] = findings(tables)
+              "subspace": subspace, "amplification": amps, "rank_advice": advice,
+              "dynamics": sections.attempt("rank dynamics (tables/dynamics.csv)", lambda: dynamics_table(runs))}
+    tables["lm_findings"] = sections.attempt("causal-LM findings (tables/lm_findings.csv)", lambda: findings(
+        {k: v if v is not None else pd.DataFrame() for k, v in tables.items()}))
     t_tables = time.perf_counter()
-    for name, df in tables.items():
-        write_csv(table_path(out, name), df)
+    tables, left_out = write_tables(out, tables)
+    subspace = tables["subspace"]
     seconds = {"runs found and checked": t_load, **stream["phases"], "subspace": t_sub,
                "tables": time.perf_counter() - t_tables}
     figures = ""
     if getattr(opts, "figures", False):
         t_fig = time.perf_counter()
-        figures = make_figures(out, tables, getattr(opts, "wandb", "auto"))
+        figures = sections.attempt("figures", lambda: make_figures(out, tables, getattr(opts, "wandb", "auto")), "")
         seconds["figures"] = time.perf_counter() - t_fig
     seconds["total"] = time.perf_counter() - t_start
     record = {"device": str(opts.device), "seconds": seconds, "matrices": sum(len(r.names) for r in runs),
@@ -333,15 +371,40 @@ def run_report(opts) -> dict:
     record |= {k: v for k, v in stream.items() if k == "peak CUDA allocated bytes"}
     write_json(out / TIMING_FILE, record)
     timing = timing_lines(record, runs, results, len(pairs), len(subspace), table_path(out, "subspace"))
+    more = [] if "rank_advice" in left_out else sections.attempt(
+        "report.md section 'rank advice'", lambda: rank_advice_lines(advice, advice_info), [])
+    more += [] if "lm_findings" in left_out else sections.attempt(
+        "report.md section 'causal-LM findings'", lambda: report_lines(tables["lm_findings"]), [])
     write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures,
-                                            rank_advice_lines(advice, advice_info) + report_lines(tables["lm_findings"])))
+                                            more, sections))
     for k, v in timing.items():
         print(f"{k}: {v}")
-    none_found = "" if runs or skipped else (
-        f" (no run directories below {', '.join(map(str, opts.roots))}: a run directory holds {CONFIG_FILE} or "
-        f"{METRICS_FILE})")
-    print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}{none_found}")
-    return tables | {"skipped": skipped, "pairs": pairs}
+    print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}" + (
+        f"; {len(sections.skipped)} parts left out (report.md lists them)" if sections.skipped else ""))
+    return tables | {"skipped": skipped, "pairs": pairs, "left_out": sections.skipped}
+
+
+def write_tables(out: Path, tables: dict) -> tuple[dict, set[str]]:
+    """Each table to OUT/tables/NAME.csv. One left out (None: it raised) gets no file, and loses any an earlier
+    report wrote, which would pass for this one's. Returns the tables, those left out as empty frames, and their
+    names."""
+    left_out = {name for name, df in tables.items() if df is None}
+    for name, df in tables.items():
+        if name in left_out:
+            table_path(out, name).unlink(missing_ok=True)
+        else:
+            write_csv(table_path(out, name), df)
+    return {k: pd.DataFrame() if k in left_out else v for k, v in tables.items()}, left_out
+
+
+def subspace_table(table: pd.DataFrame, results: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(select_pairs' pairs, their φ grids: tables/subspace.csv), from the bases the stream kept."""
+    pairs = select_pairs(table)
+    blocks = [block for p in pairs.itertuples() for block in
+              subspace_rows(p.kind, p.run_a, p.run_b, results[p.run_a].bases, results[p.run_b].bases)]
+    subspace = pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(columns=SUBSPACE_COLUMNS)
+    return pairs, subspace.sort_values(["kind", "run_a", "run_b", "side", "layer", "matrix_type", "i", "j"],
+                                       ignore_index=True)
 
 
 def timing_lines(record: dict, runs: list[Run], results: dict, n_pairs: int, n_rows: int, subspace_csv: Path) -> dict:
@@ -366,7 +429,8 @@ def timing_lines(record: dict, runs: list[Run], results: dict, n_pairs: int, n_r
             lines[f"full-FT run `{r.run_id}`, {len(r.names)} matrices"] = (
                 f"ΔW spectra {ph['spectra']:.2f} s; with reading, ΔW vectors, intruders, amplification "
                 f"{results[r.run_id].seconds:.2f} s (W0 SVDs are shared by the runs of a base model)")
-    lines["subspace.csv size"] = f"{subspace_csv.stat().st_size / 1e6:.1f} MB"
+    if subspace_csv.is_file():  # not where the subspace grids were left out
+        lines["subspace.csv size"] = f"{subspace_csv.stat().st_size / 1e6:.1f} MB"
     return lines
 
 

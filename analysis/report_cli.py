@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from lowrank.errors import fail
+from lowrank.rundir.layout import CONFIG_FILE, METRICS_FILE
 
-from analysis.runs import roots_problem
+from analysis.runs import find_run_dirs, roots_problem
 from lowrank.linalg.spectra import default_device
 from analysis.tables import FIGURES_DIR, REPORT_FILE, TABLES_DIR
 
@@ -119,6 +120,16 @@ def _out_problem(out: Path) -> str | None:
     return None
 
 
+def no_runs_problem(roots) -> str | None:
+    """Why there is nothing to report below these (readable) roots: no run directory at all, else None. Roots whose
+    run directories all fail their checks still get a report, which lists each with the reason."""
+    if find_run_dirs(roots):
+        return None
+    where = ", ".join(repr(str(r)) for r in roots)
+    return (f"no run directories below {where} (a run directory holds {CONFIG_FILE} or {METRICS_FILE}); pass the "
+            f"runs root a sweep wrote (runs_root, e.g. runs)")
+
+
 def parse_args(argv=None):
     """The options, checked: a bad one exits with status 2 and one line naming it and what would be valid."""
     p = _Parser(description=DESCRIPTION)
@@ -147,7 +158,7 @@ def parse_args(argv=None):
                    help="CPU threads for torch (default: torch's); 1 is fastest on a CPU other jobs keep busy, "
                         "where OpenMP threads otherwise wait on each other")
     opts = p.parse_args(argv)
-    if why := roots_problem(opts.roots):
+    if why := roots_problem(opts.roots) or no_runs_problem(opts.roots):
         fail(f"argument roots: {why}")
     if why := _out_problem(opts.out):
         fail(f"argument --out: {why}")

@@ -13,7 +13,7 @@ come from the run-directory contract `lowrank.rundir.layout`; every safetensors 
 `check_data=False`, its header only, each tensor then being hashed and checked as it is read
 (analysis/checked_reads.py; so a 26 GB ΔW is read and hashed once, not twice). Those two small modules are all this
 imports from `lowrank`: never the model or training code. A run that fails any check is skipped with the reason.
-`outcome_table` reads the configs and metrics alone. Its 431 lines keep every check of a run directory in one
+`outcome_table` reads the configs and metrics alone. Its 440 lines keep every check of a run directory in one
 place.
 """
 import json
@@ -33,6 +33,7 @@ from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELT
                             MODULE_SCALING_KEY, config_sha256, load_metrics)
 
 from analysis.checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
+from analysis.variants import variant_of
 
 NOT_RUNS = {BASE_WEIGHTS_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
 METHODS = ("full", "lora", "subspace")
@@ -350,15 +351,17 @@ def config_keys(run: Run) -> list[str]:
 
 
 def run_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: run_id, path, the flattened config (`method.rank`, `task.name`, ...) and every scalar
-    metric (`eval_accuracy`, `wall_seconds`, ...), metrics that are dicts flattened too
-    (`memory_estimate.weights_bytes`, ...); lists such as `eval_history` are left out. A metric named like
-    a config column (or run_id, path) never replaces it: the config says what the run was."""
+    """One row per run: run_id, path, variant (analysis.variants: 'lora', 'dora', 'full', ...), the flattened config
+    (`method.rank`, `task.name`, ...) and every scalar metric (`eval_accuracy`, `wall_seconds`, ...), metrics that
+    are dicts flattened too (`memory_estimate.weights_bytes`, ...); lists such as `eval_history` are left out. A
+    metric named like a config column (or run_id, path, variant) never replaces it: the config says what the run
+    was."""
     return pd.DataFrame([_row(r.run_id, r.path, r.config, r.metrics) for r in runs])
 
 
 def _row(run_id: str, path: Path, config: dict, metrics: dict) -> dict:
-    ident = {"run_id": run_id, "path": str(path)} | _flatten(config)
+    flat = _flatten(config)
+    ident = {"run_id": run_id, "path": str(path), "variant": variant_of(flat).name} | flat
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
     nested = _flatten({k: v for k, v in metrics.items() if isinstance(v, dict)})
     return ident | {k: v for k, v in (scalars | nested).items() if k not in ident}

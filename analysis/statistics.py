@@ -13,7 +13,8 @@ Rules, and why:
   (`method.*` and `trainer.lr`, which is set per method) and the figure's swept axis (figure 9: task.train_size).
   Runs of different setups (another eval_size, max_length, steps, model, ...) are never averaged together.
 - A *configuration* within a setup is its `method.*` and `trainer.lr` values: runs averaged over seeds share
-  all of them.
+  all of them. Its method (plain LoRA, DoRA, PiSSA, LoRA+, ReLoRA, rsLoRA, full, subspace, imported) follows from
+  those keys; analysis.variants reads it in one place, for every label and pairing.
 - Amplification over several matrices (layers, seeds) is Σ‖ΔW_r‖_F / Σ‖UᵀWV‖_F, the ratio of the summed norms
   (equivalently of their means), never the mean of per-matrix ratios: one matrix whose projection is near zero
   would make that mean as large as its own ratio (2270 where the summed norms give 22.9). The table's mean

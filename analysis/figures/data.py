@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import statistics as st
+from analysis.variants import variants
 
 PAPER_RANKS = (8, 64)        # Figure 3 of the paper compares A at r = 8 and r = 64
 SHORT = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "o", "q_proj": "q", "k_proj": "k",
@@ -65,22 +66,26 @@ def _fmt(value) -> str:
 
 def prepare(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs table with the labels every figure uses:
-      method ('full' | 'lora'), rank (LoRA, else NaN), targets ('q,v'; '' for full), config ('full' or
-      'LoRA r=8 (q,v)', followed by ', lr=0.001' etc. where runs of one setup differ in another configuration key
-      (statistics.is_configuration_key): runs of one label never differ in one), family (the config without its
-      rank: 'LoRA (q,v)'), config_key (JSON of the configuration keys), full_data (no task.train_size),
-      eval_examples (NaN where not recorded), order (plotting order). The `setup` column
-      (statistics.find_setups, as analysis.report adds it) must be there."""
+      method ('full' | 'lora' | 'subspace': method.name), variant (analysis.variants: 'lora', 'dora', 'pissa', ...,
+      'imported lora'), rank (LoRA and its variants, else NaN), targets ('q,v'; '' for full), config ('full',
+      'LoRA r=8 (q,v)', 'DoRA r=8 (q,v)', 'subspace d=100 (q,v)', followed by ', lr=0.001' etc. where runs of one
+      setup and variant differ in another configuration key (statistics.is_configuration_key): runs of one label never
+      differ in one), family (the config without its rank: 'LoRA (q,v)', 'DoRA (q,v)'), config_key (JSON of the
+      configuration keys), full_data (no task.train_size), eval_examples (NaN where not recorded), order (plotting
+      order: full, then per target set plain LoRA and each variant by rank, then the subspace method). The `setup`
+      column (statistics.find_setups, as analysis.report adds it) must be there."""
     need(runs, ["run_id", "method.name", "seed", "setup"], "runs")
     r = runs.reset_index(drop=True)
+    kinds = variants(r)
     r["method"] = r["method.name"]
+    r["variant"] = [v.name for v in kinds]
     r["rank"] = pd.to_numeric(_col(r, "method.rank"), errors="coerce").where(r.method == "lora")
     r["targets"] = [targets_label(t) if m != "full" else "" for m, t in zip(r.method, _col(r, "method.targets"))]
     dim = pd.to_numeric(_col(r, "method.dim"), errors="coerce")
-    base = ["full" if m == "full" else f"subspace d={d:g} ({t})" if m == "subspace" else f"LoRA r={int(k)} ({t})"
-            for m, k, d, t in zip(r.method, r["rank"], dim, r.targets)]
-    family = ["full" if m == "full" else f"{'subspace' if m == 'subspace' else 'LoRA'} ({t})"
-              for m, t in zip(r.method, r.targets)]
+    family = [v.label if v.method == "full" else f"{v.label} ({t})" for v, t in zip(kinds, r.targets)]
+    size = [f"d={d:g}" if v.method == "subspace" else f"r={int(k)}" if v.method == "lora" else ""
+            for v, k, d in zip(kinds, r["rank"], dim)]
+    base = [v.label if v.method == "full" else f"{v.label} {z} ({t})" for v, z, t in zip(kinds, size, r.targets)]
     conf_cols = sorted(c for c in r.columns if st.is_configuration_key(c) and c != "method")
     values = [{c: st.canonical(row[c]) for c in conf_cols} for row in r[conf_cols].to_dict("records")]
     r["config_key"] = [json.dumps(v, sort_keys=True) for v in values]
@@ -95,8 +100,8 @@ def prepare(runs: pd.DataFrame) -> pd.DataFrame:
     r["family"] = [f + e for f, e in zip(family, extras)]
     r["full_data"] = _col(r, "task.train_size").isna()
     r["eval_examples"] = pd.to_numeric(_col(r, "eval_examples"), errors="coerce")
-    r["order"] = [(0, "", 0, e) if m == "full" else (2, t, d, e) if m == "subspace" else (1, t, k, e)
-                  for m, t, k, d, e in zip(r.method, r.targets, r["rank"], dim, extras)]
+    r["order"] = [(0, "", v.order, 0, e) if v.method == "full" else (2, t, v.order, d, e) if v.method == "subspace"
+                  else (1, t, v.order, k, e) for v, t, k, d, e in zip(kinds, r.targets, r["rank"], dim, extras)]
     return r
 
 
@@ -214,9 +219,12 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
 # ---- Figures 2-4: φ grids of pairs of LoRA runs (paper Figures 3, 4; Appendix H.1) --------------------------------
 
 def subspace_pairs(subspace: pd.DataFrame, runs: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """The (run_a, run_b) pairs of one kind with their ranks, seeds, targets and setup, sorted."""
+    """The (run_a, run_b) pairs of one kind compared through their factors (basis 'factor': A's directions, which
+    figures 2-4 show; DoRA and ReLoRA pairs have none), with their ranks, seeds, targets, setup and variant, sorted:
+    plain LoRA first, then the paper's target set."""
     need(subspace, ["run_a", "run_b", "kind"], "subspace grids")
-    pairs = subspace.loc[subspace.kind == kind, ["run_a", "run_b"]].drop_duplicates()
+    factor = subspace.basis == "factor" if "basis" in subspace else True
+    pairs = subspace.loc[(subspace.kind == kind) & factor, ["run_a", "run_b"]].drop_duplicates()
     r = prepare(runs).set_index("run_id")
     for side in "ab":
         ids = pairs[f"run_{side}"]
@@ -225,10 +233,13 @@ def subspace_pairs(subspace: pd.DataFrame, runs: pd.DataFrame, kind: str) -> pd.
     pairs["targets"] = r.loc[pairs.run_a, "targets"].values
     pairs["setup"] = r.loc[pairs.run_a, "setup"].values
     pairs["full_data"] = r.loc[pairs.run_a, "full_data"].values
+    pairs["variant"] = r.loc[pairs.run_a, "variant"].values
     pairs = pairs.sort_values(["full_data", "setup", "targets", "seed_a", "rank_a", "rank_b", "run_a", "run_b"],
                               ascending=[False] + [True] * 7, ignore_index=True)
-    # the paper adapts W_q and W_v: its target set goes first where a sweep has several
-    return pairs.sort_values("targets", key=lambda t: t != "q,v", kind="stable", ignore_index=True)
+    # the paper adapts W_q and W_v with plain LoRA: its target set goes first where a sweep has several, its method
+    # before any variant
+    pairs = pairs.sort_values("targets", key=lambda t: t != "q,v", kind="stable", ignore_index=True)
+    return pairs.sort_values("variant", key=lambda v: v != "lora", kind="stable", ignore_index=True)
 
 
 def pick_rank_pair(subspace, runs) -> pd.Series:
@@ -237,6 +248,7 @@ def pick_rank_pair(subspace, runs) -> pd.Series:
     pairs = subspace_pairs(subspace, runs, "rank")
     if pairs.empty:
         raise MissingRuns("no LoRA runs at two ranks with the same seed")
+    pairs = pairs[pairs.variant == pairs.variant.iloc[0]]  # plain LoRA where it ran
     paper = pairs[(pairs.rank_a == PAPER_RANKS[0]) & (pairs.rank_b == PAPER_RANKS[1])]
     if len(paper):
         return paper.iloc[0]
@@ -249,6 +261,7 @@ def pick_seed_pair(subspace, runs) -> pd.Series:
     pairs = subspace_pairs(subspace, runs, "seed")
     if pairs.empty:
         raise MissingRuns("no LoRA runs at one rank with two seeds")
+    pairs = pairs[pairs.variant == pairs.variant.iloc[0]]  # plain LoRA where it ran
     best = PAPER_RANKS[1] if (pairs.rank_a == PAPER_RANKS[1]).any() else pairs.rank_a.max()
     return pairs[pairs.rank_a == best].iloc[0]
 
@@ -279,23 +292,24 @@ def _pair_grids(subspace, pair, layer: int | None) -> pd.DataFrame:
 
 def phi_rank_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
     """Figure 2's data: φ between LoRA's A at two ranks (same seed), at one layer (default: the middle one).
-    Columns: setup, run_a, run_b, rank_a, rank_b, seed, layer, matrix_type, i, j, phi, random_baseline."""
+    Columns: setup, variant (plain 'lora' where it ran, else a variant with factors), run_a, run_b, rank_a, rank_b,
+    seed, layer, matrix_type, i, j, phi, random_baseline."""
     pair = pick_rank_pair(subspace, runs)
     grids = _pair_grids(subspace, pair, layer)
-    return grids.assign(setup=pair.setup, run_a=pair.run_a, run_b=pair.run_b, rank_a=int(pair.rank_a),
-                        rank_b=int(pair.rank_b), seed=pair.seed_a)[
-        ["setup", "run_a", "run_b", "rank_a", "rank_b", "seed"] + list(grids.columns)]
+    return grids.assign(setup=pair.setup, variant=pair.variant, run_a=pair.run_a, run_b=pair.run_b,
+                        rank_a=int(pair.rank_a), rank_b=int(pair.rank_b), seed=pair.seed_a)[
+        ["setup", "variant", "run_a", "run_b", "rank_a", "rank_b", "seed"] + list(grids.columns)]
 
 
 def phi_seed_data(subspace, runs, layer: int | None = None) -> pd.DataFrame:
     """Figure 3's data: φ between LoRA's A from two seeds at r=64 (else the largest rank with two seeds), at one
-    layer (default: the middle one). Columns: setup, run_a, run_b, rank, seed_a, seed_b, layer, matrix_type, i, j,
-    phi, random_baseline."""
+    layer (default: the middle one). Columns: setup, variant (as figure 2's), run_a, run_b, rank, seed_a, seed_b,
+    layer, matrix_type, i, j, phi, random_baseline."""
     pair = pick_seed_pair(subspace, runs)
     grids = _pair_grids(subspace, pair, layer)
-    return grids.assign(setup=pair.setup, run_a=pair.run_a, run_b=pair.run_b, rank=int(pair.rank_a),
-                        seed_a=pair.seed_a, seed_b=pair.seed_b)[
-        ["setup", "run_a", "run_b", "rank", "seed_a", "seed_b"] + list(grids.columns)]
+    return grids.assign(setup=pair.setup, variant=pair.variant, run_a=pair.run_a, run_b=pair.run_b,
+                        rank=int(pair.rank_a), seed_a=pair.seed_a, seed_b=pair.seed_b)[
+        ["setup", "variant", "run_a", "run_b", "rank", "seed_a", "seed_b"] + list(grids.columns)]
 
 
 def phi_layers_data(subspace, runs) -> pd.DataFrame:

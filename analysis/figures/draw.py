@@ -25,6 +25,7 @@ from analysis.figures.data import (GIB, MEMORY_PARTS, SHORT, ZOOM, accuracy_by_r
                           checkpoint_data, data_scarce_data, data_scarce_table, energy_rank_table, matrix_order, memory_data,
                           memory_table, phi_layers_data, phi_rank_data, phi_seed_data, phi_table, spectra_data)
 from analysis.statistics import n_label
+from analysis.variants import label_of
 from analysis.figures.style import FULL_COLOR, MAJORITY_COLOR, RANDOM_COLOR, color, marker, new_figure, save, styled
 from analysis.tables import write_csv
 
@@ -51,9 +52,10 @@ def _write(out_dir: Path, name: str, fig, data: pd.DataFrame, table: pd.DataFram
 
 
 def _ordered(values, key_frame: pd.DataFrame) -> list:
-    """Config labels in plotting order: full first, then by target set and rank."""
+    """Config labels in plotting order: full first, then by target set, variant and rank (unknown labels last)."""
     order = key_frame.drop_duplicates("config").set_index("config")["order"]
-    return sorted(dict.fromkeys(values), key=lambda v: order.get(v, (2, str(v), 0, "")))
+    known = [v for v in dict.fromkeys(values) if v in order.index]
+    return sorted(known, key=lambda v: order[v]) + sorted(v for v in dict.fromkeys(values) if v not in order.index)
 
 
 def config_colors(configs) -> dict:
@@ -229,12 +231,18 @@ def _phi_two_rows(data: pd.DataFrame, ylabel: str, xlabel: str, suptitle: str):
     return fig
 
 
+def _of_variant(data: pd.DataFrame) -> str:
+    """' (PiSSA)' where figures 2-4 show a LoRA variant's A (a sweep without plain LoRA pairs), else ''."""
+    variant = data["variant"].iloc[0] if "variant" in data else "lora"
+    return "" if variant == "lora" else f" ({label_of(variant)})"
+
+
 @styled
 def plot_phi_rank(data: pd.DataFrame):
     ra, rb, seed, layer, setup = (data[c].iloc[0] for c in ("rank_a", "rank_b", "seed", "layer", "setup"))
     return _phi_two_rows(data, f"i (A, r={ra})", f"j (A, r={rb})",
-                         f"φ of A's right-singular directions, r={ra} vs r={rb}, seed {seed}, layer {layer} "
-                         f"(setup {setup}, one pair)")
+                         f"φ of A's right-singular directions{_of_variant(data)}, r={ra} vs r={rb}, seed {seed}, "
+                         f"layer {layer} (setup {setup}, one pair)")
 
 
 def figure_2(tables, out_dir: Path, layer: int | None = None) -> Drawn:
@@ -246,8 +254,8 @@ def figure_2(tables, out_dir: Path, layer: int | None = None) -> Drawn:
 def plot_phi_seed(data: pd.DataFrame):
     r, sa, sb, layer, setup = (data[c].iloc[0] for c in ("rank", "seed_a", "seed_b", "layer", "setup"))
     return _phi_two_rows(data, f"i (A, seed {sa})", f"j (A, seed {sb})",
-                         f"φ of A's right-singular directions, seeds {sa} vs {sb}, r={r}, layer {layer} "
-                         f"(setup {setup}, one pair)")
+                         f"φ of A's right-singular directions{_of_variant(data)}, seeds {sa} vs {sb}, r={r}, "
+                         f"layer {layer} (setup {setup}, one pair)")
 
 
 def figure_3(tables, out_dir: Path, layer: int | None = None) -> Drawn:

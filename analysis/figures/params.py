@@ -15,18 +15,14 @@ from analysis.figures.data import MissingRuns, majority_by_setup, prepare, targe
 from analysis.figures.draw import Drawn, _majority, _setup_title, _write
 from analysis.intrinsic_dim import LR, SHARE, threshold_table
 from analysis.statistics import n_label
+from analysis.variants import label_of, variant_of
 from analysis.figures.style import FULL_COLOR, color, marker, new_figure, styled
 
 
 def _curve(row) -> str:
-    method = row["method.name"]
-    if method == "full":
-        return "full"
-    tgt = targets_label(row.get("method.targets"))
-    variant = row.get("method.variant")
-    label = "subspace" if method == "subspace" else "LoRA" if not isinstance(variant, str) or variant == "lora" \
-        else variant
-    return f"{label} ({tgt})"
+    """'full', or the variant's label and target set: 'LoRA (q,v)', 'DoRA (q,v)', 'subspace (q,v)'."""
+    v = variant_of(row)
+    return v.label if v.method == "full" else f"{v.label} ({targets_label(row.get('method.targets'))})"
 
 
 def params_data(runs: pd.DataFrame) -> pd.DataFrame:
@@ -71,7 +67,7 @@ def plot_params(d: pd.DataFrame, marks: pd.DataFrame):
         floors = marks.loc[marks.setup == setup, "majority"].dropna()
         _majority(ax, float(floors.iloc[0]) if len(floors) else None)  # how much of "90 % of full" it gives alone
         for m in marks[(marks.setup == setup) & marks["size"].notna()].to_dict("records"):
-            name = "d90" if m["method"] == "subspace" else "LoRA r90%"
+            name = "d90" if m["method"] == "subspace" else f"{label_of(m['method'])} r90%"
             ax.axvline(m["adapted_params"], color="#555555", lw=0.7, ls="--")
             ax.annotate(f"{name} = {m['size']:g}", (m["adapted_params"], m["goal"]), fontsize=6, rotation=90,
                         va="bottom", ha="right")
@@ -86,7 +82,8 @@ def figure_14(tables, out_dir: Path) -> Drawn:
     runs = tables["runs"]
     d = params_data(runs)
     marks = threshold_table(runs, majority=majority_by_setup(runs))
-    return _write(out_dir, "fig14_accuracy_vs_parameters", plot_params(d, marks), d, table=marks)
+    notes = [f"Setup {s}: {n}." for s, n in dict.fromkeys(zip(marks.setup, marks.note)) if n]
+    return _write(out_dir, "fig14_accuracy_vs_parameters", plot_params(d, marks), d, table=marks, note=" ".join(notes))
 
 
 def dynamics_data(tables) -> pd.DataFrame:

@@ -1,9 +1,11 @@
 """Every figure of the report: its number, its one-line caption and the sweep its runs come from; building
 them all, and the report's figure section.
 
-    built = write_figures(out, tables)      # OUT/figures/figN_*; a figure whose runs are missing is skipped
+    built = write_figures(out, tables)      # OUT/figures/figN_*; a figure whose runs are missing, or that raises,
+                                             # is skipped with the reason (the second also on stderr)
     figures_markdown(built, out)             # "## Figures" with each image, caption and table, or why it is missing
 """
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from analysis.figures.draw import (Drawn, figure_1, figure_2, figure_3, figure_4
                       figure_9, figure_10)
 from analysis.figures.lm import figure_11, figure_12, figure_13
 from analysis.figures.params import figure_14, figure_15
+from analysis.sections import failure
 from analysis.tables import FIGURES_DIR, markdown_table
 
 SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure needs; demo_*: the small versions
@@ -119,19 +122,30 @@ class Built:
 
 def write_figures(out_dir: Path, tables: dict, numbers=None) -> list[Built]:
     """Every figure (or those in `numbers`) from the tables into OUT/figures/; skipped ones are reported and
-    their stale files removed."""
+    their stale files removed. A figure that raises (anything but MissingRuns, and OSError: a full disk is the
+    report's) costs that figure alone: it is skipped with the error, said on stderr too, and the next one drawn."""
     fig_dir = Path(out_dir) / FIGURES_DIR
     built = []
     for spec in (s for s in FIGURES if numbers is None or s.number in numbers):
-        for old in fig_dir.glob(f"fig{spec.number}_*"):
-            old.unlink()  # a figure that is skipped now must not show an earlier run's picture
+        _remove(fig_dir, spec)  # a figure that is skipped now must not show an earlier run's picture
         try:
             built.append(Built(spec, spec.build(tables, fig_dir)))
             print(f"analysis: figure {spec.number}: {built[-1].drawn.path}", flush=True)
         except MissingRuns as e:
             built.append(Built(spec, None, f"{e}; its runs come from {SWEEPS[spec.sweep]}"))
             print(f"analysis: figure {spec.number} skipped: {built[-1].reason}", flush=True)
+        except OSError:
+            raise
+        except Exception as e:  # a bug or an unforeseen table: this figure is lost, not the report
+            _remove(fig_dir, spec)  # what it wrote before it failed
+            built.append(Built(spec, None, f"it could not be made: {failure(e)}"))
+            print(f"analysis: figure {spec.number} skipped: {built[-1].reason}", file=sys.stderr, flush=True)
     return built
+
+
+def _remove(fig_dir: Path, spec: Spec) -> None:
+    for old in fig_dir.glob(f"fig{spec.number}_*"):
+        old.unlink()
 
 
 def figures_markdown(built: list[Built], out_dir: Path) -> str:
