@@ -323,9 +323,9 @@ def test_cli_on_damaged_and_empty_roots(cli_dir, damaged_root, capsys, monkeypat
     assert "Traceback" not in err, err
     assert f"{len(GOOD)} runs analysed, {len(EXPECTED)} skipped" in out
     assert (cli_dir / "damaged_out" / "report.md").is_file()
-    main(["empty_root", "--out", "empty_out", "--no-figures"])
-    out, err = capsys.readouterr()
-    assert err == "", err
-    last = out.splitlines()[-1]
-    assert "0 runs analysed, 0 skipped" in last and "no run directories below empty_root" in last
-    assert (cli_dir / "empty_out" / "report.md").is_file()
+    # a root without run directories: one error line, exit 2, nothing written (it used to write an empty report)
+    with pytest.raises(SystemExit) as stop:
+        main(["empty_root", "--out", "empty_out", "--no-figures"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "empty_root" in err[0], err
+    assert not (cli_dir / "empty_out").exists()

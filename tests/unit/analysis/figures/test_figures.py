@@ -26,6 +26,7 @@ from analysis.tables import markdown_table, table_path, write_csv
 from analysis.wandb_sync import remove_older_offline_runs
 from lowrank.rundir import atomic
 from lowrank.rundir import layout as rundir
+from lowrank.adapters.methods import Full, LoRA
 from lowrank.rundir.delta import ensure_base_weights, linear_weights, write_delta
 from lowrank.adapters.lora import inject_lora, lora_layers
 
@@ -107,7 +108,7 @@ def write_run(root: Path, overrides: list[str], estimate: bool, model_cls=TinyBe
             u, v = torch.randn(w.shape[0], 2, generator=g), torch.randn(2, w.shape[1], generator=g)
             w.data += 0.001 * torch.randn(w.shape, generator=g) + 0.01 * u @ v
         scaling = 1.0
-    write_delta(run_dir, model, m.name, names, w0, base, {"scaling": scaling, "rank": m.get("rank"),
+    write_delta(run_dir, model, LoRA(m) if m.name == "lora" else Full(), names, w0, base, {"scaling": scaling, "rank": m.get("rank"),
                                                          "alpha": m.get("alpha"), "targets": names})
     lora = m.name == "lora"
     n_adapter = sum(p.numel() for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B))
