@@ -6,22 +6,46 @@ import pytest
 
 from lowrank.rundir import layout as rundir
 from lowrank.errors import ConfigError
-from tests.conftest import TINY, run_cli
+from tests.cli_batch import run_cli_batch
+from tests.conftest import TINY
 
 
-def test_a_skipped_rerun_rewrites_nothing(tmp_path):
-    base = [*TINY, f"runs_root={tmp_path}"]
-    first = run_cli(["-m", "experiments.train", "trainer.lr=1e-3", *base], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    (run,) = tmp_path.glob("default/*/metrics.json")
-    run = run.parent
-    files = lambda: {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*")  # noqa: E731
-                     if p.is_file() and p.name != rundir.LOCK_FILE}  # the lock is taken, and that is all
-    before = files()
-    again = run_cli(["-m", "experiments.train", "-m", "trainer.lr=0.001", *base], cwd=tmp_path)
+def finished_files(run):
+    """Every file of a run directory, its bytes and mtime, but the lock (taken by every launch, and that is all)."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*")
+            if p.is_file() and p.name != rundir.LOCK_FILE}
+
+
+@pytest.fixture(scope="module")
+def launched_again(tmp_path_factory):
+    """Two tiny runs launched as processes side by side, each in a runs root F of its own, then launched again, side by
+    side: `rerun` once finished (as a multirun, the lr spelled another way), `locked` while this process holds its
+    run's lock, its metrics.json removed as if it were still running. Each a process forked from one tests.cli_batch
+    process per stage: {case: (F, first result, its run dir, its files before the second launch, second result)}."""
+    roots = {case: tmp_path_factory.mktemp(case) for case in ("rerun", "locked")}
+    first_args = {"rerun": ["-m", "experiments.train", "trainer.lr=1e-3", *TINY, f"runs_root={roots['rerun']}"],
+                  "locked": ["-m", "experiments.train", *TINY, f"runs_root={roots['locked']}"]}
+    second_args = {"rerun": ["-m", "experiments.train", "-m", "trainer.lr=0.001", *TINY, f"runs_root={roots['rerun']}"],
+                   "locked": first_args["locked"]}
+    first = dict(zip(roots, run_cli_batch(list(first_args.values()), list(roots.values()), timeout=600,
+                                          preload=["torch._dynamo"])))
+    for case, result in first.items():
+        assert result.returncode == 0, (case, result.stderr[-2000:])
+    runs = {case: next(root.glob("default/*/metrics.json")).parent for case, root in roots.items()}
+    (runs["locked"] / "metrics.json").unlink()  # as if it were still running
+    before = {case: finished_files(run) for case, run in runs.items()}
+    with rundir.RunLock(runs["locked"]):
+        second = dict(zip(roots, run_cli_batch(list(second_args.values()), list(roots.values()), timeout=600,
+                                               preload=["torch._dynamo"])))
+    return {case: (roots[case], first[case], runs[case], before[case], second[case]) for case in roots}
+
+
+def test_a_skipped_rerun_rewrites_nothing(launched_again):
+    # was a fresh `python -m experiments.train` each launch; now forked from tests/cli_batch.py
+    root, _, run, before, again = launched_again["rerun"]
     assert again.returncode == 0 and "is finished" in again.stdout, again.stdout[-2000:]
-    assert files() == before
-    assert len(list(tmp_path.glob("default/*/metrics.json"))) == 1
+    assert finished_files(run) == before
+    assert len(list(root.glob("default/*/metrics.json"))) == 1
 
 
 def test_train_refuses_a_directory_holding_another_config(tiny_run):
@@ -30,14 +54,10 @@ def test_train_refuses_a_directory_holding_another_config(tiny_run):
         tiny_run("method.rank=2", name="shared")
 
 
-def test_the_same_run_launched_twice_trains_once(tmp_path):
+def test_the_same_run_launched_twice_trains_once(launched_again):
     """A second process finds the run directory locked: one line naming the holder, exit 1, nothing written."""
-    base = ["-m", "experiments.train", *TINY, f"runs_root={tmp_path}"]
-    assert run_cli(base, cwd=tmp_path).returncode == 0
-    (run,) = [p.parent for p in tmp_path.glob("default/*/metrics.json")]
-    (run / "metrics.json").unlink()  # as if it were still running
-    with rundir.RunLock(run):
-        second = run_cli(base, cwd=tmp_path, timeout=120)
+    # was a fresh `python -m experiments.train` each launch; now forked from tests/cli_batch.py
+    _, _, run, _, second = launched_again["locked"]
     assert second.returncode == 1, second.stderr
     assert second.stderr.strip().splitlines() == [second.stderr.strip()]
     assert f"pid {os.getpid()}" in second.stderr and "not started a second time" in second.stderr
