@@ -13,6 +13,7 @@ from experiments.import_delta import import_pair
 
 from tests.conftest import run_cli
 from tests.unit.experiments.test_import_delta import DENSE, MINILM, PLANTED, read_all
+from tests.unit.experiments.test_import_delta import checkpoints  # noqa: F401 (a fixture, used by name)
 
 
 def test_a_pair_is_recovered_exactly_and_reported_next_to_a_trained_run(tmp_path, checkpoints, tiny_run):
