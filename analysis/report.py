@@ -1,4 +1,6 @@
 """Analyse every run below one or more roots: the tables, the figures built from them, and report.md.
+Its ~460 lines are the report's sections in the order report.md prints them; the math, pooling, figures and
+reading of runs live in the modules it calls.
 
     python -m analysis.report runs [more_roots ...] --out analysis_out
 

@@ -17,7 +17,7 @@ from benchmarks.harness.record import Column, markdown_table
 
 TRAINER = "trainer"  # rows of lowrank.train.recipe.train itself (benchmarks/bench_trainer.py): impl and mode
 COMPILE_MODEL = "compile-model"  # torch.compile(model), the way a PEFT user speeds it up
-TARGETS_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "targets.json"
+TARGETS_FILE = Path(__file__).resolve().parent.parent / "targets.json"  # benchmarks/targets.json
 
 
 def ratio_rows(rows):

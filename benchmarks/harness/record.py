@@ -31,7 +31,7 @@ import torch
 
 from lowrank.rundir.atomic import write_json, write_text
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout whose code is measured
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose code is measured (benchmarks/harness/ is two down)
 COMMIT_ENV = "LOWRANK_GIT_COMMIT"
 PACKAGES = ("torch", "transformers", "peft", "triton")
 NONE = "–"  # how a missing value is written in a table
