@@ -7,7 +7,7 @@
 Figure N writes figN_*.{png,pdf,csv} (the CSV holds the plotted data; `*_table.csv` the table the report shows)
 in the one style of `analysis.figures.style`, with no dates or versions in the files: the same tables give the same bytes.
 Every figure says its setup (analysis.statistics), every series its n; seed intervals are drawn only where there
-are two or more seeds; legends sit under or beside their panel, inside the figure (tests/test_figures.py renders
+are two or more seeds; legends sit under or beside their panel, inside the figure (tests/unit/analysis/figures/test_figures.py renders
 every figure and checks that no two texts overlap). A figure whose runs are missing raises
 figure_data.MissingRuns. The ten plots share this file's axis, interval and heat-map helpers, which is why it
 runs past 600 lines.

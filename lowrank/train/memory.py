@@ -1,7 +1,7 @@
 """Predict the memory of a fine-tuning step from the model config alone: nothing is allocated.
 
 One model in one file (about 440 lines): the architecture description, the parameter and per-layer byte
-counts and the estimate share every term, and each term is checked by hand in tests/test_memory.py.
+counts and the estimate share every term, and each term is checked by hand in tests/unit/train/test_memory.py.
 
     est = estimate_memory(config, "lora", batch_size=8, seq_len=1024, rank=16, targets="all-linear",
                           weight_dtype="bf16", precision="bf16")
