@@ -32,6 +32,7 @@ class Delta:
 class Full:
     """Every weight trains; ΔW = W_ft − W_0 of the targets."""
     name, needs_w0, trains_everything = "full", True, True
+    base_moves = False  # ReLoRA folds its adapters into the base weights
 
     def apply(self, model: nn.Module, names: list[str], head: nn.Module | None) -> None:
         pass
@@ -82,8 +83,6 @@ class LoRA(Full):
     """Adapters of `layer_type` on the targets; only they and the head train. ΔW is the layer's own product, or,
     where it has none (DoRA), its dense ΔW against W0."""
     name, trains_everything = "lora", False
-
-    base_moves = False
 
     def __init__(self, mc, rank_pattern=None, layer_type: type[LoRALinear] = LoRALinear):
         self.mc, self.rank_pattern, self.layer_type = mc, rank_pattern, layer_type

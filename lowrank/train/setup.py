@@ -176,9 +176,8 @@ def _data(run: Run) -> None:
 def _optimizer(run: Run) -> None:
     tc, mc = run.cfg.trainer, run.cfg.method
     loraplus = option(run.cfg, "method.loraplus_ratio")  # LoRA+: B's learning rate is this many times A's
-    relora = option(run.cfg, "method.relora_every") if mc.name == "lora" else None
     kind = resolve_optimizer(tc.optimizer, mc.name, run.device.type, run.precision, static_batches=run.mask_free,
-                             loraplus=loraplus is not None or bool(relora))
+                             loraplus=loraplus is not None or run.method.base_moves)  # ReLoRA: its resets
     if run.parallel != "none" and kind == "flat_master":
         if tc.optimizer == "flat_master":
             raise ConfigError(f"trainer.optimizer=flat_master is not valid with trainer.parallel={run.parallel}; "
