@@ -6,7 +6,7 @@ never averaged as if they were one.
 
 Each field that cannot be known is null with a `why` beside it (an installed wheel has no .git; a shape-only model
 has no weight files); nothing here raises for that. Weight files are hashed once: their SHA-256 is cached by
-(path, size, mtime) in a JSON file (RUNS_ROOT/base_weights/file_sha256.json for the trainer), so the next run of
+(path, size, mtime) in a JSON file (RUNS_ROOT/.cache/file_sha256.json for the trainer and imports), so the next run of
 the same model reads the cache instead of 90 MB to 13 GB of weights.
 """
 import hashlib
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lowrank.rundir import atomic
-from lowrank.rundir.layout import BASE_WEIGHTS_DIR
+from lowrank.rundir.layout import CACHE_DIR
 
 PACKAGES = ("torch", "transformers", "peft", "hydra-core")
 CHECKOUT = Path(__file__).resolve().parents[2]  # the folder holding lowrank/: a git checkout, or site-packages
@@ -147,6 +147,6 @@ def model_digest(model: dict | None) -> str | None:
 
 
 def cache_file_of(runs_root) -> Path:
-    """Where the trainer caches weight files' digests: beside W0, once per runs root."""
-    return Path(runs_root) / BASE_WEIGHTS_DIR / DIGEST_CACHE_FILE
+    """Where weight files' digests are cached, once per runs root (not in base_weights/, which holds W0 files only)."""
+    return Path(runs_root) / CACHE_DIR / DIGEST_CACHE_FILE
 
