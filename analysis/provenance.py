@@ -90,6 +90,12 @@ def add_setups(table: pd.DataFrame, config_keys) -> tuple[pd.DataFrame, pd.DataF
     return table, setups, [_split_line(old, keys, unknown, new_setup) for old, (keys, unknown) in split.items()]
 
 
+def _shown(digest, part: int) -> str:
+    """A digest as a split line shows it; training data the seed picks is compared within a seed only, so runs whose
+    key holds none trained on what the other runs of their seed did."""
+    return "their seed's usual" if digest is None and part == 2 else _short(digest)
+
+
 def _runs(runs) -> str:
     return f"run{'s' if len(runs) > 1 else ''} " + ", ".join(f"`{r}`" for r in sorted(runs))
 
@@ -104,7 +110,8 @@ def _split_line(old: str, keys: dict, unknown: list, new_setup: dict) -> str:
     for run_id, key in sorted(keys.items()):
         parts.setdefault(tuple(key[i] for i in varying), []).append(run_id)
     said = [f"{_runs(runs)} {'have' if len(runs) > 1 else 'has'} " + (what + " " if i == 0 else "")
-            + " / ".join(_short(d) for d in digests) for i, (digests, runs) in enumerate(parts.items())]
+            + " / ".join(_shown(d, varying[k]) for k, d in enumerate(digests)) for i, (digests, runs) in
+            enumerate(parts.items())]
     if unknown:
         said.append(f"{_runs(unknown)} {'have' if len(unknown) > 1 else 'has'} no provenance")
     now = sorted({new_setup[r] for r in list(keys) + unknown}, key=lambda s: int(s[1:]))
@@ -125,7 +132,7 @@ def _train(rows: list[dict]) -> str:
     digests = list(dict.fromkeys(_short(_get(r, TRAIN)) for r in rows))
     if len(digests) > 1 and any(_get(r, SEEDED) for r in rows):
         return f"{len(digests)} digests (the seed picks the examples)"
-    return ", ".join(digests)
+    return ", ".join(digests) or "–"
 
 
 def provenance_lines(table: pd.DataFrame) -> list[str]:
@@ -152,4 +159,5 @@ def provenance_lines(table: pd.DataFrame) -> list[str]:
             f"the model's revision (Hub commit or weight files' SHA-256) and the data's digests (first {SHORT} hex "
             "digits), devices. Runs whose model or data digests differ are never pooled (analysis/provenance.py)."
             + (f" Provenance is unknown for {unknown} run{'s' if unknown > 1 else ''} (written before it was "
-               "recorded); they pool as before." if unknown else ""), "", markdown_table(pd.DataFrame(rows)), ""]
+               "recorded); they pool as before, but in a setup split by digests, where they are a part of their own."
+               if unknown else ""), "", markdown_table(pd.DataFrame(rows)), ""]
