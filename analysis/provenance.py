@@ -17,11 +17,10 @@ import pandas as pd
 
 from analysis import statistics as st
 from analysis.tables import markdown_table
-from lowrank.rundir.provenance import model_digest
 
 GROUP = "provenance_group"  # runs.csv column: which digest group of a split setup a run is in (empty: not split)
 KNOWN = "provenance.device"  # present in every run that recorded provenance
-MODEL_KEYS = ("provenance.model.hub_commit", "provenance.model.files_sha256")
+MODEL_KEYS = ("provenance.model.hub_commit", "provenance.model.files_sha256")  # what names the weights, in order
 TRAIN, EVAL, SEEDED = "provenance.data.train_sha256", "provenance.data.eval_sha256", "provenance.data.train_seeded"
 UNKNOWN = "provenance unknown"
 SHORT = 10  # hex digits of a digest shown
@@ -41,7 +40,7 @@ def _known(row: dict) -> bool:
 
 def _digests(row: dict, with_train: bool) -> tuple:
     """(model, eval data, train data or None) of one run."""
-    model = model_digest({k.rsplit(".", 1)[1]: _get(row, k) for k in MODEL_KEYS})
+    model = next((_get(row, k) for k in MODEL_KEYS if _get(row, k) is not None), None)  # Hub commit, else files'
     return model, _get(row, EVAL), _get(row, TRAIN) if with_train else None
 
 

@@ -141,11 +141,6 @@ def model_revision(source: str | None, weight_files: list[Path] | None, hub_id: 
     return out
 
 
-def model_digest(model: dict | None) -> str | None:
-    """The one value that names a model's weights (Hub commit or files' digest), None where unknown."""
-    return (model or {}).get("hub_commit") or (model or {}).get("files_sha256")
-
-
 def cache_file_of(runs_root) -> Path:
     """Where weight files' digests are cached, once per runs root (not in base_weights/, which holds W0 files only)."""
     return Path(runs_root) / CACHE_DIR / DIGEST_CACHE_FILE
