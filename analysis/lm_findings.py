@@ -27,7 +27,7 @@ from lowrank.rundir.atomic import write_text
 from analysis.figures.data import MissingRuns
 from analysis.lm_tables import frontier_data, lm_runs, lr_data
 from analysis.runs import outcome_table
-from analysis.statistics import add_setups
+from analysis.provenance import add_setups
 from analysis.tables import markdown_table, table_path, write_csv
 
 STEP = 10 ** 0.5          # half a decade: one step of a ~3x learning-rate grid
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     twice = table.duplicated("config_hash") if "config_hash" in table else pd.Series(False, index=table.index)
     skipped += [(r, "the same config as another run below the roots (trained twice): counted once")
                 for r in table.run_id[twice]]
-    runs, _ = add_setups(table[~twice].reset_index(drop=True), keys)
+    runs, _, not_pooled = add_setups(table[~twice].reset_index(drop=True), keys)
     spectrum = pd.concat([pd.read_csv(s) for s in opts.spectrum], ignore_index=True).drop_duplicates(
         ["run_id", "module"]) if opts.spectrum else pd.DataFrame(columns=["run_id", "module", "r90", "layer", "matrix_type"])
     tables = {"runs": runs, "spectrum": spectrum[spectrum.run_id.isin(runs.run_id)]}
@@ -150,7 +150,8 @@ def main(argv=None) -> None:
     figures = figures_markdown(write_figures(opts.out, tables, [11, 12, 13]), opts.out)
     text = ["# Generative findings", "", f"Roots: {', '.join(map(str, opts.roots))}; spectra: "
             f"{', '.join(map(str, opts.spectrum)) or 'none'}; {len(runs)} runs, {len(skipped)} skipped", ""]
-    text += [f"- `{r}`: {why}" for r, why in skipped] + [""] + report_lines(found) + [figures]
+    text += [f"- `{r}`: {why}" for r, why in skipped] + [""] + [f"- {line}" for line in not_pooled]
+    text += [""] * bool(not_pooled) + report_lines(found) + [figures]
     write_text(opts.out / "findings.md", "\n".join(text) + "\n")
     print(markdown_table(found) if len(found) else "no causal-LM runs", f"\n-> {opts.out / 'findings.md'}")
 

@@ -46,6 +46,7 @@ from analysis import rank_advice as ra
 from analysis.rank_advice_report import rank_advice_lines, rank_advice_table
 from analysis import runs as runs_mod
 from analysis import statistics as st
+from analysis.provenance import add_setups, provenance_lines
 from analysis.report_cli import parse_args
 from analysis.figures.data import prepare, targets_label
 from analysis.dynamics import dynamics_table
@@ -151,8 +152,9 @@ def _frame(rows: list[dict], sort_keys: list[str], int_cols: list[str]) -> pd.Da
     return df.sort_values(sort_keys, ignore_index=True)
 
 
-def _setup_lines(setups: pd.DataFrame) -> list[str]:
-    """report.md's list of setups: what each is and which runs it holds."""
+def _setup_lines(setups: pd.DataFrame, not_pooled=()) -> list[str]:
+    """report.md's list of setups: what each is and which runs it holds, and the setups split because their runs'
+    model or data digests differ (analysis/provenance.py)."""
     lines = [f"## Setups ({len(setups)})", "",
              "A setup is every config key of a run but the seed, the configuration compared (`method.*`, "
              "`trainer.lr`) and the keys that never change results (`runs_root`, `name`, `logger.*`, "
@@ -166,6 +168,9 @@ def _setup_lines(setups: pd.DataFrame) -> list[str]:
             lines.append(f"- **{row.setup}**" + (f" ({row.label})" if row.label else "") + f": {row.n_runs} run"
                          + ("s" if row.n_runs > 1 else "") + ": " + ", ".join(f"`{r}`" for r in runs))
         lines.append("")
+    if not_pooled:
+        lines += ["Split because their model or data differ (metrics.json `provenance`):", ""]
+        lines += [f"- {line}" for line in not_pooled] + [""]
     return lines
 
 
@@ -200,15 +205,16 @@ def amplification_summary_table(amps: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures: str = "",
-              advice_lines: list[str] = (), sections: Sections | None = None) -> str:
+              advice_lines: list[str] = (), sections: Sections | None = None, not_pooled: list[str] = ()) -> str:
     """The short report: the setups found and their runs, the figure section (markdown) if any, what was analysed,
     what was skipped and why, key numbers per setup, the parts left out (`sections`: each part that raises here is
-    left out too, with its line), timing."""
+    left out too, with its line), timing. `not_pooled`: analysis.provenance's lines for setups split by digests."""
     sections = sections if sections is not None else Sections()
     runs = sections.attempt("configuration labels (analysis/figures/data.py prepare)",
                             lambda: prepare(table).set_index("run_id") if len(table) else None)
-    parts = [("setups", lambda: _setup_lines(setups)), ("figures", lambda: [figures, ""] if figures else []),
-             ("runs analysed", lambda: _runs_lines(table))]
+    parts = [("setups", lambda: _setup_lines(setups, not_pooled)),
+             ("provenance", lambda: provenance_lines(table)),
+             ("figures", lambda: [figures, ""] if figures else []), ("runs analysed", lambda: _runs_lines(table))]
     lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""]
     lines += [line for name, make in parts for line in sections.attempt(f"report.md section '{name}'", make, [])]
     lines += [f"## Runs skipped ({len(skipped)})", ""] + [f"- `{r}`: {why}" for r, why in skipped] + [""]
@@ -312,7 +318,7 @@ def run_report(opts) -> dict:
         opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"} | {8})  # cut to the runs analysed below
     t_load = time.perf_counter() - t_start
     progress(f"{len(runs)} runs to analyse, {len(skipped)} skipped ({t_load:.1f} s)")
-    keep = lora_setups_runs(st.add_setups(table, {k for r in runs for k in config_keys(r)})[0])
+    keep = lora_setups_runs(add_setups(table, {k for r in runs for k in config_keys(r)})[0])
     results, failed, stream = analyse_runs(runs, opts, keep)
     for run in runs:
         res = results.get(run.run_id)
@@ -328,7 +334,7 @@ def run_report(opts) -> dict:
             res.amps = [a for a in res.amps if a["method"] == "lora" or a["r"] in lora_ranks]
     t_runs = time.perf_counter() - t_start - t_load
 
-    table, setups = st.add_setups(table, {k for r in runs for k in config_keys(r)})
+    table, setups, not_pooled = add_setups(table, {k for r in runs for k in config_keys(r)})
     sections = Sections()  # a table or section that raises is left out with its line, not the report
     pairs, subspace = sections.attempt("subspace grids (tables/subspace.csv)", lambda: subspace_table(table, results),
                                        (NO_PAIRS, None))
@@ -378,7 +384,7 @@ def run_report(opts) -> dict:
     more += [] if "lm_findings" in left_out else sections.attempt(
         "report.md section 'causal-LM findings'", lambda: report_lines(tables["lm_findings"]), [])
     write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures,
-                                            more, sections))
+                                            more, sections, not_pooled))
     for k, v in timing.items():
         print(f"{k}: {v}")
     print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}" + (

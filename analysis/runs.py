@@ -29,13 +29,13 @@ import torch
 from omegaconf import OmegaConf
 
 from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact
-from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, MODULE_RANK_KEY,
+from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, CACHE_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, MODULE_RANK_KEY,
                             MODULE_SCALING_KEY, config_sha256, load_metrics)
 
 from analysis.checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
 from analysis.variants import variant_of
 
-NOT_RUNS = {BASE_WEIGHTS_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
+NOT_RUNS = {BASE_WEIGHTS_DIR, CACHE_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
 METHODS = ("full", "lora", "subspace")
 SUFFIXES = {"full": (".delta",), "lora": (".lora_A", ".lora_B"), "subspace": (".delta",)}
 DENSE = "dense"  # a delta file's `delta_form`: a LoRA variant whose ΔW is not one product (DoRA, ReLoRA)

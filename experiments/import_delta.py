@@ -38,6 +38,7 @@ from lowrank.rundir.integrity import CorruptArtifact, read_header
 from lowrank.adapters.lora import lora_scaling
 from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, adapter_factors, module_lora,
                                   read_adapter_config, scaling_rule)
+from lowrank.rundir import provenance
 from lowrank.rundir.layout import BASE_WEIGHTS_DIR, CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
 
 MAX_STRIP = 3  # leading name components dropped when mapping one checkpoint's names onto the other's
@@ -181,7 +182,8 @@ def import_pair(base_src: str, ft_src: str, out: Path, name: str | None = None, 
         config = {"model": {"name": name, "path": base_src}, "task": {"name": "imported"},
                   "method": {"name": "full", "targets": "all-linear"},
                   "imported": {"base": base_src, "finetuned": ft_src}, "seed": 0}
-        _finish(out, config, {"method": "full"}, t0, f"ΔW = W_ft − W_0 of {ft_src} over {base_src}")
+        _finish(out, config, {"method": "full", "provenance": _provenance(out, base)}, t0,
+                f"ΔW = W_ft − W_0 of {ft_src} over {base_src}")
     log(f"ΔW: {len(pairs)} matrices -> {out} ({time.perf_counter() - t0:.1f} s)")
     return out
 
@@ -248,7 +250,7 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
                              "fan_in_fan_out": bool(acfg.get("fan_in_fan_out")), "dropout": acfg.get("lora_dropout")},
                   "imported": {"base": base_src, "adapter": adapter_src}, "seed": 0}
         adapted = sum(s[0] * s[1] for _, s in keys.values())  # the factors' parameters
-        _finish(out, config, {"method": "lora", "adapted_params": adapted}, t0,
+        _finish(out, config, {"method": "lora", "adapted_params": adapted, "provenance": _provenance(out, base)}, t0,
                 f"LoRA factors of {adapter_src} over {base_src}" + (f"; not in ΔW: {others}" if others else ""))
     log(f"LoRA factors: {len(per_module)} modules -> {out} ({time.perf_counter() - t0:.1f} s)")
     return out
@@ -257,6 +259,13 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
 def _sorted(targets):
     """PEFT saves target_modules from a set, in no fixed order: sorted, so the config is the same at every import."""
     return sorted(targets) if isinstance(targets, list) else targets
+
+
+def _provenance(out: Path, base: Checkpoint) -> dict:
+    """The code, libraries and base model's weight files (their SHA-256) of an import; no data: nothing trained here."""
+    model = provenance.model_revision(base.source, sorted(set(base.files.values())),
+                                      cache_file=provenance.cache_file_of(out.parent.parent))
+    return provenance.record("cpu", model, None)
 
 
 def _finish(out: Path, config: dict, metrics: dict, t0: float, what: str) -> None:

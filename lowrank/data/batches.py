@@ -1,6 +1,8 @@
 """Tokenised examples in batches: training batches as a pure function of (seed, step), so a resumed run sees
 the same data, and evaluation batches grouped by length, so little is spent on padding.
 """
+import hashlib
+
 import torch
 
 MEGA_BATCHES = 50  # batches sorted by length together under group_by_length
@@ -32,6 +34,18 @@ class Batches:
     def unpadded(self) -> bool:
         """Every example has the same length: no batch is ever padded (task=synthetic)."""
         return len({len(f["input_ids"]) for f in self.features}) <= 1
+
+    def digest(self) -> str:
+        """SHA-256 of the examples in their order: every feature (input_ids, token_type_ids, ...) with each example's
+        length, then the labels. A changed token, label or order changes it (metrics.json's data provenance)."""
+        h = hashlib.sha256()
+        for key in sorted(self.features[0]) if self.features else []:
+            h.update(key.encode())
+            h.update(torch.tensor([len(f[key]) for f in self.features], dtype=torch.int64).numpy().tobytes())
+            h.update(torch.tensor([t for f in self.features for t in f[key]], dtype=torch.int64).numpy().tobytes())
+        h.update(b"labels")
+        h.update(torch.tensor(list(self.labels), dtype=torch.int64).numpy().tobytes())
+        return h.hexdigest()
 
     def collate(self, idx) -> dict:
         feats = [self.features[i] for i in idx]

@@ -84,6 +84,20 @@ def check_source(cfg_model, resolved: str) -> None:
                           f"model.path={cfg_model.path!r} is not a local folder; set model.path=/path/to/a/local/copy")
 
 
+def revision_source(cfg_model) -> tuple[list[Path], str | None, str | None]:
+    """What names a model's weights for its provenance: (its weight files, else the Hub id it loads from, else why
+    neither). A folder's weights are its *.safetensors files, else its *.bin; a GGUF checkpoint is its one file (its
+    dequantised cache is derived from it)."""
+    if cfg_model.get("shape"):
+        return [], None, "random weights built from model.shape (seeded by the run's seed)"
+    resolved = Path(resolve_path(cfg_model.path))
+    if not resolved.is_dir():
+        return [], cfg_model.path, None
+    if cfg_model.get("gguf_file"):
+        return [resolved / cfg_model.gguf_file], None, None
+    return sorted(resolved.glob("*.safetensors")) or sorted(resolved.glob("*.bin")), None, None
+
+
 def gguf_cache_dir(cfg_model) -> Path:
     """Where a GGUF checkpoint is cached once dequantised, as a plain HF folder (`models` writes it)."""
     return Path(resolve_path(cfg_model.cache_dir)) / cfg_model.name

@@ -49,6 +49,7 @@ class Classification:
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         self.tokenizer, self.pad_id, self.max_length, self.train_split = tokenizer, pad_id, cfg.trainer.max_length, train_split
         self.eval_label_counts = {str(k): test_split.labels.count(k) for k in sorted(set(test_split.labels))}
+        self.seed_picks_train = cfg.task.get("train_size") is not None  # a seeded subsample: differs per seed
         return (Batches(tokenizer, train_split, self.max_length, pad_id, group_by_length=group_by_length),
                 Batches(tokenizer, test_split, self.max_length, pad_id))
 
@@ -82,6 +83,7 @@ class CausalLM:
 
     def batches(self, cfg, tokenizer, model, group_by_length: bool, seed: int):
         self.eval_batch_size = cfg.trainer.eval_batch_size
+        self.seed_picks_train = cfg.task.loader != "synthetic"  # load_lm_task shuffles documents by the seed
         if cfg.task.loader == "synthetic":  # random tokens, exactly max_length each: speed runs of shape models
             train, test = load_synthetic(cfg.task)
             self.extras = {"ood": None, "exact_match": [], "meta": {"objective": self.objective}}

@@ -16,6 +16,7 @@ Two configs never share a directory, and one config finds its directory again ho
                       checkpoint.pt         training state while the run is unfinished
                       train.log             the log (written only by the process holding .lock)
     RUNS_ROOT/base_weights/                 W0 once per base model
+    RUNS_ROOT/.cache/                       weight files' SHA-256 by (path, size, mtime), for provenance
 """
 import fcntl
 import hashlib
@@ -41,6 +42,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train.log"
 LOCK_FILE = ".lock"
 BASE_WEIGHTS_DIR = "base_weights"
+CACHE_DIR = ".cache"  # RUNS_ROOT/.cache: what is cached across runs (weight files' SHA-256, lowrank.rundir.provenance)
 
 # Statuses in metrics.json. Final ones are results: re-running the same config gives the same outcome, so a
 # re-launched sweep skips them. `invalid` (bad input) and `failed` (an unexpected error) say why a job did

@@ -8,6 +8,8 @@ import torch
 
 from lowrank.adapters.lora import lora_scaling
 from lowrank.config import option
+from lowrank.data.model_files import revision_source
+from lowrank.rundir import provenance
 from lowrank.rundir.delta import write_delta
 from lowrank.rundir.layout import CHECKPOINT_FILE, DELTA_FILE
 from lowrank.rundir.record import write_run_metrics
@@ -23,7 +25,8 @@ log = logging.getLogger("lowrank.train.recipe")
 
 def diverged(run: Run, state: LoopState) -> dict:
     metrics = {"status": "diverged", "diverged_at_step": state.diverged_at, "method": run.cfg.method.name,
-               "eval_history": state.history, "wall_seconds": time.perf_counter() - run.t_start}
+               "eval_history": state.history, "wall_seconds": time.perf_counter() - run.t_start,
+               "provenance": _provenance(run)}
     log.error("non-finite loss or gradient at step %d: run marked diverged", state.diverged_at)
     return _record(run, metrics)
 
@@ -44,7 +47,8 @@ def finish(run: Run, state: LoopState, timing: dict) -> dict:
                **{k: v for k, v in state.history[-1].items() if k != "step"},  # eval_loss, eval_accuracy, train_loss
                **final_scores,  # train accuracy (classification); forgetting, exact match (causal LM)
                **_sizes(run), **_speed(run, timing), **_how(run), "wall_seconds": time.perf_counter() - run.t_start,
-               "eval_history": state.history, "delta_file": DELTA_FILE if run.keep_delta else None}
+               "eval_history": state.history, "delta_file": DELTA_FILE if run.keep_delta else None,
+               "provenance": _provenance(run)}
     metrics = _record(run, metrics)
     log.info("done: eval_loss %.4f in %.1f s -> %s", metrics["eval_loss"], metrics["wall_seconds"], run.run_dir)
     return metrics
@@ -58,6 +62,20 @@ def _record(run: Run, metrics: dict) -> dict:
     run.logger.summary(metrics)
     run.logger.finish()
     return metrics
+
+
+def _provenance(run: Run) -> dict:
+    """Code, libraries, device, the model's revision and digests of the examples trained and evaluated on, in
+    their order (lowrank/rundir/provenance.py). `train_seeded`: the run's seed picked or ordered the training
+    examples (task.train_size, LM tasks' shuffle), so train_sha256 differs between seeds by design. Rank 0 only
+    (the others write no metrics)."""
+    if not run.main:
+        return None
+    files, hub_id, why = revision_source(run.cfg.model)
+    model = provenance.model_revision(run.cfg.model.path, files, hub_id, provenance.cache_file_of(run.runs_root), why)
+    data = {"train_sha256": run.train_batches.digest(), "eval_sha256": run.test_batches.digest(),
+            "train_seeded": run.objective.seed_picks_train}
+    return provenance.record(run.device, model, data)
 
 
 def _sizes(run: Run) -> dict:

