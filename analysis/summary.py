@@ -147,7 +147,7 @@ def _quoted(row) -> str:
 
 def _reference_name(ref) -> str:
     """'full fine-tuning', or 'full fine-tuning, lr=0.0001' where the setup's full runs differ in a key."""
-    return "full fine-tuning" + ref.configuration.removeprefix(ref.family)
+    return "full fine-tuning" + ref.configuration.removeprefix("full")
 
 
 def _family_sentence(family: pd.DataFrame, ref) -> str:
