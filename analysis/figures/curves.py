@@ -43,8 +43,7 @@ def loss_curves_note(curves: pd.DataFrame, runs: pd.DataFrame) -> str:
     curves hold."""
     held = int(curves.drop_duplicates(["setup", "config"]).n_runs.sum()) if len(curves) else 0
     k = len(runs) - held
-    return "" if k <= 0 else (f"{k} run{'s' * (k > 1)} without history.csv (trained before runs wrote it) left "
-                              f"out.")
+    return "" if k <= 0 else f"{k} run{'s' * (k > 1)} without history.csv (trained before it was written) left out."
 
 
 def figure_16(tables, out_dir: Path) -> Drawn:
