@@ -26,8 +26,7 @@ from lowrank.rundir.atomic import write_text
 
 from analysis.figures.data import MissingRuns
 from analysis.lm_tables import frontier_data, lm_runs, lr_data
-from analysis.runs import outcome_table
-from analysis.provenance import add_setups
+from analysis.runs import outcome_runs
 from analysis.tables import markdown_table, table_path, write_csv
 
 STEP = 10 ** 0.5          # half a decade: one step of a ~3x learning-rate grid
@@ -136,11 +135,7 @@ def main(argv=None) -> None:
                    help="a report's tables/spectrum.csv for these runs (repeatable)")
     p.add_argument("--out", required=True, type=Path)
     opts = p.parse_args(argv)
-    table, keys, skipped = outcome_table(opts.roots)
-    twice = table.duplicated("config_hash") if "config_hash" in table else pd.Series(False, index=table.index)
-    skipped += [(r, "the same config as another run below the roots (trained twice): counted once")
-                for r in table.run_id[twice]]
-    runs, _, not_pooled = add_setups(table[~twice].reset_index(drop=True), keys)
+    runs, _, skipped, not_pooled = outcome_runs(opts.roots)
     spectrum = pd.concat([pd.read_csv(s) for s in opts.spectrum], ignore_index=True).drop_duplicates(
         ["run_id", "module"]) if opts.spectrum else pd.DataFrame(columns=["run_id", "module", "r90", "layer", "matrix_type"])
     tables = {"runs": runs, "spectrum": spectrum[spectrum.run_id.isin(runs.run_id)]}

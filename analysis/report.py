@@ -13,10 +13,14 @@ Writes (each file atomically; re-running on the same runs gives identical tables
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
   tables/rank_advice.csv      per module of the full fine-tuning runs: the rank reaching --energy-share of ‖ΔW‖_F²,
                               and the rank a --rank-budget of parameters allows (analysis/rank_advice.py)
+  tables/summary.csv          per setup and configuration: the headline metric with its intervals, trainable share,
+                              r90, peak memory, tokens/s (analysis/summary.py)
+  tables/loss_curves.csv      per setup, configuration and step: train and eval loss over seeds (runs' history.csv)
   rank_pattern.json           those energy ranks as a PEFT rank_pattern (method.rank_pattern=FILE trains with it);
   rank_pattern_budget.json    the budget's ranks; both only where there are full fine-tuning runs
   figures/figN_*              the figures (analysis/figures/registry.py) from those tables, passed in memory
-  report.md                   the setups found and their runs, the figures with captions and tables, runs
+  report.md                   the answer first (the summary table and its findings as sentences), the setups found
+                              and their runs, the figures with captions and tables, runs
                               analysed and skipped (with reasons), key numbers per setup, and the analysis' own
                               seconds per phase, peak host RSS and device
   timing.json                 those numbers for programs (benchmarks.analysis_bench); never identical twice, so
@@ -54,6 +58,8 @@ from analysis.runs import Run, config_keys
 from analysis.sections import Sections
 from analysis.variants import variants
 from analysis.lm_findings import findings, report_lines
+from analysis.loss_curves import loss_curves_table, missing_line, read_histories
+from analysis.summary import summary_lines, summary_table
 from analysis.stream import PHASES, analyse_runs
 from lowrank.linalg.subspace import phi_grid, random_phi_grid
 from analysis.tables import REPORT_FILE, TIMING_FILE, markdown_table, table_path, write_csv
@@ -205,14 +211,18 @@ def amplification_summary_table(amps: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures: str = "",
-              advice_lines: list[str] = (), sections: Sections | None = None, not_pooled: list[str] = ()) -> str:
-    """The short report: the setups found and their runs, the figure section (markdown) if any, what was analysed,
-    what was skipped and why, key numbers per setup, the parts left out (`sections`: each part that raises here is
-    left out too, with its line), timing. `not_pooled`: analysis.provenance's lines for setups split by digests."""
+              advice_lines: list[str] = (), sections: Sections | None = None, not_pooled: list[str] = (),
+              summary: pd.DataFrame | None = None) -> str:
+    """The short report: the answer first (`summary`: analysis/summary.py's table, per setup with its findings as
+    sentences), the setups found and their runs, the provenance per setup, the figure section (markdown) if any,
+    what was analysed, what was skipped and why, key numbers per setup, the parts left out (`sections`: each part
+    that raises here is left out too, with its line), timing. `not_pooled`: analysis.provenance's lines for setups
+    split by digests."""
     sections = sections if sections is not None else Sections()
     runs = sections.attempt("configuration labels (analysis/figures/data.py prepare)",
                             lambda: prepare(table).set_index("run_id") if len(table) else None)
-    parts = [("setups", lambda: _setup_lines(setups, not_pooled)),
+    parts = [("summary", lambda: summary_lines(summary, setups) if summary is not None else []),
+             ("setups", lambda: _setup_lines(setups, not_pooled)),
              ("provenance", lambda: provenance_lines(table)),
              ("figures", lambda: [figures, ""] if figures else []), ("runs analysed", lambda: _runs_lines(table))]
     lines = ["# ΔW analysis report", "", f"Roots: {', '.join(map(str, opts.roots))}", ""]
@@ -361,6 +371,8 @@ def run_report(opts) -> dict:
               "dynamics": sections.attempt("rank dynamics (tables/dynamics.csv)", lambda: dynamics_table(runs))}
     tables["lm_findings"] = sections.attempt("causal-LM findings (tables/lm_findings.csv)", lambda: findings(
         {k: v if v is not None else pd.DataFrame() for k, v in tables.items()}))
+    tables["summary"] = sections.attempt("summary (tables/summary.csv)", lambda: summary_table(table, spectrum))
+    tables["loss_curves"] = sections.attempt("loss curves (tables/loss_curves.csv)", lambda: loss_curves(table))
     t_tables = time.perf_counter()
     tables, left_out = write_tables(out, tables)
     subspace = tables["subspace"]
@@ -384,12 +396,21 @@ def run_report(opts) -> dict:
     more += [] if "lm_findings" in left_out else sections.attempt(
         "report.md section 'causal-LM findings'", lambda: report_lines(tables["lm_findings"]), [])
     write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures,
-                                            more, sections, not_pooled))
+                                            more, sections, not_pooled,
+                                            None if "summary" in left_out else tables["summary"]))
     for k, v in timing.items():
         print(f"{k}: {v}")
     print(f"{len(runs)} runs analysed, {len(skipped)} skipped -> {out}" + (
         f"; {len(sections.skipped)} parts left out (report.md lists them)" if sections.skipped else ""))
     return tables | {"skipped": skipped, "pairs": pairs, "left_out": sections.skipped}
+
+
+def loss_curves(table: pd.DataFrame) -> pd.DataFrame:
+    """tables/loss_curves.csv from the analysed runs' history.csv files; runs without one are counted in one line."""
+    history, missing = read_histories(dict(zip(table.run_id, table.path)) if len(table) else {})
+    if missing:
+        progress(missing_line(missing))
+    return loss_curves_table(history, table)
 
 
 def write_tables(out: Path, tables: dict) -> tuple[dict, set[str]]:

@@ -13,7 +13,7 @@ come from the run-directory contract `lowrank.rundir.layout`; every safetensors 
 `check_data=False`, its header only, each tensor then being hashed and checked as it is read
 (analysis/checked_reads.py; so a 26 GB ΔW is read and hashed once, not twice). Those two small modules are all this
 imports from `lowrank`: never the model or training code. A run that fails any check is skipped with the reason.
-`outcome_table` reads the configs and metrics alone. Its 440 lines keep every check of a run directory in one
+`outcome_table` and `outcome_runs` read the configs and metrics alone. Its 440 lines keep every check of a run directory in one
 place.
 """
 import json
@@ -33,6 +33,7 @@ from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, CACHE_DIR, COMPLETE, CONFIG
                             MODULE_SCALING_KEY, config_sha256, load_metrics)
 
 from analysis.checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
+from analysis.provenance import add_setups
 from analysis.variants import variant_of
 
 NOT_RUNS = {BASE_WEIGHTS_DIR, CACHE_DIR, "wandb", ".hydra"}  # never run directories, and never hold any
@@ -381,6 +382,18 @@ def outcome_table(roots) -> tuple[pd.DataFrame, set[str], list[tuple[str, str]]]
         rows.append(_row(run_id, run_dir, config, metrics))
         keys |= set(_flatten(config))
     return pd.DataFrame(rows), keys, skipped
+
+
+def outcome_runs(roots) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[str, str]], list[str]]:
+    """outcome_table's runs with their setups (analysis.provenance.add_setups: split where digests differ), a config
+    trained twice below the roots counted once: (runs, setups, [(run_id, reason)] for the others, one line per
+    setup split by its runs' model or data digests)."""
+    table, keys, skipped = outcome_table(roots)
+    twice = table.duplicated("config_hash") if "config_hash" in table else pd.Series(False, index=table.index)
+    skipped += [(r, "the same config as another run below the roots (trained twice): counted once")
+                for r in table.run_id[twice]]
+    runs, setups, not_pooled = add_setups(table[~twice].reset_index(drop=True), keys)
+    return runs, setups, skipped, not_pooled
 
 
 def collect_runs(roots, check_data: bool = True) -> tuple[list[Run], pd.DataFrame, list[tuple[str, str]]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from analysis.figures.data import MissingRuns
 from analysis.figures.draw import (Drawn, figure_1, figure_2, figure_3, figure_4, figure_5, figure_6, figure_7, figure_8,
                       figure_9, figure_10)
+from analysis.figures.curves import figure_16
 from analysis.figures.lm import figure_11, figure_12, figure_13
 from analysis.figures.params import figure_14, figure_15
 from analysis.sections import failure
@@ -30,6 +31,7 @@ SWEEPS = {  # the experiment files (conf/experiment/) whose runs each figure nee
     "intrinsic": "intrinsic_dim + rank_sweep + full_baseline (`python -m experiments.train -m "
                  "experiment=intrinsic_dim`, then `experiment=full_baseline`)",
     "dynamics": "any sweep trained with trainer.dynamics=true (the default), e.g. rank_sweep + full_baseline",
+    "history": "any run trained since run directories hold history.csv (older runs have none)",
     "lm_lr": "lm_lr_sweep + lm_lr_sweep_full (`python -m experiments.train -m experiment=lm_lr_sweep`, then "
              "`experiment=lm_lr_sweep_full`)",
 }
@@ -110,6 +112,10 @@ FIGURES = [
          "tracked, then over seeds); bottom, φ(1,1) between ΔW's top output direction and the previous snapshot's "
          "(1: it stayed; near 0: a new one). Full fine-tuning against LoRA per configuration (trainer.dynamics).",
          "dynamics"),
+    Spec(16, figure_16,
+         "Loss over training per configuration, one panel per setup: train loss (solid) at every logged step and "
+         "eval loss (dashed, circles) at each evaluation, the mean over seeds with a band from the lowest to the "
+         "highest seed (from each run's history.csv; tables/loss_curves.csv).", "history"),
 ]
 
 

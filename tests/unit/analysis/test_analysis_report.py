@@ -131,7 +131,7 @@ def test_collect_runs_lists_skipped_with_reasons(runs_root):
 def test_report_writes_every_table_and_names_skipped_runs(report):
     out, tables, stdout = report
     assert set(tables) == {"runs", "setups", "spectrum", "singular_values", "subspace", "amplification", "rank_advice",
-                           "dynamics", "lm_findings"}
+                           "dynamics", "lm_findings", "summary", "loss_curves"}
     assert tables["lm_findings"].empty and "Generative findings" not in (out / "report.md").read_text()  # classifiers
     text = (out / "report.md").read_text()
     for name in ["lora_r4_s1_truncated", "full_s1_no_config", "lora_r8_s0_running"]:
@@ -295,4 +295,4 @@ def test_report_with_nothing_analysable_still_writes(tmp_path):
     assert "`crashed`: metrics status is 'running'" in (tmp_path / "out" / "report.md").read_text()
     assert {p.name for p in (tmp_path / "out" / "tables").iterdir()} == {
         "runs.csv", "setups.csv", "spectrum.csv", "singular_values.csv", "subspace.csv", "amplification.csv",
-        "rank_advice.csv", "dynamics.csv", "lm_findings.csv"}
+        "rank_advice.csv", "dynamics.csv", "lm_findings.csv", "summary.csv", "loss_curves.csv"}

@@ -80,6 +80,7 @@ def test_a_figure_that_raises_is_left_out_with_one_line(runs_root, tmp_path, cap
 @pytest.mark.parametrize("part, target, table", [
     ("rank dynamics (tables/dynamics.csv)", "dynamics_table", "dynamics"),
     ("subspace grids (tables/subspace.csv)", "subspace_rows", "subspace"),
+    ("summary (tables/summary.csv)", "summary_table", "summary"),
     ("report.md section 'amplification'", "amplification_summary_table", None),
 ])
 def test_a_table_or_section_that_raises_is_left_out_with_one_line(part, target, table, runs_root, tmp_path, capsys,
@@ -100,7 +101,7 @@ def test_a_table_or_section_that_raises_is_left_out_with_one_line(part, target, 
     assert "1 parts left out" in captured.out.splitlines()[-1]
     written = {p.stem for p in (out / "tables").glob("*.csv")}
     assert written == {"runs", "setups", "spectrum", "singular_values", "subspace", "amplification", "rank_advice",
-                       "dynamics", "lm_findings"} - {table}  # and no stale file from before
+                       "dynamics", "lm_findings", "summary", "loss_curves"} - {table}  # and no stale file from before
     assert "## Energy rank of full fine-tuning" in text and "## Timing" in text
 
 
