@@ -31,6 +31,7 @@ import torch
 EVALS_FLOOR = 1e-5    # weightwatcher.constants.EVALS_THRESH
 SMALL_N = 20          # WW_powerlaw.SMALL_N_CUTOFF
 SMALL_N_MIN_TAIL = 8  # WW_powerlaw.fit_powerlaw_smallN's k_min
+ESD_COLUMNS = ("alpha", "xmin", "D", "num_pl_spikes", "alpha_weighted", "log_norm")  # esd_metrics' keys
 BLOCK_ENTRIES = 1 << 22  # candidate xmins × values per block of the KS distances: 32 MiB
 
 

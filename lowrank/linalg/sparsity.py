@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 REL_THRESHOLD = 1e-3
+SHARE_COLUMN = "share_above_1e-3max"  # the report's column: it names the threshold
 TOP_FRACTION = 0.01
 ROW_BLOCK_ENTRIES = 1 << 22  # 32 MiB of fp64 per block of B[rows] @ A
 
