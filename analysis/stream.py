@@ -18,9 +18,13 @@ Per matrix, in fp64 on opts.device (each a phase of `timing`, seconds summed ove
   ΔW vectors     ΔW's top K directions only: the largest amplification r, or --max-dim where a pair compares them
                  (spectra.svd_top: certified subspace iteration, a full eigh where it cannot certify)
   W0 SVDs        every σ and left vector of W0 from one eigh of its Gram matrix, once per base matrix
-  intruders      the top --intruder-k left vectors of W0 + ΔW (svd_top, started from W0's and ΔW's top directions)
+  W_ft SVD       every σ and the top max(--intruder-k, 64) vectors of W_ft = W0 + ΔW (spectra.svd_gram_top: one eigh)
+  intruders      W_ft's top --intruder-k left vectors against every left vector of W0
+  W_ft drift     principal-angle overlap of W0's and W_ft's top-k subspaces, σ_i(W_ft)/σ_i(W0) (lowrank.linalg.drift)
+  update sparsity  share of |ΔW_ij| above 1e-3·max and the top 1 %'s energy share (LoRA: B·A a row block at a time)
+  heavy tail     weightwatcher's power-law fit of ΔW's and W_ft's ESD (lowrank.linalg.heavy_tail)
   amplification  ‖UᵀWV‖_F for each r (amplification.amplification)
-Matrices wider than --exact-max-dim get randomised top-k SVDs and no intruder count (spectra.svd_dense).
+Matrices wider than --exact-max-dim get randomised top-k SVDs and no intruder count, W_ft drift or α (spectra.svd_dense).
 """
 import resource
 import time
