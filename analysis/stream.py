@@ -18,9 +18,13 @@ Per matrix, in fp64 on opts.device (each a phase of `timing`, seconds summed ove
   ΔW vectors     ΔW's top K directions only: the largest amplification r, or --max-dim where a pair compares them
                  (spectra.svd_top: certified subspace iteration, a full eigh where it cannot certify)
   W0 SVDs        every σ and left vector of W0 from one eigh of its Gram matrix, once per base matrix
-  intruders      the top --intruder-k left vectors of W0 + ΔW (svd_top, started from W0's and ΔW's top directions)
+  W_ft SVD       every σ and the top max(--intruder-k, 64) vectors of W_ft = W0 + ΔW (spectra.svd_gram_top: one eigh)
+  intruders      W_ft's top --intruder-k left vectors against every left vector of W0
+  W_ft drift     principal-angle overlap of W0's and W_ft's top-k subspaces, σ_i(W_ft)/σ_i(W0) (lowrank.linalg.drift)
+  update sparsity  share of |ΔW_ij| above 1e-3·max and the top 1 %'s energy share (LoRA: B·A a row block at a time)
+  heavy tail     weightwatcher's power-law fit of ΔW's and W_ft's ESD (lowrank.linalg.heavy_tail)
   amplification  ‖UᵀWV‖_F for each r (amplification.amplification)
-Matrices wider than --exact-max-dim get randomised top-k SVDs and no intruder count (spectra.svd_dense).
+Matrices wider than --exact-max-dim get randomised top-k SVDs and no intruder count, W_ft drift or α (spectra.svd_dense).
 """
 import resource
 import time
@@ -35,13 +39,17 @@ from lowrank.rundir.integrity import CorruptArtifact
 
 from analysis import amplification as amp
 from lowrank.linalg import spectra
+from lowrank.linalg.drift import sigma_drift, top_overlap
+from lowrank.linalg.heavy_tail import ESD_COLUMNS, esd_metrics
+from lowrank.linalg.sparsity import SHARE_COLUMN, factor_rows, update_sparsity
 from analysis.checked_reads import DamagedFile
 from analysis.runs import LowRank, Run, layer_and_matrix
 from lowrank.linalg.subspace import factor_bases, random_phi
 
-PHASES = ("read", "spectra", "ΔW vectors", "W0 SVDs", "intruders", "amplification")
-WARM_START = 16  # W0's top directions beyond --intruder-k that start the search for W0 + ΔW's
-INTRUDER_TOL = 1e-8  # vectors to ~1e-8/gap: plenty for a count of |cos| < ε (0.5), and fewer steps than 1e-12
+PHASES = ("read", "spectra", "ΔW vectors", "W0 SVDs", "W_ft SVD", "intruders", "W_ft drift", "update sparsity",
+          "heavy tail", "amplification")
+ANGLE_KS = (1, 8, 64)  # top-k singular subspaces of W0 and W_ft compared by their principal angles
+DRIFT_K = 8  # σ_i(W_ft) / σ_i(W0) averaged over i ≤ 8 (and i = 1 alone)
 
 
 @dataclass
@@ -144,21 +152,18 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
             U, _, Vh, how = spectra.svd_top(x, K)
             clock.counts[f"ΔW vectors by {how}"] += 1
     fro = spectra.fro_norm(S) if total is None else total ** 0.5
-    intruders = None
-    if total is None and not base.truncated:  # intruders need every singular vector of W0
-        with clock("intruders", res):
-            dense = (d.B.to(dev).double() @ d.A.to(dev).double()) * d.scaling if lora else x
-            b = opts.intruder_k + WARM_START
-            start = (torch.cat([base.U[:, :b], U[:, :8]], 1), torch.cat([base.Vh[:b].mT, Vh[:8].mT], 1))
-            U_ft, _, _, how = spectra.svd_top(base.w + dense, opts.intruder_k, start, tol=INTRUDER_TOL)
-            clock.counts[f"intruder vectors by {how}"] += 1
-            intruders = amp.intruder_count(base.U, U_ft, opts.intruder_k, opts.intruder_eps)
-            del U_ft
+    intruders, dm, dd, S_ft, w_ft = None, None, None, None, dict.fromkeys(W_FT_COLUMNS)
+    if total is None and not base.truncated:  # intruders and W_ft's drift need every singular vector of W0
+        dense = (d.B.to(dev).double() @ d.A.to(dev).double()) * d.scaling if lora else x
+        intruders, S_ft, w_ft = _against_w0(base, dense, res, opts, clock)
         with clock("magnitude and direction", res):
             dm, dd = amp.magnitude_direction_change(base.w, dense)
             del dense
-    else:
-        dm = dd = None
+    with clock("update sparsity", res):  # LoRA's B·A a row block at a time
+        share, top = update_sparsity(lambda: factor_rows(d.B.to(dev), d.A.to(dev), d.scaling) if lora
+                                     else [x if x is not None else d])
+    with clock("heavy tail", res):  # ΔW's α needs its whole spectrum: none from a randomised top-k SVD
+        tails = esd_columns("dw_", S if total is None else None) | esd_columns("wft_", S_ft)
     out_dim, in_dim = base.w.shape
     res.spectrum.append(ident | where | {
         "module": name, "out_features": out_dim, "in_features": in_dim,
@@ -166,7 +171,8 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
         "effective_rank": spectra.effective_rank(S) if total is None else None,
         "stable_rank": spectra.stable_rank(S) if total is None else total / S[0].item() ** 2,
         "fro_norm": fro, "spectral_norm": S[0].item(), "rel_norm": spectra.relative_norm(fro, base.w),
-        "intruders": intruders, "delta_m": dm, "delta_d": dd})
+        "intruders": intruders, "delta_m": dm, "delta_d": dd,
+        SHARE_COLUMN: share, "top1pct_energy": top, **w_ft, **tails})
     res.sigmas.append((ident | where, S.numpy()))
     with clock("amplification", res):
         for r in ranks:
@@ -179,6 +185,38 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
         if lora:
             U_b, V_a = factor_bases(d.B, d.A)
             res.bases[name]["factor"] = (U_b[:, :cap].cpu(), V_a[:, :cap].cpu())
+
+
+def _against_w0(base: Base, dense: torch.Tensor, res: RunResult, opts, clock: PhaseClock) -> tuple:
+    """W_ft = W0 + ΔW against W0: (intruder count, every σ of W_ft, w_ft_columns). One eigh of W_ft's Gram matrix gives
+    its whole spectrum (its ESD) and the top directions both the intruder count and the principal angles read."""
+    with clock("W_ft SVD", res):
+        U_ft, S_ft, Vh_ft, how = spectra.svd_gram_top(base.w + dense, max(opts.intruder_k, *ANGLE_KS))
+        clock.counts[f"W_ft vectors by {how}"] += 1
+    with clock("intruders", res):
+        intruders = amp.intruder_count(base.U, U_ft, opts.intruder_k, opts.intruder_eps)
+    with clock("W_ft drift", res):
+        columns = w_ft_columns(base, U_ft, S_ft, Vh_ft)
+    return intruders, S_ft, columns
+
+
+def esd_columns(prefix: str, s: torch.Tensor | None) -> dict:
+    """weightwatcher's columns (heavy_tail.esd_metrics) of the spectrum s, each named prefix + column; None without s."""
+    return {prefix + c: v for c, v in (esd_metrics(s) if s is not None else dict.fromkeys(ESD_COLUMNS)).items()}
+
+
+W_FT_COLUMNS = [f"cos2_{side}_k{k}" for side in ("out", "in") for k in ANGLE_KS] + ["sigma1_drift",
+                                                                                 f"sigma_top{DRIFT_K}_drift"]
+
+
+def w_ft_columns(base: Base, U_ft: torch.Tensor, S_ft: torch.Tensor, Vh_ft: torch.Tensor) -> dict:
+    """W0 against W_ft: mean cos² of the principal angles between their top-k left ("out") and right ("in") singular
+    subspaces for each k in ANGLE_KS (capped at the directions both have), σ_1's ratio and the mean ratio
+    σ_i(W_ft)/σ_i(W0) over i ≤ DRIFT_K (W_FT_COLUMNS)."""
+    out = {f"cos2_out_k{k}": v for k, v in top_overlap(base.U, U_ft, ANGLE_KS).items()}
+    out |= {f"cos2_in_k{k}": v for k, v in top_overlap(base.Vh.mT, Vh_ft.mT, ANGLE_KS).items()}
+    drift = sigma_drift(S_ft, base.S, DRIFT_K)
+    return out | {"sigma1_drift": drift[0].item(), f"sigma_top{DRIFT_K}_drift": drift.mean().item()}
 
 
 def _jobs(runs: list[Run]) -> list[tuple]:
@@ -232,7 +270,7 @@ def analyse_runs(runs: list[Run], opts, keep_bases: set[str]) -> tuple[dict[str,
                 continue
             if run is None:
                 if users:  # W0's SVD, for every run that stored this matrix
-                    k = max([opts.intruder_k + WARM_START] + opts.amp_ranks + [r.max_rank for r in users])
+                    k = max([opts.intruder_k, *ANGLE_KS] + opts.amp_ranks + [r.max_rank for r in users])
                     with clock("W0 SVDs"):
                         base = _decompose_w0(t, k, opts)
             elif base is not None:

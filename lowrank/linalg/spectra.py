@@ -5,6 +5,7 @@
     S, resid = svdvals_gram(delta)           # values only, fast: eigenvalues of the smaller Gram matrix
     U, S, Vh, how = svd_top(x, k)            # top-k triplets of an fp64 matrix, from its Gram matrix, certified
     U, S, Vh = svd_gram_full(w0, k)          # every left vector and value, the top-k right vectors (one eigh)
+    U, S, Vh, how = svd_gram_top(w_ft, k)    # every value, the top-k vectors of both sides (one eigh)
     energy_rank(S, 0.9), effective_rank(S), stable_rank(S)
 
 Singular values come back sorted descending, as float64 on the CPU (svd_top's and svd_gram_full's vectors stay on
@@ -170,6 +171,25 @@ def svd_gram_full(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     if side == "left":   # vecs are U: every left vector at once
         return vecs, s.cpu(), _other_side(x, vecs[:, :k], s[:k], "left").mT
     return _other_side(x, vecs, s, "right"), s.cpu(), vecs[:, :k].mT
+
+
+def svd_gram_top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Every singular value S (q,) of x (out, in) fp64, on the CPU, and its top-k vectors U (out, k), Vh (k, in), on x's
+    device, from one eigh of the smaller Gram matrix, and how: "eigh", or "svd" when a top-k σ is below 1e-4·σ_1
+    (svd_top's rule: the Gram matrix has lost those vectors). For W0 + ΔW, whose whole spectrum (its ESD) and top
+    directions (intruders, principal angles) are both read."""
+    k = min(k, *x.shape)
+    g, side = gram(x)
+    lam, vecs = torch.linalg.eigh(g)
+    del g
+    s = lam.flip(0).clamp_min(0).sqrt()
+    vecs = vecs.flip(1)[:, :k]
+    if k and not s[k - 1] > 1e-4 * s[0]:
+        U, _, Vh = torch.linalg.svd(x, full_matrices=False)
+        return U[:, :k], s.cpu(), Vh[:k], "svd"
+    other = _other_side(x, vecs, s[:k], side)
+    U, V = (other, vecs) if side == "right" else (vecs, other)
+    return U, s.cpu(), V.mT, "eigh"
 
 
 def svd_factored(B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0, dtype=torch.float64):

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from analysis import amplification as amp
 from lowrank.linalg import spectra
+from lowrank.linalg.heavy_tail import esd_metrics
 from analysis.report import main, select_pairs
 from analysis.runs import collect_runs
 from lowrank.linalg.subspace import factor_bases, phi_grid, random_basis
@@ -172,6 +173,42 @@ def test_spectrum_numbers_equal_the_math(runs_root, report):
     assert len(sv[sv.run_id == "2026-01-01/full_s0"]) == 2 * (16 * 3 + 16 + 16)
 
 
+SPECTRUM_BEFORE = Path(__file__).parent / "data" / "spectrum_8ed7ee9.csv"  # this root's report before the new columns
+
+
+def test_new_spectrum_columns_leave_the_existing_ones_unchanged(report):
+    before = pd.read_csv(SPECTRUM_BEFORE)
+    after = report[1]["spectrum"]
+    assert list(after.columns[:len(before.columns)]) == list(before.columns)
+    pd.testing.assert_frame_equal(after[before.columns], before, rtol=1e-6, atol=1e-12)
+
+
+def test_update_and_drift_columns_equal_their_definitions(runs_root, report):
+    """Each new spectrum.csv column against its definition, computed here from dense SVDs of W0 and W_ft."""
+    runs = {r.run_id: r for r in collect_runs([runs_root])[0]}
+    spec = report[1]["spectrum"].set_index(["run_id", "layer", "matrix_type"])
+    for run_id, name, kind in [("2026-01-01/lora_r4_s0", module(1, "attention.self.value"), "value"),
+                               ("2026-01-01/full_s0", module(0, "intermediate.dense"), "intermediate.dense")]:
+        run, row = runs[run_id], spec.loc[(run_id, int(name.split(".")[3]), kind)]
+        d, w0 = run.delta(name), run.base_weight(name).double()
+        dense = (d.dense() if run.method == "lora" else d).double()
+        a = dense.abs().flatten()
+        assert row["share_above_1e-3max"] == pytest.approx((a > 1e-3 * a.max()).double().mean().item(), rel=1e-6)
+        top = a.sort(descending=True).values[:math.ceil(0.01 * len(a))]
+        assert row.top1pct_energy == pytest.approx(((top ** 2).sum() / (a ** 2).sum()).item(), rel=1e-6)
+        U0, S0, Vh0 = torch.linalg.svd(w0, full_matrices=False)
+        U1, S1, Vh1 = torch.linalg.svd(w0 + dense, full_matrices=False)
+        for k in (1, 8, 64):
+            q = min(k, *w0.shape)  # capped at the matrix's rank
+            assert row[f"cos2_out_k{k}"] == pytest.approx((U0[:, :q].T @ U1[:, :q]).square().sum().item() / q, rel=1e-6)
+            assert row[f"cos2_in_k{k}"] == pytest.approx((Vh0[:q] @ Vh1[:q].T).square().sum().item() / q, rel=1e-6)
+        assert row.sigma1_drift == pytest.approx((S1[0] / S0[0]).item(), rel=1e-6)
+        assert row.sigma_top8_drift == pytest.approx((S1[:8] / S0[:8]).mean().item(), rel=1e-6)
+        for prefix, s in (("dw_", torch.linalg.svdvals(dense)), ("wft_", S1)):
+            for col, value in esd_metrics(s).items():
+                assert row[prefix + col] == pytest.approx(value, rel=1e-6), prefix + col
+
+
 def test_pairs_and_subspace_grid(runs_root, report):
     _, tables, _ = report
     sub = tables["subspace"]
@@ -275,13 +312,16 @@ def test_randomized_path_for_large_matrices(runs_root, report, tmp_path):
     exact = tables["spectrum"].set_index(["run_id", "layer", "matrix_type"])
     full = approx.loc["2026-01-01/full_s0"]
     assert full.effective_rank.isna().all() and full.intruders.isna().all()
+    assert full.dw_alpha.isna().all() and full.wft_alpha.isna().all() and full.cos2_out_k8.isna().all()
+    assert full.top1pct_energy.values == pytest.approx(exact.loc["2026-01-01/full_s0"].top1pct_energy.values, rel=1e-6)
     assert full.fro_norm.values == pytest.approx(exact.loc["2026-01-01/full_s0"].fro_norm.values, rel=1e-6)
     resolved = full.r50.notna()
     assert resolved.any()
     assert (full.r50[resolved] == exact.loc["2026-01-01/full_s0"].r50[resolved]).all()
     lora_approx, lora_exact = approx.loc["2026-01-01/lora_r2_s0"], exact.loc["2026-01-01/lora_r2_s0"]
-    assert lora_approx.intruders.isna().all()            # W0 is truncated too: its vectors are incomplete
-    cols = ["r50", "r90", "r99", "effective_rank", "stable_rank", "fro_norm"]  # factored: ΔW's SVD is exact
+    assert lora_approx.intruders.isna().all() and lora_approx.sigma1_drift.isna().all()  # W0 is truncated too
+    cols = ["r50", "r90", "r99", "effective_rank", "stable_rank", "fro_norm", "dw_alpha",  # factored: exact
+            "share_above_1e-3max"]
     pd.testing.assert_frame_equal(lora_approx[cols], lora_exact[cols], check_dtype=False)
 
 
