@@ -164,7 +164,8 @@ RULES: dict[str, Key] = {
     "trainer.progress_bar": Key(BOOL, True),
     "trainer.activation_checkpointing": Key(BOOL, False),
     "trainer.mask_free_attention": Key(BOOL, False),
-    "trainer.compile": Key(BOOL, False),
+    "trainer.compile": Key(AUTO_BOOL, "auto"),
+    "trainer.chunked_loss": Key(AUTO_BOOL, "auto"),
     "trainer.write_delta": Key(BOOL, True),
     "trainer.dynamics": Key(BOOL, True),
     "trainer.dynamics_targets": Key(Check(lambda v: _text(v) or _texts(v), "it must be all or module-name suffixes "

@@ -140,7 +140,10 @@ NOT_IDENTITY = ("runs_root", "name", "logger", "trainer.progress_bar", "trainer.
 NULL_AS_ABSENT = ("method.rank_pattern", "model.dropout")
 # The same for keys whose default is `auto`: how many processes train a run does not change what it computes
 # (the global batch stays the configured one), so one run directory serves 1 process or N.
-DEFAULT_AS_ABSENT = {"trainer.parallel": "auto", "trainer.world_size": "auto"}
+DEFAULT_AS_ABSENT = {"trainer.parallel": "auto", "trainer.world_size": "auto", "trainer.chunked_loss": "auto"}
+# Keys whose default changed to `auto`, hashed as their old default: runs made before find their directory again.
+# trainer.compile: `auto` compiles on CUDA only, and a compiled block computes what the eager one does.
+AS_HASHED = {"trainer.compile": {"auto": False}}
 HASH_LENGTH = 10
 MAX_LABEL = 160  # characters of the readable part before it is shortened (file names stop at 255 bytes)
 
@@ -163,6 +166,14 @@ def _get(config: dict, dotted: str):
     return node
 
 
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+
+
 def config_hash(config: dict) -> str:
     """Hash of a resolved config (a plain nested dict) without the NOT_IDENTITY keys."""
     config = json.loads(json.dumps(config, default=str))  # a deep copy of plain values
@@ -174,6 +185,10 @@ def config_hash(config: dict) -> str:
     for key, default in DEFAULT_AS_ABSENT.items():
         if _get(config, key) == default:
             _drop(config, key)
+    for key, spellings in AS_HASHED.items():
+        value = _get(config, key)
+        if isinstance(value, str) and value in spellings:
+            _set(config, key, spellings[value])
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 

@@ -93,7 +93,7 @@ def _speed(run: Run, timing: dict) -> dict:
     fpt = flops_per_token(model, max(1, int(seq)), model.config.num_hidden_layers, model.config.hidden_size)
     peak = peak_flops(run.device, run.precision)
     return {**timing,  # tokens_per_second (real tokens, steady steps), padded_tokens_per_second, warm-up, ...
-            "compile_seconds": compile_seconds() if tc.compile else None,
+            "compile_seconds": compile_seconds() if run.compiled else None,
             "flops_per_token": fpt,
             "mfu": fpt * tokens_per_second / peak if peak and tokens_per_second else None,
             "peak_memory_bytes": peak_memory_bytes(run.device),
@@ -111,4 +111,5 @@ def _how(run: Run) -> dict:
             "memory_estimate": fit.memory_estimate,
             "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
             "precision": run.precision, "weight_dtype": run.weight_dtype, "optimizer": run.optimizer_kind,
-            "mask_free_attention": run.mask_free, "cuda_graph": run.graphed, "group_by_length": run.by_length}
+            "mask_free_attention": run.mask_free, "cuda_graph": run.graphed, "group_by_length": run.by_length,
+            "compile": run.compiled, "chunked_loss": run.chunked_loss}

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from lowrank.errors import ConfigError, check_choice
 from lowrank.config import METHODS, check_positive, check_rank_fits, resolve_precision, resolve_weight_dtype
 from lowrank.adapters.targets import ALL_LINEAR, select_targets
+from lowrank.train.lm_loss import CHUNK_TOKENS, HEAD_EXTRAS
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -294,11 +295,15 @@ def _kv_cache_bytes_per_token(arch: Arch, c: int, r: int, padded: bool) -> float
     return arch.layers * kv * (r + c)  # k in the residual dtype (rotary), v in the compute dtype
 
 
-def _loss_peak_bytes_per_token(arch: Arch, head: str) -> float:
+def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool) -> float:
     """Causal LM loss (HF: logits.float(), cross-entropy): the fp32 log-softmax is saved, and its backward
-    holds two more fp32 (b, s, vocab) gradients at once: 12 bytes per vocabulary entry at the start of the
-    backward, before any layer's gradients exist. The bf16 logits die with the output object."""
-    return 12 * arch.vocab if head == "causal_lm" else 0
+    holds two more fp32 (b, s, vocab) gradients at once: 12 bytes per vocabulary entry and token at the start of
+    the backward, before any layer's gradients exist. The bf16 logits die with the output object. Chunked
+    (lowrank/train/lm_loss.py): one chunk's recomputed bf16 logits, their fp32 cast and log-softmax and two fp32
+    gradients, 18 bytes per entry, for at most CHUNK_TOKENS tokens whatever the sequence length."""
+    if head != "causal_lm":
+        return 0
+    return 18 * arch.vocab * min(tokens, CHUNK_TOKENS) if chunked else 12 * arch.vocab * tokens
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -372,13 +377,14 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
                     trainable_dtype: str | None = None,
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
                     padded: bool = True, kv_cache: bool | None = None,
-                    lora_dropout: float = 0.0, shards: int = 1) -> MemoryEstimate:
+                    lora_dropout: float = 0.0, shards: int = 1, chunked_loss: bool = False) -> MemoryEstimate:
     """Peak memory of one training step with AdamW. `config`: an HF config or a shape mapping.
     `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
     with fp32 weights, or bf16 weights), "fp32" means fp32 throughout. `kv_cache`: whether the forward fills
     a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory).
     `lora_dropout`: LoRA layers with dropout compute one by one (no shared-input groups); the dropout masks
-    themselves are not counted. `shards`: FSDP ranks (per-rank bytes of a sharded run; 1 = one process or DDP)."""
+    themselves are not counted. `shards`: FSDP ranks (per-rank bytes of a sharded run; 1 = one process or DDP).
+    `chunked_loss`: the causal LM loss in chunks (trainer.chunked_loss), whose transient does not grow with tokens."""
     check_choice("method.name", method, METHODS)
     check_choice("weight_dtype", weight_dtype, DTYPE_BYTES)
     check_choice("trainer.precision", precision, DTYPE_BYTES)
@@ -424,8 +430,8 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     # loss's backward peaks before any layer's; the k/v cache lives until the end of the forward.
     workspace = 2 * c * arch.intermediate + 2 * 4 * arch.hidden
     cache = 0 if activation_checkpointing else _kv_cache_bytes_per_token(arch, c, r, padded)
-    transient = max(workspace, _loss_peak_bytes_per_token(arch, head), cache)
-    activations = tokens * (layers + transient + _outside_layers_bytes_per_token(arch, full, c, r))
+    transient = max(tokens * max(workspace, cache), _loss_peak_bytes(arch, head, tokens, chunked_loss))
+    activations = tokens * (layers + _outside_layers_bytes_per_token(arch, full, c, r)) + transient
     if padded:
         activations += batch_size * seq_len * seq_len  # the (b, 1, s, s) bool mask, built once
     activations = int(math.ceil(activations))
@@ -477,11 +483,16 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     # method=subspace is estimated as full fine-tuning, an upper bound: its targets' weight gradients exist as there,
     # but the optimizer holds moments of θ_d only
     method = "full" if m.name == "subspace" else m.name
+    head = "causal_lm" if cfg.task.get("objective") in ("cpt", "sft") else "classification"
+    parallel = t.get("parallel", "auto")
+    chunked = t.get("chunked_loss", "auto")  # as the trainer resolves it (lowrank.train.setup.resolve_chunked_loss)
+    chunked = head == "causal_lm" and world_size == 1 and parallel in ("auto", "none") and (
+        chunked is True or (chunked == "auto" and device_type == "cuda"
+                            and all(getattr(config, k, None) in (None, 1, 1.0) for k in HEAD_EXTRAS)))
     return estimate_memory(config, method, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
                            num_labels=cfg.task.get("num_labels", 2), trainable_dtype="fp32",
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
                            precision=precision, activation_checkpointing=activation_checkpointing,
                            grad_accum=grad_accum, padded=padded, kv_cache=kv_cache,
                            lora_dropout=float(m.get("dropout") or 0.0),
-                           shards=world_size if t.get("parallel", "auto") == "fsdp" else 1,
-                           head="causal_lm" if cfg.task.get("objective") in ("cpt", "sft") else "classification")
+                           shards=world_size if parallel == "fsdp" else 1, head=head, chunked_loss=chunked)

@@ -27,6 +27,7 @@ from lowrank.logger import make_logger
 from lowrank.rundir.delta import ensure_base_weights, linear_weights
 from lowrank.train import distributed
 from lowrank.train.blocks import causal_attention_without_mask, compile_blocks
+from lowrank.train.lm_loss import chunked_lm_loss, supports_chunked_loss
 from lowrank.train.budget import BudgetFit, fit_to_budget
 from lowrank.train.checkpoint import load_checkpoint
 from lowrank.train.dynamics import Dynamics, tracked
@@ -84,6 +85,8 @@ class Run:
     checkpointing: bool = False
     eval_batch_size: int = 0
     graphed: bool = False
+    compiled: bool = False                       # trainer.compile as resolved
+    chunked_loss: bool = False                   # trainer.chunked_loss as resolved
     train_step: TrainStep | None = None
     state: LoopState | None = None
     run_name: str = ""
@@ -222,10 +225,11 @@ def _speedups(run: Run) -> None:
         run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if run.mask_free:
         causal_attention_without_mask(run.model)
-    if tc.compile and run.parallel != "none":
-        log.info("trainer.compile: off under trainer.parallel=%s (compiled blocks are for one process)", run.parallel)
-    elif tc.compile:
+    run.compiled = resolve_compile(tc.compile, run.device, run.parallel)
+    if run.compiled:
         compile_blocks(run.model)
+    run.chunked_loss = resolve_chunked_loss(option(run.cfg, "trainer.chunked_loss"), run.model, run.head,
+                                            run.device, run.parallel)
     run.eval_batch_size = min(tc.eval_batch_size, run.micro) if fit.budget_bytes else tc.eval_batch_size
 
 
@@ -243,7 +247,8 @@ def _resume_and_step(run: Run) -> None:
     run.graphed = graphed
     place_lr(run.optimizer, run.device if graphed else None, capturable=graphed)
     run.train_step = TrainStep(run.forward_model, run.optimizer, run.trainable, run.autocast, tc.grad_clip, graphed,
-                               sync=run.grad_sync_context, reduce_loss=distributed.mean_over_ranks)
+                               sync=run.grad_sync_context, reduce_loss=distributed.mean_over_ranks,
+                               loss_fn=chunked_lm_loss if run.chunked_loss else None)
     if run.state.step:
         log.info("resuming %s from step %d", run.run_dir, run.state.step)
 
@@ -257,3 +262,33 @@ def _observers(run: Run, group: str | None) -> None:
     if (tc.dynamics and run.main and run.parallel != "fsdp"
             and (not run.method.needs_w0 or run.w0 is not None)):
         run.dynamics = Dynamics(run.model, tracked(run.names, tc.dynamics_targets), run.w0, run.method)
+
+
+def resolve_compile(setting, device: torch.device, parallel: str) -> bool:
+    """trainer.compile: `auto` compiles the blocks on CUDA in one process; the CPU keeps the eager path (compiling
+    there costs more than it saves on the demo's small models). One log line says what was chosen."""
+    if setting is True and parallel != "none":
+        log.info("trainer.compile: off under trainer.parallel=%s (compiled blocks are for one process)", parallel)
+        return False
+    on = setting is True or (setting == "auto" and device.type == "cuda" and parallel == "none")
+    if setting == "auto":
+        log.info("trainer.compile=auto: %s", "on (CUDA, one process)" if on else
+                 f"off ({'the CPU' if device.type != 'cuda' else f'trainer.parallel={parallel}'})")
+    return on
+
+
+def resolve_chunked_loss(setting, model, head, device: torch.device, parallel: str) -> bool:
+    """trainer.chunked_loss: causal LMs only (`head` None), one process (DDP and FSDP hook the wrapped model's own
+    forward). `auto` turns it on for CUDA where the model's loss is the plain one; `true` where it cannot run is an
+    error naming the key."""
+    if head is not None or setting is False:
+        return False
+    ok, why_not = supports_chunked_loss(model)
+    if parallel != "none":
+        ok, why_not = False, f"it runs under trainer.parallel={parallel}"
+    if setting is True and not ok:
+        raise ConfigError(f"trainer.chunked_loss=true is not valid here: {why_not}; use auto or false")
+    on = ok and (setting is True or device.type == "cuda")
+    if setting == "auto":
+        log.info("trainer.chunked_loss=auto: %s", "on (CUDA)" if on else f"off ({why_not or 'the CPU'})")
+    return on

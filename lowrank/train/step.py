@@ -39,10 +39,12 @@ def place_lr(optimizer, device: torch.device | None, capturable: bool = False) -
 
 class TrainStep:
     def __init__(self, model, optimizer, trainable, autocast, grad_clip, graphed: bool, warmup: int = 3,
-                 sync=None, reduce_loss=None):
+                 sync=None, reduce_loss=None, loss_fn=None):
         """`sync(last)`: a context for each micro-batch's backward (DDP reduces gradients only in the last);
-        `reduce_loss`: this rank's loss to the whole batch's (the mean over ranks; identity in one process)."""
+        `reduce_loss`: this rank's loss to the whole batch's (the mean over ranks; identity in one process);
+        `loss_fn(model, **batch)`: the micro-batch's mean loss (default: the model's own, `model(**batch).loss`)."""
         self.model, self.optimizer, self.trainable, self.autocast = model, optimizer, trainable, autocast
+        self.loss_fn = loss_fn or (lambda m, **batch: m(**batch).loss)
         self.max_norm = grad_clip if grad_clip else math.inf
         self.graph = StepGraph(self._whole_step, warmup) if graphed else None
         self.sync = sync or (lambda last: nullcontext())
@@ -55,7 +57,7 @@ class TrainStep:
         for i, batch in enumerate(micro_batches):
             with self.sync(i == len(micro_batches) - 1):
                 with self.autocast():
-                    loss = self.model(**batch).loss * (len(batch["input_ids"]) / n)
+                    loss = self.loss_fn(self.model, **batch) * (len(batch["input_ids"]) / n)
                 loss.backward()
             loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_norm)

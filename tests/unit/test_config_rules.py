@@ -82,7 +82,8 @@ BAD = {  # key: (context overrides, bad value, what its one line says after `KEY
     "trainer.progress_bar": ([], "maybe", SWITCH),
     "trainer.activation_checkpointing": ([], "maybe", SWITCH),
     "trainer.mask_free_attention": ([], "maybe", SWITCH),
-    "trainer.compile": ([], "maybe", SWITCH),
+    "trainer.compile": ([], "maybe", AUTO_SWITCH),
+    "trainer.chunked_loss": ([], "maybe", AUTO_SWITCH),
     "trainer.write_delta": ([], "maybe", SWITCH),
     "trainer.dynamics": ([], "maybe", SWITCH),
     "trainer.dynamics_targets": ([], "[]", "it must be all or module-name suffixes such as [query,value]"),
@@ -148,7 +149,8 @@ def test_a_bad_value_is_one_line_naming_the_key(key):
 def test_messages_the_entry_points_promise():
     """The wording tests of the command line and of the run record rely on (tests/test_cli.py, test_reliability.py)."""
     assert one_line(["method.rank=0"]) == "method.rank=0 is not valid; it must be an integer > 0"
-    assert one_line(["trainer.compile=maybe"]) == "trainer.compile='maybe' is not valid; it must be true or false"
+    assert one_line(["trainer.write_delta=maybe"]) == ("trainer.write_delta='maybe' is not valid; it must be true or "
+                                                       "false")
     assert one_line(["trainer.lr=nan"]) == "trainer.lr=nan is not valid; it must be a number > 0"
     assert one_line(["method.targets=[]"]) == ("method.targets is empty; give module-name suffixes such as "
                                                "[query,value] or all-linear")
@@ -405,3 +407,24 @@ def test_every_conf_option_validates():
     for overrides in compositions():
         if not any(o.startswith(("experiment=", "target_set=")) for o in overrides) or overrides == ["target_set=none"]:
             validate(composed(overrides))
+
+
+def test_compile_auto_hashes_as_the_old_default():
+    """trainer.compile's default became `auto`: a default run hashes as one made when the default was false, so
+    re-launched sweeps find their directories; compile=true stays its own configuration."""
+    from omegaconf import OmegaConf
+    from lowrank.rundir.layout import AS_HASHED, config_hash
+    assert all(RULES[key].default in spellings for key, spellings in AS_HASHED.items())
+    cfg = OmegaConf.to_container(composed([]), resolve=True)
+    assert cfg["trainer"]["compile"] == "auto" and cfg["trainer"]["chunked_loss"] == "auto"
+    before = json_copy(cfg)
+    before["trainer"]["compile"] = False
+    del before["trainer"]["chunked_loss"]  # a key runs made before did not have
+    assert config_hash(cfg) == config_hash(before)
+    cfg["trainer"]["compile"] = True
+    assert config_hash(cfg) != config_hash(before)
+
+
+def json_copy(d: dict) -> dict:
+    import json
+    return json.loads(json.dumps(d))

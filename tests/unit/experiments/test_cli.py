@@ -17,7 +17,7 @@ BAD_INPUTS = {  # override(s) -> what the one error line must hold
     "model=roberta_base": ["Hub is unreachable", "model.path"],
     "method.foo=1": ["method.foo is not a config key", "rank"],
     "trainer.lr=fast": ["trainer.lr='fast'", "a number"],
-    "trainer.compile=maybe": ["trainer.compile='maybe'", "true or false"],
+    "trainer.compile=maybe": ["trainer.compile='maybe'", "auto, true or false"],
     "model.path=/no/such/folder": ["/no/such/folder", "no such folder"],
     "task.train_size=100000": ["task.train_size=100000", "4000"],
     "+experiment=demo_lora": ["+experiment=demo_lora", "write experiment=demo_lora"],

@@ -404,3 +404,26 @@ def test_estimate_checks_values_as_the_trainer_does(capsys, bad, needle):
     # was test_estimate_checks_values_as_the_trainer_does in tests/test_memory.py (a process each, from
     # tests/cli_batch.py; the command itself: tests/integration/test_entry_points.py)
     error_line(capsys, lambda: estimate_command(["model=llama_1b_shape", bad]), needle)
+
+
+def test_chunked_loss_holds_one_chunk_of_logits_whatever_the_length():
+    """trainer.chunked_loss: the loss's transient is 18 bytes per vocabulary entry for one chunk of tokens instead
+    of 12 per entry for every token, so the estimate falls by the difference, and the loss stops growing with
+    the sequence."""
+    from transformers import LlamaConfig
+
+    from lowrank.train.lm_loss import CHUNK_TOKENS
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000)
+    common = dict(rank=16, targets="all-linear", weight_dtype="bf16", precision="bf16", trainable_dtype="fp32",
+                  head="causal_lm", padded=False, kv_cache=False, activation_checkpointing=True)
+    vocab, workspace = 32000, 2 * 2 * 11008 + 2 * 4 * 4096  # the layer backward's temporaries per token
+    for seq in (1024, 4096, 8192):
+        tokens = 2 * seq
+        plain = estimate_memory(cfg, "lora", 2, seq, **common)
+        chunked = estimate_memory(cfg, "lora", 2, seq, chunked_loss=True, **common)
+        expected = 12 * vocab * tokens - max(workspace * tokens, 18 * vocab * CHUNK_TOKENS)
+        assert plain.activations_bytes - chunked.activations_bytes == expected
+    classifier = dict(common, head="classification")
+    assert (estimate_memory(cfg, "lora", 2, 512, **classifier).total_bytes
+            == estimate_memory(cfg, "lora", 2, 512, chunked_loss=True, **classifier).total_bytes)

@@ -1,0 +1,218 @@
+"""The trainer's GPU default against what a user writes instead, side by side in one process; the chunked loss's
+memory; the memory model at long sequences.
+
+    python -m benchmarks.fast_path --out benchmarks/results                      # one GPU: every part
+    python -m benchmarks.fast_path --parts speed --out benchmarks/results        # or speed / memory / estimate
+    python -m benchmarks.fast_path --smoke --out /tmp/fp                         # tiny shapes on CPU (the script)
+
+Parts (each writes `fast_path_{part}_{device}.{json,md}` through benchmarks.harness.record: commit, command,
+versions):
+- speed: per shape (1.1B b8 × 1024, 7B b2 × 1024), the trainer as users run it with no `trainer.compile` given
+  (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`), the trainer's
+  full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one card), and plain
+  PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape.
+- memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
+  20 steps each from the same seed: the peaks and the largest difference of the per-step losses.
+- estimate: 7B LoRA r16 at 2 × 8192 tokens with activation checkpointing: `experiments.estimate`'s peak (the
+  memory model, `estimate_from_cfg`) against the trainer's measured peak.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_trainer import compose, overrides, run
+from benchmarks.harness.record import collect_metadata, device_name, result_name, write_result
+from lowrank.train.budget import free_cuda_memory
+from lowrank.train.memory import estimate_from_cfg
+
+SHAPES = {
+    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000, batch=8, seq=1024),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, batch=2, seq=1024),
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, batch=2, seq=32),
+}
+
+
+def default_args(key: str, shape: dict, method: str, warmup: int, steps: int, runs_root, extra=()) -> list[str]:
+    """The bench's run with the trainer's defaults for the fast path: no trainer.compile given."""
+    args = overrides(key, shape, method, 16 if method == "lora" else None, warmup, steps, runs_root, extra)
+    return [a for a in args if not a.startswith("trainer.compile=") or any(e.startswith("trainer.compile=")
+                                                                            for e in extra)]
+
+
+def trainer_row(key, shape, method, warmup, steps, runs_root, extra=()) -> dict:
+    metrics, losses = run(default_args(key, shape, method, warmup, steps, runs_root, extra))
+    return dict(model=key, run=f"trainer, {'LoRA r16 all-linear' if method == 'lora' else 'full fine-tuning'}",
+                tokens_per_second=metrics["tokens_per_second"], peak_gib=metrics["peak_memory_bytes"] / 2**30,
+                mfu=metrics["mfu"], compile=metrics.get("compile"), chunked_loss=metrics.get("chunked_loss"),
+                cuda_graph=metrics["cuda_graph"], final_loss=losses[-1] if losses else None)
+
+
+def plain_peft_row(key: str, shape: dict, warmup: int, steps: int, device: torch.device) -> dict:
+    """What a user writes: the HF model in bf16, PEFT LoRA r16 alpha 32 on every linear projection,
+    torch.compile(model), autocast bf16, fused AdamW, the loss from model(input_ids=x, labels=x)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
+                         max_position_embeddings=max(2048, shape["seq"]), use_cache=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model = torch.compile(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    data = torch.randint(0, min(1000, shape["vocab_size"]), (warmup + steps, shape["batch"], shape["seq"]),
+                         device=device)
+    reset_peak(device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=data[i], labels=data[i]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    row = dict(model=key, run="plain PEFT + torch.compile", tokens_per_second=steps * data[0].numel() / seconds,
+               peak_gib=peak_bytes(device) / 2**30, mfu=None, compile=True, chunked_loss=False, cuda_graph=False,
+               final_loss=float(loss.detach()))
+    del model, optimizer, params, data, loss
+    free(device)
+    return row
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def free(device):
+    torch._dynamo.reset()
+    free_cuda_memory(device if device.type == "cuda" else None)
+
+
+def guarded(rows: list, make, label: str) -> None:
+    """A row, or the row's error: one failing configuration does not cost the others."""
+    try:
+        rows.append(make())
+    except Exception as e:  # noqa: BLE001 — recorded in the result and printed
+        rows.append(dict(run=label, error=f"{type(e).__name__}: {str(e)[:300]}"))
+        print(f"FAILED {label}: {type(e).__name__}: {e}", flush=True)
+
+
+def ratio(rows, model, num, den, key="tokens_per_second"):
+    a = next((r for r in rows if r.get("model") == model and r.get("run") == num and key in r), None)
+    b = next((r for r in rows if r.get("model") == model and r.get("run") == den and key in r), None)
+    return a[key] / b[key] if a and b and b[key] else None
+
+
+def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[str]]:
+    rows, lines = [], []
+    for key in models:
+        shape = SHAPES[key]
+        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root), f"{key} trainer lora")
+        free(device)
+        if key != "llama-7b":
+            cpu = ["trainer.precision=bf16"] if device.type == "cpu" else []  # the CPU smoke run: bf16 weights need it
+            guarded(rows, lambda: trainer_row(key, shape, "full", warmup, steps, runs_root, cpu), f"{key} trainer full")
+            free(device)
+        guarded(rows, lambda: plain_peft_row(key, shape, warmup, steps, device), f"{key} plain peft")
+        lora, full, peft = "trainer, LoRA r16 all-linear", "trainer, full fine-tuning", "plain PEFT + torch.compile"
+        for name, value in (("LoRA / full fine-tuning", ratio(rows, key, lora, full)),
+                            ("LoRA / plain PEFT + compile", ratio(rows, key, lora, peft))):
+            if value is not None:
+                lines.append(f"- {key}: trainer {name}: {value:.2f}×")
+    return rows, lines
+
+
+def memory(runs_root, device, steps: int = 20, seq: int = 4096) -> tuple[list[dict], list[str]]:
+    shape = dict(SHAPES["llama-7b"] if device.type == "cuda" else SHAPES["tiny"], seq=seq if device.type == "cuda"
+                 else 64)
+    key = "llama-7b" if device.type == "cuda" else "tiny"
+    rows, curves = [], {}
+    for setting in ("false", "auto" if device.type == "cuda" else "true"):  # auto: off on the CPU
+        metrics, losses = run(default_args(key, shape, "lora", 0, steps, runs_root,
+                                           [f"trainer.chunked_loss={setting}", "trainer.lr=1e-3",
+                                            "trainer.timing_warmup_steps=0"]))
+        curves[setting] = losses
+        rows.append(dict(model=key, run=f"trainer, LoRA r16, chunked_loss={setting}", batch=shape["batch"],
+                         seq_len=shape["seq"], chunked_loss=metrics.get("chunked_loss"),
+                         peak_gib=metrics["peak_memory_bytes"] / 2**30,
+                         estimate_gib=metrics["memory_estimate"]["total_bytes"] / 2**30
+                         if metrics.get("memory_estimate") else None,
+                         tokens_per_second=metrics["tokens_per_second"], final_loss=losses[-1]))
+        free(device)
+    chunked = curves[next(k for k in curves if k != "false")]
+    diff = max(abs(a - b) for a, b in zip(curves["false"], chunked))
+    fall = 1 - rows[1]["peak_gib"] / rows[0]["peak_gib"]
+    return rows, [f"- peak memory falls by {100 * fall:.1f} % with the chunked loss; max |Δloss| over {steps} steps "
+                  f"{diff:.2e}", f"- losses (plain): {curves['false']}", f"- losses (chunked): {chunked}"]
+
+
+def estimate(runs_root, device, seq: int = 8192) -> tuple[list[dict], list[str]]:
+    key = "llama-7b" if device.type == "cuda" else "tiny"
+    shape = dict(SHAPES[key], seq=seq if device.type == "cuda" else 64)
+    args = default_args(key, shape, "lora", 2, 3, runs_root, ["trainer.activation_checkpointing=true"])
+    est = estimate_from_cfg(compose(args), device_type=device.type, padded=False)
+    metrics, _ = run(args)
+    measured = metrics["peak_memory_bytes"]
+    row = dict(model=key, run="trainer, LoRA r16, activation checkpointing", batch=shape["batch"],
+               seq_len=shape["seq"], chunked_loss=metrics.get("chunked_loss"), estimate_gib=est.total_bytes / 2**30,
+               peak_gib=measured / 2**30, estimate_over_measured=est.total_bytes / measured if measured else None)
+    free(device)
+    return [row], [f"- estimate / measured: {row['estimate_over_measured']:.3f}" if measured else "- (no GPU peak)"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--parts", nargs="+", default=["speed", "memory", "estimate"],
+                    choices=["speed", "memory", "estimate"])
+    ap.add_argument("--models", nargs="+", default=["llama-1.1b", "llama-7b"], choices=list(SHAPES))
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--runs-root", default="/tmp/fast_path_runs")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
+    opts = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not opts.smoke else "cpu")
+    models = ["tiny"] if opts.smoke else opts.models
+    meta = collect_metadata(device)
+    Path(opts.runs_root).mkdir(parents=True, exist_ok=True)
+    for part in opts.parts:
+        t0 = time.perf_counter()
+        if part == "speed":
+            rows, lines = speed(models, 2 if opts.smoke else opts.warmup, 3 if opts.smoke else opts.steps,
+                                opts.runs_root, device)
+        elif part == "memory":
+            rows, lines = memory(opts.runs_root, device, steps=3 if opts.smoke else 20)
+        else:
+            rows, lines = estimate(opts.runs_root, device)
+        name = result_name(f"fast_path_{part}", device)
+        write_result(opts.out, name, rows, dict(device=device_name(device), part=part), meta=meta,
+                     title=f"fast path: {part}", description=__doc__.split("\n\n")[0],
+                     sections=["\n".join(lines)])
+        print(f"== {part} ({time.perf_counter() - t0:.0f} s) -> {opts.out}/{name}.md", flush=True)
+        for r in rows:
+            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                                   if k not in ("model",)), flush=True)
+        print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
