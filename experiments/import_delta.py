@@ -17,6 +17,9 @@ sources; seed 0 and task.name `imported`, since an import has neither); `metrics
 accuracy (`imported: true`). Modules are named as BASE names them (e.g. `encoder.layer.0.attention.self.query`); the
 other checkpoint's names are mapped to those by dropping leading components (`bert.`, `model.`, PEFT's
 `base_model.model.`), and a module of another shape stops the import with one line naming it and both shapes.
+W0 is stored once per base model, as runs store it: where RUNS/base_weights/ already holds these weights (a trained
+run's, or an earlier import's), the import uses that file and names its modules as the file does (a classifier run's
+`bert.encoder.layer.0...`), so it is analysed beside those runs and W0 is not stored twice.
 Everything streams: each file is written one tensor at a time (lowrank.rundir.atomic.write_safetensors_streamed) from
 tensors read one at a time, so memory holds a few matrices whatever the model's size.
 """
@@ -32,9 +35,8 @@ from omegaconf import OmegaConf
 from lowrank.rundir import atomic
 from lowrank.rundir.atomic import remove_stale_temps, write_safetensors_streamed
 from lowrank.data.hf_checkpoint import Checkpoint, block_matrices, file_checkpoint, local_folder, open_checkpoint
-from lowrank.rundir.delta import base_weights_path, delta_metadata, module_overrides
+from lowrank.rundir.delta import base_weights_path, delta_metadata, module_overrides, shared_base_weights
 from lowrank.errors import ConfigError, fail
-from lowrank.rundir.integrity import CorruptArtifact, read_header
 from lowrank.adapters.lora import lora_scaling
 from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, adapter_factors, module_lora,
                                   read_adapter_config, scaling_rule)
@@ -79,24 +81,25 @@ def model_name(source: str, given: str | None) -> str:
 
 
 def write_base_weights(runs_root: Path, name: str, base: Checkpoint, keys: list[str], transpose: bool,
-                       log=print) -> Path:
-    """W0 of every block matrix of `base` as RUNS_ROOT/base_weights/{name}-{fingerprint}.safetensors (fp32 (out, in),
-    keys `{module}.weight`), streamed; an existing file of that name holds exactly these weights and is kept."""
-    folder = runs_root / "base_weights"
+                       log=print) -> tuple[Path, str]:
+    """W0 of every block matrix of `base` in the runs' shared store, RUNS_ROOT/base_weights/ (fp32 (out, in), keys
+    `{module}.weight`), streamed; returns (its file, the prefix that file's names add to `keys`). A file there that
+    already holds these weights is used instead of a second copy, as the trainer's runs reuse theirs: a run's
+    (`bert.encoder...` for a classifier) or an earlier import's; else they are written as {name}-{fingerprint}."""
+    folder = runs_root / BASE_WEIGHTS_DIR
     specs = {k: (FP32, oriented_shape(base, k, transpose)) for k in keys}
     pending, digests = write_safetensors_streamed(folder / f".{name}-import-{os.getpid()}.safetensors", specs,
                                                   lambda k: read_matrix(base, k, transpose), {"base_model": name})
-    path = base_weights_path(runs_root, name, digests)
-    try:
-        same = path.is_file() and read_header(path)[2] == digests
-    except CorruptArtifact:
-        same = False
-    if same:
+    shared = shared_base_weights(runs_root, digests)
+    if shared is not None:
         pending.unlink()
-    else:
-        pending.replace(path)  # named by its content, as lowrank.rundir.delta.ensure_base_weights names it
+        path, prefix = shared
+        log(f"W0: {len(keys)} matrices already in {path}" + (f" (named {prefix}...)" if prefix else ""))
+        return path, prefix
+    path = base_weights_path(runs_root, name, digests)
+    pending.replace(path)  # named by its content, as lowrank.rundir.delta.ensure_base_weights names it
     log(f"W0: {len(keys)} matrices -> {path}")
-    return path
+    return path, ""
 
 
 def clear_interrupted(out: Path, log=print) -> None:
@@ -167,7 +170,9 @@ def import_pair(base_src: str, ft_src: str, out: Path, name: str | None = None, 
     name = model_name(base_src, name)
     with RunLock(out):
         clear_interrupted(out, log)
-        base_path = write_base_weights(out.parent.parent, name, base, [b for b, _ in pairs.values()], base.conv1d, log)
+        base_path, prefix = write_base_weights(out.parent.parent, name, base, [b for b, _ in pairs.values()],
+                                               base.conv1d, log)
+        pairs = {prefix + m: files for m, files in pairs.items()}  # modules as the shared W0 file names them
 
         def delta_of(key: str) -> torch.Tensor:
             b, f = pairs[key.removesuffix(".delta")]
@@ -233,7 +238,9 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
     rank, alpha, rule = acfg["r"], acfg["lora_alpha"], scaling_rule(acfg)
     with RunLock(out):
         clear_interrupted(out, log)
-        base_path = write_base_weights(out.parent.parent, name, base, base_keys, transpose, log)
+        base_path, prefix = write_base_weights(out.parent.parent, name, base, base_keys, transpose, log)
+        per_module = {prefix + m: v for m, v in per_module.items()}  # modules as the shared W0 file names them
+        keys = {prefix + k: v for k, v in keys.items()}
         meta = {"base_model": base_src, "base_model_name": name, "scaling": lora_scaling(alpha, rank, rule),
                 "rank": rank, "alpha": alpha, "targets": list(per_module), "imported_from": adapter_src,
                 "not_in_delta": others}  # a head in modules_to_save, trained biases: not part of ΔW
