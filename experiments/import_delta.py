@@ -6,7 +6,8 @@
 
 BASE and FT are Hub ids, local folders or pkg://PACKAGE/DIR paths of Hugging Face checkpoints (lowrank.data.hf_checkpoint:
 safetensors, sharded or not; .bin with a warning); ADAPTER is a folder written by PeftModel.save_pretrained (or a Hub
-id), whose base model is BASE or, without --base, the adapter's `base_model_name_or_path`.
+id), whose base model is BASE or, without --base, the one the adapter names (lowrank.rundir.peft.adapter_base: the
+local folder an adapter of experiments.export_peft records, where it exists here, else `base_model_name_or_path`).
 
 The run directory is the trainer's format (lowrank.rundir.layout, lowrank.rundir.delta): `delta_w.safetensors` with `{module}.delta`
 = W_ft − W_0 in fp32 (bitwise the difference of the fp32 values) for every 2-D weight of the numbered blocks, or an
@@ -38,8 +39,8 @@ from lowrank.data.hf_checkpoint import Checkpoint, block_matrices, file_checkpoi
 from lowrank.rundir.delta import base_weights_path, delta_metadata, module_overrides, shared_base_weights
 from lowrank.errors import ConfigError, fail
 from lowrank.adapters.lora import lora_scaling
-from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, adapter_factors, module_lora,
-                                  read_adapter_config, scaling_rule)
+from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, BASE_FILE, adapter_base, adapter_factors,
+                                  module_lora, read_adapter_config, scaling_rule)
 from lowrank.rundir.layout import BASE_WEIGHTS_DIR, CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
 
 MAX_STRIP = 3  # leading name components dropped when mapping one checkpoint's names onto the other's
@@ -191,14 +192,14 @@ def import_pair(base_src: str, ft_src: str, out: Path, name: str | None = None, 
     return out
 
 
-def adapter_checkpoint(source: str) -> tuple[Checkpoint, dict]:
-    """(the adapter's weights, its checked adapter_config.json)."""
-    folder = local_folder(source, "--adapter", ["adapter_config.json", "adapter_model.*"])
+def adapter_checkpoint(source: str) -> tuple[Checkpoint, dict, str | None]:
+    """(the adapter's weights, its checked adapter_config.json, the base it names: lowrank.rundir.peft.adapter_base)."""
+    folder = local_folder(source, "--adapter", ["adapter_config.json", "adapter_model.*", BASE_FILE])
     config = read_adapter_config(folder)
     file = next((folder / f for f in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN) if (folder / f).is_file()), None)
     if file is None:
         raise ConfigError(f"--adapter: {folder} holds no {ADAPTER_WEIGHTS} (nor {ADAPTER_WEIGHTS_BIN})")
-    return file_checkpoint(file, source, "--adapter"), config
+    return file_checkpoint(file, source, "--adapter"), config, adapter_base(folder, config)
 
 
 def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, name: str | None = None,
@@ -206,8 +207,8 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
     """Write the run directory of a PEFT LoRA adapter over its base model; returns it."""
     t0 = time.perf_counter()
     out = check_out(out)
-    adapter, acfg = adapter_checkpoint(adapter_src)
-    base_src = base_src or acfg.get("base_model_name_or_path")
+    adapter, acfg, named_base = adapter_checkpoint(adapter_src)
+    base_src = base_src or named_base
     if not base_src:
         raise ConfigError(f"--adapter {adapter_src!r} names no base model (base_model_name_or_path); give --base")
     base = open_checkpoint(base_src, "--base")
