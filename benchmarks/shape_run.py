@@ -89,8 +89,9 @@ def write_shape_run(model: str, runs_root: Path, name: str = "shape", overrides:
     shapes = {n: tuple(net.get_submodule(n).weight.shape) for n in block_linear_names(net)}
     targets = match_targets(net, cfg.method.targets)
     skip = {k.split(".")[0] for k in NOT_IDENTITY}
-    label = ",".join(sorted(o for o in overrides if o.split("=")[0].split(".")[0] not in skip))
-    run_dir = runs_root / name / run_dirname(label, config_hash(config))
+    settings = {k.lstrip("+"): v for k, v in (o.split("=", 1) for o in overrides if "=" in o)
+                if k.lstrip("+").split(".")[0] not in skip}
+    run_dir = runs_root / name / run_dirname(settings, config_hash(config))
 
     def w0_of(key: str) -> torch.Tensor:
         n = key.removesuffix(".weight")

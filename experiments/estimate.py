@@ -12,9 +12,11 @@ activations_bytes, total_bytes, budget_bytes, fits, and the micro_batch / grad_a
 the fit chose). With a budget, the fit is the trainer's search with the estimate standing in for the device.
 With `trainer.world_size=N` each rank's micro-batch is its share of the batch, and `trainer.parallel=fsdp`
 shards weights, gradients and moments over the N ranks: the numbers are per rank. Writes no files.
-`trainer.precision=auto` counts as bf16: budgets are about GPU memory. Frozen
-weights are counted in `model.dtype` as the trainer resolves it (auto: bf16 for LoRA computing in bf16, else
-fp32); `model.dtype=bf16` with method=full counts bf16 weights and bf16 AdamW moments.
+The first line says what the estimate assumed and why: the device (`trainer.device`; auto counts as a GPU, even on
+a machine without one, since budgets are about GPU memory: `trainer.device=cpu` estimates a CPU run), the compute
+precision (`trainer.precision`; auto: bf16 autocast on a GPU, fp32 on the CPU), the frozen weights' dtype
+(`model.dtype` as the trainer resolves it: auto is bf16 for LoRA computing in bf16, else fp32; `model.dtype=bf16`
+with method=full counts bf16 weights and bf16 AdamW moments) and the optimizer state (AdamW's two moments).
 """
 import json
 import sys
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from lowrank.train.budget import fit_with_estimate, require_weights_fit
@@ -45,11 +48,14 @@ def estimate(cfg: DictConfig) -> dict:
     config = load_hf_config(cfg.model, cfg.task.get("num_labels", 2))  # LM tasks have no classes
     budget = budget_bytes(cfg.get("budget"))
 
+    device_type, device_from = estimate_device(cfg.trainer)
+
     def at(**setting):
-        return estimate_from_cfg(cfg, config, **setting)
+        return estimate_from_cfg(cfg, config, device_type=device_type, **setting)
 
     configured = at()
-    report = {"model": cfg.model.name, "method": cfg.method.name}
+    print(assumptions(cfg, configured, device_type, device_from))
+    report = {"model": cfg.model.name, "method": cfg.method.name, "device": device_type}
     try:
         require_weights_fit(configured, budget)
     except ConfigError as e:  # the trainer stops here; the estimate reports it as a result
@@ -77,6 +83,29 @@ def estimate(cfg: DictConfig) -> dict:
             print(f"budget {budget / GIB:g} GiB: does not fit" + (f": {note}" if note else
                   f" even at micro-batch 1 with activation checkpointing ({fit.failed_at})"))
     return report
+
+
+def estimate_device(tc) -> tuple[str, str]:
+    """(the device type the estimate is for, where that came from): `trainer.device`, whose `auto` is a GPU here
+    whatever this machine has, since a budget is GPU memory; `trainer.device=cpu` estimates a CPU run."""
+    device = str(tc.get("device", "auto"))
+    if device != "auto":
+        return ("cpu" if device == "cpu" else "cuda"), f"trainer.device={device}"
+    why = "trainer.device=auto" + ("" if torch.cuda.is_available() else
+                                   ", though this machine has no GPU; trainer.device=cpu estimates a CPU run")
+    return "cuda", why
+
+
+def assumptions(cfg, est, device_type: str, device_from: str) -> str:
+    """One line: the device, compute precision, frozen weights' dtype and optimizer state the estimate is for, each
+    with the setting it came from (the trainer resolves the same `auto`s the same way)."""
+    t = cfg.trainer
+    autocast = "bf16 autocast" if est.precision == "bf16" else "fp32, no autocast"
+    return (f"estimated for: device {'GPU (cuda)' if device_type == 'cuda' else 'cpu'} ({device_from}); "
+            f"compute {autocast} (trainer.precision={t.precision}" + (f" on {device_type}" if t.precision == "auto"
+                                                                      else "") + "); "
+            f"frozen weights {est.weight_dtype} (model.dtype={cfg.model.get('dtype', 'auto')}); "
+            f"optimizer AdamW, two moments per trainable parameter in its dtype (trainer.optimizer={t.optimizer})")
 
 
 def check_estimate_world(tc) -> int:

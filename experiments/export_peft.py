@@ -19,6 +19,7 @@ adapter or a full fine-tune to begin with.
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from lowrank.rundir import atomic
 from lowrank.errors import fail
 from lowrank.rundir.integrity import CorruptArtifact, verify_safetensors
 from lowrank.adapters.lora import lora_scaling
-from lowrank.data.model_files import gguf_cache_dir, resolve_path
-from lowrank.rundir.peft import ADAPTER_WEIGHTS, PREFIX, factor_keys
+from lowrank.data.model_files import gguf_cache_dir, hub_id, resolve_path
+from lowrank.rundir.peft import ADAPTER_WEIGHTS, BASE_FILE, PREFIX, factor_keys
 from lowrank.rundir.layout import HEAD_FILE
 
 try:
@@ -43,12 +44,24 @@ except ImportError:  # an optional dependency: only this entry point needs it
 
 
 def base_model_path(cfg_model) -> str:
-    """What PEFT loads as the base: the run's model.path, pkg:// resolved to its folder, a GGUF model's cached
-    dequantised folder (the W0 the run used)."""
+    """The folder the run's W0 came from: model.path, pkg:// resolved to its folder, a GGUF model's cached
+    dequantised folder; a Hub id as it is."""
     if cfg_model.get("gguf_file"):
         return str(gguf_cache_dir(cfg_model))
     resolved = resolve_path(cfg_model.path)
     return str(Path(resolved).absolute()) if Path(resolved).is_dir() else cfg_model.path
+
+
+def base_model_names(cfg_model, out: Path) -> tuple[str, str | None]:
+    """(base_model_name_or_path, the local folder or None): the Hub id where the model has one (a packaged asset's
+    original, lowrank.data.model_files.hub_id), else the folder relative to the adapter folder OUT, so that neither
+    names a path inside this machine's venv; the folder itself, absolute, where there is one."""
+    local = base_model_path(cfg_model)
+    local = local if Path(local).is_dir() else None
+    portable = hub_id(cfg_model)
+    if portable is None:
+        portable = os.path.relpath(local, Path(out).absolute()) if local else str(cfg_model.path)
+    return portable, local
 
 
 def head_tensors(run_dir: Path) -> dict:
@@ -89,6 +102,7 @@ def export(run_dir: Path, out: Path) -> Path:
         if not math.isclose(lora_scaling(alpha, r, rule), s, rel_tol=1e-12):  # alpha_pattern only where needed
             alpha_pattern[key] = s * (math.sqrt(r) if rule == "rslora" else r)
     head = head_tensors(run.path)
+    portable, local = base_model_names(cfg.model, out)
     causal = cfg.task.get("objective", "classification") != "classification"
     if not head and not causal:
         print(f"warning: {run.path} has no {HEAD_FILE} (written before heads were stored): the adapter holds the LoRA "
@@ -98,9 +112,10 @@ def export(run_dir: Path, out: Path) -> Path:
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=m.get("dropout", 0.0),
                         modules_to_save=sorted({k.rsplit(".", 1)[0] for k in head}) or None,
                         task_type="CAUSAL_LM" if causal else "SEQ_CLS",
-                        base_model_name_or_path=base_model_path(cfg.model), inference_mode=True)
+                        base_model_name_or_path=portable, inference_mode=True)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
+    atomic.write_json(out / BASE_FILE, {"base_model_name_or_path": portable, "local_path": local})
     atomic.write_with(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     print(f"PEFT adapter: {len(run.names)} modules (r={rank}" + (f", {len(rank_pattern)} of other ranks" if rank_pattern
                                                                else "") + f"){', head ' + ', '.join(sorted(head)) if head else ''} -> {out}")

@@ -6,7 +6,8 @@
 
 BASE and FT are Hub ids, local folders or pkg://PACKAGE/DIR paths of Hugging Face checkpoints (lowrank.data.hf_checkpoint:
 safetensors, sharded or not; .bin with a warning); ADAPTER is a folder written by PeftModel.save_pretrained (or a Hub
-id), whose base model is BASE or, without --base, the adapter's `base_model_name_or_path`.
+id), whose base model is BASE or, without --base, the one the adapter names (lowrank.rundir.peft.adapter_base: the
+local folder an adapter of experiments.export_peft records, where it exists here, else `base_model_name_or_path`).
 
 The run directory is the trainer's format (lowrank.rundir.layout, lowrank.rundir.delta): `delta_w.safetensors` with `{module}.delta`
 = W_ft − W_0 in fp32 (bitwise the difference of the fp32 values) for every 2-D weight of the numbered blocks, or an
@@ -17,6 +18,9 @@ sources; seed 0 and task.name `imported`, since an import has neither); `metrics
 accuracy (`imported: true`). Modules are named as BASE names them (e.g. `encoder.layer.0.attention.self.query`); the
 other checkpoint's names are mapped to those by dropping leading components (`bert.`, `model.`, PEFT's
 `base_model.model.`), and a module of another shape stops the import with one line naming it and both shapes.
+W0 is stored once per base model, as runs store it: where RUNS/base_weights/ already holds these weights (a trained
+run's, or an earlier import's), the import uses that file and names its modules as the file does (a classifier run's
+`bert.encoder.layer.0...`), so it is analysed beside those runs and W0 is not stored twice.
 Everything streams: each file is written one tensor at a time (lowrank.rundir.atomic.write_safetensors_streamed) from
 tensors read one at a time, so memory holds a few matrices whatever the model's size.
 """
@@ -32,12 +36,11 @@ from omegaconf import OmegaConf
 from lowrank.rundir import atomic
 from lowrank.rundir.atomic import remove_stale_temps, write_safetensors_streamed
 from lowrank.data.hf_checkpoint import Checkpoint, block_matrices, file_checkpoint, local_folder, open_checkpoint
-from lowrank.rundir.delta import base_weights_path, delta_metadata, module_overrides
+from lowrank.rundir.delta import base_weights_path, delta_metadata, module_overrides, shared_base_weights
 from lowrank.errors import ConfigError, fail
-from lowrank.rundir.integrity import CorruptArtifact, read_header
 from lowrank.adapters.lora import lora_scaling
-from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, adapter_factors, module_lora,
-                                  read_adapter_config, scaling_rule)
+from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, BASE_FILE, adapter_base, adapter_factors,
+                                  module_lora, read_adapter_config, scaling_rule)
 from lowrank.rundir import provenance
 from lowrank.rundir.layout import BASE_WEIGHTS_DIR, CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
 
@@ -80,24 +83,25 @@ def model_name(source: str, given: str | None) -> str:
 
 
 def write_base_weights(runs_root: Path, name: str, base: Checkpoint, keys: list[str], transpose: bool,
-                       log=print) -> Path:
-    """W0 of every block matrix of `base` as RUNS_ROOT/base_weights/{name}-{fingerprint}.safetensors (fp32 (out, in),
-    keys `{module}.weight`), streamed; an existing file of that name holds exactly these weights and is kept."""
-    folder = runs_root / "base_weights"
+                       log=print) -> tuple[Path, str]:
+    """W0 of every block matrix of `base` in the runs' shared store, RUNS_ROOT/base_weights/ (fp32 (out, in), keys
+    `{module}.weight`), streamed; returns (its file, the prefix that file's names add to `keys`). A file there that
+    already holds these weights is used instead of a second copy, as the trainer's runs reuse theirs: a run's
+    (`bert.encoder...` for a classifier) or an earlier import's; else they are written as {name}-{fingerprint}."""
+    folder = runs_root / BASE_WEIGHTS_DIR
     specs = {k: (FP32, oriented_shape(base, k, transpose)) for k in keys}
     pending, digests = write_safetensors_streamed(folder / f".{name}-import-{os.getpid()}.safetensors", specs,
                                                   lambda k: read_matrix(base, k, transpose), {"base_model": name})
-    path = base_weights_path(runs_root, name, digests)
-    try:
-        same = path.is_file() and read_header(path)[2] == digests
-    except CorruptArtifact:
-        same = False
-    if same:
+    shared = shared_base_weights(runs_root, digests)
+    if shared is not None:
         pending.unlink()
-    else:
-        pending.replace(path)  # named by its content, as lowrank.rundir.delta.ensure_base_weights names it
+        path, prefix = shared
+        log(f"W0: {len(keys)} matrices already in {path}" + (f" (named {prefix}...)" if prefix else ""))
+        return path, prefix
+    path = base_weights_path(runs_root, name, digests)
+    pending.replace(path)  # named by its content, as lowrank.rundir.delta.ensure_base_weights names it
     log(f"W0: {len(keys)} matrices -> {path}")
-    return path
+    return path, ""
 
 
 def clear_interrupted(out: Path, log=print) -> None:
@@ -168,7 +172,9 @@ def import_pair(base_src: str, ft_src: str, out: Path, name: str | None = None, 
     name = model_name(base_src, name)
     with RunLock(out):
         clear_interrupted(out, log)
-        base_path = write_base_weights(out.parent.parent, name, base, [b for b, _ in pairs.values()], base.conv1d, log)
+        base_path, prefix = write_base_weights(out.parent.parent, name, base, [b for b, _ in pairs.values()],
+                                               base.conv1d, log)
+        pairs = {prefix + m: files for m, files in pairs.items()}  # modules as the shared W0 file names them
 
         def delta_of(key: str) -> torch.Tensor:
             b, f = pairs[key.removesuffix(".delta")]
@@ -188,14 +194,14 @@ def import_pair(base_src: str, ft_src: str, out: Path, name: str | None = None, 
     return out
 
 
-def adapter_checkpoint(source: str) -> tuple[Checkpoint, dict]:
-    """(the adapter's weights, its checked adapter_config.json)."""
-    folder = local_folder(source, "--adapter", ["adapter_config.json", "adapter_model.*"])
+def adapter_checkpoint(source: str) -> tuple[Checkpoint, dict, str | None]:
+    """(the adapter's weights, its checked adapter_config.json, the base it names: lowrank.rundir.peft.adapter_base)."""
+    folder = local_folder(source, "--adapter", ["adapter_config.json", "adapter_model.*", BASE_FILE])
     config = read_adapter_config(folder)
     file = next((folder / f for f in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN) if (folder / f).is_file()), None)
     if file is None:
         raise ConfigError(f"--adapter: {folder} holds no {ADAPTER_WEIGHTS} (nor {ADAPTER_WEIGHTS_BIN})")
-    return file_checkpoint(file, source, "--adapter"), config
+    return file_checkpoint(file, source, "--adapter"), config, adapter_base(folder, config)
 
 
 def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, name: str | None = None,
@@ -203,8 +209,8 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
     """Write the run directory of a PEFT LoRA adapter over its base model; returns it."""
     t0 = time.perf_counter()
     out = check_out(out)
-    adapter, acfg = adapter_checkpoint(adapter_src)
-    base_src = base_src or acfg.get("base_model_name_or_path")
+    adapter, acfg, named_base = adapter_checkpoint(adapter_src)
+    base_src = base_src or named_base
     if not base_src:
         raise ConfigError(f"--adapter {adapter_src!r} names no base model (base_model_name_or_path); give --base")
     base = open_checkpoint(base_src, "--base")
@@ -235,7 +241,9 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
     rank, alpha, rule = acfg["r"], acfg["lora_alpha"], scaling_rule(acfg)
     with RunLock(out):
         clear_interrupted(out, log)
-        base_path = write_base_weights(out.parent.parent, name, base, base_keys, transpose, log)
+        base_path, prefix = write_base_weights(out.parent.parent, name, base, base_keys, transpose, log)
+        per_module = {prefix + m: v for m, v in per_module.items()}  # modules as the shared W0 file names them
+        keys = {prefix + k: v for k, v in keys.items()}
         meta = {"base_model": base_src, "base_model_name": name, "scaling": lora_scaling(alpha, rank, rule),
                 "rank": rank, "alpha": alpha, "targets": list(per_module), "imported_from": adapter_src,
                 "not_in_delta": others}  # a head in modules_to_save, trained biases: not part of ΔW

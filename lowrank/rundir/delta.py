@@ -10,7 +10,8 @@ rank or scaling differ from `rank` and `scaling`, so module m's ΔW = module_sca
 `head.safetensors` (LoRA) holds the trained parameters that are not LoRA factors (a classifier's head, fp32), which
 an exported adapter needs (experiments.export_peft).
 `RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors` holds W0 of every block linear layer once; the
-fingerprint is a hash of all of W0, so a file of that name holds exactly these weights (checked on reuse).
+fingerprint is a hash of all of W0, so a file of that name holds exactly these weights (checked on reuse). An import
+(experiments.import_delta) reuses a file that holds its W0 under names with a leading prefix (shared_base_weights).
 Every file carries per-tensor content hashes (`lowrank.rundir.integrity`).
 """
 import json
@@ -24,7 +25,8 @@ from torch import nn
 from lowrank.train import distributed
 from lowrank.rundir.atomic import remove_stale_temps, write_safetensors, write_safetensors_streamed
 from lowrank.errors import ConfigError
-from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact, combined_digest, tensor_digests, verify_safetensors
+from lowrank.rundir.integrity import (DIGEST_KEY, CorruptArtifact, combined_digest, read_header, tensor_digests,
+                                      verify_safetensors)
 from lowrank.adapters.lora import LoRALinear, block_linear_names, lora_layers
 from lowrank.rundir.layout import BASE_WEIGHTS_DIR, DELTA_FILE, HEAD_FILE, MODULE_RANK_KEY, MODULE_SCALING_KEY
 
@@ -45,6 +47,28 @@ def linear_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor
 def base_weights_path(runs_root, model_name: str, digests: dict[str, str]) -> Path:
     """RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors, the fingerprint from W0's tensor hashes."""
     return Path(runs_root) / BASE_WEIGHTS_DIR / f"{model_name}-{combined_digest(digests)[:10]}.safetensors"
+
+
+def shared_base_weights(runs_root, digests: dict[str, str]) -> tuple[Path, str] | None:
+    """A file in RUNS_ROOT/base_weights/ that already holds these W0 tensors ({key: SHA-256}), and the prefix its keys
+    add to ours (`bert.` when the trainer stored a classifier's W0 and an import names modules as the bare checkpoint
+    does); None if there is none. Judged from the files' recorded hashes, so a file holding other weights is never
+    taken; a damaged one is passed over."""
+    folder = Path(runs_root) / BASE_WEIGHTS_DIR
+    if not digests or not folder.is_dir():
+        return None
+    first, found = min(digests), []
+    for path in sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith(".")):  # not temp files
+        try:
+            _, _, theirs = read_header(path)
+        except CorruptArtifact:
+            continue
+        for key in theirs:
+            if key == first or key.endswith("." + first):
+                prefix = key[:len(key) - len(first)]
+                if all(theirs.get(prefix + k) == d for k, d in digests.items()):
+                    found.append((len(prefix), path, prefix))
+    return min(found)[1:] if found else None  # the same names first
 
 
 def delta_metadata(run_dir: Path, method: str, base_weights: Path, meta: dict) -> dict[str, str]:

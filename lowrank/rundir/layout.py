@@ -2,9 +2,9 @@
 lock that lets one process at a time work in it. Writers (the trainer) and readers (analysis, the demo, the
 benchmarks) import it, so both sides agree.
 
-A run directory is a function of the resolved config: `RUNS_ROOT/NAME/{overrides}-{config_hash}`, where
-`overrides` are the command-line settings written from their resolved values (a readable label; `defaults`
-when there are none) and `config_hash` hashes the whole resolved config except the keys in NOT_IDENTITY.
+A run directory is a function of the resolved config: `RUNS_ROOT/NAME/{label}-{config_hash}`, where `label`
+is a short reading of the command-line settings' resolved values (`rank=4,seed=1`; `defaults` when there are
+none; run_label) and `config_hash` hashes the whole resolved config except the keys in NOT_IDENTITY.
 Two configs never share a directory, and one config finds its directory again however it was reached
 (`find_run_dir` looks the hash up first), so a re-launched sweep skips what is done and resumes the rest.
 
@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -145,7 +146,9 @@ DEFAULT_AS_ABSENT = {"trainer.parallel": "auto", "trainer.world_size": "auto", "
 # trainer.compile: `auto` compiles on CUDA only, and a compiled block computes what the eager one does.
 AS_HASHED = {"trainer.compile": {"auto": False}}
 HASH_LENGTH = 10
-MAX_LABEL = 160  # characters of the readable part before it is shortened (file names stop at 255 bytes)
+MAX_LABEL = 64   # characters of the readable part of a run directory's name; past it, a hash of the rest
+LIST_CHARS = 24  # characters of a list value in that part; past it, `+Nmore`
+UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")  # characters a label never holds (a shell or a file system minds them)
 
 
 def _drop(config: dict, dotted: str) -> None:
@@ -194,24 +197,69 @@ def config_hash(config: dict) -> str:
 
 
 def format_value(value) -> str:
-    """A config value as it appears in a directory name: one spelling per value (1e4 and 10000.0 alike)."""
+    """A config value as it appears in a directory name: one spelling per value (1e4 and 10000.0 alike), short: a
+    path or Hub id by its last part, a list as `a+b+c` (`a+b+2more` past LIST_CHARS), a mapping as `k-v+k-v`."""
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return str(value)
+        return _short_list([f"{k}-{format_value(v)}" for k, v in sorted(value.items())])
+    if isinstance(value, (list, tuple)):
+        return _short_list([format_value(v) for v in value])
+    return str(value).rstrip("/").rsplit("/", 1)[-1] or "_"
 
 
-def run_dirname(label: str, digest: str) -> str:
-    """`{label}-{digest}`: no path separators, never empty, short enough for any file system."""
-    label = label.replace("/", "_") or "defaults"
-    if len(label) > MAX_LABEL:
-        label = f"{label[:MAX_LABEL - 9]}~{hashlib.sha1(label.encode()).hexdigest()[:8]}"
-    return f"{label}-{digest}"
+def _short_list(items: list[str]) -> str:
+    if not items:
+        return "none"
+    shown = [items[0]]
+    for item in items[1:]:
+        rest = len(items) - len(shown) - 1
+        if len("+".join(shown + [item])) + (len(f"+{rest}more") if rest else 0) > LIST_CHARS:
+            return "+".join(shown) + f"+{len(items) - len(shown)}more"
+        shown.append(item)
+    return "+".join(shown)
+
+
+def _short_keys(keys) -> dict[str, str]:
+    """Each dotted key by its shortest dotted suffix that no other key ends with (`method.rank` -> `rank` unless
+    another key also ends in `.rank`); distinct keys stay distinct."""
+    parts = {key: key.split(".") for key in keys}
+
+    def ends_with(key, suffix):
+        return len(parts[key]) >= len(suffix) and parts[key][-len(suffix):] == suffix
+    short = {}
+    for key, p in parts.items():
+        n = 1
+        while n < len(p) and any(other != key and ends_with(other, p[-n:]) for other in parts):
+            n += 1
+        short[key] = ".".join(p[-n:])
+    return short
+
+
+def run_label(settings: dict[str, str]) -> str:
+    """The readable part of a run directory's name from its command-line settings {dotted key: value as
+    format_value writes it}: `key=value` in the order of the full keys, each key by its shortest unambiguous suffix,
+    characters other than letters, digits and `._=+-` as `_`; `defaults` when there are none. Past MAX_LABEL the
+    settings that fit are kept, then `~` and a hash of the whole label (the full settings are in .hydra/)."""
+    short = _short_keys(settings)
+    items = [UNSAFE.sub("_", f"{short[k]}={settings[k]}") for k in sorted(settings)]
+    label = ",".join(items) or "defaults"
+    if len(label) <= MAX_LABEL:
+        return label
+    tail = "~" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    kept = ""
+    for item in items:
+        if len(f"{kept},{item}" if kept else item) + len(tail) > MAX_LABEL:
+            break
+        kept = f"{kept},{item}" if kept else item
+    return (kept or items[0][:MAX_LABEL - len(tail)]) + tail
+
+
+def run_dirname(settings: dict[str, str], digest: str) -> str:
+    """`{run_label(settings)}-{digest}`: no path separators, never empty, at most MAX_LABEL + 11 characters."""
+    return f"{run_label(settings)}-{digest}"
 
 
 def find_run_dir(study_dir, digest: str) -> Path | None:

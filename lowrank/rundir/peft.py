@@ -19,6 +19,10 @@ from lowrank.adapters.lora import lora_scaling
 from lowrank.adapters.targets import pattern_key
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+# Beside an adapter lowrank exported: the base as adapter_config.json names it (a Hub id, or a folder relative to the
+# adapter's) and `local_path`, the absolute folder the run's W0 came from (null for a Hub id). A side file, since
+# PEFT warns of a newer PEFT at any key of adapter_config.json it does not know.
+BASE_FILE = "base_model.json"
 PREFIX = "base_model.model."  # PeftModel's path to the wrapped model
 FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -56,6 +60,22 @@ def read_adapter_config(folder: Path) -> dict:
         if not isinstance(config.get(key) or {}, dict):
             raise ConfigError(f"--adapter: {path} {key} is not a mapping {{module pattern: value}}")
     return config
+
+
+def adapter_base(folder: Path, config: dict) -> str | None:
+    """The base model an adapter folder names: the local folder its BASE_FILE records, where this machine has it (the
+    exact W0 it was trained on), else adapter_config.json's base_model_name_or_path, a folder relative to the
+    adapter's where there is one there (as export_peft writes it), else as written (a Hub id)."""
+    try:
+        local = json.loads((Path(folder) / BASE_FILE).read_text()).get("local_path")
+    except (OSError, ValueError, AttributeError):
+        local = None
+    if isinstance(local, str) and Path(local).is_dir():
+        return local
+    named = config.get("base_model_name_or_path")
+    if isinstance(named, str) and named and (Path(folder) / named).is_dir():
+        return str((Path(folder) / named).resolve())
+    return named or None
 
 
 def module_lora(config: dict, module: str) -> tuple[int, float, float]:

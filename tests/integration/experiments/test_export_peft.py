@@ -10,12 +10,14 @@ from transformers import AutoModelForSequenceClassification
 
 from analysis.runs import load_run
 from experiments.export_peft import export
+from experiments.import_delta import import_adapter
 from lowrank.adapters.lora import inject_lora, lora_layers
 from lowrank.data.models import load_model
 from lowrank.rundir.layout import HEAD_FILE
+from lowrank.rundir.peft import BASE_FILE
 from omegaconf import OmegaConf
 
-from tests.unit.experiments.test_import_delta import TEXT
+from tests.unit.experiments.test_import_delta import MINILM, TEXT
 
 PATTERN = {"layer.1.attention.self.query": 2, "layer.0.attention.self.value": 6}  # default rank 8
 
@@ -51,7 +53,10 @@ def test_c_an_exported_run_loads_in_peft_with_the_same_outputs(tmp_path, tiny_ru
     assert config["use_rslora"] and config["r"] == 8 and config["modules_to_save"] == ["classifier"]
     assert config["alpha_pattern"] == {}  # lowrank's alpha/√r is PEFT's: nothing to override
     ours, tok = trained_model(run_dir)
-    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"], num_labels=2)
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not a path in this venv
+    local = json.loads((tmp_path / "adapter" / BASE_FILE).read_text())["local_path"]
+    assert local == str(MINILM)  # the exact folder, beside adapter_config.json (the Hub is unreachable here)
+    base = AutoModelForSequenceClassification.from_pretrained(local, num_labels=2)
     peft = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert {n: m.r["default"] for n, m in peft.named_modules() if hasattr(m, "lora_A")} == {
         f"base_model.model.{n}": r for n, r in ranks.items()}
@@ -62,4 +67,8 @@ def test_c_an_exported_run_loads_in_peft_with_the_same_outputs(tmp_path, tiny_ru
             plain = peft(**batch).logits
     assert (a - b).abs().max().item() <= 1e-5
     assert (a - plain).abs().max().item() > 1e-3  # the adapter and head change the outputs: the test has teeth
+
+    # imported again without --base: the base is the local folder the adapter records
+    again = load_run(import_adapter(str(tmp_path / "adapter"), tmp_path / "runs" / "imp" / "a", log=print), "imp/a")
+    assert again.config["imported"]["base"] == str(MINILM) and len(again.names) == len(ranks)
 

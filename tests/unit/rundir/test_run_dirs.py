@@ -28,11 +28,11 @@ def test_settings_from_an_experiment_file_give_another_directory(tmp_path):
     lora = run_dir_of(["experiment=demo_lora", "seed=0", "method.rank=8"], tmp_path)
     targets = run_dir_of(["experiment=demo_targets", "seed=0", "method.rank=8"], tmp_path)
     assert lora != targets  # same command-line overrides, different targets from the experiment files
-    assert os.path.basename(lora).startswith("method.rank=8,seed=0-")
+    assert os.path.basename(lora).startswith("rank=8,seed=0-")
 
 def test_one_config_one_name_however_it_is_spelled(tmp_path):
     assert run_dir_of(["trainer.lr=1e4"], tmp_path) == run_dir_of(["trainer.lr=10000.0"], tmp_path)
-    assert run_dir_of(["trainer.lr=1e4"], tmp_path).endswith("/trainer.lr=10000.0-" +
+    assert run_dir_of(["trainer.lr=1e4"], tmp_path).endswith("/lr=10000.0-" +
                                                               run_dir_of(["trainer.lr=1e4"], tmp_path)[-10:])
     default = run_dir_of([], tmp_path)
     assert default.startswith(f"{tmp_path}/default/defaults-")
@@ -40,6 +40,49 @@ def test_one_config_one_name_however_it_is_spelled(tmp_path):
     assert run_dir_of(["seed=0"], tmp_path) == default
     assert run_dir_of(["seed=1"], tmp_path) != default
     assert run_dir_of(["logger=none", "trainer.progress_bar=false"], tmp_path) == default  # not identity
+
+def test_names_are_short_and_readable(tmp_path):
+    name = os.path.basename(run_dir_of(["method.rank=4", "seed=1", "method.targets=[query,key,value,dense]",
+                                        "model.path=/home/me/models/minilm16"], tmp_path))
+    assert name[:-rundir.HASH_LENGTH] == "rank=4,targets=query+key+value+dense,path=minilm16,seed=1-"
+
+
+def test_label_keys_are_shortest_unambiguous_suffixes():
+    assert rundir.run_label({"method.rank": "4", "seed": "1"}) == "rank=4,seed=1"
+    assert rundir.run_label({"a.c.rank": "1", "b.c.rank": "2", "d.rank": "3", "model": "x", "e.model": "y"}) == \
+        "a.c.rank=1,b.c.rank=2,d.rank=3,e.model=y,model=x"
+    assert rundir.run_label({}) == "defaults"
+
+
+def test_label_values_are_short():
+    f = rundir.format_value
+    assert f(["query", "value"]) == "query+value"
+    assert f(["query", "key", "value", "attention.output.dense"]) == "query+key+value+1more"
+    assert f("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct" and f("/a/b/ckpt/") == "ckpt"
+    assert f({"value": 8, "layer.0.query": 16}) == "layer.0.query-16+value-8"
+    assert rundir.run_label({"task.text": "a b,'c'"}) == "text=a_b__c_"  # no spaces, quotes or commas inside a setting
+
+
+def test_a_label_past_the_limit_keeps_whole_settings_then_a_hash():
+    settings = {f"trainer.k{i}": "x" * 10 for i in range(10)}
+    label = rundir.run_label(settings)
+    assert len(label) <= rundir.MAX_LABEL and label.startswith("k0=xxxxxxxxxx,k1=xxxxxxxxxx,") and "~" in label
+    assert label.split("~")[0].split(",")[-1].startswith("k") and label.split("~")[0].endswith("x")  # whole ones
+    assert rundir.run_label(settings | {"trainer.k9": "y" * 10}) != label  # the hash covers what was cut
+    assert len(rundir.run_label({"x": "a" * 200})) == rundir.MAX_LABEL
+
+
+def test_a_run_named_the_old_way_is_found_again(tmp_path):
+    """Before labels were shortened a run's directory held every full key (`method.rank=4,...`); the hash is looked
+    up first, so such a directory is the one a re-launch uses, and no second one is made."""
+    overrides = ["method.rank=4", "seed=1", "trainer.lr=0.002"]
+    new = run_dir_of(overrides, tmp_path)
+    old = f"{tmp_path}/default/method.rank=4,seed=1,trainer.lr=0.002-{new[-rundir.HASH_LENGTH:]}"
+    assert old != new
+    os.makedirs(old)
+    assert run_dir_of(overrides, tmp_path) == old and run_dir_of(list(reversed(overrides)), tmp_path) == old
+    assert os.listdir(f"{tmp_path}/default") == [os.path.basename(old)]
+
 
 def test_config_hash_ignores_only_where_and_how_it_is_watched():
     cfg = {"seed": 0, "name": "a", "runs_root": "x", "logger": {"name": "wandb"}, "trainer": {"lr": 1e-3,

@@ -427,3 +427,33 @@ def test_chunked_loss_holds_one_chunk_of_logits_whatever_the_length():
     classifier = dict(common, head="classification")
     assert (estimate_memory(cfg, "lora", 2, 512, **classifier).total_bytes
             == estimate_memory(cfg, "lora", 2, 512, chunked_loss=True, **classifier).total_bytes)
+
+
+def assumed_line(capsys, *overrides: str) -> tuple[str, dict]:
+    """The estimate's first line (what it assumed) and its JSON report, for llama_1b_shape LoRA and OVERRIDES."""
+    estimate_command(["model=llama_1b_shape", "trainer.batch_size=1", "trainer.max_length=128", *overrides])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return lines[0], json.loads(lines[-1])
+
+
+def test_estimate_says_what_it_assumed_and_where_it_came_from(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine, on any machine
+    line, report = assumed_line(capsys)
+    assert line.startswith("estimated for: device GPU (cuda) (trainer.device=auto, though this machine has no GPU; "
+                           "trainer.device=cpu estimates a CPU run); compute bf16 autocast (trainer.precision=auto on "
+                           "cuda); frozen weights bf16 (model.dtype=auto); optimizer AdamW")
+    assert (report["device"], report["precision"], report["weight_dtype"]) == ("cuda", "bf16", "bf16")
+    line, cpu = assumed_line(capsys, "trainer.device=cpu")
+    assert "device cpu (trainer.device=cpu); compute fp32, no autocast (trainer.precision=auto on cpu); frozen " \
+           "weights fp32 (model.dtype=auto)" in line
+    assert (cpu["device"], cpu["precision"], cpu["weight_dtype"]) == ("cpu", "fp32", "fp32")
+    assert cpu["weight_copies_bytes"] == 0 and cpu["weights_bytes"] > 1.9 * report["weights_bytes"]  # fp32, not bf16
+    line, mixed = assumed_line(capsys, "trainer.device=cpu", "trainer.precision=bf16", "model.dtype=fp32")
+    assert "compute bf16 autocast (trainer.precision=bf16); frozen weights fp32 (model.dtype=fp32)" in line
+    assert mixed["precision"] == "bf16" and mixed["weights_bytes"] == cpu["weights_bytes"]
+
+
+def test_estimate_on_a_gpu_machine_names_no_missing_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    line, _ = assumed_line(capsys)
+    assert line.startswith("estimated for: device GPU (cuda) (trainer.device=auto); ")
