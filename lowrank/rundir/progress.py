@@ -62,4 +62,7 @@ def read_progress(run_dir) -> dict | None:
         record = json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+    if not (isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("step", "max_steps"))
+            and isinstance(record.get("updated"), (int, float))):
+        return None
+    return record
