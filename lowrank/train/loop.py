@@ -53,7 +53,7 @@ class Loop:
         self.bar = None
         # what a watcher sees (progress.json) and the per-step history.csv: the main process writes both
         self.progress = ProgressRecord(run.run_dir, tc.max_steps, self.state.step, write=run.main)
-        self.history_written = None  # how many rows history.csv held when last written
+        self.history_written = None  # (rows, last row) history.csv held when last written: unchanged, not rewritten
 
     def run(self) -> LoopState:
         run, tc = self.run_, self.tc
