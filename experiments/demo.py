@@ -72,7 +72,7 @@ class Progress:
 
     def __init__(self, total: int, clock=time.time):
         self.bar = tqdm(total=total, desc="demo: training", unit="step", dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
         self.lock = threading.Lock()
         self.clock = clock
         self.done = 0            # steps of the runs that ended
