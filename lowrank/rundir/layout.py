@@ -13,6 +13,8 @@ Two configs never share a directory, and one config finds its directory again ho
                       metrics.json          `status` and, once complete, every metric
                       delta_w.safetensors   ΔW (full) or the LoRA factors, with content hashes
                       head.safetensors      LoRA: the other trained parameters (a classifier's head), if any
+                      history.csv           one row per training step (HISTORY_COLUMNS, then eval_* where evaluated)
+                      progress.json         where training is (step, steps/s, ETA), for whoever watches the run
                       checkpoint.pt         training state while the run is unfinished
                       train.log             the log (written only by the process holding .lock)
     RUNS_ROOT/base_weights/                 W0 once per base model
@@ -40,6 +42,11 @@ HISTORY_FILE = "history.csv"  # loss over training time: step, train_loss, lr, g
 # delta file metadata of LoRA runs whose modules differ in rank or scaling (rank_pattern, alpha_pattern): JSON
 # {module: rank} and {module: scaling} for the modules that differ from the file's `rank` and `scaling`
 MODULE_RANK_KEY, MODULE_SCALING_KEY = "module_rank", "module_scaling"
+# one row per optimizer step: these columns, then the evaluation metrics (eval_loss and eval_accuracy or
+# eval_perplexity) filled on evaluation steps and empty elsewhere (lowrank.train.history)
+HISTORY_FILE = "history.csv"
+HISTORY_COLUMNS = ("step", "train_loss", "lr", "grad_norm", "tokens_per_second")
+PROGRESS_FILE = "progress.json"  # lowrank.rundir.progress: written by the trainer, read by the demo's bar
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train.log"
 LOCK_FILE = ".lock"

@@ -50,8 +50,20 @@ def finish(run: Run, state: LoopState, timing: dict) -> dict:
                "eval_history": state.history, "delta_file": DELTA_FILE if run.keep_delta else None,
                "provenance": _provenance(run)}
     metrics = _record(run, metrics)
-    log.info("done: eval_loss %.4f in %.1f s -> %s", metrics["eval_loss"], metrics["wall_seconds"], run.run_dir)
+    log.info("%s", headline(metrics, run.run_dir))  # the run's last line
     return metrics
+
+
+def headline(metrics: dict, run_dir) -> str:
+    """A complete run in one line: its headline metric on how much test data, after how many steps, and where, e.g.
+    `complete: eval_accuracy 0.812 (1,000 test examples) after 150 steps in 41 s -> RUN_DIR`; a causal LM gives
+    eval_loss and perplexity over its test sequences."""
+    if "eval_accuracy" in metrics:
+        quality, unit = f"eval_accuracy {metrics['eval_accuracy']:.3f}", "examples"
+    else:
+        quality, unit = f"eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}", "sequences"
+    return (f"complete: {quality} ({metrics['eval_examples']:,} test {unit}) after {metrics['steps']:,} steps in "
+            f"{metrics['wall_seconds']:.0f} s -> {run_dir}")
 
 
 def _record(run: Run, metrics: dict) -> dict:

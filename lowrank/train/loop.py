@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lowrank.rundir.progress import ProgressRecord
 from lowrank.train import distributed
 from lowrank.train.budget import free_cuda_memory
 from lowrank.train.checkpoint import save_checkpoint
 from lowrank.train.dynamics import summary as dynamics_summary
+from lowrank.train.history import add_eval, step_row, write_history
 from lowrank.train.loop_state import LoopState
 from lowrank.train.preemption import Preempted, sigterm_flag
 from lowrank.train.setup import Run
@@ -49,6 +51,9 @@ class Loop:
         self.done_at = None  # when the last step's result arrived: where an overlapped step's time begins
         self.sigterm = None
         self.bar = None
+        # what a watcher sees (progress.json) and the per-step history.csv: the main process writes both
+        self.progress = ProgressRecord(run.run_dir, tc.max_steps, self.state.step, write=run.main)
+        self.history_written = None  # (rows, last row) history.csv held when last written: unchanged, not rewritten
 
     def run(self) -> LoopState:
         run, tc = self.run_, self.tc
@@ -66,6 +71,8 @@ class Loop:
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
+            self._write_history()
+            self.progress.end(self.state.step)
         self.bar.close()
         return self.state
 
@@ -115,6 +122,8 @@ class Loop:
         state.recent_losses = (state.recent_losses + [loss_value])[-tc.eval_interval:]
         run.logger.log({"train/loss": loss_value, "train/lr": p.lr, "train/tokens_per_second": step_rate},
                        step=state.step)
+        state.step_rows.append(step_row(state.step, loss_value, p.lr, grad_norm, step_rate))
+        self.progress.step_done(state.step)
         self.bar.set_postfix(loss=f"{loss_value:.3f}")
         if state.step % tc.eval_interval == 0 or state.step == tc.max_steps:
             self._evaluate()
@@ -129,6 +138,8 @@ class Loop:
         ev = {k: v for k, v in ev.items() if k != "tokens"}  # loss, and accuracy or perplexity
         state.history.append({"step": state.step, **{f"eval_{k}": v for k, v in ev.items()},
                               "train_loss": float(np.mean(state.recent_losses))})
+        add_eval(state.step_rows, state.step, {f"eval_{k}": v for k, v in ev.items()})
+        self._write_history()
         run.logger.log({f"eval/{k}": v for k, v in ev.items()}, step=state.step)
         log.info("step %d: train_loss %.4f %s", state.step, state.history[-1]["train_loss"],
                  " ".join(f"eval_{k} {v:.4f}" for k, v in ev.items()))
@@ -145,10 +156,18 @@ class Loop:
             method_state = run.method.state_dict()
             save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler,
                             self.state.state_dict() | ({"relora": method_state} if method_state is not None else {}))
+            self._write_history()  # the rows the checkpoint holds: a resumed run goes on from there
         if preempted:
             log.warning("SIGTERM at step %d: checkpoint written; re-run the same command to resume", n)
             run.logger.finish()
             raise Preempted(143)
+
+    def _write_history(self) -> None:
+        """history.csv with every row so far, where there are rows it does not hold yet (main process only)."""
+        rows = self.state.step_rows
+        if self.run_.main and rows and self.history_written != (len(rows), rows[-1]):
+            write_history(self.run_.run_dir, rows)
+            self.history_written = (len(rows), dict(rows[-1]))
 
     def _ends_in_place(self, step: int) -> bool:
         """Steps whose bookkeeping reads the weights (evaluation, a checkpoint) or ends the loop: finished

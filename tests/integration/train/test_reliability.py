@@ -1,4 +1,5 @@
 """Resume after SIGKILL, checkpoint on SIGTERM, divergence marked and the sweep going on."""
+import csv
 import json
 import os
 import signal
@@ -36,6 +37,12 @@ def final_state(runs_root):
     (run,) = [p.parent for p in runs_root.glob("default/*/metrics.json")]
     metrics = json.loads((run / "metrics.json").read_text())
     return metrics, load_file(str(run / "delta_w.safetensors")), run
+
+
+def history(run_dir) -> list[dict]:
+    """history.csv's rows, but for each step's speed (the clock's, not the run's)."""
+    with open(run_dir / "history.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "tokens_per_second"} for row in csv.DictReader(f)]
 
 
 def resumable_args(root) -> list[str]:
@@ -95,6 +102,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(mode, sigkilled):
     for k in d_ref:
         assert torch.equal(d_ref[k], d_cut[k]), k
     assert not (run / "checkpoint.pt").exists()  # removed once the run is final
+    # the history goes on from the checkpoint: every step once, as the uninterrupted run's (step 8's row and
+    # evaluation were on disk before the kill, and were done again)
+    assert [int(r["step"]) for r in history(run)] == list(range(1, 13))
+    assert history(run) == history(uninterrupted[2])
 
 
 def test_sigterm_writes_a_checkpoint(tmp_path):
