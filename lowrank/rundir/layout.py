@@ -38,7 +38,6 @@ METRICS_FILE = "metrics.json"
 DELTA_FILE = "delta_w.safetensors"
 HEAD_FILE = "head.safetensors"
 DYNAMICS_FILE = "dynamics.csv"  # rank over training time (lowrank.train.dynamics), one row per snapshot × matrix
-HISTORY_FILE = "history.csv"  # loss over training time: step, train_loss, lr, grad_norm, tokens_per_second, eval_*
 # delta file metadata of LoRA runs whose modules differ in rank or scaling (rank_pattern, alpha_pattern): JSON
 # {module: rank} and {module: scaling} for the modules that differ from the file's `rank` and `scaling`
 MODULE_RANK_KEY, MODULE_SCALING_KEY = "module_rank", "module_scaling"
