@@ -8,8 +8,8 @@ import torch
 
 from lowrank.adapters.lora import lora_scaling
 from lowrank.config import option
-from lowrank.rundir.delta import write_delta
-from lowrank.rundir.layout import CHECKPOINT_FILE, DELTA_FILE
+from lowrank.rundir.delta import trained_params, write_delta
+from lowrank.rundir.layout import CHECKPOINT_FILE, DELTA_FILE, TRAINED_FILE, TRAINED_FILE_KEY
 from lowrank.rundir.record import write_run_metrics
 from lowrank.train import distributed
 from lowrank.train.dynamics import write_dynamics
@@ -44,7 +44,9 @@ def finish(run: Run, state: LoopState, timing: dict) -> dict:
                **{k: v for k, v in state.history[-1].items() if k != "step"},  # eval_loss, eval_accuracy, train_loss
                **final_scores,  # train accuracy (classification); forgetting, exact match (causal LM)
                **_sizes(run), **_speed(run, timing), **_how(run), "wall_seconds": time.perf_counter() - run.t_start,
-               "eval_history": state.history, "delta_file": DELTA_FILE if run.keep_delta else None}
+               "eval_history": state.history, "delta_file": DELTA_FILE if run.keep_delta else None,
+               TRAINED_FILE_KEY: TRAINED_FILE if run.keep_delta and trained_params(run.model, run.method, run.names)
+               else None}
     metrics = _record(run, metrics)
     log.info("done: eval_loss %.4f in %.1f s -> %s", metrics["eval_loss"], metrics["wall_seconds"], run.run_dir)
     return metrics
