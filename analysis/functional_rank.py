@@ -17,11 +17,15 @@ Definitions (docs/functional-rank.md):
 - spectral r90: the mean over the targeted matrices of the rank holding 90 % of ‖ΔW‖_F² (lowrank.linalg.spectra).
 """
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.statistics import seed_interval, wilson_interval
+from analysis.tables import markdown_table, table_path
+
+FUNCTIONAL_RANK_TABLE = "functional_rank"
 
 SHARE = 0.9
 
@@ -102,3 +106,17 @@ def functional_rank_table(truncation: pd.DataFrame, runs: pd.DataFrame) -> pd.Da
                           "seed_lo": lo, "seed_hi": hi, "n_runs": len(rows), "spectral_r90": rows.spectral_r90.mean(),
                           "lora_r90": lora_r90(runs, setup, metric, rows.w0.mean())})
     return pd.DataFrame(per_run.to_dict("records") + per_setup).reindex(columns=columns)
+
+
+def report_lines(out_dir: Path) -> list[str]:
+    """report.md's section when `python -m analysis.truncate ... --out DIR` wrote DIR/tables/functional_rank.csv
+    before `analysis.report --out DIR`; nothing otherwise."""
+    path = table_path(out_dir, FUNCTIONAL_RANK_TABLE)
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path)
+    setups = table[table.level == "setup"].drop(columns=["level", "run"])
+    return ["## Functional rank (tables/functional_rank.csv, from analysis.truncate)", "",
+            "r_f90: the smallest uniform rank whose truncated ΔW keeps ≥ 90 % of the fine-tune's gain over W0 "
+            "(docs/functional-rank.md); lora_r90: the smallest trained LoRA rank that does; spectral_r90: the rank "
+            "holding 90 % of ‖ΔW‖_F² (mean over matrices).", "", markdown_table(setups), ""]

@@ -35,13 +35,13 @@ from lowrank.rundir.integrity import CorruptArtifact, verify_safetensors
 from lowrank.rundir.layout import trained_file
 
 from analysis.checked_reads import SkippedRun
-from analysis.functional_rank import functional_rank_table
+from analysis.functional_rank import FUNCTIONAL_RANK_TABLE, functional_rank_table
 from analysis.report_cli import _Parser, _device, _int_at_least, _int_list, _out_problem, _path, no_runs_problem
 from analysis.runs import LowRank, Run, collect_runs, config_keys, roots_problem
 from analysis.statistics import add_setups
 from analysis.tables import FIGURES_DIR, markdown_table, table_path, write_csv
 
-TRUNCATION_TABLE, FUNCTIONAL_RANK_TABLE, TRUNCATION_REPORT = "truncation", "functional_rank", "truncation.md"
+TRUNCATION_TABLE, TRUNCATION_REPORT = "truncation", "truncation.md"
 KINDS = ("w0", "truncated", "energy", "random", "full")
 
 
