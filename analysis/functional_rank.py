@@ -77,7 +77,7 @@ def lora_r90(runs: pd.DataFrame, setup: str, metric: str, w0: float) -> float:
     """LoRA's 90 % rank in one setup, from the runs table's metrics (NaN without plain LoRA and full runs)."""
     column = f"eval_{metric}"
     here = runs[runs.setup == setup] if "setup" in runs else runs.iloc[:0]
-    if column not in here:
+    if column not in here or "method.rank" not in here:  # no LoRA run among them
         return math.nan
     full = here.loc[here.variant == "full", column].mean()
     lora = here[here.variant == "lora"].groupby("method.rank")[column].mean().sort_index()

@@ -61,6 +61,7 @@ class RebuiltModel:
         {"loss", "perplexity", "examples"} and, with out-of-domain text, "ood_loss", "ood_perplexity", "forgetting"
         for a causal LM."""
         scores = self.objective.evaluate(self.model, self.test, self.batch_size, self.device, nullcontext, False)
+        self.model.eval()  # the trainer's evaluation hands the model back in training mode (dropout on)
         scores["examples"] = len(self.test)
         if self.ood is not None:
             after = self._score(self.ood)
