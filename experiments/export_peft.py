@@ -13,8 +13,8 @@ task_type SEQ_CLS or CAUSAL_LM) and `adapter_model.safetensors` (`base_model.mod
 `.lora_B.weight`, the run's fp32 factors, lowrank.rundir.peft's format). lowrank's rule is PEFT's: h = W0 x +
 (alpha/r) · B A x, or alpha/√r, so the outputs agree to float rounding. A classifier's head trains with the adapter:
 it is in the run's trained.safetensors (head.safetensors in older runs) and goes into `modules_to_save`. Runs written
-before either existed
-lack it: they are exported with a warning, and PEFT then leaves the base model's freshly initialised head.
+before either existed lack it: they are exported with a warning, and PEFT then leaves the base model's freshly
+initialised head.
 Only the trainer's runs: an imported run (experiments.import_delta) names modules as its checkpoint did, and was an
 adapter or a full fine-tune to begin with.
 """
