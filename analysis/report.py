@@ -46,6 +46,7 @@ import torch
 from lowrank.rundir.atomic import write_json, write_text
 from lowrank.errors import fail
 
+from analysis import functional_rank
 from analysis import rank_advice as ra
 from analysis.rank_advice_report import rank_advice_lines, rank_advice_table
 from analysis import runs as runs_mod
@@ -395,6 +396,7 @@ def run_report(opts) -> dict:
         "report.md section 'rank advice'", lambda: rank_advice_lines(advice, advice_info), [])
     more += [] if "lm_findings" in left_out else sections.attempt(
         "report.md section 'causal-LM findings'", lambda: report_lines(tables["lm_findings"]), [])
+    more += sections.attempt("report.md section 'functional rank'", lambda: functional_rank.report_lines(out), [])
     write_text(out / REPORT_FILE, summarise(table, setups, spectrum, subspace, amps, skipped, timing, opts, figures,
                                             more, sections, not_pooled,
                                             None if "summary" in left_out else tables["summary"]))

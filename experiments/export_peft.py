@@ -12,8 +12,9 @@ another rank (method.rank_pattern), alpha_pattern only where a module's scaling 
 task_type SEQ_CLS or CAUSAL_LM) and `adapter_model.safetensors` (`base_model.model.{module}.lora_A.weight` and
 `.lora_B.weight`, the run's fp32 factors, lowrank.rundir.peft's format). lowrank's rule is PEFT's: h = W0 x +
 (alpha/r) · B A x, or alpha/√r, so the outputs agree to float rounding. A classifier's head trains with the adapter:
-it is in the run's head.safetensors and goes into `modules_to_save`. Runs written before head.safetensors existed
-lack it: they are exported with a warning, and PEFT then leaves the base model's freshly initialised head.
+it is in the run's trained.safetensors (head.safetensors in older runs) and goes into `modules_to_save`. Runs written
+before either existed lack it: they are exported with a warning, and PEFT then leaves the base model's freshly
+initialised head.
 Only the trainer's runs: an imported run (experiments.import_delta) names modules as its checkpoint did, and was an
 adapter or a full fine-tune to begin with.
 """
@@ -35,7 +36,7 @@ from lowrank.rundir.integrity import CorruptArtifact, verify_safetensors
 from lowrank.adapters.lora import lora_scaling
 from lowrank.data.model_files import gguf_cache_dir, hub_id, resolve_path
 from lowrank.rundir.peft import ADAPTER_WEIGHTS, BASE_FILE, PREFIX, factor_keys
-from lowrank.rundir.layout import HEAD_FILE
+from lowrank.rundir.layout import TRAINED_FILE, trained_file
 
 try:
     from peft import LoraConfig
@@ -64,10 +65,11 @@ def base_model_names(cfg_model, out: Path) -> tuple[str, str | None]:
     return portable, local
 
 
-def head_tensors(run_dir: Path) -> dict:
-    """The run's trained head (head.safetensors, checked against its hashes), {} where it has none."""
-    path = run_dir / HEAD_FILE
-    if not path.exists():
+def head_tensors(run_dir: Path, metrics: dict) -> dict:
+    """The run's trained head (trained.safetensors, or head.safetensors of older runs; checked against its hashes), {}
+    where it has none."""
+    path, _ = trained_file(run_dir, metrics)
+    if path is None or not path.exists():
         return {}
     try:
         keys, _ = verify_safetensors(path)
@@ -101,11 +103,11 @@ def export(run_dir: Path, out: Path) -> Path:
             rank_pattern[key] = r
         if not math.isclose(lora_scaling(alpha, r, rule), s, rel_tol=1e-12):  # alpha_pattern only where needed
             alpha_pattern[key] = s * (math.sqrt(r) if rule == "rslora" else r)
-    head = head_tensors(run.path)
+    head = head_tensors(run.path, run.metrics)
     portable, local = base_model_names(cfg.model, out)
     causal = cfg.task.get("objective", "classification") != "classification"
     if not head and not causal:
-        print(f"warning: {run.path} has no {HEAD_FILE} (written before heads were stored): the adapter holds the LoRA "
+        print(f"warning: {run.path} has no {TRAINED_FILE} (written before heads were stored): the adapter holds the LoRA "
               f"factors only, and PEFT will keep the base model's freshly initialised classifier", file=sys.stderr)
     tensors |= {PREFIX + k: v.contiguous() for k, v in head.items()}
     config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rule == "rslora", target_modules=list(run.names),

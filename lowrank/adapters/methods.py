@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowrank.adapters.lora import LoRALinear, freeze_for_lora, inject_lora
+from lowrank.adapters.lora import LoRALinear, freeze_for_lora, inject_lora, lora_layers
 from lowrank.adapters.relora import ReLoRA, jagged
 from lowrank.adapters.subspace import freeze_for_subspace, inject_subspace
 from lowrank.adapters.variants import DoRALinear, PiSSALinear
@@ -39,6 +39,11 @@ class Full:
 
     def weight(self, model: nn.Module, name: str) -> torch.Tensor:
         return model.get_submodule(name).weight  # a subspace target: W0 + P θ, its parametrization
+
+    def delta_params(self, model: nn.Module, names: list[str]) -> set[int]:
+        """ids of the parameters whose training ΔW of the targets already holds: every other trained parameter is
+        what rebuilding the fine-tuned model needs besides W0 + ΔW (lowrank.rundir.delta.trained_params)."""
+        return {id(model.get_submodule(n).weight) for n in names}
 
     def delta(self, model: nn.Module, name: str, w0: torch.Tensor) -> Delta:
         """The difference is taken in fp32 on the weight's device (exactly W_ft − W_0); `w0` moves there if it must."""
@@ -78,6 +83,9 @@ class Subspace(Full):
         inject_subspace(model, names, self.dim, self.said, seed=self.seed)
         freeze_for_subspace(model, head)
 
+    def delta_params(self, model: nn.Module, names: list[str]) -> set[int]:
+        return {id(p) for p in model.intrinsic_subspace.parameters()}  # θ (and λ): W0 + P θ is the targets' ΔW
+
 
 class LoRA(Full):
     """Adapters of `layer_type` on the targets; only they and the head train. ΔW is the layer's own product, or,
@@ -96,6 +104,9 @@ class LoRA(Full):
 
     def weight(self, model: nn.Module, name: str) -> torch.Tensor:
         return model.get_submodule(name).base_layer.weight
+
+    def delta_params(self, model: nn.Module, names: list[str]) -> set[int]:
+        return {id(p) for layer in lora_layers(model).values() for p in layer.parameters()}  # DoRA's magnitude too
 
     def delta(self, model: nn.Module, name: str, w0: torch.Tensor | None) -> Delta:
         layer = model.get_submodule(name)

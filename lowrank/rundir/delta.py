@@ -7,8 +7,11 @@ Metadata (strings): method, scaling, rank, alpha, targets, base_model (path), ba
 (path relative to the run dir); LoRA with per-module ranks or scalings (`method.rank_pattern`, an imported PEFT
 adapter's rank_pattern/alpha_pattern): `module_rank` and `module_scaling`, JSON {module: value} for the modules whose
 rank or scaling differ from `rank` and `scaling`, so module m's ΔW = module_scaling.get(m, scaling) · B A.
-`head.safetensors` (LoRA) holds the trained parameters that are not LoRA factors (a classifier's head, fp32), which
-an exported adapter needs (experiments.export_peft).
+`trained.safetensors` holds every trained parameter whose change ΔW does not already hold (a classifier's head; with
+full fine-tuning also the embeddings, norms, biases and the linear layers that are not targets), fp32, by its name in
+the model, so W0 + ΔW plus this file rebuilds the fine-tuned model (lowrank.data.rebuild) and an exported adapter has
+its head (experiments.export_peft). No file where nothing else trained (LoRA on a causal LM). LoRA runs written before
+it existed kept their head in `head.safetensors` (layout.trained_file finds either).
 `RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors` holds W0 of every block linear layer once; the
 fingerprint is a hash of all of W0, so a file of that name holds exactly these weights (checked on reuse). An import
 (experiments.import_delta) reuses a file that holds its W0 under names with a leading prefix (shared_base_weights).
@@ -28,7 +31,7 @@ from lowrank.errors import ConfigError
 from lowrank.rundir.integrity import (DIGEST_KEY, CorruptArtifact, combined_digest, read_header, tensor_digests,
                                       verify_safetensors)
 from lowrank.adapters.lora import LoRALinear, block_linear_names, lora_layers
-from lowrank.rundir.layout import BASE_WEIGHTS_DIR, DELTA_FILE, HEAD_FILE, MODULE_RANK_KEY, MODULE_SCALING_KEY
+from lowrank.rundir.layout import BASE_WEIGHTS_DIR, DELTA_FILE, MODULE_RANK_KEY, MODULE_SCALING_KEY, TRAINED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ def write_delta(run_dir: Path, model: nn.Module, method, names: list[str], w0: d
     """Write ΔW of `names` as `method` reads it (lowrank.adapters.methods: factors, or dense against `w0`, CPU fp32
     copies of the targets' W0), one matrix at a time; a LoRA run's head goes beside it."""
     if distributed.world_size() > 1:
-        return _write_delta_gathered(run_dir, model, method.name, names, w0, base_weights, meta)
+        return _write_delta_gathered(run_dir, model, method, names, w0, base_weights, meta)
     tensors, ranks = {}, {}
     for n in names:
         d = method.delta(model, n, w0[n] if method.needs_w0 else None)
@@ -121,7 +124,7 @@ def write_delta(run_dir: Path, model: nn.Module, method, names: list[str], w0: d
     if method.name == "lora":
         meta = meta | (module_overrides(ranks, meta.get("rank"), meta.get("scaling")) if ranks
                        else {"delta_form": "dense"})
-        write_head(run_dir, model)
+    write_trained(run_dir, model, method, names)
     return write_safetensors(Path(run_dir) / DELTA_FILE, tensors, delta_metadata(run_dir, method.name, base_weights,
                                                                                  meta))
 
@@ -134,15 +137,25 @@ def module_overrides(per_module: dict[str, tuple[int, float]], rank, scaling) ->
     return ({MODULE_RANK_KEY: ranks} if ranks else {}) | ({MODULE_SCALING_KEY: scalings} if scalings else {})
 
 
-def write_head(run_dir: Path, model: nn.Module) -> Path | None:
-    """head.safetensors: every trained parameter that is not a LoRA factor (a classifier's head), fp32, by its name in
-    the model; nothing when there is none (a causal LM adapts only its targets)."""
-    factors = {id(p) for layer in lora_layers(model).values() for p in layer.parameters()}  # DoRA's magnitude too
-    head = {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad and id(p) not in factors}
-    return write_safetensors(Path(run_dir) / HEAD_FILE, head) if head else None
+def trained_params(model: nn.Module, method, names: list[str]) -> dict[str, nn.Parameter]:
+    """{name in the model: parameter} of every parameter that trained and is not part of the targets' ΔW (each
+    method says which are: `delta_params`). Tied weights appear once, as named_parameters gives them."""
+    in_delta = method.delta_params(model, names)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_delta}
 
 
-def _write_delta_gathered(run_dir: Path, model: nn.Module, method: str, names: list[str], w0: dict | None,
+def write_trained(run_dir: Path, model: nn.Module, method, names: list[str]) -> Path | None:
+    """trained.safetensors: `trained_params` in fp32, streamed one tensor at a time (with full fine-tuning it is most
+    of the model); nothing when there is none."""
+    params = trained_params(model, method, names)
+    if not params:
+        return None
+    specs = {n: (torch.float32, tuple(p.shape)) for n, p in params.items()}
+    return write_safetensors_streamed(Path(run_dir) / TRAINED_FILE, specs,
+                                      lambda n: params[n].detach().float().cpu())[0]
+
+
+def _write_delta_gathered(run_dir: Path, model: nn.Module, method, names: list[str], w0: dict | None,
                           base_weights: Path, meta: dict) -> Path | None:
     """write_delta under torchrun: rank 0 writes. An FSDP model's tensors are gathered one at a time on every rank
     (in the file's key order) and streamed into the file, so no rank ever holds the whole model; a DDP model is
@@ -150,27 +163,31 @@ def _write_delta_gathered(run_dir: Path, model: nn.Module, method: str, names: l
     sharded, main = distributed.is_sharded(model), distributed.is_main()
     if not sharded and not main:
         return None
-    if method == "full":
+    if method.name == "full":
         params = {f"{n}.delta": linear_param(model, n) for n in names}
     else:
         layers = lora_layers(model)
         params = {f"{n}.lora_{f}": getattr(layer, f"lora_{f}") for n, layer in layers.items() for f in "AB"}
         meta = meta | module_overrides({n: (layer.rank, layer.scaling) for n, layer in layers.items()},
                                        meta.get("rank"), meta.get("scaling"))
-        factors = {id(p) for p in params.values()}
-        head = {n: distributed.full_tensor(p.detach()).float().cpu() for n, p in model.named_parameters()
-                if p.requires_grad and id(p) not in factors}
-        if head and main:
-            write_safetensors(Path(run_dir) / HEAD_FILE, head)
+    _write_gathered(Path(run_dir) / TRAINED_FILE, trained_params(model, method, names), None, main)
 
+    against_w0 = (lambda key, t: t - w0[key.removesuffix(".delta")]) if method.name == "full" and main else None
+    return _write_gathered(Path(run_dir) / DELTA_FILE, params, against_w0, main,
+                           delta_metadata(run_dir, method.name, base_weights, meta))
+
+
+def _write_gathered(path: Path, params: dict, finish, main: bool, metadata: dict | None = None) -> Path | None:
+    """Stream `params` into `path` on rank 0, each gathered on every rank in the file's key order (a collective under
+    FSDP) and passed through finish(key, tensor) when given; nothing where `params` is empty."""
     def make(key: str) -> torch.Tensor:
-        full = distributed.full_tensor(params[key].detach()).float().cpu()  # a collective under FSDP
-        return full - w0[key.removesuffix(".delta")] if method == "full" and main else full
+        full = distributed.full_tensor(params[key].detach()).float().cpu()
+        return finish(key, full) if finish is not None else full
     specs = {key: (torch.float32, tuple(p.shape)) for key, p in params.items()}
+    if not specs:
+        return None
     if not main:
         for key in sorted(specs):  # rank 0's order: each gather pairs with its own
             make(key)
         return None
-    path, _ = write_safetensors_streamed(Path(run_dir) / DELTA_FILE, specs, make,
-                                         delta_metadata(run_dir, method, base_weights, meta))
-    return path
+    return write_safetensors_streamed(path, specs, make, metadata)[0]

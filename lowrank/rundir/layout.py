@@ -12,7 +12,9 @@ Two configs never share a directory, and one config finds its directory again ho
                       .hydra/overrides.yaml the command-line overrides that led here
                       metrics.json          `status` and, once complete, every metric
                       delta_w.safetensors   ΔW (full) or the LoRA factors, with content hashes
-                      head.safetensors      LoRA: the other trained parameters (a classifier's head), if any
+                      trained.safetensors   every other trained parameter (a head; full FT: embeddings, norms,
+                                            biases, non-target layers), if any: W0 + ΔW + this = the fine-tuned model
+                      head.safetensors      what LoRA runs kept before trained.safetensors existed (their head)
                       history.csv           one row per training step (HISTORY_COLUMNS, then eval_* where evaluated)
                       progress.json         where training is (step, steps/s, ETA), for whoever watches the run
                       checkpoint.pt         training state while the run is unfinished
@@ -36,7 +38,9 @@ CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 METRICS_FILE = "metrics.json"
 DELTA_FILE = "delta_w.safetensors"
-HEAD_FILE = "head.safetensors"
+HEAD_FILE = "head.safetensors"  # LoRA runs written before TRAINED_FILE: the same content (a head) under this name
+TRAINED_FILE = "trained.safetensors"
+TRAINED_FILE_KEY = "trained_file"  # in metrics.json: TRAINED_FILE, or null when nothing but the targets trained
 DYNAMICS_FILE = "dynamics.csv"  # rank over training time (lowrank.train.dynamics), one row per snapshot × matrix
 # delta file metadata of LoRA runs whose modules differ in rank or scaling (rank_pattern, alpha_pattern): JSON
 # {module: rank} and {module: scaling} for the modules that differ from the file's `rank` and `scaling`
@@ -122,6 +126,23 @@ def finished_metrics(run_dir) -> dict | None:
     """The metrics of a run that reached a final status, else None."""
     metrics = read_metrics(run_dir)
     return metrics if metrics is not None and metrics.get("status") in FINAL_STATUSES else None
+
+
+def trained_file(run_dir, metrics: dict) -> tuple[Path | None, str | None]:
+    """(the run's file of other trained tensors or None when nothing else trained, None) when what rebuilding its model
+    needs besides W0 + ΔW is known; (None, why not) for a run written before runs recorded it (metrics.json without
+    `trained_file`) that may have trained more: full fine-tuning (everything trains) or a classifier (its head)."""
+    run_dir = Path(run_dir)
+    if TRAINED_FILE_KEY in metrics:
+        name = metrics[TRAINED_FILE_KEY]
+        return (run_dir / name if name else None), None
+    if (run_dir / HEAD_FILE).is_file():
+        return run_dir / HEAD_FILE, None
+    method = metrics.get("method")
+    if method != "full" and metrics.get("objective") not in (None, "classification"):
+        return None, None  # LoRA or a subspace on a causal LM: only the targets trained
+    return None, (f"written before runs kept {TRAINED_FILE} (a {method} run of a "
+                  f"{metrics.get('objective') or 'classification'} task trained more than its targets' ΔW)")
 
 
 def check_run_location(name, runs_root) -> None:

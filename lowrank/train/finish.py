@@ -10,8 +10,8 @@ from lowrank.adapters.lora import lora_scaling
 from lowrank.config import option
 from lowrank.data.model_files import revision_source
 from lowrank.rundir import provenance
-from lowrank.rundir.delta import write_delta
-from lowrank.rundir.layout import CHECKPOINT_FILE, DELTA_FILE
+from lowrank.rundir.delta import trained_params, write_delta
+from lowrank.rundir.layout import CHECKPOINT_FILE, DELTA_FILE, TRAINED_FILE, TRAINED_FILE_KEY
 from lowrank.rundir.record import write_run_metrics
 from lowrank.train import distributed
 from lowrank.train.dynamics import write_dynamics
@@ -48,7 +48,9 @@ def finish(run: Run, state: LoopState, timing: dict) -> dict:
                **final_scores,  # train accuracy (classification); forgetting, exact match (causal LM)
                **_sizes(run), **_speed(run, timing), **_how(run), "wall_seconds": time.perf_counter() - run.t_start,
                "eval_history": state.history, "delta_file": DELTA_FILE if run.keep_delta else None,
-               "provenance": _provenance(run)}
+               "provenance": _provenance(run),
+               TRAINED_FILE_KEY: TRAINED_FILE if run.keep_delta and trained_params(run.model, run.method, run.names)
+               else None}
     metrics = _record(run, metrics)
     log.info("%s", headline(metrics, run.run_dir))  # the run's last line
     return metrics

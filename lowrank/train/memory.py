@@ -385,10 +385,9 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     `lora_dropout`: LoRA layers with dropout compute one by one (no shared-input groups); the dropout masks
     themselves are not counted. `shards`: FSDP ranks (per-rank bytes of a sharded run; 1 = one process or DDP).
     `chunked_loss`: the causal LM loss in chunks (trainer.chunked_loss), whose transient does not grow with tokens."""
-    check_choice("method.name", method, METHODS)
-    check_choice("weight_dtype", weight_dtype, DTYPE_BYTES)
-    check_choice("trainer.precision", precision, DTYPE_BYTES)
-    check_choice("head", head, HEADS)
+    for key, value, valid in (("method.name", method, METHODS), ("weight_dtype", weight_dtype, DTYPE_BYTES),
+                              ("trainer.precision", precision, DTYPE_BYTES), ("head", head, HEADS)):
+        check_choice(key, value, valid)
     if weight_dtype == "bf16" and precision == "fp32":
         raise ConfigError("weight_dtype='bf16' computes in bf16; use precision='bf16' with it")
     arch = config if isinstance(config, Arch) else arch_from_config(config)

@@ -13,7 +13,7 @@ from experiments.export_peft import export
 from experiments.import_delta import import_adapter
 from lowrank.adapters.lora import inject_lora, lora_layers
 from lowrank.data.models import load_model
-from lowrank.rundir.layout import HEAD_FILE
+from lowrank.rundir.layout import HEAD_FILE, TRAINED_FILE
 from lowrank.rundir.peft import BASE_FILE
 from omegaconf import OmegaConf
 
@@ -32,7 +32,7 @@ def trained_model(run_dir):
         for name, layer in lora_layers(model).items():
             layer.lora_A.data.copy_(f.get_tensor(f"{name}.lora_A"))
             layer.lora_B.data.copy_(f.get_tensor(f"{name}.lora_B"))
-    with safe_open(run_dir / HEAD_FILE, "pt") as f:
+    with safe_open(run_dir / TRAINED_FILE, "pt") as f:
         model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
     return model.eval(), tok
 
