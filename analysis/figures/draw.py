@@ -231,7 +231,7 @@ def _phi_two_rows(data: pd.DataFrame, ylabel: str, xlabel: str, suptitle: str):
     """Top row: φ over the whole grid per matrix type and the random baseline; bottom: zoom to i, j ≤ 8."""
     panels = _phi_panels(data)
     zoom = int(min(ZOOM, data.i.max(), data.j.max()))
-    limits = [None] if max(data.i.max(), data.j.max()) <= zoom else [None, zoom]   # a small grid is its own zoom
+    limits = [None] if max(data.i.max(), data.j.max()) <= ZOOM else [None, zoom]   # a small grid is its own zoom
     fig, axes = new_figure(len(limits), len(panels), size=(2.3, 2.1))
     for col, (name, df, value, title) in enumerate(panels):
         for row, limit in enumerate(limits):

@@ -480,6 +480,8 @@ def drawn_texts(fig) -> list[Text]:
                 texts += _in_view(axis, axis.get_ticklocs(minor=minor), axis.get_ticklabels(minor=minor))
         if ax.get_legend() is not None:
             texts += list(ax.get_legend().get_texts())
+    for legend in fig.legends:
+        texts += list(legend.get_texts())
     return [t for t in texts if t.get_visible() and t.get_text().strip()]
 
 
@@ -533,7 +535,8 @@ def test_figures_pass_a_reviewers_look(tables, number):
         ticks = [t.get_text() for ax in data_axes for t in ax.get_yticklabels() if t.get_text()]
         assert ticks and all("(n=" in t for t in ticks), (number, ticks)
     if number in HEAT_MAPS:
-        assert "one pair" in fig._suptitle.get_text() and "setup S1" in fig._suptitle.get_text()
+        title = fig._suptitle.get_text().replace("\n", " ")   # wrapped to the figure's width
+        assert "one pair" in title and "setup S1" in title
     else:
         assert all("S1" in ax.get_title() or "S2" in ax.get_title() for ax in data_axes if ax.get_title()), number
 
