@@ -1,6 +1,7 @@
 """Every figure from a small synthetic runs root written through the real writers (the trainer's config,
 lowrank.rundir.delta's ΔW and W0 files, lowrank.rundir.atomic's metrics.json): the files exist, the plotted data equal the
 tables, a figure without its runs is skipped naming its sweep, and the same runs give the same files."""
+import json
 import sys
 import types
 from pathlib import Path
@@ -642,3 +643,12 @@ def test_older_offline_folders_of_the_analysis_run_are_removed(tmp_path):
         (d / "files").mkdir(parents=True)
     remove_older_offline_runs(tmp_path, "analysis-abc", new / "files")
     assert not old.exists() and new.exists() and other.exists()
+
+
+def test_target_labels_stay_short_for_module_paths():
+    """An exported run's or imported adapter's target_modules are full module paths: the label is their matrix types
+    and how many there are, not hundreds of characters; suffixes keep the paper's letters."""
+    paths = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("value", "query")]
+    assert D.targets_label(json.dumps(paths)) == "q,v; 12 modules"
+    assert D.targets_label(json.dumps(["value", "query", "intermediate.dense"])) == "v,q,intermediate.dense"
+    assert D.targets_label('"all-linear"') == "all-linear"
