@@ -153,3 +153,4 @@ def test_one_run_of_every_method(every_method, tmp_path):
     built = check_every_figure(built, drawn, tmp_path)
     # 2-4: one rank and one seed per method; 9: one data size; 11-13: causal LMs
     assert [n for n, b in built.items() if b.drawn is None] == [2, 3, 4, 9, 11, 12, 13]
+    assert set(built[15].drawn.data.config) == {label for _, label in METHODS.values()}   # each method a curve
