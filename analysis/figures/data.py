@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import statistics as st
+from analysis.runs import layer_and_matrix
 from analysis.variants import variants
 
 PAPER_RANKS = (8, 64)        # Figure 3 of the paper compares A at r = 8 and r = 64
@@ -36,7 +37,9 @@ class MissingRuns(Exception):
 
 
 def targets_label(value) -> str:
-    """'["query", "value"]' -> 'q,v'; 'all-linear' stays; unknown names stay whole."""
+    """'["query", "value"]' -> 'q,v'; 'all-linear' stays; unknown names stay whole. Full module paths (an imported
+    adapter's or an exported run's target_modules, a pair's every block matrix) become their matrix types and the
+    count: 'q,v; 12 modules' (analysis.runs.layer_and_matrix), so a label stays short whatever the model."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "?"
     try:
@@ -45,7 +48,12 @@ def targets_label(value) -> str:
         return str(value)
     if isinstance(names, str):
         return names
-    return ",".join(SHORT.get(n, n) for n in names)
+    try:
+        kinds = {n: kind for n, (_, kind) in layer_and_matrix(names).items()}
+    except ValueError:  # suffixes such as "query": no layer index, the names are the types
+        return ",".join(SHORT.get(n, n) for n in names)
+    short = ",".join(SHORT.get(k, k) for k in sorted(set(kinds.values()), key=matrix_order))
+    return f"{short}; {len(names)} modules"
 
 
 def need(df: pd.DataFrame, columns, what: str) -> None:
@@ -60,7 +68,9 @@ def _col(r: pd.DataFrame, name: str, default=np.nan) -> pd.Series:
     return r[name] if name in r else pd.Series(default, index=r.index, dtype=object)
 
 
-def _fmt(value) -> str:
+def _fmt(value, key: str = "") -> str:
+    if key == "method.targets":   # a list of module paths: its short label, never hundreds of characters
+        return targets_label(json.dumps(value))
     return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
@@ -94,7 +104,7 @@ def prepare(runs: pd.DataFrame) -> pd.DataFrame:
         rows = [r.index.get_loc(i) for i in idx]
         varying = [c for c in conf_cols if len({json.dumps(values[k][c]) for k in rows}) > 1]
         for k in rows:
-            extras[k] = "".join(f", {KEY_NAMES.get(c, c.removeprefix('method.'))}={_fmt(values[k][c])}"
+            extras[k] = "".join(f", {KEY_NAMES.get(c, c.removeprefix('method.'))}={_fmt(values[k][c], c)}"
                                 for c in varying)
     r["config"] = [b + e for b, e in zip(base, extras)]
     r["family"] = [f + e for f, e in zip(family, extras)]
@@ -375,6 +385,8 @@ def amplification_data(amplification: pd.DataFrame, runs: pd.DataFrame) -> dict:
     shown, left_out = full_data_setups(r)
     r = r[r.setup.isin(shown)].set_index("run_id")
     a = amplification[amplification.run_id.isin(r.index)].copy()
+    zero = a[a.delta_fro == 0].drop_duplicates(["run_id", "layer", "matrix_type"]) if "delta_fro" in a else a[:0]
+    a = a[a.delta_fro > 0] if "delta_fro" in a else a   # ΔW = 0: no directions, a ratio 0 / 0
     for c in ("setup", "family", "config", "order"):
         a[c] = r.loc[a.run_id, c].values
     kept = []
@@ -403,7 +415,7 @@ def amplification_data(amplification: pd.DataFrame, runs: pd.DataFrame) -> dict:
                        "layer_median": float(np.median(g.delta_top_fro / g.proj_delta))})
     summary = pd.DataFrame(rows).sort_values(["setup", "order", "matrix_type", "r"], ignore_index=True)
     return {"points": points.drop(columns="order"), "summary": summary.drop(columns="order"),
-            "note": left_out_note(left_out)}
+            "note": " ".join(n for n in (left_out_note(left_out), zero_note(zero)) if n)}
 
 
 def amplification_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -444,20 +456,38 @@ def spectra_data(singular_values: pd.DataFrame, spectrum: pd.DataFrame, runs: pd
         full = set(g.loc[g.method == "full", "matrix_type"])
         types[setup] = full or set(g.matrix_type)
     sv = sv[[t in types[s] for s, t in zip(sv.setup, sv.matrix_type)]]
-    first = sv[sv["index"] == 1].set_index(["run_id", "layer", "matrix_type"]).sigma
-    sv["norm"] = sv.sigma.values / first.loc[list(zip(sv.run_id, sv.layer, sv.matrix_type))].values
+    matrix = ["run_id", "layer", "matrix_type"]
+    first = sv[sv["index"] == 1].set_index(matrix).sigma
+    sigma_1 = first.loc[list(zip(sv.run_id, sv.layer, sv.matrix_type))].values
+    zero = sv[sigma_1 == 0].drop_duplicates(matrix)   # an unchanged matrix (ΔW = 0): no direction, nothing to normalise
+    sv = sv[sigma_1 > 0].copy()
+    if sv.empty:
+        raise MissingRuns("ΔW is zero in every matrix: no spectrum to draw")
+    sv["norm"] = sv.sigma.values / sigma_1[sigma_1 > 0]
     keys = ["setup", "config", "matrix_type"]
     curves = sv.groupby(keys + ["index"], sort=True).agg(mean=("norm", "mean"), min=("norm", "min"),
                                                           max=("norm", "max"), matrices=("norm", "size")).reset_index()
     sp = spectrum[spectrum.run_id.isin(sv.run_id.unique())].copy()
     sp["setup"], sp["config"] = r.loc[sp.run_id, "setup"].values, r.loc[sp.run_id, "config"].values
     sp = sp[[t in types[s] for s, t in zip(sp.setup, sp.matrix_type)]]
+    sp = sp.merge(sv[matrix].drop_duplicates(), on=matrix)   # the matrices drawn: those with ΔW ≠ 0
     sp["width"] = sp[["out_features", "in_features"]].min(axis=1) if "in_features" in sp else np.nan
     sp["r90"] = sp.r90.astype(float)  # the report's nullable integers: NaN where a truncated SVD left r90 open
     r90 = sp.groupby(keys, sort=True).agg(r90=("r90", "mean"), r90_min=("r90", "min"), r90_max=("r90", "max"),
                                           n=("run_id", "nunique"), matrices=("r90", "size"),
                                           width=("width", "min")).reset_index()
-    return {"curves": curves, "r90": r90, "order": r.reset_index()[["config", "order"]], "note": left_out_note(left_out)}
+    return {"curves": curves, "r90": r90, "order": r.reset_index()[["config", "order"]],
+            "note": " ".join(n for n in (left_out_note(left_out), zero_note(zero)) if n)}
+
+
+def zero_note(zero: pd.DataFrame) -> str:
+    """The caption's line on matrices left out because their ΔW is zero (rows: run_id, layer, matrix_type)."""
+    if zero.empty:
+        return ""
+    per_type = zero.groupby("matrix_type").size()
+    kinds = ", ".join(f"{SHORT.get(k, k)} ({n})" for k, n in sorted(per_type.items(), key=lambda x: matrix_order(x[0])))
+    return (f"Left out: {len(zero)} matrices whose ΔW is zero (unchanged by fine-tuning; per type: {kinds}); "
+            "they have no singular directions.")
 
 
 def energy_rank_table(r90: pd.DataFrame) -> pd.DataFrame:

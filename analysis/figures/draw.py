@@ -184,6 +184,9 @@ def _grid(df: pd.DataFrame, value: str = "phi") -> np.ndarray:
     return df.pivot(index="i", columns="j", values=value).sort_index().sort_index(axis=1).to_numpy()
 
 
+NUMBERED = ZOOM   # a φ grid at most this many cells a side carries its values: at r = 1 or 4 colours alone say little
+
+
 def _heatmap(ax, grid: np.ndarray, gid: str):
     I, J = grid.shape
     im = ax.imshow(grid, vmin=0, vmax=1, aspect="auto", interpolation="nearest", origin="upper",
@@ -191,7 +194,17 @@ def _heatmap(ax, grid: np.ndarray, gid: str):
     ax.grid(False)
     ax.set_xticks(_ticks(J))
     ax.set_yticks(_ticks(I))
+    if max(I, J) <= NUMBERED:
+        _cell_values(ax, grid, gid)
     return im
+
+
+def _cell_values(ax, grid: np.ndarray, gid: str) -> None:
+    """Each cell's φ written in it (two decimals; dark text on the light end of viridis)."""
+    size = 7 if max(grid.shape) <= 4 else 5
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j + 1, i + 1, f"{v:.2f}", ha="center", va="center", fontsize=size,
+                color="black" if v > 0.6 else "white", gid=f"{gid}:value")
 
 
 def _ticks(n: int) -> list[int]:
@@ -218,9 +231,10 @@ def _phi_two_rows(data: pd.DataFrame, ylabel: str, xlabel: str, suptitle: str):
     """Top row: φ over the whole grid per matrix type and the random baseline; bottom: zoom to i, j ≤ 8."""
     panels = _phi_panels(data)
     zoom = int(min(ZOOM, data.i.max(), data.j.max()))
-    fig, axes = new_figure(2, len(panels), size=(2.3, 2.1))
+    limits = [None] if max(data.i.max(), data.j.max()) <= ZOOM else [None, zoom]   # a small grid is its own zoom
+    fig, axes = new_figure(len(limits), len(panels), size=(2.3, 2.1))
     for col, (name, df, value, title) in enumerate(panels):
-        for row, limit in enumerate([None, zoom]):
+        for row, limit in enumerate(limits):
             d = df if limit is None else df[(df.i <= limit) & (df.j <= limit)]
             im = _heatmap(axes[row, col], _grid(d, value), gid=f"{name}:{'full' if limit is None else 'zoom'}")
             axes[row, col].set_title(title if limit is None else f"zoom: i, j ≤ {limit}")
@@ -343,13 +357,15 @@ def plot_amplification(data: dict):
                 ax.set_xlabel("r (ΔW's top-r directions)")
             if log_amp:
                 amp_ax.set_yscale("log")
-            amp_ax.set(ylabel="‖ΔW_r‖_F / ‖UᵀWV‖_F" + (" (log)" if log_amp else ""), ylim=(0, None) if not log_amp
-                       else (None, None), title=_setup_title(setup, f"amplification, {SHORT.get(kind, kind)}"))
+            amp_ax.set(ylabel="amplification" + (" (log)" if log_amp else ""),   # the caption defines it
+                       ylim=_decades(s.amplification) if log_amp else (0, None),
+                       title=_setup_title(setup, f"amplification, {SHORT.get(kind, kind)}"))
             positive = (s.loc[s.matrix_type == kind, ["phi_out", "random_phi_out"]] > 0).all().all()
             if positive:   # r/d spans decades: on a log axis the data's distance from it reads as a ratio
                 phi_ax.set_yscale("log")
             phi_ax.set(ylabel="φ(ΔW, W, r, r), output side" + (" (log)" if positive else ""),
-                       ylim=(None, None) if positive else (0, None),
+                       ylim=_decades(s.loc[s.matrix_type == kind, ["phi_out", "random_phi_out"]].to_numpy().ravel())
+                       if positive else (0, None),
                        title=_setup_title(setup, f"ΔW vs W directions, {SHORT.get(kind, kind)}"))
             _legend_below(amp_ax)
             _legend_below(phi_ax)
@@ -365,6 +381,14 @@ def figure_5(tables, out_dir: Path) -> Drawn:
 # ---- Figure 6: singular values of full fine-tuning's ΔW vs LoRA's, per matrix type, r90 marked --------------------
 
 SPECTRUM_FLOOR = 1e-3   # σ_k / σ_1 below this carries < 1e-6 of the energy per value: the y axis stops there
+
+
+def _decades(values) -> tuple[float, float]:
+    """The whole decades around positive values: a log axis with labelled powers of ten at both ends, where one
+    spanning less than a decade labels its minor ticks until they collide."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return 10.0 ** math.floor(math.log10(v.min())), 10.0 ** math.ceil(math.log10(v.max()) + 1e-12)
 
 
 def _r90_text(value: float) -> str:

@@ -66,10 +66,13 @@ def plot_params(d: pd.DataFrame, marks: pd.DataFrame):
             ax.axhline(SHARE * f.accuracy, color="#999999", lw=0.8, ls=":", label=f"{SHARE:.0%} of full")
         floors = marks.loc[marks.setup == setup, "majority"].dropna()
         _majority(ax, float(floors.iloc[0]) if len(floors) else None)  # how much of "90 % of full" it gives alone
-        for m in marks[(marks.setup == setup) & marks["size"].notna()].to_dict("records"):
-            name = "d90" if m["method"] == "subspace" else f"{label_of(m['method'])} r90%"
-            ax.axvline(m["adapted_params"], color="#555555", lw=0.7, ls="--")
-            ax.annotate(f"{name} = {m['size']:g}", (m["adapted_params"], m["goal"]), fontsize=6, rotation=90,
+        shown = marks[(marks.setup == setup) & marks["size"].notna()]
+        for x in shown.adapted_params:
+            ax.axvline(x, color="#555555", lw=0.7, ls="--")
+        for (_, size), g in shown.groupby([shown.method == "subspace", "size"], sort=False):
+            # variants reaching 90 % at the same rank share one label (their lines lie side by side)
+            name = "d90" if g.method.iloc[0] == "subspace" else f"{', '.join(label_of(m) for m in g.method)} r90%"
+            ax.annotate(f"{name} = {size:g}", (g.adapted_params.min(), g.goal.iloc[0]), fontsize=6, rotation=90,
                         va="bottom", ha="right")
         ax.set_xscale("log")
         ax.set(xlabel="trained numbers (log; the head not counted)", ylabel="test accuracy",
@@ -86,6 +89,9 @@ def figure_14(tables, out_dir: Path) -> Drawn:
     return _write(out_dir, "fig14_accuracy_vs_parameters", plot_params(d, marks), d, table=marks, note=" ".join(notes))
 
 
+MIN_SNAPSHOTS = 2   # a curve over training needs two steps (and φ with the previous snapshot a second one)
+
+
 def dynamics_data(tables) -> pd.DataFrame:
     """One row per (setup, config, step): r90 and φ(1,1), φ(8,8) against the previous snapshot, each the mean over
     the matrices a run tracked and then over its seeds; n = runs."""
@@ -94,6 +100,11 @@ def dynamics_data(tables) -> pd.DataFrame:
         raise MissingRuns("no run recorded rank dynamics (trainer.dynamics writes dynamics.csv)")
     runs = prepare(tables["runs"])[["run_id", "setup", "config", "order"]]
     per_run = d.groupby(["run_id", "step"], as_index=False)[["r90", "phi_1", "phi_8"]].mean()
+    per_run = per_run[per_run.run_id.isin(runs.run_id)]
+    if not per_run.empty and per_run.groupby("run_id").step.nunique().max() < MIN_SNAPSHOTS:
+        raise MissingRuns(f"every run has one rank snapshot (taken at each evaluation, and these runs evaluated only "
+                          f"at their last step): a curve needs trainer.eval_interval below trainer.max_steps, e.g. a "
+                          f"third of it for {MIN_SNAPSHOTS + 1} points")
     m = per_run.merge(runs, on="run_id")
     if m.empty:
         raise MissingRuns("no run with rank dynamics among the runs analysed")

@@ -53,11 +53,12 @@ FIGURES = [
          "full fine-tuning (band: Wilson, bar at the right: seeds). The LoRA paper's Table 6 on this task.", "rank"),
     Spec(2, figure_2,
          "φ(A_r1, A_r2, i, j) between the right-singular directions of A at two ranks (same seed and setup; r=8 and "
-         "r=64 where run) for each adapted matrix at the middle layer (bottom: i, j ≤ 8), next to random subspaces "
-         "(paper Fig. 3). One pair of runs: no interval.", "subspace"),
+         "r=64 where run) for each adapted matrix at the middle layer (bottom: i, j ≤ 8; a grid of at most 8 a side "
+         "is written out in numbers), next to random subspaces (paper Fig. 3). One pair of runs: no interval.", "subspace"),
     Spec(3, figure_3,
          "φ between A from two seeds at one rank (r=64 where run, else the largest with two seeds), middle layer "
-         "(bottom: i, j ≤ 8), next to random subspaces: how many directions two runs share (paper Fig. 4). One pair "
+         "(bottom: i, j ≤ 8; small grids in numbers), next to random subspaces: how many directions two runs share "
+         "(paper Fig. 4). One pair "
          "of runs.", "subspace"),
     Spec(4, figure_4,
          "The comparisons of Figures 2 and 3 at the first, middle and last layer, each with the random-subspace "

@@ -6,9 +6,11 @@ of methods and target sets, and saving that gives the same bytes for the same fi
     save(fig, out_dir, "fig1_accuracy_vs_rank")   # fig1_accuracy_vs_rank.png and .pdf
 """
 import functools
+import textwrap
 from pathlib import Path
 
 import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lowrank.rundir.atomic import write_with
@@ -41,12 +43,37 @@ def marker(i: int) -> str:
 
 
 def styled(plot):
-    """Draw `plot` under STYLE, whatever the caller's rcParams are."""
+    """Draw `plot` under STYLE, whatever the caller's rcParams are, with its titles fitted (fit_titles)."""
     @functools.wraps(plot)
     def wrapped(*args, **kwargs):
         with matplotlib.rc_context(STYLE):
-            return plot(*args, **kwargs)
+            fig = plot(*args, **kwargs)
+            fit_titles(fig)
+            return fig
     return wrapped
+
+
+def fit_titles(fig: Figure) -> None:
+    """Wrap each panel's title to its grid cell's width and the figure's title to the figure's, so that no title is
+    clipped at the edge or runs into its neighbour's; constrained layout then makes room for the extra lines."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in fig.axes:
+        spec = ax.get_subplotspec()
+        if spec is not None:
+            _wrap(ax.title, 0.92 * spec.get_position(fig).width * fig.bbox.width, renderer)
+    if fig._suptitle is not None:
+        _wrap(fig._suptitle, 0.96 * fig.bbox.width, renderer)
+
+
+def _wrap(text, width: float, renderer) -> None:
+    """Re-break `text` (a matplotlib Text) at spaces so that each line fits `width` display units."""
+    s = text.get_text()
+    drawn = text.get_window_extent(renderer).width
+    if not s.strip() or drawn <= width:
+        return
+    per_char = drawn / max(len(line) for line in s.split("\n"))
+    chars = max(10, int(width / per_char))
+    text.set_text("\n".join(textwrap.fill(line, chars, break_long_words=False) for line in s.split("\n")))
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, size=PANEL, **kwargs):

@@ -1,6 +1,7 @@
 """Every figure from a small synthetic runs root written through the real writers (the trainer's config,
 lowrank.rundir.delta's ΔW and W0 files, lowrank.rundir.atomic's metrics.json): the files exist, the plotted data equal the
 tables, a figure without its runs is skipped naming its sweep, and the same runs give the same files."""
+import json
 import sys
 import types
 from pathlib import Path
@@ -480,6 +481,8 @@ def drawn_texts(fig) -> list[Text]:
                 texts += _in_view(axis, axis.get_ticklocs(minor=minor), axis.get_ticklabels(minor=minor))
         if ax.get_legend() is not None:
             texts += list(ax.get_legend().get_texts())
+    for legend in fig.legends:
+        texts += list(legend.get_texts())
     return [t for t in texts if t.get_visible() and t.get_text().strip()]
 
 
@@ -533,7 +536,8 @@ def test_figures_pass_a_reviewers_look(tables, number):
         ticks = [t.get_text() for ax in data_axes for t in ax.get_yticklabels() if t.get_text()]
         assert ticks and all("(n=" in t for t in ticks), (number, ticks)
     if number in HEAT_MAPS:
-        assert "one pair" in fig._suptitle.get_text() and "setup S1" in fig._suptitle.get_text()
+        title = fig._suptitle.get_text().replace("\n", " ")   # wrapped to the figure's width
+        assert "one pair" in title and "setup S1" in title
     else:
         assert all("S1" in ax.get_title() or "S2" in ax.get_title() for ax in data_axes if ax.get_title()), number
 
@@ -639,3 +643,12 @@ def test_older_offline_folders_of_the_analysis_run_are_removed(tmp_path):
         (d / "files").mkdir(parents=True)
     remove_older_offline_runs(tmp_path, "analysis-abc", new / "files")
     assert not old.exists() and new.exists() and other.exists()
+
+
+def test_target_labels_stay_short_for_module_paths():
+    """An exported run's or imported adapter's target_modules are full module paths: the label is their matrix types
+    and how many there are, not hundreds of characters; suffixes keep the paper's letters."""
+    paths = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("value", "query")]
+    assert D.targets_label(json.dumps(paths)) == "q,v; 12 modules"
+    assert D.targets_label(json.dumps(["value", "query", "intermediate.dense"])) == "v,q,intermediate.dense"
+    assert D.targets_label('"all-linear"') == "all-linear"
