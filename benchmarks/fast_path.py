@@ -141,16 +141,19 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
     return rows, lines
 
 
-def memory(runs_root, device, steps: int = 20, seq: int = 4096) -> tuple[list[dict], list[str]]:
+def memory(runs_root, device, steps: int = 20, seq: int = 4096, checkpointing: bool = False,
+           repeat: bool = False) -> tuple[list[dict], list[str]]:
     shape = dict(SHAPES["llama-7b"] if device.type == "cuda" else SHAPES["tiny"], seq=seq if device.type == "cuda"
                  else 64)
     key = "llama-7b" if device.type == "cuda" else "tiny"
     rows, curves = [], {}
-    for setting in ("false", "auto" if device.type == "cuda" else "true"):  # auto: off on the CPU
+    settings = ["false", "auto" if device.type == "cuda" else "true"] + (["false"] if repeat else [])  # auto: CPU off
+    for i, setting in enumerate(settings):
         metrics, losses = run(default_args(key, shape, "lora", 0, steps, runs_root,
                                            [f"trainer.chunked_loss={setting}", "trainer.lr=1e-3",
-                                            "trainer.timing_warmup_steps=0"]))
-        curves[setting] = losses
+                                            "trainer.timing_warmup_steps=0",
+                                            f"trainer.activation_checkpointing={str(checkpointing).lower()}"]))
+        curves[setting if i < 2 else "false, again"] = losses
         rows.append(dict(model=key, run=f"trainer, LoRA r16, chunked_loss={setting}", batch=shape["batch"],
                          seq_len=shape["seq"], chunked_loss=metrics.get("chunked_loss"),
                          peak_gib=metrics["peak_memory_bytes"] / 2**30,
@@ -161,8 +164,13 @@ def memory(runs_root, device, steps: int = 20, seq: int = 4096) -> tuple[list[di
     chunked = curves[next(k for k in curves if k != "false")]
     diff = max(abs(a - b) for a, b in zip(curves["false"], chunked))
     fall = 1 - rows[1]["peak_gib"] / rows[0]["peak_gib"]
-    return rows, [f"- peak memory falls by {100 * fall:.1f} % with the chunked loss; max |Δloss| over {steps} steps "
-                  f"{diff:.2e}", f"- losses (plain): {curves['false']}", f"- losses (chunked): {chunked}"]
+    lines = [f"- activation checkpointing {'on' if checkpointing else 'off'}: peak memory falls by {100 * fall:.1f} % "
+             f"with the chunked loss; max |Δloss| over {steps} steps {diff:.2e}",
+             f"- losses (plain): {curves['false']}", f"- losses (chunked): {chunked}"]
+    if repeat:  # run-to-run spread of the plain path itself: what a loss difference is measured against
+        again = max(abs(a - b) for a, b in zip(curves["false"], curves["false, again"]))
+        lines.insert(1, f"- the plain path run twice: max |Δloss| {again:.2e}")
+    return rows, lines
 
 
 def estimate(runs_root, device, seq: int = 8192) -> tuple[list[dict], list[str]]:
@@ -188,6 +196,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--runs-root", default="/tmp/fast_path_runs")
+    ap.add_argument("--tag", default="", help="appended to the result files' names")
+    ap.add_argument("--memory-seq", type=int, default=4096, help="memory part: tokens a sequence (batch 2)")
+    ap.add_argument("--memory-checkpointing", action="store_true", help="memory part: activation checkpointing on")
+    ap.add_argument("--memory-repeat", action="store_true", help="memory part: the plain loss twice (its own spread)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     opts = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not opts.smoke else "cpu")
@@ -200,10 +212,11 @@ def main(argv=None) -> None:
             rows, lines = speed(models, 2 if opts.smoke else opts.warmup, 3 if opts.smoke else opts.steps,
                                 opts.runs_root, device)
         elif part == "memory":
-            rows, lines = memory(opts.runs_root, device, steps=3 if opts.smoke else 20)
+            rows, lines = memory(opts.runs_root, device, steps=3 if opts.smoke else 20, seq=opts.memory_seq,
+                                 checkpointing=opts.memory_checkpointing, repeat=opts.memory_repeat)
         else:
             rows, lines = estimate(opts.runs_root, device)
-        name = result_name(f"fast_path_{part}", device)
+        name = result_name(f"fast_path_{part}", device) + (f"_{opts.tag}" if opts.tag else "")
         write_result(opts.out, name, rows, dict(device=device_name(device), part=part), meta=meta,
                      title=f"fast path: {part}", description=__doc__.split("\n\n")[0],
                      sections=["\n".join(lines)])
