@@ -187,11 +187,55 @@ def estimate(runs_root, device, seq: int = 8192) -> tuple[list[dict], list[str]]
     return [row], [f"- estimate / measured: {row['estimate_over_measured']:.3f}" if measured else "- (no GPU peak)"]
 
 
+def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
+    """One LoRA step of the 7B shape in isolation (eager blocks, bf16 base, no trainer): the peak above what was held
+    before the step, with transformers' loss and with the chunked one; at 8192 tokens with activation checkpointing.
+    What the trainer's whole-run peak cannot show when something else sets it."""
+    from benchmarks.bench import add_lora, build
+    from lowrank.adapters.targets import ALL_LINEAR
+    from lowrank.train.lm_loss import chunked_lm_loss
+    key = "llama-7b" if device.type == "cuda" else "tiny"
+    rows = []
+    model = add_lora(build(dict(SHAPES[key], seq=max(seqs)), device, torch.bfloat16, 0), "ours", 16, ALL_LINEAR)
+    for seq in seqs:
+        checkpointing = seq > 4096
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        x = torch.randint(0, min(1000, SHAPES[key]["vocab_size"]), (SHAPES[key]["batch"], seq if device.type == "cuda" else 32), device=device)
+        for name, loss_fn in (("transformers", lambda m, **b: m(**b).loss), ("chunked", chunked_lm_loss)):
+            peaks, losses = [], []
+            for _ in range(2):  # the second step is measured
+                sync(device)
+                held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                reset_peak(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = loss_fn(model, input_ids=x, labels=x)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                sync(device)
+                peaks.append(peak_bytes(device) - held)
+                losses.append(float(loss.detach()))
+            rows.append(dict(model=key, run=f"one step, {name} loss", seq_len=x.shape[1], batch=x.shape[0],
+                             activation_checkpointing=checkpointing, step_peak_gib=peaks[-1] / 2**30,
+                             loss=losses[-1]))
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+    lines = []
+    for a, b in zip(rows[::2], rows[1::2]):
+        lines.append(f"- {a['seq_len']} tokens a sequence, checkpointing {'on' if a['activation_checkpointing'] else 'off'}:"
+                     f" step peak {a['step_peak_gib']:.2f} → {b['step_peak_gib']:.2f} GiB above the held memory "
+                     f"({100 * (1 - b['step_peak_gib'] / a['step_peak_gib']):.1f} % less), |Δloss| "
+                     f"{abs(a['loss'] - b['loss']):.1e}")
+    del model
+    free(device)
+    return rows, lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--parts", nargs="+", default=["speed", "memory", "estimate"],
-                    choices=["speed", "memory", "estimate"])
+                    choices=["speed", "memory", "estimate", "step_memory"])
     ap.add_argument("--models", nargs="+", default=["llama-1.1b", "llama-7b"], choices=list(SHAPES))
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
@@ -214,6 +258,8 @@ def main(argv=None) -> None:
         elif part == "memory":
             rows, lines = memory(opts.runs_root, device, steps=3 if opts.smoke else 20, seq=opts.memory_seq,
                                  checkpointing=opts.memory_checkpointing, repeat=opts.memory_repeat)
+        elif part == "step_memory":
+            rows, lines = step_memory(device)
         else:
             rows, lines = estimate(opts.runs_root, device)
         name = result_name(f"fast_path_{part}", device) + (f"_{opts.tag}" if opts.tag else "")
