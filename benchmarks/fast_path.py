@@ -224,7 +224,7 @@ def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
     for a, b in zip(rows[::2], rows[1::2]):
         lines.append(f"- {a['seq_len']} tokens a sequence, checkpointing {'on' if a['activation_checkpointing'] else 'off'}:"
                      f" step peak {a['step_peak_gib']:.2f} → {b['step_peak_gib']:.2f} GiB above the held memory "
-                     f"({100 * (1 - b['step_peak_gib'] / a['step_peak_gib']):.1f} % less), |Δloss| "
+                     f"({100 * (1 - b['step_peak_gib'] / max(a['step_peak_gib'], 1e-9)):.1f} % less), |Δloss| "
                      f"{abs(a['loss'] - b['loss']):.1e}")
     del model
     free(device)
