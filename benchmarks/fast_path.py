@@ -5,6 +5,8 @@ memory; the memory model at long sequences.
     python -m benchmarks.fast_path --parts speed --out benchmarks/results        # or speed / memory / estimate
     python -m benchmarks.fast_path --smoke --out /tmp/fp                         # tiny shapes on CPU (the script)
 
+On a copy without the repository's history, set LOWRANK_GIT_COMMIT to the commit the copy was made from.
+
 Parts (each writes `fast_path_{part}_{device}.{json,md}` through benchmarks.harness.record: commit, command,
 versions):
 - speed: per shape (1.1B b8 × 1024, 7B b2 × 1024), the trainer as users run it with no `trainer.compile` given

@@ -16,6 +16,7 @@ LOWRANK_GIT_COMMIT to the commit the copy was made from; it wins over git, and w
 then unknown (None).
 """
 import json
+import re
 import os
 import platform
 import shlex
@@ -88,7 +89,9 @@ def result_name(stem: str, device=None) -> str:
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         return f"{stem}_cpu"
-    return f"{stem}_{torch.cuda.get_device_name(device).split()[-1].lower()}"
+    name = torch.cuda.get_device_name(device)  # "NVIDIA H200", "NVIDIA H100 80GB HBM3": the model, not the memory
+    model = re.search(r"\b[A-Z]\d{2,4}[A-Za-z]*\b", name)
+    return f"{stem}_{(model.group(0) if model else name.split()[-1]).lower()}"
 
 
 def command_line() -> str:
