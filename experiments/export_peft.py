@@ -49,6 +49,7 @@ from analysis.report_cli import _device, _int_at_least, _Parser
 from analysis.runs import LowRank, load_run
 from analysis.truncate import check_evaluable, trained_tensors
 from lowrank.adapters.targets import pattern_key, read_rank_pattern
+from lowrank.config import LM_OBJECTIVES, meta_model, model_config, option
 from lowrank.data.rebuild import RebuiltModel
 from lowrank.linalg.truncation import TopSingular, kept_rank
 from lowrank.rundir import atomic
@@ -113,8 +114,11 @@ class TrainedForPeft:
     target_biases: int
 
     @classmethod
-    def of(cls, trained: dict, targets) -> "TrainedForPeft":
+    def of(cls, trained: dict, targets, tied: dict | None = None) -> "TrainedForPeft":
+        """`tied`: {parameter: its other names} (tied_names): a tied copy goes in too, since PEFT's copy of a module
+        in modules_to_save would break the tie (an output layer tied to trained input embeddings)."""
         targets, tensors, whole, biases = set(targets), {}, set(), 0
+        trained = trained | {o: t.clone() for k, t in trained.items() for o in (tied or {}).get(k, ()) if o not in trained}
         for key, t in trained.items():
             module, param = key.rsplit(".", 1)
             if module in targets:
@@ -133,6 +137,23 @@ class TrainedForPeft:
     @property
     def bias(self) -> str:
         return "lora_only" if self.target_biases else "none"
+
+
+def tied_names(cfg) -> dict[str, list[str]]:
+    """{parameter name: the other names of the same tensor} in the run's model (input and output embeddings tied), read
+    from its config on the meta device (lowrank.config); {} where that config is not at hand."""
+    config = model_config(cfg)
+    if config is None:
+        return {}
+    names = {}
+    for name, param in meta_model(config, causal_lm=option(cfg, "task.objective") in LM_OBJECTIVES).named_parameters(
+            remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {n: [o for o in same if o != n] for same in names.values() if len(same) > 1 for n in same}
+
+
+def peft_trained(run, trained: dict) -> TrainedForPeft:
+    return TrainedForPeft.of(trained, run.names, tied_names(OmegaConf.create(run.config)) if trained else None)
 
 
 def exact_key(module: str) -> str:
@@ -178,7 +199,7 @@ def export(run_dir: Path, out: Path) -> Path:
             rank_pattern[exact_key(name)] = r
         if not math.isclose(lora_scaling(alpha, r, rule), s, rel_tol=1e-12):  # alpha_pattern only where needed
             alpha_pattern[exact_key(name)] = s * (math.sqrt(r) if rule == "rslora" else r)
-    trained = TrainedForPeft.of(trained_tensors_of(run.path, run.metrics), run.names)
+    trained = peft_trained(run, trained_tensors_of(run.path, run.metrics))
     portable, local = base_model_names(cfg.model, out)
     if not trained.tensors and task_type(cfg) == "SEQ_CLS":
         print(f"warning: {run.path} has no {TRAINED_FILE} (written before heads were stored): the adapter holds the LoRA "
@@ -290,7 +311,7 @@ def extract(run_dir: Path, out: Path, rule: RankRule, evaluate: bool = False, de
         trained_raw = trained_tensors(run)  # SkippedRun where the run cannot be rebuilt
     else:
         trained_raw = trained_tensors_of(run.path, run.metrics)
-    trained = TrainedForPeft.of(trained_raw, run.names)
+    trained = peft_trained(run, trained_raw)
     cfg = OmegaConf.create(run.config)
     ex = extract_factors(run, rule, device)
     ranks = {n: m["rank"] for n, m in ex.modules.items()}

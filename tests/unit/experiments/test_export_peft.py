@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from analysis.checked_reads import SkippedRun
 from benchmarks.shape_run import write_shape_run
-from experiments.export_peft import RankRule, TrainedForPeft, base_model_names, main
+from experiments.export_peft import RankRule, TrainedForPeft, base_model_names, main, tied_names
 from lowrank.errors import ConfigError
 from lowrank.rundir.peft import BASE_FILE, adapter_base
 from tests.conftest import error_line
@@ -135,3 +135,21 @@ def test_trained_tensors_go_to_peft_as_whole_modules_and_target_biases():
         TrainedForPeft.of({f"{NAMES[0]}.weight": t}, NAMES)
     with pytest.raises(SkippedRun, match="belongs to a module that holds adapted ones"):
         TrainedForPeft.of({"bert.encoder.layer.0.attention.self.extra": t}, NAMES)
+
+
+def test_a_tied_output_layer_goes_in_beside_the_trained_embeddings_it_shares():
+    """SmolLM2-style tied embeddings: trained.safetensors holds the shared tensor once (model.embed_tokens.weight);
+    PEFT copies each module in modules_to_save, so lm_head gets its own copy of the trained values."""
+    cfg = OmegaConf.create({"model": {"name": "tiny", "path": None, "shape": {
+        "model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True}},
+        "task": {"objective": "cpt", "num_labels": 2}})
+    tied = tied_names(cfg)
+    assert tied == {"model.embed_tokens.weight": ["lm_head.weight"], "lm_head.weight": ["model.embed_tokens.weight"]}
+    emb = torch.randn(32, 8)
+    peft = TrainedForPeft.of({"model.embed_tokens.weight": emb}, ["model.layers.0.self_attn.q_proj"], tied)
+    assert peft.modules_to_save == ["lm_head", "model.embed_tokens"]
+    out = peft.tensors["base_model.model.lm_head.weight"]
+    assert torch.equal(out, emb) and out.data_ptr() != emb.data_ptr()  # safetensors refuses shared memory
+    cfg.model.shape.tie_word_embeddings = False
+    assert tied_names(cfg) == {}
