@@ -4,6 +4,8 @@ functions over tensors.
     top = TopSingular.of_dense(delta).kept(64)      # one SVD per matrix; or .of_factors(B, A, scaling) for LoRA
     top.truncated(8)                                # ΔW_8 = U_8 Σ_8 V_8ᵀ, (out, in) fp32
     top.energy_share(8)                             # ‖ΔW_8‖_F² / ‖ΔW‖_F²
+    B, A = top.factors(8)                           # B @ A = ΔW_8: a LoRA of rank 8 with scaling 1
+    kept_rank(top.S, share=0.9)                     # the rank a rule keeps: a fixed r, or a share of ‖ΔW‖_F²
     DW_Q, Q = random_projection(delta, 8, seed)     # ΔW Q Qᵀ = DW_Q @ Q.T, Q (in, r) a random orthonormal basis
 
 The random baseline projects ΔW onto a uniformly random r-dimensional subspace of its input space (Q from the QR of
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank.linalg.spectra import svd_dense, svd_factored
+from lowrank.linalg.spectra import energy_rank, svd_dense, svd_factored
 
 
 @dataclass
@@ -49,6 +51,14 @@ class TopSingular:
             raise ValueError(f"rank {r} asked of a ΔW kept to its top {self.U.shape[1]} directions")
         return ((self.U[:, :r] * self.S[:r]) @ self.Vh[:r]).float()  # (out, r) @ (r, in)
 
+    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B (out, r), A (r, in)) fp32 with B @ A = ΔW_r, the singular values split evenly between them: B = U_r √Σ_r,
+        A = √Σ_r V_rᵀ (neither factor carries the scale alone, so fp32 keeps both well within range)."""
+        if r > self.U.shape[1]:
+            raise ValueError(f"rank {r} asked of a ΔW kept to its top {self.U.shape[1]} directions")
+        root = self.S[:r].sqrt()
+        return (self.U[:, :r] * root).float().contiguous(), (root[:, None] * self.Vh[:r]).float().contiguous()
+
     def energy_share(self, r: int) -> float:
         s2 = self.S.double() ** 2
         total = s2.sum().item()
@@ -77,3 +87,13 @@ def random_projection(delta: torch.Tensor, r: int, seed: int) -> tuple[torch.Ten
 def random_energy_share(r: int, d: int) -> float:
     """The expected share of ‖ΔW‖_F² a random rank-r projection of the input space (dimension d) keeps: r/d."""
     return min(r, d) / d
+
+
+def kept_rank(s: torch.Tensor, rank: int | None = None, share: float | None = None) -> int:
+    """The rank ΔW keeps under one rule: `rank` (at most len(s), ΔW's largest possible rank), or the smallest rank
+    holding `share` of ‖ΔW‖_F² (spectra.energy_rank). Never below 1, since a LoRA module has no rank 0 (a zero ΔW
+    keeps one zero direction). s: (q,) every singular value, descending."""
+    if (rank is None) == (share is None):
+        raise ValueError("give exactly one of rank and share")
+    r = min(rank, len(s)) if rank is not None else energy_rank(s, share)
+    return max(1, r)

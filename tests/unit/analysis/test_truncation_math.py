@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis.functional_rank import functional_rank_table, kept_share, smallest_rank
-from lowrank.linalg.truncation import (TopSingular, projection_seed, random_basis, random_energy_share,
+from lowrank.linalg.truncation import (TopSingular, kept_rank, projection_seed, random_basis, random_energy_share,
                                        random_projection)
 
 
@@ -70,3 +70,28 @@ def test_functional_rank_table_per_run_and_per_setup_with_lora_90_percent_rank()
     setup = table[table.level == "setup"].iloc[0]
     assert setup.r_f90 == 1.5 and setup.n_runs == 2 and (setup.seed_lo, setup.seed_hi) == (1.0, 2.0)
     assert setup.lora_r90 == 8 and setup.spectral_r90 == 3.0   # rank 2 keeps 0.2/0.3 of full's gain, rank 8 0.29/0.3
+
+
+def test_the_factors_of_a_truncation_multiply_to_it_and_share_its_singular_values_evenly():
+    delta = planted(24, 16, [4.0, 2.0, 1.0]).float()
+    top = TopSingular.of_dense(delta, device="cpu")
+    B, A = top.factors(2)
+    assert B.shape == (24, 2) and A.shape == (2, 16) and B.dtype == A.dtype == torch.float32
+    assert torch.allclose(B @ A, top.truncated(2), atol=1e-6)
+    assert torch.allclose(B.T @ B, torch.diag(torch.tensor([4.0, 2.0])), atol=1e-5)  # U_r √Σ: Bᵀ B = Σ_r
+    assert torch.allclose(A @ A.T, torch.diag(torch.tensor([4.0, 2.0])), atol=1e-5)  # √Σ V_rᵀ: A Aᵀ = Σ_r
+
+
+@pytest.mark.parametrize("rule,rank", [({"share": 0.9}, 2), ({"share": 0.96}, 3),
+                                       ({"share": 0.5}, 1), ({"share": 1.0}, 3), ({"rank": 2}, 2), ({"rank": 8}, 3)])
+def test_the_rank_a_rule_keeps_on_a_planted_spectrum(rule, rank):
+    """σ = 4, 2, 1: energies 16, 4, 1 of 21, so the top 1 holds 16/21 = 0.76 and the top 2 20/21 = 0.95; a fixed rank
+    above ΔW's largest possible rank keeps all of it."""
+    s = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
+    assert kept_rank(s, **rule) == rank
+
+
+def test_a_zero_delta_keeps_one_zero_direction_and_a_rule_is_one_of_rank_and_share():
+    assert kept_rank(torch.zeros(5, dtype=torch.float64), share=0.9) == 1  # PEFT has no rank 0
+    with pytest.raises(ValueError, match="exactly one"):
+        kept_rank(torch.ones(3), rank=2, share=0.9)
