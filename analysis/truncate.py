@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="the uniform ranks r")
     p.add_argument("--shares", type=_shares, default=[0.5, 0.9, 0.99], help="energy shares each matrix keeps")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-projection baseline")
+    p.add_argument("--methods", type=lambda t: t.split(","), default=None,
+                   help="truncate only runs of these methods, e.g. full (default: every run with a ΔW); the others "
+                        "still count, by their metrics, as trained at their rank")
     p.add_argument("--eval-batch-size", type=_int_at_least(1), default=None,
                    help="examples per evaluation batch (default: the run's trainer.eval_batch_size)")
     p.add_argument("--device", type=_device, default="auto", help="auto (GPU when present), cpu or cuda")
@@ -183,6 +186,8 @@ def run_truncation(opts) -> dict:
     runs, table, skipped = collect_runs(opts.roots)
     rows = []
     for run in runs:
+        if opts.methods and run.method not in opts.methods:
+            continue
         try:
             rows += truncate_run(run, opts)
         except SkippedRun as e:
