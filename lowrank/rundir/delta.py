@@ -173,8 +173,8 @@ def _write_delta_gathered(run_dir: Path, model: nn.Module, method, names: list[s
     _write_gathered(Path(run_dir) / TRAINED_FILE, trained_params(model, method, names), None, main)
 
     against_w0 = (lambda key, t: t - w0[key.removesuffix(".delta")]) if method.name == "full" and main else None
-    return _write_gathered(Path(run_dir) / DELTA_FILE, params, against_w0, main,
-                           delta_metadata(run_dir, method.name, base_weights, meta))
+    return _write_gathered(Path(run_dir) / DELTA_FILE, params, against_w0, main,  # W0's path: rank 0 knows it
+                           delta_metadata(run_dir, method.name, base_weights, meta) if main else None)
 
 
 def _write_gathered(path: Path, params: dict, finish, main: bool, metadata: dict | None = None) -> Path | None:

@@ -24,7 +24,7 @@ from lowrank.rundir.layout import CACHE_DIR
 PACKAGES = ("torch", "transformers", "peft", "hydra-core")
 CHECKOUT = Path(__file__).resolve().parents[2]  # the folder holding lowrank/: a git checkout, or site-packages
 DIGEST_CACHE_FILE = "file_sha256.json"
-CHUNK = 1 << 24  # bytes read at a time while hashing a file
+CHUNK = 1 << 20  # bytes read at a time while hashing a file (small: imports keep under one matrix of memory)
 
 
 def record(device, model: dict, data: dict | None) -> dict:
