@@ -70,6 +70,8 @@ def parse_args(argv=None):
                    help="examples per evaluation batch (default: the run's trainer.eval_batch_size)")
     p.add_argument("--device", type=_device, default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="tables and truncation.md only")
+    p.add_argument("--redraw", action="store_true",
+                   help="evaluate nothing: the tables, figure and truncation.md again from OUT/tables/truncation.csv")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch")
     opts = p.parse_args(argv)
     if why := roots_problem(opts.roots) or no_runs_problem(opts.roots):
@@ -185,7 +187,7 @@ def run_truncation(opts) -> dict:
     t0 = time.perf_counter()
     runs, table, skipped = collect_runs(opts.roots)
     rows = []
-    for run in runs:
+    for run in ([] if opts.redraw else runs):
         if opts.methods and run.method not in opts.methods:
             continue
         try:
@@ -195,6 +197,11 @@ def run_truncation(opts) -> dict:
             print(f"truncate: skipped {run.run_id}: {e}", file=sys.stderr, flush=True)
     table, _ = add_setups(table, {k for r in runs for k in config_keys(r)}) if runs else (table, None)
     truncation = pd.DataFrame(rows)
+    if opts.redraw:  # the points evaluated before, without their setup columns (recomputed below from the runs)
+        if not table_path(opts.out, TRUNCATION_TABLE).is_file():
+            fail(f"--redraw: {table_path(opts.out, TRUNCATION_TABLE)} does not exist; run without --redraw first")
+        truncation = pd.read_csv(table_path(opts.out, TRUNCATION_TABLE)).drop(columns=["setup", "variant"],
+                                                                              errors="ignore")
     if not truncation.empty:
         setup_of = dict(zip(table.run_id, table.setup))
         variant_of = dict(zip(table.run_id, table.variant))

@@ -14,8 +14,13 @@ from analysis.figures.style import FULL_COLOR, RANDOM_COLOR, color, new_figure, 
 NAME = "truncation"
 
 
-@styled
 def figure_truncation(truncation: pd.DataFrame, functional: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> Path:
+    """Draw the figure and write it to OUT_DIR; returns the PNG's path."""
+    return save(draw_truncation(truncation, functional, runs), Path(out_dir), NAME)
+
+
+@styled
+def draw_truncation(truncation: pd.DataFrame, functional: pd.DataFrame, runs: pd.DataFrame):
     setups = functional[functional.level == "setup"]
     fig, axes = new_figure(1, max(1, setups.setup.nunique()))
     for ax, (setup, rows) in zip(axes[0], setups.groupby("setup", sort=True)):
@@ -32,9 +37,12 @@ def figure_truncation(truncation: pd.DataFrame, functional: pd.DataFrame, runs: 
                     ax.axvline(value, color=color(i), ls=ls, lw=0.6, alpha=0.7, label=f"{row.variant} {what}")
         column = f"eval_{metric}"
         lora = runs[(runs.get("setup") == setup) & (runs.variant == "lora")] if "setup" in runs else runs.iloc[:0]
-        if column in lora and not lora.empty:
-            mean = lora.groupby("method.rank")[column].mean()
-            ax.plot(mean.index, mean.values, "-s", color=color(len(rows)), label="LoRA trained at r")
+        if column in lora and not lora.empty:  # one line per target set: LoRA on q,v and on all-linear differ
+            targets = lora["method.targets"].astype(str) if "method.targets" in lora else pd.Series("", lora.index)
+            for j, (which, group) in enumerate(lora.groupby(targets, sort=True)):
+                mean = group.groupby("method.rank")[column].mean()
+                ax.plot(mean.index, mean.values, "-s", color=color(len(rows) + j),
+                        label="LoRA trained at r" + (f" ({which})" if targets.nunique() > 1 else ""))
         if not math.isnan(rows.lora_r90.iloc[0]):
             ax.axvline(rows.lora_r90.iloc[0], color=color(len(rows)), ls="--", lw=0.6, label="LoRA 90 % rank")
         ax.set_xscale("log", base=2)
@@ -42,4 +50,4 @@ def figure_truncation(truncation: pd.DataFrame, functional: pd.DataFrame, runs: 
         ax.set_ylabel(metric)
         ax.set_title(setup)
         ax.legend()
-    return save(fig, Path(out_dir), NAME)
+    return fig
