@@ -201,3 +201,15 @@ def test_a_point_with_one_seed_has_no_seed_interval_and_says_n_1():
     table = D.accuracy_table(data["summary"]).set_index(["configuration", "r"])
     assert table.loc[("LoRA (q,v)", 8), "seed interval (95 %)"] == "n=1: none"
     assert table.loc[("LoRA (q,v)", 1), "seed interval (95 %)"] == "[0.700, 0.740] (range of 2)"
+
+
+def test_runs_from_before_a_default_changed_share_their_setup():
+    """trainer.compile's default became auto and trainer.chunked_loss is new: a run made before (compile false, no
+    chunked_loss) and one made after (both auto) are one setup, as they are one run directory; compile true is not."""
+    from analysis.statistics import find_setups
+    runs = pd.DataFrame([
+        {"run_id": "before", "trainer.compile": False, "trainer.chunked_loss": None},
+        {"run_id": "after", "trainer.compile": "auto", "trainer.chunked_loss": "auto"},
+        {"run_id": "compiled", "trainer.compile": True, "trainer.chunked_loss": "auto"}])
+    ids, _ = find_setups(runs, ["trainer.chunked_loss", "trainer.compile"])
+    assert ids["before"] == ids["after"] != ids["compiled"]
