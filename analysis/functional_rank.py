@@ -74,16 +74,23 @@ def run_rows(truncation: pd.DataFrame) -> list[dict]:
 
 
 def lora_r90(runs: pd.DataFrame, setup: str, metric: str, w0: float) -> float:
-    """LoRA's 90 % rank in one setup, from the runs table's metrics (NaN without plain LoRA and full runs)."""
+    """LoRA's 90 % rank in one setup, from the runs table's metrics: the smallest rank, over the setup's LoRA target
+    sets, whose seed mean keeps 90 % of full fine-tuning's gain (NaN without plain LoRA and full runs, or if none does)."""
     column = f"eval_{metric}"
     here = runs[runs.setup == setup] if "setup" in runs else runs.iloc[:0]
     if column not in here or "method.rank" not in here:  # no LoRA run among them
         return math.nan
     full = here.loc[here.variant == "full", column].mean()
-    lora = here[here.variant == "lora"].groupby("method.rank")[column].mean().sort_index()
+    lora = here[here.variant == "lora"]
     if lora.empty or not np.isfinite(full) or full == w0:
         return math.nan
-    return smallest_rank(lora.index, kept_share(lora.values, w0, full))
+    # each target set on its own (LoRA on q,v and on every linear layer are different adapters); the smallest rank
+    targets = lora["method.targets"].astype(str) if "method.targets" in lora else pd.Series("", index=lora.index)
+    ranks = [smallest_rank(means.index, kept_share(means.values, w0, full))
+             for _, group in lora.groupby(targets, sort=True)
+             for means in [group.groupby("method.rank")[column].mean().sort_index()]]
+    finite = [r for r in ranks if np.isfinite(r)]
+    return min(finite) if finite else math.nan
 
 
 def functional_rank_table(truncation: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

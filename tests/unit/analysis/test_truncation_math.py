@@ -72,6 +72,18 @@ def test_functional_rank_table_per_run_and_per_setup_with_lora_90_percent_rank()
     assert setup.lora_r90 == 8 and setup.spectral_r90 == 3.0   # rank 2 keeps 0.2/0.3 of full's gain, rank 8 0.29/0.3
 
 
+def test_lora_90_percent_rank_takes_each_target_set_on_its_own():
+    """Averaged together, q,v (rank 4 keeps 0.28/0.3 of full's gain) and a collapsed all-linear set (0.5: none)
+    would pass no rank; each on its own, q,v passes at 4."""
+    truncation = pd.DataFrame(rows("a", "S1", "full", [0.6, 0.78, 0.8]))
+    runs = pd.DataFrame({"run_id": ["a", "q1", "q4", "x1", "x4"], "setup": "S1",
+                         "variant": ["full", "lora", "lora", "lora", "lora"], "method.rank": [None, 1, 4, 1, 4],
+                         "method.targets": [None, "[query, value]", "[query, value]", "all-linear", "all-linear"],
+                         "eval_accuracy": [0.8, 0.7, 0.78, 0.5, 0.5]})
+    setup = functional_rank_table(truncation, runs).query("level == 'setup'").iloc[0]
+    assert setup.lora_r90 == 4
+
+
 def test_the_factors_of_a_truncation_multiply_to_it_and_share_its_singular_values_evenly():
     delta = planted(24, 16, [4.0, 2.0, 1.0]).float()
     top = TopSingular.of_dense(delta, device="cpu")
