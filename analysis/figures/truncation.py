@@ -42,12 +42,17 @@ def draw_truncation(truncation: pd.DataFrame, functional: pd.DataFrame, runs: pd
             for j, (which, group) in enumerate(lora.groupby(targets, sort=True)):
                 mean = group.groupby("method.rank")[column].mean()
                 ax.plot(mean.index, mean.values, "-s", color=color(len(rows) + j),
-                        label="LoRA trained at r" + (f" ({which})" if targets.nunique() > 1 else ""))
+                        label="LoRA trained at r" + (f" ({_short(which)})" if targets.nunique() > 1 else ""))
         if not math.isnan(rows.lora_r90.iloc[0]):
             ax.axvline(rows.lora_r90.iloc[0], color=color(len(rows)), ls="--", lw=0.6, label="LoRA 90 % rank")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank r")
         ax.set_ylabel(metric)
         ax.set_title(setup)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, fontsize="x-small")  # below: off the curves
     return fig
+
+
+def _short(targets: str) -> str:
+    """A target list as the config prints it (`['query', 'value']`) as a label: query,value."""
+    return "".join(c for c in targets if c not in "[]'\" ")
