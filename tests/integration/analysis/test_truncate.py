@@ -73,3 +73,7 @@ def test_the_command_writes_its_tables_and_skips_a_run_without_its_trained_tenso
     assert list(functional.level) == ["run", "setup"]
     report = (tmp_path / "out" / "truncation.md").read_text()
     assert "- old: written before runs kept trained.safetensors" in report
+    # --redraw: nothing evaluated again, the same points, now with the figure
+    main([str(tmp_path), "--ranks", "1,4", "--shares", "0.9", "--out", str(tmp_path / "out"), "--redraw"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "tables" / "truncation.csv"), table)
+    assert (tmp_path / "out" / "figures" / "truncation.png").is_file()

@@ -107,3 +107,15 @@ def test_a_zero_delta_keeps_one_zero_direction_and_a_rule_is_one_of_rank_and_sha
     assert kept_rank(torch.zeros(5, dtype=torch.float64), share=0.9) == 1  # PEFT has no rank 0
     with pytest.raises(ValueError, match="exactly one"):
         kept_rank(torch.ones(3), rank=2, share=0.9)
+
+
+def test_the_truncation_figure_draws_with_lora_per_target_set(tmp_path, recwarn):
+    """The figure of analysis.truncate (its style fits titles on a Figure; the file is written apart)."""
+    from analysis.figures.truncation import figure_truncation
+    truncation = pd.DataFrame(rows("a", "S1", "full", [0.6, 0.78, 0.8]))
+    runs = pd.DataFrame({"run_id": ["a", "q1", "q4", "x1"], "setup": "S1", "variant": ["full", "lora", "lora", "lora"],
+                         "method.rank": [None, 1, 4, 1], "eval_accuracy": [0.8, 0.7, 0.78, 0.5],
+                         "method.targets": [None, "['query', 'value']", "['query', 'value']", "all-linear"]})
+    path = figure_truncation(truncation, functional_rank_table(truncation, runs), runs, tmp_path)
+    assert path == tmp_path / "truncation.png" and path.stat().st_size > 0 and (tmp_path / "truncation.pdf").is_file()
+    assert not [w for w in recwarn.list if "matplotlib" in str(w.filename) or "font" in str(w.message).lower()]
