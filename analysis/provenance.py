@@ -11,7 +11,6 @@ The training data's digest differs between seeds by design where the seed picks 
 (`provenance.data.train_seeded`: task.train_size, LM tasks' shuffle): it is then compared only between runs of one
 seed, and the evaluation data and model between all runs.
 """
-import json
 
 import pandas as pd
 

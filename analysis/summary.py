@@ -19,7 +19,6 @@ recorded for it).
 """
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

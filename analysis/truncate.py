@@ -85,12 +85,14 @@ def parse_args(argv=None):
     return opts
 
 
-def trained_tensors(run: Run) -> dict[str, torch.Tensor]:
-    """The run's other trained tensors, checked against their hashes; SkippedRun when the run did not keep them."""
+def trained_tensors(run: Run, required: bool = True) -> dict[str, torch.Tensor]:
+    """The run's other trained tensors (trained.safetensors, or head.safetensors of older runs), checked against their
+    hashes; {} where it trained none. `required`: SkippedRun when the run did not keep them (a rebuild needs them);
+    else {} (a LoRA export carries whatever head there is)."""
     path, why_not = trained_file(run.path, run.metrics)
-    if why_not:
+    if why_not and required:
         raise SkippedRun(why_not)
-    if path is None:
+    if path is None or not path.exists():
         return {}
     try:
         keys, _ = verify_safetensors(path)

@@ -24,19 +24,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench import SHAPES  # the bench's Llama shapes (and its CPU smoke shape), one table
 from benchmarks.bench_trainer import compose, overrides, run
 from benchmarks.harness.record import collect_metadata, device_name, result_name, write_result
 from lowrank.train.budget import free_cuda_memory
 from lowrank.train.memory import estimate_from_cfg
 
-SHAPES = {
-    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                       num_key_value_heads=4, vocab_size=32000, batch=8, seq=1024),
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, batch=2, seq=1024),
-    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, batch=2, seq=32),
-}
 
 
 def default_args(key: str, shape: dict, method: str, warmup: int, steps: int, runs_root, extra=()) -> list[str]:

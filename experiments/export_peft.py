@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 from omegaconf import OmegaConf
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from analysis.checked_reads import SkippedRun
@@ -54,7 +53,7 @@ from lowrank.data.rebuild import RebuiltModel
 from lowrank.linalg.truncation import TopSingular, kept_rank
 from lowrank.rundir import atomic
 from lowrank.errors import ConfigError, fail
-from lowrank.rundir.integrity import CorruptArtifact, verify_safetensors
+from lowrank.rundir.integrity import CorruptArtifact
 from lowrank.adapters.lora import lora_scaling
 from lowrank.data.model_files import gguf_cache_dir, hub_id, resolve_path
 from lowrank.rundir.peft import ADAPTER_WEIGHTS, BASE_FILE, PREFIX, factor_keys
@@ -88,20 +87,6 @@ def base_model_names(cfg_model, out: Path) -> tuple[str, str | None]:
     if portable is None:
         portable = os.path.relpath(local, Path(out).absolute()) if local else str(cfg_model.path)
     return portable, local
-
-
-def trained_tensors_of(run_dir: Path, metrics: dict) -> dict:
-    """The run's other trained tensors (trained.safetensors, or head.safetensors of older runs; checked against their
-    hashes), {} where it has none."""
-    path, _ = trained_file(run_dir, metrics)
-    if path is None or not path.exists():
-        return {}
-    try:
-        keys, _ = verify_safetensors(path)
-    except CorruptArtifact as e:
-        raise SkippedRun(str(e)) from None
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in keys}
 
 
 @dataclass(frozen=True)
@@ -199,7 +184,7 @@ def export(run_dir: Path, out: Path) -> Path:
             rank_pattern[exact_key(name)] = r
         if not math.isclose(lora_scaling(alpha, r, rule), s, rel_tol=1e-12):  # alpha_pattern only where needed
             alpha_pattern[exact_key(name)] = s * (math.sqrt(r) if rule == "rslora" else r)
-    trained = peft_trained(run, trained_tensors_of(run.path, run.metrics))
+    trained = peft_trained(run, trained_tensors(run, required=False))
     portable, local = base_model_names(cfg.model, out)
     if not trained.tensors and task_type(cfg) == "SEQ_CLS":
         print(f"warning: {run.path} has no {TRAINED_FILE} (written before heads were stored): the adapter holds the LoRA "
@@ -310,7 +295,7 @@ def extract(run_dir: Path, out: Path, rule: RankRule, evaluate: bool = False, de
         check_evaluable(run)
         trained_raw = trained_tensors(run)  # SkippedRun where the run cannot be rebuilt
     else:
-        trained_raw = trained_tensors_of(run.path, run.metrics)
+        trained_raw = trained_tensors(run, required=False)
     trained = peft_trained(run, trained_raw)
     cfg = OmegaConf.create(run.config)
     ex = extract_factors(run, rule, device)
