@@ -34,7 +34,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from lowrank.rundir.layout import AS_HASHED, DEFAULT_AS_ABSENT, NOT_IDENTITY
+from lowrank.rundir.layout import ABSENT, NOT_IDENTITY, identity_value
 
 Z95 = 1.959963984540054     # the standard normal's 97.5 % quantile: two-sided 95 % intervals
 RESAMPLES = 2000            # bootstrap resamples (rliable's default is 2000 too)
@@ -77,15 +77,6 @@ def add_setups(table: pd.DataFrame, config_keys) -> tuple[pd.DataFrame, pd.DataF
     return table, setups
 
 
-def as_identity(key: str, value) -> object:
-    """A setting as the run-directory hash reads it: a key's `auto` default as its absence (a key added later), an
-    old default's new spelling as the old one (trainer.compile: auto as false); so runs made before a key changed
-    share a setup with the runs after, as they share their directories."""
-    if key in DEFAULT_AS_ABSENT and value == DEFAULT_AS_ABSENT[key]:
-        return None
-    return AS_HASHED.get(key, {}).get(value, value) if isinstance(value, str) else value
-
-
 def canonical(value) -> object:
     """One spelling per value, so that equal settings group together: NaN and None alike, 100 and 100.0 alike."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -120,7 +111,9 @@ def find_setups(runs: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.D
     if runs.empty:
         return (pd.Series(dtype=object, name="setup"),
                 pd.DataFrame(columns=["setup", "label", "key", "n_runs", "runs"]))
-    values = [{c: canonical(as_identity(c, row.get(c))) for c in columns} for row in runs.to_dict("records")]
+    # each setting as the run-directory hash reads it: runs from before a key's default changed share their setup
+    values = [{c: canonical(None if (v := identity_value(c, row.get(c))) is ABSENT else v) for c in columns}
+              for row in runs.to_dict("records")]
     keys = [json.dumps(v, sort_keys=True) for v in values]
     count = {k: keys.count(k) for k in keys}
     per_key = {k: v for k, v in zip(keys, values)}

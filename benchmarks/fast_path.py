@@ -35,8 +35,9 @@ from lowrank.train.memory import estimate_from_cfg
 def default_args(key: str, shape: dict, method: str, warmup: int, steps: int, runs_root, extra=()) -> list[str]:
     """The bench's run with the trainer's defaults for the fast path: no trainer.compile given."""
     args = overrides(key, shape, method, 16 if method == "lora" else None, warmup, steps, runs_root, extra)
-    return [a for a in args if not a.startswith("trainer.compile=") or any(e.startswith("trainer.compile=")
-                                                                            for e in extra)]
+    if any(e.startswith("trainer.compile=") for e in extra):
+        return args
+    return [a for a in args if not a.startswith("trainer.compile=")]
 
 
 def trainer_row(key, shape, method, warmup, steps, runs_root, extra=()) -> dict:

@@ -204,21 +204,32 @@ def _set(config: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
+ABSENT = object()  # identity_value's answer for a setting that counts as not set
+
+
+def identity_value(key: str, value):
+    """How the hash reads one setting (a dotted key): ABSENT where it means what the key's absence meant (a null of
+    NULL_AS_ABSENT, the `auto` default of DEFAULT_AS_ABSENT), an old default's new spelling as the old one (AS_HASHED),
+    else the value itself. Analysis groups runs into setups by the same rule."""
+    if (key in NULL_AS_ABSENT and value is None) or (key in DEFAULT_AS_ABSENT and value == DEFAULT_AS_ABSENT[key]):
+        return ABSENT
+    if isinstance(value, str) and value in AS_HASHED.get(key, {}):
+        return AS_HASHED[key][value]
+    return value
+
+
 def config_hash(config: dict) -> str:
     """Hash of a resolved config (a plain nested dict) without the NOT_IDENTITY keys."""
     config = json.loads(json.dumps(config, default=str))  # a deep copy of plain values
     for key in NOT_IDENTITY:
         _drop(config, key)
-    for key in NULL_AS_ABSENT:
-        if _get(config, key) is None:
-            _drop(config, key)
-    for key, default in DEFAULT_AS_ABSENT.items():
-        if _get(config, key) == default:
-            _drop(config, key)
-    for key, spellings in AS_HASHED.items():
+    for key in dict.fromkeys([*NULL_AS_ABSENT, *DEFAULT_AS_ABSENT, *AS_HASHED]):
         value = _get(config, key)
-        if isinstance(value, str) and value in spellings:
-            _set(config, key, spellings[value])
+        hashed = identity_value(key, value)
+        if hashed is ABSENT:
+            _drop(config, key)
+        elif hashed is not value:
+            _set(config, key, hashed)
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 

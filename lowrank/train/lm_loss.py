@@ -23,13 +23,18 @@ CHUNK_TOKENS = 1024  # 1024 × 32,000 × 16 B = 0.5 GB at Llama-2's vocabulary
 HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
+def head_extra(config) -> str | None:
+    """The config key by which the head does more than `lm_head(hidden)`, or None (the memory model asks too)."""
+    return next((k for k in HEAD_EXTRAS if getattr(config, k, None) not in (None, 1, 1.0)), None)
+
+
 def supports_chunked_loss(model) -> tuple[bool, str]:
     """Whether `model`'s loss is HF's plain shifted cross-entropy over `lm_head(decoder(x))`, and why not."""
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(model, "base_model", model) is model:
         return False, "it has no separate decoder and lm_head"
-    extra = next((k for k in HEAD_EXTRAS if getattr(config, k, None) not in (None, 1, 1.0)), None)
+    extra = head_extra(config)
     if extra is not None:
         return False, f"its head applies config.{extra}"
     return True, ""

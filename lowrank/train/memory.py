@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from lowrank.errors import ConfigError, check_choice
 from lowrank.config import METHODS, check_positive, check_rank_fits, resolve_precision, resolve_weight_dtype
 from lowrank.adapters.targets import ALL_LINEAR, select_targets
-from lowrank.train.lm_loss import CHUNK_TOKENS, HEAD_EXTRAS
+from lowrank.train.lm_loss import CHUNK_TOKENS, head_extra
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -487,7 +487,7 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     chunked = t.get("chunked_loss", "auto")  # as the trainer resolves it (lowrank.train.setup.resolve_chunked_loss)
     chunked = head == "causal_lm" and world_size == 1 and parallel in ("auto", "none") and (
         chunked is True or (chunked == "auto" and device_type == "cuda"
-                            and all(getattr(config, k, None) in (None, 1, 1.0) for k in HEAD_EXTRAS)))
+                            and head_extra(config) is None))
     return estimate_memory(config, method, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
                            num_labels=cfg.task.get("num_labels", 2), trainable_dtype="fp32",
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
