@@ -10,13 +10,18 @@ On a copy without the repository's history, set LOWRANK_GIT_COMMIT to the commit
 Parts (each writes `fast_path_{part}_{device}.{json,md}` through benchmarks.harness.record: commit, command,
 versions):
 - speed: per shape (1.1B b8 × 1024, 7B b2 × 1024), the trainer as users run it with no `trainer.compile` given
-  (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`), the trainer's
+  (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; at 1.1B also with
+  `trainer.chunked_loss=false`, transformers' loss), the trainer's
   full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one card), and plain
   PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape.
 - memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
   20 steps each from the same seed: the peaks and the largest difference of the per-step losses.
 - estimate: 7B LoRA r16 at 2 × 8192 tokens with activation checkpointing: `experiments.estimate`'s peak (the
   memory model, `estimate_from_cfg`) against the trainer's measured peak.
+- profile: the 1.1B shape's trainer steps, LoRA and full fine-tuning, each with one step after the CUDA graph's
+  capture profiled (GPU time by kind of kernel, `benchmarks.harness.kernel_profile`): what bounds LoRA / full.
+- step_memory: one 7B LoRA step outside the trainer, transformers' loss against the chunked one: the step's own
+  peak, and the memory held when the forward ends (what the loss adds to the activations).
 """
 import argparse
 import time
@@ -40,9 +45,9 @@ def default_args(key: str, shape: dict, method: str, warmup: int, steps: int, ru
     return [a for a in args if not a.startswith("trainer.compile=")]
 
 
-def trainer_row(key, shape, method, warmup, steps, runs_root, extra=()) -> dict:
+def trainer_row(key, shape, method, warmup, steps, runs_root, extra=(), label="") -> dict:
     metrics, losses = run(default_args(key, shape, method, warmup, steps, runs_root, extra))
-    return dict(model=key, run=f"trainer, {'LoRA r16 all-linear' if method == 'lora' else 'full fine-tuning'}",
+    return dict(model=key, run=f"trainer, {'LoRA r16 all-linear' if method == 'lora' else 'full fine-tuning'}{label}",
                 tokens_per_second=metrics["tokens_per_second"], peak_gib=metrics["peak_memory_bytes"] / 2**30,
                 mfu=metrics["mfu"], compile=metrics.get("compile"), chunked_loss=metrics.get("chunked_loss"),
                 cuda_graph=metrics["cuda_graph"], final_loss=losses[-1] if losses else None)
@@ -125,13 +130,20 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
         guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root), f"{key} trainer lora")
         free(device)
         if key != "llama-7b":
+            # the same LoRA run with transformers' loss: what the chunked loss costs or saves in speed
+            guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root,
+                                              ["trainer.chunked_loss=false"], ", chunked_loss=false"),
+                    f"{key} trainer lora, plain loss")
+            free(device)
             cpu = ["trainer.precision=bf16"] if device.type == "cpu" else []  # the CPU smoke run: bf16 weights need it
             guarded(rows, lambda: trainer_row(key, shape, "full", warmup, steps, runs_root, cpu), f"{key} trainer full")
             free(device)
         guarded(rows, lambda: plain_peft_row(key, shape, warmup, steps, device), f"{key} plain peft")
         lora, full, peft = "trainer, LoRA r16 all-linear", "trainer, full fine-tuning", "plain PEFT + torch.compile"
         for name, value in (("LoRA / full fine-tuning", ratio(rows, key, lora, full)),
-                            ("LoRA / plain PEFT + compile", ratio(rows, key, lora, peft))):
+                            ("LoRA / plain PEFT + compile", ratio(rows, key, lora, peft)),
+                            ("LoRA, chunked loss / transformers' loss",
+                             ratio(rows, key, lora, lora + ", chunked_loss=false"))):
             if value is not None:
                 lines.append(f"- {key}: trainer {name}: {value:.2f}×")
     return rows, lines
@@ -183,6 +195,73 @@ def estimate(runs_root, device, seq: int = 8192) -> tuple[list[dict], list[str]]
     return [row], [f"- estimate / measured: {row['estimate_over_measured']:.3f}" if measured else "- (no GPU peak)"]
 
 
+def profiled_launches(at: int, device, out: dict):
+    """A context in which the trainer's `at`-th step (TrainStep.launch) runs under the profiler, its kernel time by
+    kind going to `out`; the other steps run as they are. The loop is the trainer's own."""
+    import contextlib
+    from benchmarks.harness.kernel_profile import kernel_time
+    from lowrank.train.step import TrainStep
+    original, calls = TrainStep.launch, [0]
+
+    def launch(self, micro_batches):
+        calls[0] += 1
+        if calls[0] != at or device.type != "cuda":  # off CUDA there is no kernel profile
+            return original(self, micro_batches)
+        sync(device)  # the step before is finished: its kernels stay out of this profile
+        handle = []
+        out["busy_s"], out["kinds"], out["top"] = kernel_time(lambda: handle.append(original(self, micro_batches)),
+                                                              device, top=20)
+        return handle[0]
+
+    @contextlib.contextmanager
+    def patched():
+        TrainStep.launch = launch
+        try:
+            yield
+        finally:
+            TrainStep.launch = original
+    return patched()
+
+
+def profile(runs_root, device, warmup: int, steps: int, key: str = "llama-1.1b") -> tuple[list[dict], list[str]]:
+    """The trainer's LoRA and full steps by kind of kernel, and the ratio LoRA / full would reach if every kernel of
+    LoRA's own (its factor products and factor-gradient kernels) cost nothing: LoRA's floor is then the frozen
+    matmuls (two thirds of full fine-tuning's: forward and input gradient, no weight gradient) plus its attention,
+    compiled elementwise work, loss and optimizer as profiled."""
+    key = key if device.type == "cuda" else "tiny"
+    shape = SHAPES[key]
+    rows, tops = [], []
+    for method in ("lora", "full"):
+        prof = {}
+        extra = ["trainer.precision=bf16"] if device.type == "cpu" and method == "full" else []
+        with profiled_launches(warmup + 3, device, prof):  # after the step graph's capture (its 3rd call)
+            metrics, _ = run(default_args(key, shape, method, warmup, steps, runs_root, extra))
+        kinds = {k: 1e3 * v for k, v in (prof.get("kinds") or {}).items()}
+        rows.append(dict(model=key, run=f"trainer, {'LoRA r16 all-linear' if method == 'lora' else 'full fine-tuning'}",
+                         step_ms_p50=1e3 * metrics["step_seconds_p50"],
+                         gpu_busy_ms=1e3 * prof["busy_s"] if prof.get("busy_s") else None,
+                         **{f"{k}_ms": kinds.get(k, 0.0) for k in
+                            ("matmul", "attention", "compiled", "other", "loss", "optimizer", "copy", "elementwise",
+                             "reduction")}, tokens_per_second=metrics["tokens_per_second"]))
+        if prof.get("top"):
+            tops.append(f"Top kernels, {rows[-1]['run']} (one step):\n\n```\n{prof['top']}\n```")
+        free(device)
+    lora, full = rows
+    lines = [f"- step time (p50): LoRA {lora['step_ms_p50']:.1f} ms, full {full['step_ms_p50']:.1f} ms: "
+             f"LoRA / full {full['step_ms_p50'] / lora['step_ms_p50']:.2f}×"]
+    if lora["gpu_busy_ms"] and full["gpu_busy_ms"]:
+        floor_matmul = 2 / 3 * full["matmul_ms"]
+        own = lora["matmul_ms"] - floor_matmul + lora["other_ms"]
+        floor = lora["step_ms_p50"] - own
+        lines += [f"- GPU busy: LoRA {lora['gpu_busy_ms']:.1f} ms, full {full['gpu_busy_ms']:.1f} ms",
+                  f"- LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms (2/3 of "
+                  f"full's {full['matmul_ms']:.1f}); LoRA's own kernels (factor matmuls + 'other') ≈ {own:.1f} ms",
+                  f"- with those at zero, LoRA's step would be {floor:.1f} ms: LoRA / full ≤ "
+                  f"{full['step_ms_p50'] / floor:.2f}× (attention {lora['attention_ms']:.1f} ms and compiled "
+                  f"elementwise work {lora['compiled_ms']:.1f} ms are shared with full fine-tuning)"]
+    return rows, lines + tops
+
+
 def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
     """One LoRA step of the 7B shape in isolation (eager blocks, bf16 base, no trainer): the peak above what was held
     before the step, with transformers' loss and with the chunked one; at 8192 tokens with activation checkpointing.
@@ -199,27 +278,30 @@ def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         x = torch.randint(0, min(1000, SHAPES[key]["vocab_size"]), (SHAPES[key]["batch"], seq if device.type == "cuda" else 32), device=device)
         for name, loss_fn in (("transformers", lambda m, **b: m(**b).loss), ("chunked", chunked_lm_loss)):
-            peaks, losses = [], []
             for _ in range(2):  # the second step is measured
                 sync(device)
                 held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
                 reset_peak(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     loss = loss_fn(model, input_ids=x, labels=x)
+                sync(device)
+                forward_peak = peak_bytes(device) - held
+                after_forward = (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0) - held
                 loss.backward()
                 model.zero_grad(set_to_none=True)
                 sync(device)
-                peaks.append(peak_bytes(device) - held)
-                losses.append(float(loss.detach()))
+                peak, value = peak_bytes(device) - held, float(loss.detach())
             rows.append(dict(model=key, run=f"one step, {name} loss", seq_len=x.shape[1], batch=x.shape[0],
-                             activation_checkpointing=checkpointing, step_peak_gib=peaks[-1] / 2**30,
-                             loss=losses[-1]))
+                             activation_checkpointing=checkpointing, step_peak_gib=peak / 2**30,
+                             forward_peak_gib=forward_peak / 2**30, after_forward_gib=after_forward / 2**30,
+                             loss=value))
         if checkpointing:
             model.gradient_checkpointing_disable()
     lines = []
     for a, b in zip(rows[::2], rows[1::2]):
         lines.append(f"- {a['seq_len']} tokens a sequence, checkpointing {'on' if a['activation_checkpointing'] else 'off'}:"
                      f" step peak {a['step_peak_gib']:.2f} → {b['step_peak_gib']:.2f} GiB above the held memory "
+                     f"(at the forward's end {a['after_forward_gib']:.2f} → {b['after_forward_gib']:.2f}) "
                      f"({100 * (1 - b['step_peak_gib'] / max(a['step_peak_gib'], 1e-9)):.1f} % less), |Δloss| "
                      f"{abs(a['loss'] - b['loss']):.1e}")
     del model
@@ -231,7 +313,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--parts", nargs="+", default=["speed", "memory", "estimate"],
-                    choices=["speed", "memory", "estimate", "step_memory"])
+                    choices=["speed", "memory", "estimate", "step_memory", "profile"])
     ap.add_argument("--models", nargs="+", default=["llama-1.1b", "llama-7b"], choices=list(SHAPES))
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
@@ -256,6 +338,9 @@ def main(argv=None) -> None:
                                  checkpointing=opts.memory_checkpointing, repeat=opts.memory_repeat)
         elif part == "step_memory":
             rows, lines = step_memory(device)
+        elif part == "profile":
+            rows, lines = profile(opts.runs_root, device, 2 if opts.smoke else opts.warmup,
+                                  8 if opts.smoke else opts.steps)
         else:
             rows, lines = estimate(opts.runs_root, device)
         name = result_name(f"fast_path_{part}", device) + (f"_{opts.tag}" if opts.tag else "")

@@ -11,6 +11,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,7 @@ def _resume_and_step(run: Run) -> None:
     place_lr(run.optimizer, run.device if graphed else None, capturable=graphed)
     run.train_step = TrainStep(run.forward_model, run.optimizer, run.trainable, run.autocast, tc.grad_clip, graphed,
                                sync=run.grad_sync_context, reduce_loss=distributed.mean_over_ranks,
-                               loss_fn=chunked_lm_loss if run.chunked_loss else None)
+                               loss_fn=partial(chunked_lm_loss, compiled=run.compiled) if run.chunked_loss else None)
     if run.state.step:
         log.info("resuming %s from step %d", run.run_dir, run.state.step)
 

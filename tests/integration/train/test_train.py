@@ -207,3 +207,18 @@ def test_flat_fp32_masters_give_the_plain_loss_curve(tiny_run):
     assert any(t.abs().max() > 0 for k, t in factors.items() if k.endswith("lora_B"))  # B left zero: it trained
     w0 = load_file(str((run_dir / meta["base_weights"]).resolve()))  # W0 as the run used it: bf16 values
     assert all(torch.equal(w, w.to(torch.bfloat16).float()) for w in w0.values())
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_chunked_loss_trains_like_transformers_loss(tiny_run, method):
+    """trainer.chunked_loss=true (gradients taken in the forward, the head trained in full fine-tuning) against
+    transformers' loss: the same run to fp32 rounding, its loss curve and its evaluation."""
+    common = [*TINY_LLAMA, "task=synthetic_lm", f"method={method}", "trainer.max_steps=4", "trainer.eval_interval=2",
+              "trainer.max_length=32", "task.eval_size=16"]
+    chunked, _ = tiny_run(*common, "trainer.chunked_loss=true", name=f"chunked_{method}")
+    plain, _ = tiny_run(*common, "trainer.chunked_loss=false", name=f"plain_{method}")
+    assert chunked["chunked_loss"] and not plain["chunked_loss"]
+    assert len(chunked["eval_history"]) == len(plain["eval_history"]) == 2
+    for a, b in zip(chunked["eval_history"], plain["eval_history"]):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
