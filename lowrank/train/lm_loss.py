@@ -6,7 +6,7 @@
 transformers computes every position's logits, casts them to fp32 and keeps the log-softmax for the backward:
 about 12 bytes per vocabulary entry per token (lowrank/train/memory.py), 3.1 GB for 2 × 4096 tokens of a
 32,000-word vocabulary. Here only one chunk's logits exist at a time, so the loss costs a fixed
-`chunk_tokens × vocab × ~8` bytes whatever the sequence length.
+`chunk_tokens × vocab × ~16` bytes whatever the sequence length (eager; compiled, ~4).
 
 Two ways, by what the head is:
 - a plain `nn.Linear` head (frozen, trained or tied to the embedding): each chunk's gradient is taken in the
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 1024  # 1024 × 32,000 × 8 B = 0.26 GB at Llama-2's vocabulary
+CHUNK_TOKENS = 1024  # 1024 × 32,000 × 16 B = 0.5 GB at Llama-2's vocabulary
 # configs whose causal LM head does more than `lm_head(hidden)` (Gemma-2's soft-capping, Cohere's logit scale)
 HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -51,17 +51,18 @@ def is_plain_linear(head) -> bool:
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor):
-    """A chunk's summed cross-entropy and `scale ×` its gradient with respect to the logits (in their dtype):
-    softmax − one-hot on rows with a label, zero on rows without. In fp32 at least (fp64 stays fp64)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    """A chunk's summed cross-entropy and `scale ×` its gradient with respect to the logits, in the logits' dtype:
+    softmax − one-hot on rows with a label, zero on rows without. Computed in fp32 at least (fp64 stays fp64);
+    compiled, the fp32 values never reach memory."""
+    dtype = logits.dtype
+    logits = logits.to(torch.promote_types(dtype, torch.float32))
     valid = labels != IGNORE_INDEX
     target = labels.clamp(min=0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=-1)
     loss = ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
     grad = torch.exp(logits - lse.unsqueeze(1))
     grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-    grad = grad * (valid.unsqueeze(1) * scale)
-    return loss, grad
+    return loss, (grad * (valid.unsqueeze(1) * scale)).to(dtype)
 
 
 _compiled_chunk = None
@@ -100,13 +101,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_tokens].to(dtype)
             loss, grad = chunk_fn(F.linear(h, w, b), labels[start:start + chunk_tokens], scale)
             total = total + loss
-            grad = grad.to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_tokens] = grad @ w
             if grad_weight is not None:
                 grad_weight += (grad.t() @ h).to(acc)
             if grad_bias is not None:
-                grad_bias += grad.to(acc).sum(0)
+                grad_bias += grad.sum(0, dtype=acc)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.acc, ctx.dtypes = acc, (weight.dtype, bias.dtype if bias is not None else None)
         return total * scale
