@@ -13,13 +13,13 @@ versions):
   (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; at 1.1B also with
   `trainer.chunked_loss=false`, transformers' loss), the trainer's
   full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one card), and plain
-  PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape.
+  PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape. Each
+  trainer run has one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
+  `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full.
 - memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
   20 steps each from the same seed: the peaks and the largest difference of the per-step losses.
 - estimate: 7B LoRA r16 at 2 × 8192 tokens with activation checkpointing: `experiments.estimate`'s peak (the
   memory model, `estimate_from_cfg`) against the trainer's measured peak.
-- profile: the 1.1B shape's trainer steps, LoRA and full fine-tuning, each with one step after the CUDA graph's
-  capture profiled (GPU time by kind of kernel, `benchmarks.harness.kernel_profile`): what bounds LoRA / full.
 - step_memory: one 7B LoRA step outside the trainer, transformers' loss against the chunked one: the step's own
   peak, and the memory held when the forward ends (what the loss adds to the activations).
 """
@@ -45,12 +45,27 @@ def default_args(key: str, shape: dict, method: str, warmup: int, steps: int, ru
     return [a for a in args if not a.startswith("trainer.compile=")]
 
 
+PROFILED_STEP = 6  # a warm-up step after the step graph's capture (its 4th call): the timed steps stay unprofiled
+KINDS = ("matmul", "attention", "compiled", "other", "loss", "optimizer", "copy", "elementwise", "reduction")
+
+
 def trainer_row(key, shape, method, warmup, steps, runs_root, extra=(), label="") -> dict:
-    metrics, losses = run(default_args(key, shape, method, warmup, steps, runs_root, extra))
+    """One trainer run's row; on CUDA, with the kernel time by kind of one warm-up step (warmup > PROFILED_STEP)."""
+    prof = {}
+    with profiled_launches(PROFILED_STEP if warmup > PROFILED_STEP else 0, device_of_runs(), prof):
+        metrics, losses = run(default_args(key, shape, method, warmup, steps, runs_root, extra))
+    kinds = {k: 1e3 * v for k, v in (prof.get("kinds") or {}).items()}
     return dict(model=key, run=f"trainer, {'LoRA r16 all-linear' if method == 'lora' else 'full fine-tuning'}{label}",
                 tokens_per_second=metrics["tokens_per_second"], peak_gib=metrics["peak_memory_bytes"] / 2**30,
                 mfu=metrics["mfu"], compile=metrics.get("compile"), chunked_loss=metrics.get("chunked_loss"),
-                cuda_graph=metrics["cuda_graph"], final_loss=losses[-1] if losses else None)
+                cuda_graph=metrics["cuda_graph"], final_loss=losses[-1] if losses else None,
+                step_ms_p50=1e3 * metrics["step_seconds_p50"],
+                gpu_busy_ms=1e3 * prof["busy_s"] if prof.get("busy_s") else None,
+                **{f"{k}_ms": kinds.get(k, 0.0) for k in KINDS}, top_kernels=prof.get("top"))
+
+
+def device_of_runs() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def plain_peft_row(key: str, shape: dict, warmup: int, steps: int, device: torch.device) -> dict:
@@ -146,7 +161,33 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
                              ratio(rows, key, lora, lora + ", chunked_loss=false"))):
             if value is not None:
                 lines.append(f"- {key}: trainer {name}: {value:.2f}×")
-    return rows, lines
+        lines += bound_lines(rows, key, lora, full)
+    tops = [f"Top kernels, {r['model']}, {r['run']} (one step):\n\n```\n{r.pop('top_kernels')}\n```"
+            for r in rows if r.get("top_kernels")]
+    for r in rows:
+        r.pop("top_kernels", None)
+    return rows, lines + tops
+
+
+def bound_lines(rows, key, lora_run, full_run) -> list[str]:
+    """What bounds LoRA / full: the ratio LoRA would reach if every kernel of its own (its factor products and
+    factor-gradient kernels) cost nothing. LoRA's floor is then the frozen matmuls (two thirds of full fine-tuning's:
+    forward and input gradient, no weight gradient) plus its attention, compiled elementwise work, loss and optimizer
+    as profiled."""
+    lora = next((r for r in rows if r.get("model") == key and r.get("run") == lora_run), None)
+    full = next((r for r in rows if r.get("model") == key and r.get("run") == full_run), None)
+    if not (lora and full and lora.get("gpu_busy_ms") and full.get("gpu_busy_ms")):
+        return []
+    floor_matmul = 2 / 3 * full["matmul_ms"]
+    own = lora["matmul_ms"] - floor_matmul + lora["other_ms"]
+    floor = lora["step_ms_p50"] - own
+    return [f"- {key}: step time (p50) LoRA {lora['step_ms_p50']:.1f} ms, full {full['step_ms_p50']:.1f} ms; GPU busy "
+            f"(one profiled step) LoRA {lora['gpu_busy_ms']:.1f} ms, full {full['gpu_busy_ms']:.1f} ms",
+            f"- {key}: LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms (2/3 of "
+            f"full's {full['matmul_ms']:.1f}); LoRA's own kernels (factor matmuls and 'other') ≈ {own:.1f} ms",
+            f"- {key}: with those at zero, LoRA's step would take {floor:.1f} ms: LoRA / full ≤ "
+            f"{full['step_ms_p50'] / floor:.2f}× (attention {lora['attention_ms']:.1f} ms and compiled elementwise work "
+            f"{lora['compiled_ms']:.1f} ms are full fine-tuning's too)"]
 
 
 def memory(runs_root, device, steps: int = 20, seq: int = 4096, checkpointing: bool = False,
@@ -223,45 +264,6 @@ def profiled_launches(at: int, device, out: dict):
     return patched()
 
 
-def profile(runs_root, device, warmup: int, steps: int, key: str = "llama-1.1b") -> tuple[list[dict], list[str]]:
-    """The trainer's LoRA and full steps by kind of kernel, and the ratio LoRA / full would reach if every kernel of
-    LoRA's own (its factor products and factor-gradient kernels) cost nothing: LoRA's floor is then the frozen
-    matmuls (two thirds of full fine-tuning's: forward and input gradient, no weight gradient) plus its attention,
-    compiled elementwise work, loss and optimizer as profiled."""
-    key = key if device.type == "cuda" else "tiny"
-    shape = SHAPES[key]
-    rows, tops = [], []
-    for method in ("lora", "full"):
-        prof = {}
-        extra = ["trainer.precision=bf16"] if device.type == "cpu" and method == "full" else []
-        with profiled_launches(warmup + 3, device, prof):  # after the step graph's capture (its 3rd call)
-            metrics, _ = run(default_args(key, shape, method, warmup, steps, runs_root, extra))
-        kinds = {k: 1e3 * v for k, v in (prof.get("kinds") or {}).items()}
-        rows.append(dict(model=key, run=f"trainer, {'LoRA r16 all-linear' if method == 'lora' else 'full fine-tuning'}",
-                         step_ms_p50=1e3 * metrics["step_seconds_p50"],
-                         gpu_busy_ms=1e3 * prof["busy_s"] if prof.get("busy_s") else None,
-                         **{f"{k}_ms": kinds.get(k, 0.0) for k in
-                            ("matmul", "attention", "compiled", "other", "loss", "optimizer", "copy", "elementwise",
-                             "reduction")}, tokens_per_second=metrics["tokens_per_second"]))
-        if prof.get("top"):
-            tops.append(f"Top kernels, {rows[-1]['run']} (one step):\n\n```\n{prof['top']}\n```")
-        free(device)
-    lora, full = rows
-    lines = [f"- step time (p50): LoRA {lora['step_ms_p50']:.1f} ms, full {full['step_ms_p50']:.1f} ms: "
-             f"LoRA / full {full['step_ms_p50'] / lora['step_ms_p50']:.2f}×"]
-    if lora["gpu_busy_ms"] and full["gpu_busy_ms"]:
-        floor_matmul = 2 / 3 * full["matmul_ms"]
-        own = lora["matmul_ms"] - floor_matmul + lora["other_ms"]
-        floor = lora["step_ms_p50"] - own
-        lines += [f"- GPU busy: LoRA {lora['gpu_busy_ms']:.1f} ms, full {full['gpu_busy_ms']:.1f} ms",
-                  f"- LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms (2/3 of "
-                  f"full's {full['matmul_ms']:.1f}); LoRA's own kernels (factor matmuls + 'other') ≈ {own:.1f} ms",
-                  f"- with those at zero, LoRA's step would be {floor:.1f} ms: LoRA / full ≤ "
-                  f"{full['step_ms_p50'] / floor:.2f}× (attention {lora['attention_ms']:.1f} ms and compiled "
-                  f"elementwise work {lora['compiled_ms']:.1f} ms are shared with full fine-tuning)"]
-    return rows, lines + tops
-
-
 def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
     """One LoRA step of the 7B shape in isolation (eager blocks, bf16 base, no trainer): the peak above what was held
     before the step, with transformers' loss and with the chunked one; at 8192 tokens with activation checkpointing.
@@ -313,7 +315,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--parts", nargs="+", default=["speed", "memory", "estimate"],
-                    choices=["speed", "memory", "estimate", "step_memory", "profile"])
+                    choices=["speed", "memory", "estimate", "step_memory"])
     ap.add_argument("--models", nargs="+", default=["llama-1.1b", "llama-7b"], choices=list(SHAPES))
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
@@ -338,9 +340,6 @@ def main(argv=None) -> None:
                                  checkpointing=opts.memory_checkpointing, repeat=opts.memory_repeat)
         elif part == "step_memory":
             rows, lines = step_memory(device)
-        elif part == "profile":
-            rows, lines = profile(opts.runs_root, device, 2 if opts.smoke else opts.warmup,
-                                  8 if opts.smoke else opts.steps)
         else:
             rows, lines = estimate(opts.runs_root, device)
         name = result_name(f"fast_path_{part}", device) + (f"_{opts.tag}" if opts.tag else "")
