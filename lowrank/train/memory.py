@@ -298,9 +298,11 @@ def _kv_cache_bytes_per_token(arch: Arch, c: int, r: int, padded: bool) -> float
 def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool) -> float:
     """Causal LM loss (HF: logits.float(), cross-entropy): the fp32 log-softmax is saved, and its backward
     holds two more fp32 (b, s, vocab) gradients at once: 12 bytes per vocabulary entry and token at the start of
-    the backward, before any layer's gradients exist. The bf16 logits die with the output object. Chunked
-    (lowrank/train/lm_loss.py): one chunk's recomputed bf16 logits, their fp32 cast and log-softmax and two fp32
-    gradients, 18 bytes per entry, for at most CHUNK_TOKENS tokens whatever the sequence length."""
+    the backward, before any layer's gradients exist. The bf16 logits die with the output object. One 7B step at
+    2 × 8192 tokens on one H100 agrees: 4 bytes per entry more at the forward's end, 8 more at the backward's start
+    (benchmarks/results/fast_path/fast_path_step_memory_h100.md). Chunked (lowrank/train/lm_loss.py): one chunk's
+    bf16 logits, their fp32 values, softmax and gradient (about 16 bytes per entry eager, fewer compiled; 18
+    counted), for at most CHUNK_TOKENS tokens whatever the sequence length."""
     if head != "causal_lm":
         return 0
     return 18 * arch.vocab * min(tokens, CHUNK_TOKENS) if chunked else 12 * arch.vocab * tokens
