@@ -295,17 +295,21 @@ def _kv_cache_bytes_per_token(arch: Arch, c: int, r: int, padded: bool) -> float
     return arch.layers * kv * (r + c)  # k in the residual dtype (rotary), v in the compute dtype
 
 
-def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool) -> float:
-    """Causal LM loss (HF: logits.float(), cross-entropy): the fp32 log-softmax is saved, and its backward
+def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool, compiled: bool = False) -> float:
+    """Causal LM loss (HF: logits.float(), cross-entropy): eagerly, the fp32 log-softmax is saved, and its backward
     holds two more fp32 (b, s, vocab) gradients at once: 12 bytes per vocabulary entry and token at the start of
-    the backward, before any layer's gradients exist. The bf16 logits die with the output object. One 7B step at
-    2 × 8192 tokens on one H100 agrees: 4 bytes per entry more at the forward's end, 8 more at the backward's start
-    (benchmarks/results/fast_path/fast_path_step_memory_h100.md). Chunked (lowrank/train/lm_loss.py): one chunk's
-    bf16 logits, their fp32 values, softmax and gradient (about 16 bytes per entry eager, fewer compiled; 18
-    counted), for at most CHUNK_TOKENS tokens whatever the sequence length."""
+    the backward, before any layer's gradients exist. The bf16 logits die with the output object. One eager 7B step
+    at 2 × 8192 tokens on one H100 agrees: 4 bytes per entry more at the forward's end, 8 more at the backward's
+    start (benchmarks/results/fast_path/fast_path_step_memory_h100.md). Compiled (`compile_blocks` compiles the
+    model's loss_function too), the fused cross-entropy keeps the bf16 logits and writes their bf16 gradient: 4
+    bytes per entry. Chunked (lowrank/train/lm_loss.py): one chunk's bf16 logits, their fp32 values, softmax and
+    gradient (about 16 bytes per entry eager, fewer compiled; 18 counted), for at most CHUNK_TOKENS tokens whatever
+    the sequence length."""
     if head != "causal_lm":
         return 0
-    return 18 * arch.vocab * min(tokens, CHUNK_TOKENS) if chunked else 12 * arch.vocab * tokens
+    if chunked:
+        return 18 * arch.vocab * min(tokens, CHUNK_TOKENS)
+    return (4 if compiled else 12) * arch.vocab * tokens
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -379,14 +383,16 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
                     trainable_dtype: str | None = None,
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
                     padded: bool = True, kv_cache: bool | None = None,
-                    lora_dropout: float = 0.0, shards: int = 1, chunked_loss: bool = False) -> MemoryEstimate:
+                    lora_dropout: float = 0.0, shards: int = 1, chunked_loss: bool = False,
+                    compiled: bool = False) -> MemoryEstimate:
     """Peak memory of one training step with AdamW. `config`: an HF config or a shape mapping.
     `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
     with fp32 weights, or bf16 weights), "fp32" means fp32 throughout. `kv_cache`: whether the forward fills
     a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory).
     `lora_dropout`: LoRA layers with dropout compute one by one (no shared-input groups); the dropout masks
     themselves are not counted. `shards`: FSDP ranks (per-rank bytes of a sharded run; 1 = one process or DDP).
-    `chunked_loss`: the causal LM loss in chunks (trainer.chunked_loss), whose transient does not grow with tokens."""
+    `chunked_loss`: the causal LM loss in chunks (trainer.chunked_loss), whose transient does not grow with tokens.
+    `compiled`: the blocks and transformers' loss compiled (trainer.compile), a fused cross-entropy."""
     for key, value, valid in (("method.name", method, METHODS), ("weight_dtype", weight_dtype, DTYPE_BYTES),
                               ("trainer.precision", precision, DTYPE_BYTES), ("head", head, HEADS)):
         check_choice(key, value, valid)
@@ -431,7 +437,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     # loss's backward peaks before any layer's; the k/v cache lives until the end of the forward.
     workspace = 2 * c * arch.intermediate + 2 * 4 * arch.hidden
     cache = 0 if activation_checkpointing else _kv_cache_bytes_per_token(arch, c, r, padded)
-    transient = max(tokens * max(workspace, cache), _loss_peak_bytes(arch, head, tokens, chunked_loss))
+    transient = max(tokens * max(workspace, cache), _loss_peak_bytes(arch, head, tokens, chunked_loss, compiled))
     activations = tokens * (layers + _outside_layers_bytes_per_token(arch, full, c, r)) + transient
     if padded:
         activations += batch_size * seq_len * seq_len  # the (b, 1, s, s) bool mask, built once
@@ -486,14 +492,18 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     method = "full" if m.name == "subspace" else m.name
     head = "causal_lm" if cfg.task.get("objective") in ("cpt", "sft") else "classification"
     parallel = t.get("parallel", "auto")
+    one_process = world_size == 1 and parallel in ("auto", "none")
     chunked = t.get("chunked_loss", "auto")  # as the trainer resolves it (lowrank.train.setup.resolve_chunked_loss)
-    chunked = head == "causal_lm" and world_size == 1 and parallel in ("auto", "none") and (
+    chunked = head == "causal_lm" and one_process and (
         chunked is True or (chunked == "auto" and device_type == "cuda"
                             and head_extra(config) is None))
+    compiled = t.get("compile", "auto")  # as lowrank.train.setup.resolve_compile resolves it
+    compiled = one_process and (compiled is True or (compiled == "auto" and device_type == "cuda"))
     return estimate_memory(config, method, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
                            num_labels=cfg.task.get("num_labels", 2), trainable_dtype="fp32",
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),
                            precision=precision, activation_checkpointing=activation_checkpointing,
                            grad_accum=grad_accum, padded=padded, kv_cache=kv_cache,
                            lora_dropout=float(m.get("dropout") or 0.0),
-                           shards=world_size if parallel == "fsdp" else 1, head=head, chunked_loss=chunked)
+                           shards=world_size if parallel == "fsdp" else 1, head=head, chunked_loss=chunked,
+                           compiled=compiled)

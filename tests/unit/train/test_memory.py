@@ -457,3 +457,27 @@ def test_estimate_on_a_gpu_machine_names_no_missing_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     line, _ = assumed_line(capsys)
     assert line.startswith("estimated for: device GPU (cuda) (trainer.device=auto); ")
+
+
+def test_a_compiled_loss_holds_bf16_logits_and_their_gradient():
+    """trainer.compile compiles transformers' loss_function too: a fused cross-entropy holds 4 bytes per vocabulary
+    entry and token (bf16 logits and their gradient) where the eager one holds 12; the estimate from a config resolves
+    trainer.compile as the trainer does (auto: on for CUDA in one process)."""
+    from transformers import LlamaConfig
+
+    from lowrank.train.memory import estimate_from_cfg
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000)
+    common = dict(rank=16, targets="all-linear", weight_dtype="bf16", precision="bf16", trainable_dtype="fp32",
+                  head="causal_lm", padded=False, kv_cache=False, activation_checkpointing=True)
+    tokens, workspace = 2 * 8192, 2 * 2 * 11008 + 2 * 4 * 4096
+    eager = estimate_memory(cfg, "lora", 2, 8192, **common)
+    compiled = estimate_memory(cfg, "lora", 2, 8192, compiled=True, **common)
+    assert eager.activations_bytes - compiled.activations_bytes == 12 * 32000 * tokens - max(4 * 32000 * tokens,
+                                                                                               workspace * tokens)
+    base = ["model=llama_1b_shape", "task=synthetic_lm", "trainer.chunked_loss=false", "trainer.max_length=2048",
+            "trainer.batch_size=2"]
+    auto = estimate_from_cfg(compose_cfg(base), device_type="cuda", padded=False).total_bytes
+    on = estimate_from_cfg(compose_cfg(base + ["trainer.compile=true"]), device_type="cuda", padded=False).total_bytes
+    off = estimate_from_cfg(compose_cfg(base + ["trainer.compile=false"]), device_type="cuda", padded=False).total_bytes
+    assert auto == on < off
