@@ -8,15 +8,16 @@
         trainer.batch_size=8 trainer.max_length=512 budget=24gb   # per rank: does a 7B full fine-tune fit 8 x 24 GiB?
 
 Prints a breakdown in GiB and, last, one JSON line (weights_bytes, grads_bytes, optimizer_bytes,
-activations_bytes, total_bytes, budget_bytes, fits, and the micro_batch / grad_accum / activation_checkpointing
-the fit chose). With a budget, the fit is the trainer's search with the estimate standing in for the device.
+activations_bytes, total_bytes, budget_bytes, fits, the micro_batch / grad_accum / activation_checkpointing
+the fit chose, and the loss counted: chunked, compiled, eager, or "" for a classifier). With a budget, the fit is the trainer's search with the estimate standing in for the device.
 With `trainer.world_size=N` each rank's micro-batch is its share of the batch, and `trainer.parallel=fsdp`
 shards weights, gradients and moments over the N ranks: the numbers are per rank. Writes no files.
 The first line says what the estimate assumed and why: the device (`trainer.device`; auto counts as a GPU, even on
 a machine without one, since budgets are about GPU memory: `trainer.device=cpu` estimates a CPU run), the compute
 precision (`trainer.precision`; auto: bf16 autocast on a GPU, fp32 on the CPU), the frozen weights' dtype
 (`model.dtype` as the trainer resolves it: auto is bf16 for LoRA computing in bf16, else fp32; `model.dtype=bf16`
-with method=full counts bf16 weights and bf16 AdamW moments) and the optimizer state (AdamW's two moments).
+with method=full counts bf16 weights and bf16 AdamW moments), the optimizer state (AdamW's two moments) and, for a
+causal LM, the loss as the trainer resolves `trainer.chunked_loss` and `trainer.compile`.
 """
 import json
 import sys
@@ -72,6 +73,7 @@ def estimate(cfg: DictConfig) -> dict:
                   micro_batch=est.micro_batch, grad_accum=est.grad_accum,
                   activation_checkpointing=est.activation_checkpointing, params=est.params,
                   trainable_params=est.trainable_params, weight_dtype=est.weight_dtype, precision=est.precision,
+                  loss=est.loss,
                   world_size=world, parallel=cfg.trainer.get("parallel", "auto"), gather_bytes=est.gather_bytes,
                   note=note)
     print(f"model {cfg.model.name}: {est.table()}")
@@ -105,7 +107,18 @@ def assumptions(cfg, est, device_type: str, device_from: str) -> str:
             f"compute {autocast} (trainer.precision={t.precision}" + (f" on {device_type}" if t.precision == "auto"
                                                                       else "") + "); "
             f"frozen weights {est.weight_dtype} (model.dtype={cfg.model.get('dtype', 'auto')}); "
-            f"optimizer AdamW, two moments per trainable parameter in its dtype (trainer.optimizer={t.optimizer})")
+            f"optimizer AdamW, two moments per trainable parameter in its dtype (trainer.optimizer={t.optimizer})"
+            + (f"; loss {LOSS_WHY[est.loss]} (trainer.chunked_loss={_setting(t.get('chunked_loss', 'auto'))}, "
+               f"trainer.compile={_setting(t.get('compile', 'auto'))})" if est.loss else ""))
+
+
+def _setting(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)  # as the override is written
+
+
+LOSS_WHY = {"chunked": "in chunks of 1,024 positions, no whole logits",
+            "compiled": "transformers' compiled, bf16 logits and their gradient",
+            "eager": "transformers' eager, fp32 logits, log-softmax and gradients"}
 
 
 def check_estimate_world(tc) -> int:

@@ -295,6 +295,10 @@ def _kv_cache_bytes_per_token(arch: Arch, c: int, r: int, padded: bool) -> float
     return arch.layers * kv * (r + c)  # k in the residual dtype (rotary), v in the compute dtype
 
 
+def _loss_kind(head: str, chunked: bool, compiled: bool) -> str:
+    return "" if head != "causal_lm" else "chunked" if chunked else "compiled" if compiled else "eager"
+
+
 def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool, compiled: bool = False) -> float:
     """Causal LM loss (HF: logits.float(), cross-entropy): eagerly, the fp32 log-softmax is saved, and its backward
     holds two more fp32 (b, s, vocab) gradients at once: 12 bytes per vocabulary entry and token at the start of
@@ -302,14 +306,13 @@ def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool, compiled
     at 2 × 8192 tokens on one H100 agrees: 4 bytes per entry more at the forward's end, 8 more at the backward's
     start (benchmarks/results/fast_path/fast_path_step_memory_h100.md). Compiled (`compile_blocks` compiles the
     model's loss_function too), the fused cross-entropy keeps the bf16 logits and writes their bf16 gradient: 4
-    bytes per entry. Chunked (lowrank/train/lm_loss.py): one chunk's bf16 logits, their fp32 values, softmax and
-    gradient (about 16 bytes per entry eager, fewer compiled; 18 counted), for at most CHUNK_TOKENS tokens whatever
-    the sequence length."""
+    bytes per entry. Chunked (lowrank/train/lm_loss.py), for at most CHUNK_TOKENS tokens whatever the sequence
+    length: eagerly one chunk's bf16 logits, their fp32 values, softmax and gradient (about 16 bytes per entry; 18
+    counted); compiled, the chunk's bf16 logits and bf16 gradient (4)."""
     if head != "causal_lm":
         return 0
-    if chunked:
-        return 18 * arch.vocab * min(tokens, CHUNK_TOKENS)
-    return (4 if compiled else 12) * arch.vocab * tokens
+    per_entry = 4 if compiled else (18 if chunked else 12)
+    return per_entry * arch.vocab * (min(tokens, CHUNK_TOKENS) if chunked else tokens)
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -335,6 +338,7 @@ class MemoryEstimate:
     precision: str
     gather_bytes: int = 0  # FSDP: blocks gathered whole on top of each rank's shards
     shards: int = 1        # FSDP ranks the weights, gradients and moments are sharded over (1: none)
+    loss: str = ""         # a causal LM's loss as counted: "chunked", "compiled" or "eager" (else "")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -348,7 +352,7 @@ class MemoryEstimate:
                 ("activations", self.activations_bytes), ("peak (total)", self.total_bytes)]
         head = (f"{self.method}, micro-batch {self.micro_batch} x seq {self.seq_len}, grad_accum {self.grad_accum}, "
                 f"checkpointing {'on' if self.activation_checkpointing else 'off'}, weights {self.weight_dtype}, "
-                f"precision {self.precision}"
+                f"precision {self.precision}" + (f", loss {self.loss}" if self.loss else "")
                 + (f", sharded over {self.shards} ranks (per rank)" if self.shards > 1 else "")
                 + f"\nparams {self.params:,} (trainable {self.trainable_params:,}"
                 + (f", adapter {self.adapter_params:,}" if self.method == "lora" else "") + ")")
@@ -459,7 +463,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
         total = weights + optimizer + gather + max(copies + activations, grads + last_layer)
     return MemoryEstimate(params, trainable, adapter, weights, grads, optimizer, copies, activations, total,
                           method, batch_size, seq_len, grad_accum, activation_checkpointing, weight_dtype,
-                          precision, gather, shards)
+                          precision, gather, shards, _loss_kind(head, chunked_loss, compiled))
 
 
 def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_accum: int | None = None,

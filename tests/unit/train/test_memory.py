@@ -451,6 +451,25 @@ def test_estimate_says_what_it_assumed_and_where_it_came_from(capsys, monkeypatc
     line, mixed = assumed_line(capsys, "trainer.device=cpu", "trainer.precision=bf16", "model.dtype=fp32")
     assert "compute bf16 autocast (trainer.precision=bf16); frozen weights fp32 (model.dtype=fp32)" in line
     assert mixed["precision"] == "bf16" and mixed["weights_bytes"] == cpu["weights_bytes"]
+    assert "loss" not in line and mixed["loss"] == ""  # a classifier: no LM loss to count
+
+
+def test_estimate_says_which_loss_it_counted(capsys, monkeypatch):
+    """A causal LM's loss as the trainer resolves it: chunked by default on a GPU, transformers' compiled with
+    trainer.chunked_loss=false, eager on the CPU; each costs what the memory model says it does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = ["task=synthetic_lm", "trainer.max_length=4096", "trainer.batch_size=2"]  # past one chunk
+    runs = {kind: assumed_line(capsys, *lm, *extra) for kind, extra in (
+        ("chunked", []), ("compiled", ["trainer.chunked_loss=false"]),
+        ("eager", ["trainer.chunked_loss=false", "trainer.compile=false"]))}
+    assert runs["chunked"][0].endswith("; loss in chunks of 1,024 positions, no whole logits "
+                                       "(trainer.chunked_loss=auto, trainer.compile=auto)")
+    assert runs["compiled"][0].endswith("; loss transformers' compiled, bf16 logits and their gradient "
+                                        "(trainer.chunked_loss=false, trainer.compile=auto)")
+    assert "(trainer.chunked_loss=false, trainer.compile=false)" in runs["eager"][0]
+    assert [r[1]["loss"] for r in runs.values()] == ["chunked", "compiled", "eager"]
+    act = [r[1]["activations_bytes"] for r in runs.values()]
+    assert act[0] < act[1] < act[2]
 
 
 def test_estimate_on_a_gpu_machine_names_no_missing_gpu(capsys, monkeypatch):
