@@ -387,16 +387,14 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
                     trainable_dtype: str | None = None,
                     activation_checkpointing: bool = False, grad_accum: int = 1, head: str = "classification",
                     padded: bool = True, kv_cache: bool | None = None,
-                    lora_dropout: float = 0.0, shards: int = 1, chunked_loss: bool = False,
-                    compiled: bool = False) -> MemoryEstimate:
+                    lora_dropout: float = 0.0, shards: int = 1, chunked_loss=False, compiled=False) -> MemoryEstimate:
     """Peak memory of one training step with AdamW. `config`: an HF config or a shape mapping.
     `batch_size` is the micro-batch (what one forward sees); `precision` "bf16" means bf16 compute (autocast
     with fp32 weights, or bf16 weights), "fp32" means fp32 throughout. `kv_cache`: whether the forward fills
     a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory).
     `lora_dropout`: LoRA layers with dropout compute one by one (no shared-input groups); the dropout masks
     themselves are not counted. `shards`: FSDP ranks (per-rank bytes of a sharded run; 1 = one process or DDP).
-    `chunked_loss`: the causal LM loss in chunks (trainer.chunked_loss), whose transient does not grow with tokens.
-    `compiled`: the blocks and transformers' loss compiled (trainer.compile), a fused cross-entropy."""
+    `chunked_loss`: the causal LM loss in chunks (trainer.chunked_loss); `compiled`: trainer.compile (_loss_peak_bytes)."""
     for key, value, valid in (("method.name", method, METHODS), ("weight_dtype", weight_dtype, DTYPE_BYTES),
                               ("trainer.precision", precision, DTYPE_BYTES), ("head", head, HEADS)):
         check_choice(key, value, valid)
