@@ -183,11 +183,11 @@ def bound_lines(rows, key, lora_run, full_run) -> list[str]:
     floor = lora["step_ms_p50"] - own
     return [f"- {key}: step time (p50) LoRA {lora['step_ms_p50']:.1f} ms, full {full['step_ms_p50']:.1f} ms; GPU busy "
             f"(one profiled step) LoRA {lora['gpu_busy_ms']:.1f} ms, full {full['gpu_busy_ms']:.1f} ms",
-            f"- {key}: LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms (2/3 of "
-            f"full's {full['matmul_ms']:.1f}); LoRA's own kernels (factor matmuls and 'other') ≈ {own:.1f} ms",
+            f"- {key}: LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms "
+            f"(2/3 of full's {full['matmul_ms']:.1f}); LoRA's own kernels (factor matmuls, 'other') ≈ {own:.1f} ms",
             f"- {key}: with those at zero, LoRA's step would take {floor:.1f} ms: LoRA / full ≤ "
-            f"{full['step_ms_p50'] / floor:.2f}× (attention {lora['attention_ms']:.1f} ms and compiled elementwise work "
-            f"{lora['compiled_ms']:.1f} ms are full fine-tuning's too)"]
+            f"{full['step_ms_p50'] / floor:.2f}× (attention {lora['attention_ms']:.1f} ms and compiled elementwise "
+            f"work {lora['compiled_ms']:.1f} ms are full fine-tuning's too)"]
 
 
 def memory(runs_root, device, steps: int = 20, seq: int = 4096, checkpointing: bool = False,
@@ -278,7 +278,8 @@ def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
         checkpointing = seq > 4096
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        x = torch.randint(0, min(1000, SHAPES[key]["vocab_size"]), (SHAPES[key]["batch"], seq if device.type == "cuda" else 32), device=device)
+        x = torch.randint(0, min(1000, SHAPES[key]["vocab_size"]),
+                          (SHAPES[key]["batch"], seq if device.type == "cuda" else 32), device=device)
         for name, loss_fn in (("transformers", lambda m, **b: m(**b).loss), ("chunked", chunked_lm_loss)):
             for _ in range(2):  # the second step is measured
                 sync(device)
@@ -301,7 +302,8 @@ def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
             model.gradient_checkpointing_disable()
     lines = []
     for a, b in zip(rows[::2], rows[1::2]):
-        lines.append(f"- {a['seq_len']} tokens a sequence, checkpointing {'on' if a['activation_checkpointing'] else 'off'}:"
+        ckpt = "on" if a["activation_checkpointing"] else "off"
+        lines.append(f"- {a['seq_len']} tokens a sequence, checkpointing {ckpt}:"
                      f" step peak {a['step_peak_gib']:.2f} → {b['step_peak_gib']:.2f} GiB above the held memory "
                      f"(at the forward's end {a['after_forward_gib']:.2f} → {b['after_forward_gib']:.2f}) "
                      f"({100 * (1 - b['step_peak_gib'] / max(a['step_peak_gib'], 1e-9)):.1f} % less), |Δloss| "

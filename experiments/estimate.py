@@ -9,7 +9,8 @@
 
 Prints a breakdown in GiB and, last, one JSON line (weights_bytes, grads_bytes, optimizer_bytes,
 activations_bytes, total_bytes, budget_bytes, fits, the micro_batch / grad_accum / activation_checkpointing
-the fit chose, and the loss counted: chunked, compiled, eager, or "" for a classifier). With a budget, the fit is the trainer's search with the estimate standing in for the device.
+the fit chose, and the loss counted: chunked, compiled, eager, or "" for a classifier). With a budget, the fit is
+the trainer's search with the estimate standing in for the device.
 With `trainer.world_size=N` each rank's micro-batch is its share of the batch, and `trainer.parallel=fsdp`
 shards weights, gradients and moments over the N ranks: the numbers are per rank. Writes no files.
 The first line says what the estimate assumed and why: the device (`trainer.device`; auto counts as a GPU, even on

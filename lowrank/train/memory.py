@@ -394,7 +394,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     a k/v cache (None: the config's `use_cache`; training should turn it off, it only costs memory).
     `lora_dropout`: LoRA layers with dropout compute one by one (no shared-input groups); the dropout masks
     themselves are not counted. `shards`: FSDP ranks (per-rank bytes of a sharded run; 1 = one process or DDP).
-    `chunked_loss`: the causal LM loss in chunks (trainer.chunked_loss); `compiled`: trainer.compile (_loss_peak_bytes)."""
+    `chunked_loss`: trainer.chunked_loss; `compiled`: trainer.compile (what each does to the loss: _loss_peak_bytes)."""
     for key, value, valid in (("method.name", method, METHODS), ("weight_dtype", weight_dtype, DTYPE_BYTES),
                               ("trainer.precision", precision, DTYPE_BYTES), ("head", head, HEADS)):
         check_choice(key, value, valid)

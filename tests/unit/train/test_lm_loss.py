@@ -46,7 +46,7 @@ def _loss_and_grads(model, loss_fn, scale: float = 1.0):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("chunk", [7, 16, 1000])  # chunks that split rows, and one chunk for all
 def test_same_loss_and_gradients_as_a_double_reference(tied, chunk):
-    """A plain head (trained, as in full fine-tuning; tied to the embedding or not) takes the gradient-in-forward path."""
+    """A plain head (trained, as in full fine-tuning; tied to the embedding or not): the gradient-in-forward path."""
     model = _model(tied)
     assert is_plain_linear(model.lm_head)
     ref_loss, ref = _loss_and_grads(model, _reference, scale=0.37)
