@@ -24,6 +24,7 @@ versions):
   peak, and the memory held when the forward ends (what the loss adds to the activations).
 """
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -31,10 +32,11 @@ import torch
 
 from benchmarks.bench import SHAPES  # the bench's Llama shapes (and its CPU smoke shape), one table
 from benchmarks.bench_trainer import compose, overrides, run
+from benchmarks.harness.kernel_profile import kernel_time
 from benchmarks.harness.record import collect_metadata, device_name, result_name, write_result
 from lowrank.train.budget import free_cuda_memory
 from lowrank.train.memory import estimate_from_cfg
-
+from lowrank.train.step import TrainStep
 
 
 def default_args(key: str, shape: dict, method: str, warmup: int, steps: int, runs_root, extra=()) -> list[str]:
@@ -49,10 +51,10 @@ PROFILED_STEP = 6  # a warm-up step after the step graph's capture (its 4th call
 KINDS = ("matmul", "attention", "compiled", "other", "loss", "optimizer", "copy", "elementwise", "reduction")
 
 
-def trainer_row(key, shape, method, warmup, steps, runs_root, extra=(), label="") -> dict:
+def trainer_row(key, shape, method, warmup, steps, runs_root, device, extra=(), label="") -> dict:
     """One trainer run's row; on CUDA, with the kernel time by kind of one warm-up step (warmup > PROFILED_STEP)."""
     prof = {}
-    with profiled_launches(PROFILED_STEP if warmup > PROFILED_STEP else 0, device_of_runs(), prof):
+    with profiled_launches(PROFILED_STEP if warmup > PROFILED_STEP else None, device, prof):
         metrics, losses = run(default_args(key, shape, method, warmup, steps, runs_root, extra))
     kinds = {k: 1e3 * v for k, v in (prof.get("kinds") or {}).items()}
     return dict(model=key, run=f"trainer, {'LoRA r16 all-linear' if method == 'lora' else 'full fine-tuning'}{label}",
@@ -62,10 +64,6 @@ def trainer_row(key, shape, method, warmup, steps, runs_root, extra=(), label=""
                 step_ms_p50=1e3 * metrics["step_seconds_p50"],
                 gpu_busy_ms=1e3 * prof["busy_s"] if prof.get("busy_s") else None,
                 **{f"{k}_ms": kinds.get(k, 0.0) for k in KINDS}, top_kernels=prof.get("top"))
-
-
-def device_of_runs() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def plain_peft_row(key: str, shape: dict, warmup: int, steps: int, device: torch.device) -> dict:
@@ -142,16 +140,17 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
     rows, lines = [], []
     for key in models:
         shape = SHAPES[key]
-        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root), f"{key} trainer lora")
+        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device), f"{key} trainer lora")
         free(device)
         if key != "llama-7b":
             # the same LoRA run with transformers' loss: what the chunked loss costs or saves in speed
-            guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root,
+            guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device,
                                               ["trainer.chunked_loss=false"], ", chunked_loss=false"),
                     f"{key} trainer lora, plain loss")
             free(device)
             cpu = ["trainer.precision=bf16"] if device.type == "cpu" else []  # the CPU smoke run: bf16 weights need it
-            guarded(rows, lambda: trainer_row(key, shape, "full", warmup, steps, runs_root, cpu), f"{key} trainer full")
+            guarded(rows, lambda: trainer_row(key, shape, "full", warmup, steps, runs_root, device, cpu),
+                    f"{key} trainer full")
             free(device)
         guarded(rows, lambda: plain_peft_row(key, shape, warmup, steps, device), f"{key} plain peft")
         lora, full, peft = "trainer, LoRA r16 all-linear", "trainer, full fine-tuning", "plain PEFT + torch.compile"
@@ -236,17 +235,15 @@ def estimate(runs_root, device, seq: int = 8192) -> tuple[list[dict], list[str]]
     return [row], [f"- estimate / measured: {row['estimate_over_measured']:.3f}" if measured else "- (no GPU peak)"]
 
 
-def profiled_launches(at: int, device, out: dict):
-    """A context in which the trainer's `at`-th step (TrainStep.launch) runs under the profiler, its kernel time by
-    kind going to `out`; the other steps run as they are. The loop is the trainer's own."""
-    import contextlib
-    from benchmarks.harness.kernel_profile import kernel_time
-    from lowrank.train.step import TrainStep
+@contextlib.contextmanager
+def profiled_launches(at: int | None, device, out: dict):
+    """Within it, the trainer's `at`-th step (TrainStep.launch) runs under the profiler, its kernel time by kind going
+    to `out`; the other steps, and every step off CUDA or with `at` None, run as they are. The loop is the trainer's."""
     original, calls = TrainStep.launch, [0]
 
     def launch(self, micro_batches):
         calls[0] += 1
-        if calls[0] != at or device.type != "cuda":  # off CUDA there is no kernel profile
+        if calls[0] != at or device.type != "cuda":
             return original(self, micro_batches)
         sync(device)  # the step before is finished: its kernels stay out of this profile
         handle = []
@@ -254,14 +251,11 @@ def profiled_launches(at: int, device, out: dict):
                                                               device, top=20)
         return handle[0]
 
-    @contextlib.contextmanager
-    def patched():
-        TrainStep.launch = launch
-        try:
-            yield
-        finally:
-            TrainStep.launch = original
-    return patched()
+    TrainStep.launch = launch
+    try:
+        yield
+    finally:
+        TrainStep.launch = original
 
 
 def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:

@@ -17,6 +17,8 @@ Two ways, by what the head is:
   recomputes its logits, so the adapter's factors get their gradient exactly as in the plain forward. A fused loss
   that read `lm_head.weight` directly would skip them: the trap this avoids.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -65,18 +67,15 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torc
     return loss, (grad * (valid.unsqueeze(1) * scale)).to(dtype)
 
 
-_compiled_chunk = None
+@functools.cache
+def _compiled_chunk():
+    return torch.compile(_chunk_loss_and_grad, dynamic=False)
 
 
 def _chunk_fn(device: torch.device, compiled: bool):
     """The chunk's loss and gradient; on CUDA with `compiled`, as one fused kernel (torch.compile), which spares
     several passes over the chunk's fp32 logits."""
-    global _compiled_chunk
-    if not (compiled and device.type == "cuda"):
-        return _chunk_loss_and_grad
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
-    return _compiled_chunk
+    return _compiled_chunk() if compiled and device.type == "cuda" else _chunk_loss_and_grad
 
 
 class LinearCrossEntropy(torch.autograd.Function):
