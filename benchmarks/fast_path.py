@@ -1,8 +1,8 @@
 """The trainer's GPU default against what a user writes instead, side by side in one process; the chunked loss's
 memory; the memory model at long sequences.
 
-    python -m benchmarks.fast_path --out benchmarks/results                      # one GPU: every part
-    python -m benchmarks.fast_path --parts speed --out benchmarks/results        # or speed / memory / estimate
+    python -m benchmarks.fast_path --out benchmarks/results/fast_path            # one GPU: speed, memory, estimate
+    python -m benchmarks.fast_path --parts step_memory --out benchmarks/results/fast_path   # or any of the four
     python -m benchmarks.fast_path --smoke --out /tmp/fp                         # tiny shapes on CPU (the script)
 
 On a copy without the repository's history, set LOWRANK_GIT_COMMIT to the commit the copy was made from.
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import SHAPES  # the bench's Llama shapes (and its CPU smoke shape), one table
+from benchmarks.bench import SHAPES, free  # the bench's Llama shapes (and its CPU smoke shape), one table
 from benchmarks.bench_trainer import compose, overrides, run
 from benchmarks.harness.kernel_profile import kernel_time
 from benchmarks.harness.record import collect_metadata, device_name, result_name, write_result
-from lowrank.train.budget import free_cuda_memory
 from lowrank.train.memory import estimate_from_cfg
+from lowrank.train.perf import sync
 from lowrank.train.step import TrainStep
 
 
@@ -102,11 +102,6 @@ def plain_peft_row(key: str, shape: dict, warmup: int, steps: int, device: torch
     return row
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -114,11 +109,6 @@ def reset_peak(device):
 
 def peak_bytes(device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-
-
-def free(device):
-    torch._dynamo.reset()
-    free_cuda_memory(device if device.type == "cuda" else None)
 
 
 def guarded(rows: list, make, label: str) -> None:

@@ -6,7 +6,8 @@
 transformers computes every position's logits, casts them to fp32 and keeps the log-softmax for the backward:
 about 12 bytes per vocabulary entry per token (lowrank/train/memory.py), 3.1 GB for 2 × 4096 tokens of a
 32,000-word vocabulary. Here only one chunk's logits exist at a time, so the loss costs a fixed
-`chunk_tokens × vocab × ~16` bytes whatever the sequence length (eager; compiled, ~4).
+`chunk_tokens × vocab × ~16` bytes whatever the sequence length (eager; compiled, ~4), and the hidden states'
+gradient.
 
 Two ways, by what the head is:
 - a plain `nn.Linear` head (frozen, trained or tied to the embedding): each chunk's gradient is taken in the
@@ -52,30 +53,29 @@ def is_plain_linear(head) -> bool:
             and not getattr(head, "parametrizations", None))
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor):
-    """A chunk's summed cross-entropy and `scale ×` its gradient with respect to the logits, in the logits' dtype:
-    softmax − one-hot on rows with a label, zero on rows without. Computed in fp32 at least (fp64 stays fp64);
-    compiled, the fp32 values never reach memory."""
-    dtype = logits.dtype
-    logits = logits.to(torch.promote_types(dtype, torch.float32))
-    valid = labels != IGNORE_INDEX
+def _chunk_loss(logits: torch.Tensor, labels: torch.Tensor):
+    """A chunk's summed cross-entropy, in fp32 at least (fp64 stays fp64), and the log-sum-exp it took."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     target = labels.clamp(min=0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=-1)
-    loss = ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
-    grad = torch.exp(logits - lse.unsqueeze(1))
-    grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-    return loss, (grad * (valid.unsqueeze(1) * scale)).to(dtype)
+    return ((lse - logits.gather(1, target).squeeze(1)) * (labels != IGNORE_INDEX)).sum(), lse
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor):
+    """A chunk's summed cross-entropy and `scale ×` its gradient with respect to the logits, in the logits' dtype:
+    softmax − one-hot on rows with a label, zero on rows without. All pointwise after the row reductions (no
+    in-place scatter), so compiled, no fp32 (n, vocab) buffer is written."""
+    loss, lse = _chunk_loss(logits, labels)
+    wide = logits.to(lse.dtype)
+    one_hot = torch.arange(logits.shape[1], device=logits.device) == labels.unsqueeze(1)  # -100 matches no column
+    grad = torch.exp(wide - lse.unsqueeze(1)) - one_hot.to(wide.dtype)
+    return loss, (grad * ((labels != IGNORE_INDEX) * scale).unsqueeze(1)).to(logits.dtype)
 
 
 @functools.cache
 def _compiled_chunk():
+    """The chunk's loss and gradient as one fused kernel (torch.compile): no passes over fp32 logits in memory."""
     return torch.compile(_chunk_loss_and_grad, dynamic=False)
-
-
-def _chunk_fn(device: torch.device, compiled: bool):
-    """The chunk's loss and gradient; on CUDA with `compiled`, as one fused kernel (torch.compile), which spares
-    several passes over the chunk's fp32 logits."""
-    return _compiled_chunk() if compiled and device.type == "cuda" else _chunk_loss_and_grad
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -94,16 +94,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] else None
-        chunk_fn = _chunk_fn(hidden.device, compiled)
+        chunk_fn = _compiled_chunk() if compiled else _chunk_loss_and_grad
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start:start + chunk_tokens].to(dtype)
-            loss, grad = chunk_fn(F.linear(h, w, b), labels[start:start + chunk_tokens], scale)
+            logits, y = F.linear(h, w, b), labels[start:start + chunk_tokens]
+            if not any(needs):  # evaluation: the loss alone
+                total = total + _chunk_loss(logits, y)[0]
+                continue
+            loss, grad = chunk_fn(logits, y, scale)
             total = total + loss
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_tokens] = grad @ w
             if grad_weight is not None:
-                grad_weight += (grad.t() @ h).to(acc)
+                grad_weight += grad.t() @ h  # widened into the fp32 sum in place: no fp32 (vocab, h) temporary
             if grad_bias is not None:
                 grad_bias += grad.sum(0, dtype=acc)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -126,7 +130,7 @@ def linear_cross_entropy(hidden, weight, bias, labels, chunk_tokens: int = CHUNK
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
-        if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers
+        if not torch.is_grad_enabled():  # evaluation: needs_input_grad would still say True; detached, no gradient
             hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach() if bias is not None else None
         return LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_tokens, dtype, compiled)
 
@@ -139,7 +143,7 @@ def _chunk_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
 def chunked_lm_loss(model, chunk_tokens: int = CHUNK_TOKENS, compiled: bool = False, **batch) -> torch.Tensor:
     """HF's causal LM loss (mean over positions whose shifted label is not -100) for `model(**batch).loss`; a batch
     with no label at all gives 0 (HF's gives NaN, which would stop a run as diverged).
-    `compiled`: each chunk's softmax and gradient as one compiled kernel on CUDA (trainer.compile)."""
+    `compiled`: each chunk's softmax and gradient as one compiled kernel (trainer.compile)."""
     labels = batch.pop("labels")
     hidden = model.base_model(**batch).last_hidden_state             # (b, s, h)
     # position t predicts token t+1: the labels shifted left, the last position ignored (as HF pads them)
@@ -149,9 +153,10 @@ def chunked_lm_loss(model, chunk_tokens: int = CHUNK_TOKENS, compiled: bool = Fa
     if is_plain_linear(head):
         return linear_cross_entropy(hidden, head.weight, head.bias, shifted, chunk_tokens, compiled)
     total = None
+    draws = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in head.modules())
     for start in range(0, shifted.numel(), chunk_tokens):
-        # no RNG state saved: the head and the loss draw none, and a CUDA graph capture cannot read it
+        # the RNG state is saved only for a head that draws (a LoRA head's dropout): a CUDA graph cannot read it
         part = checkpoint(_chunk_loss_sum, head, hidden[start:start + chunk_tokens],
-                          shifted[start:start + chunk_tokens], use_reentrant=False, preserve_rng_state=False)
+                          shifted[start:start + chunk_tokens], use_reentrant=False, preserve_rng_state=draws)
         total = part if total is None else total + part
     return total / (shifted != IGNORE_INDEX).sum().clamp(min=1)  # no label at all: 0, as in LinearCrossEntropy
