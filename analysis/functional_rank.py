@@ -82,7 +82,8 @@ def lora_r90(runs: pd.DataFrame, setup: str, metric: str, w0: float) -> float:
         return math.nan
     full = here.loc[here.variant == "full", column].mean()
     lora = here[here.variant == "lora"]
-    if lora.empty or not np.isfinite(full) or full == w0:
+    gain = (full - w0) if metric_of(metric == "loss")[1] else (w0 - full)
+    if lora.empty or not gain > 0:  # no gain to keep (as run_rows): full fine-tuning did not improve on W0
         return math.nan
     # each target set on its own (LoRA on q,v and on every linear layer are different adapters); the smallest rank
     targets = lora["method.targets"].astype(str) if "method.targets" in lora else pd.Series("", index=lora.index)
@@ -109,7 +110,8 @@ def functional_rank_table(truncation: pd.DataFrame, runs: pd.DataFrame) -> pd.Da
         metric = rows.metric.iloc[0]
         per_setup.append({"level": "setup", "setup": setup, "variant": variant, "run": "", "metric": metric,
                           "w0": rows.w0.mean(), "full": rows.full.mean(), "gain": rows.gain.mean(),
-                          "r_f90": values.mean(), "r_f90_lo": rows.r_f90_lo.mean(), "r_f90_hi": rows.r_f90_hi.mean(),
+                          "r_f90": values.mean(), "r_f90_lo": rows.r_f90_lo.mean(skipna=False),
+                          "r_f90_hi": rows.r_f90_hi.mean(skipna=False),
                           "seed_lo": lo, "seed_hi": hi, "n_runs": len(rows), "spectral_r90": rows.spectral_r90.mean(),
                           "lora_r90": lora_r90(runs, setup, metric, rows.w0.mean())})
     return pd.DataFrame(per_run.to_dict("records") + per_setup).reindex(columns=columns)

@@ -76,8 +76,9 @@ def summary_table(runs: pd.DataFrame, spectrum: pd.DataFrame | None = None) -> p
     r = prepare(runs)
     dim = pd.to_numeric(r["method.dim"], errors="coerce") if "method.dim" in r else pd.Series(np.nan, index=r.index)
     r["size_value"] = r["rank"].where(r.method == "lora", dim.where(r.method == "subspace"))
-    r90 = (spectrum.groupby("run_id").r90.agg(["sum", "size"]) if spectrum is not None and len(spectrum)
-           else pd.DataFrame(columns=["sum", "size"]))
+    # count, not size: a matrix whose r90 is missing (too wide for an exact spectrum) is left out of the mean
+    r90 = (spectrum.groupby("run_id").r90.agg(["sum", "count"]) if spectrum is not None and len(spectrum)
+           else pd.DataFrame(columns=["sum", "count"]))
     rows = []
     for (setup, config), g in r.groupby(["setup", "config"], sort=False):
         first = g.iloc[0]
@@ -92,7 +93,7 @@ def summary_table(runs: pd.DataFrame, spectrum: pd.DataFrame | None = None) -> p
                         "trainable_share": trainable / total if total > 0 else math.nan,
                         "peak_memory_bytes": _mean(g, "peak_memory_bytes"),
                         "tokens_per_second": _mean(g, "tokens_per_second"),
-                        "r90": held["sum"].sum() / held["size"].sum() if len(held) else math.nan,
+                        "r90": held["sum"].sum() / held["count"].sum() if held["count"].sum() else math.nan,
                         "_order": (int(setup[1:]) if setup[1:].isdigit() else 0, first.order)})
     t = pd.DataFrame(rows)
     return t.sort_values("_order", kind="stable", ignore_index=True)[COLUMNS]

@@ -38,7 +38,7 @@ from analysis.checked_reads import SkippedRun
 from analysis.functional_rank import FUNCTIONAL_RANK_TABLE, functional_rank_table
 from analysis.report_cli import _Parser, _device, _int_at_least, _int_list, _out_problem, _path, no_runs_problem
 from analysis.runs import LowRank, Run, collect_runs, config_keys, roots_problem
-from analysis.statistics import add_setups
+from analysis.provenance import add_setups
 from analysis.tables import FIGURES_DIR, markdown_table, table_path, write_csv
 
 TRUNCATION_TABLE, TRUNCATION_REPORT = "truncation", "truncation.md"
@@ -197,7 +197,8 @@ def run_truncation(opts) -> dict:
         except SkippedRun as e:
             skipped.append((run.run_id, str(e)))
             print(f"truncate: skipped {run.run_id}: {e}", file=sys.stderr, flush=True)
-    table, _ = add_setups(table, {k for r in runs for k in config_keys(r)}) if runs else (table, None)
+    # the report's setups: runs whose model or data digests differ are apart here too
+    table = add_setups(table, {k for r in runs for k in config_keys(r)})[0] if runs else table
     truncation = pd.DataFrame(rows)
     if opts.redraw:  # the points evaluated before, without their setup columns (recomputed below from the runs)
         if not table_path(opts.out, TRUNCATION_TABLE).is_file():

@@ -48,6 +48,9 @@ def test_the_table_holds_each_configurations_seed_mean_intervals_and_cost():
     assert r8.peak_memory_bytes == 1.0e9 and r8.tokens_per_second == 100.5 and math.isnan(r8.r90)
     spectrum = pd.DataFrame({"run_id": ["S1/lora8-0"] * 2 + ["S1/lora8-1"], "r90": [2, 4, 6]})
     assert S.summary_table(_sweep(), spectrum).set_index("configuration").loc["LoRA r=8 (q,v)", "r90"] == 4.0
+    # a matrix without r90 (too wide for an exact spectrum) is left out of the mean, not counted as zero
+    spectrum = pd.DataFrame({"run_id": ["S1/lora8-0"] * 3 + ["S1/lora8-1"], "r90": [2, 4, None, 6]})
+    assert S.summary_table(_sweep(), spectrum).set_index("configuration").loc["LoRA r=8 (q,v)", "r90"] == 4.0
 
 
 def test_the_smallest_rank_within_full_fine_tunings_interval_is_named_with_its_numbers():

@@ -84,6 +84,15 @@ def test_lora_90_percent_rank_takes_each_target_set_on_its_own():
     assert setup.lora_r90 == 4
 
 
+def test_no_lora_90_percent_rank_where_full_fine_tuning_did_not_improve():
+    """Full fine-tuning below W0 (0.5 < 0.6): LoRA runs further below would 'keep' more than 90 % of a negative gain."""
+    truncation = pd.DataFrame(rows("a", "S1", "full", [0.6, 0.55, 0.5], w0=0.6, full=0.5))
+    runs = pd.DataFrame({"run_id": ["a", "q1"], "setup": "S1", "variant": ["full", "lora"], "method.rank": [None, 1],
+                         "method.targets": [None, "[query, value]"], "eval_accuracy": [0.5, 0.45]})
+    setup = functional_rank_table(truncation, runs).query("level == 'setup'").iloc[0]
+    assert np.isnan(setup.lora_r90)
+
+
 def test_the_factors_of_a_truncation_multiply_to_it_and_share_its_singular_values_evenly():
     delta = planted(24, 16, [4.0, 2.0, 1.0]).float()
     top = TopSingular.of_dense(delta, device="cpu")
