@@ -13,6 +13,7 @@ import pandas as pd
 from lowrank.rundir.layout import HISTORY_FILE
 
 from analysis.figures.data import prepare
+from analysis.statistics import setup_number
 
 STATS = {"mean": "mean", "min": "min", "max": "max"}
 CURVE_COLUMNS = (["setup", "config", "step"] + [f"{c}_{s}" for c in ("train_loss", "eval_loss") for s in STATS]
@@ -73,5 +74,5 @@ def loss_curves_table(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame
     t = t.reset_index()
     per_config = h.groupby(["setup", "config"]).agg(n_runs=("run_id", "nunique"), order=("order", "first"))
     t = t.merge(per_config.reset_index(), on=["setup", "config"])
-    t["_key"] = [(int(s[1:]) if s[1:].isdigit() else 0, o) for s, o in zip(t.setup, t.order)]
+    t["_key"] = [(setup_number(s), o) for s, o in zip(t.setup, t.order)]
     return t.sort_values(["_key", "step"], ignore_index=True)[CURVE_COLUMNS]

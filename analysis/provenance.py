@@ -74,7 +74,7 @@ def add_setups(table: pd.DataFrame, config_keys) -> tuple[pd.DataFrame, pd.DataF
         return pooled, setups, []
     records = pooled.to_dict("records")
     split, labels = {}, {}
-    for setup in sorted(set(pooled.setup), key=lambda s: int(s[1:])):
+    for setup in sorted(set(pooled.setup), key=st.setup_number):
         runs = [r["run_id"] for r in records if r["setup"] == setup]
         keys = _groups([r for r in records if r["setup"] == setup])
         if keys is not None:
@@ -112,7 +112,7 @@ def _split_line(old: str, keys: dict, unknown: list, new_setup: dict) -> str:
             enumerate(parts.items())]
     if unknown:
         said.append(f"{_runs(unknown)} {'have' if len(unknown) > 1 else 'has'} no provenance")
-    now = sorted({new_setup[r] for r in list(keys) + unknown}, key=lambda s: int(s[1:]))
+    now = sorted({new_setup[r] for r in list(keys) + unknown}, key=st.setup_number)
     return f"setup {old}: " + ", ".join(said) + f"; not pooled (now setups {', '.join(now)})"
 
 

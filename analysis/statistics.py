@@ -101,6 +101,11 @@ def _show(value) -> str:
     return "null" if value is None else json.dumps(value) if isinstance(value, bool) else str(value)
 
 
+def setup_number(setup: str) -> int:
+    """The n of a setup named "S<n>" (find_setups' names), for ordering; 0 for any other name."""
+    return int(setup[1:]) if setup[1:].isdigit() else 0
+
+
 def find_setups(runs: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.DataFrame]:
     """Group runs (one row each, with `run_id` and the setup `columns`) into setups: runs with equal values in
     every column. Returns (setup id per run_id: 'S1', 'S2', ..., the setup with the most runs first, ties in the
@@ -122,7 +127,7 @@ def find_setups(runs: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.D
     ids = pd.Series([order[k] for k in keys], index=runs.run_id.values, name="setup")
     differ = [c for c in columns if len({json.dumps(per_key[k][c]) for k in order}) > 1]
     rows = []
-    for key, setup in sorted(order.items(), key=lambda kv: int(kv[1][1:])):
+    for key, setup in sorted(order.items(), key=lambda kv: setup_number(kv[1])):
         held = sorted(ids.index[ids == setup])
         rows.append({"setup": setup, "label": ", ".join(f"{c}={_show(per_key[key][c])}" for c in differ),
                      "key": key, "n_runs": len(held), "runs": " ".join(held)})

@@ -94,7 +94,7 @@ def summary_table(runs: pd.DataFrame, spectrum: pd.DataFrame | None = None) -> p
                         "peak_memory_bytes": _mean(g, "peak_memory_bytes"),
                         "tokens_per_second": _mean(g, "tokens_per_second"),
                         "r90": held["sum"].sum() / held["count"].sum() if held["count"].sum() else math.nan,
-                        "_order": (int(setup[1:]) if setup[1:].isdigit() else 0, first.order)})
+                        "_order": (st.setup_number(setup), first.order)})
     t = pd.DataFrame(rows)
     return t.sort_values("_order", kind="stable", ignore_index=True)[COLUMNS]
 

@@ -118,7 +118,7 @@ def prepare(runs: pd.DataFrame) -> pd.DataFrame:
 def full_data_setups(r: pd.DataFrame, fallback: bool = False) -> tuple[list[str], list[str]]:
     """(shown, left out): the setups of prepared runs trained on the whole training set (no task.train_size;
     figure 9 shows the others against data size). With `fallback`, every setup when there is none such."""
-    setups = sorted(set(r.setup), key=lambda s: int(s[1:]) if s[1:].isdigit() else 0)
+    setups = sorted(set(r.setup), key=st.setup_number)
     whole = [s for s in setups if r.loc[r.setup == s, "full_data"].all()]
     if fallback and not whole:
         return setups, []
