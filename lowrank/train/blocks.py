@@ -63,7 +63,8 @@ def causal_attention_without_mask(model: nn.Module) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
     model.set_attn_implementation(CAUSAL_SDPA)
-    model.register_forward_pre_hook(_refuse_attention_mask, with_kwargs=True)
+    # on the decoder, which the chunked loss calls directly (lowrank/train/lm_loss.py) as the whole model does
+    getattr(model, "base_model", model).register_forward_pre_hook(_refuse_attention_mask, with_kwargs=True)
 
 
 def _refuse_attention_mask(module, args, kwargs):

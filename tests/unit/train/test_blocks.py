@@ -6,6 +6,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from lowrank.train.blocks import causal_attention_without_mask, decoder_blocks
+from lowrank.train.lm_loss import chunked_lm_loss
 from benchmarks.harness.graphs import graph_blocks
 
 
@@ -93,4 +94,6 @@ def test_causal_attention_without_mask_matches_sdpa_and_builds_no_mask(monkeypat
         model(input_ids=x, attention_mask=torch.ones_like(x))
     with pytest.raises(ValueError, match="attention_mask"):
         model(x, torch.ones_like(x))  # by position
+    with pytest.raises(ValueError, match="attention_mask"):  # the chunked loss calls the decoder itself
+        chunked_lm_loss(model, input_ids=x, attention_mask=torch.ones_like(x), labels=x)
 
