@@ -248,18 +248,21 @@ def profiled_launches(at: int | None, device, out: dict):
         TrainStep.launch = original
 
 
-def step_memory(device, seqs=(4096, 8192)) -> tuple[list[dict], list[str]]:
+STEP_MEMORY_CASES = ((4096, False), (4096, True), (8192, True))  # (tokens a sequence, activation checkpointing)
+
+
+def step_memory(device, cases=STEP_MEMORY_CASES) -> tuple[list[dict], list[str]]:
     """One LoRA step of the 7B shape in isolation (eager blocks, bf16 base, no trainer): the peak above what was held
-    before the step, with transformers' loss and with the chunked one; at 8192 tokens with activation checkpointing.
-    What the trainer's whole-run peak cannot show when something else sets it."""
+    before the step, with transformers' loss and with the chunked one, for each (sequence length, checkpointing) of
+    `cases`. What the trainer's whole-run peak cannot show when something else sets it."""
     from benchmarks.bench import add_lora, build
     from lowrank.adapters.targets import ALL_LINEAR
     from lowrank.train.lm_loss import chunked_lm_loss
     key = "llama-7b" if device.type == "cuda" else "tiny"
     rows = []
-    model = add_lora(build(dict(SHAPES[key], seq=max(seqs)), device, torch.bfloat16, 0), "ours", 16, ALL_LINEAR)
-    for seq in seqs:
-        checkpointing = seq > 4096
+    model = add_lora(build(dict(SHAPES[key], seq=max(s for s, _ in cases)), device, torch.bfloat16, 0), "ours", 16,
+                     ALL_LINEAR)
+    for seq, checkpointing in cases:
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         x = torch.randint(0, min(1000, SHAPES[key]["vocab_size"]),
