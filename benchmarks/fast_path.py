@@ -25,6 +25,7 @@ versions):
 """
 import argparse
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -313,8 +314,13 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-seq", type=int, default=4096, help="memory part: tokens a sequence (batch 2)")
     ap.add_argument("--memory-checkpointing", action="store_true", help="memory part: activation checkpointing on")
     ap.add_argument("--memory-repeat", action="store_true", help="memory part: the plain loss twice (its own spread)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms for every run (so the loss curves differ by the loss alone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     opts = ap.parse_args(argv)
+    if opts.deterministic:  # before cuBLAS starts: its deterministic mode needs a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     device = torch.device("cuda" if torch.cuda.is_available() and not opts.smoke else "cpu")
     models = ["tiny"] if opts.smoke else opts.models
     meta = collect_metadata(device)
@@ -332,7 +338,8 @@ def main(argv=None) -> None:
         else:
             rows, lines = estimate(opts.runs_root, device)
         name = result_name(f"fast_path_{part}", device) + (f"_{opts.tag}" if opts.tag else "")
-        write_result(opts.out, name, rows, dict(device=device_name(device), part=part), meta=meta,
+        write_result(opts.out, name, rows, dict(device=device_name(device), part=part,
+                                                deterministic=opts.deterministic), meta=meta,
                      title=f"fast path: {part}", description=__doc__.split("\n\n")[0],
                      sections=["\n".join(lines)])
         print(f"== {part} ({time.perf_counter() - t0:.0f} s) -> {opts.out}/{name}.md", flush=True)
