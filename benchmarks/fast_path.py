@@ -181,7 +181,7 @@ def bound_lines(rows, key, lora_run, full_run) -> list[str]:
 
 
 def memory(runs_root, device, steps: int = 20, seq: int = 4096, checkpointing: bool = False,
-           repeat: bool = False) -> tuple[list[dict], list[str]]:
+           repeat: bool = False, lr: float = 1e-3) -> tuple[list[dict], list[str]]:
     shape = dict(SHAPES["llama-7b"] if device.type == "cuda" else SHAPES["tiny"], seq=seq if device.type == "cuda"
                  else 64)
     key = "llama-7b" if device.type == "cuda" else "tiny"
@@ -189,7 +189,7 @@ def memory(runs_root, device, steps: int = 20, seq: int = 4096, checkpointing: b
     settings = ["false", "auto" if device.type == "cuda" else "true"] + (["false"] if repeat else [])  # auto: CPU off
     for i, setting in enumerate(settings):
         metrics, losses = run(default_args(key, shape, "lora", 0, steps, runs_root,
-                                           [f"trainer.chunked_loss={setting}", "trainer.lr=1e-3",
+                                           [f"trainer.chunked_loss={setting}", f"trainer.lr={lr}",
                                             "trainer.timing_warmup_steps=0",
                                             f"trainer.activation_checkpointing={str(checkpointing).lower()}"]))
         curves[setting if i < 2 else "false, again"] = losses
@@ -203,8 +203,8 @@ def memory(runs_root, device, steps: int = 20, seq: int = 4096, checkpointing: b
     chunked = curves[next(k for k in curves if k != "false")]
     diff = max(abs(a - b) for a, b in zip(curves["false"], chunked))
     fall = 1 - rows[1]["peak_gib"] / rows[0]["peak_gib"]
-    lines = [f"- activation checkpointing {'on' if checkpointing else 'off'}: peak memory falls by {100 * fall:.1f} % "
-             f"with the chunked loss; max |Δloss| over {steps} steps {diff:.2e}",
+    lines = [f"- activation checkpointing {'on' if checkpointing else 'off'}, lr {lr:g}: peak memory falls by "
+             f"{100 * fall:.1f} % with the chunked loss; max |Δloss| over {steps} steps {diff:.2e}",
              f"- losses (plain): {curves['false']}", f"- losses (chunked): {chunked}"]
     if repeat:  # run-to-run spread of the plain path itself: what a loss difference is measured against
         again = max(abs(a - b) for a, b in zip(curves["false"], curves["false, again"]))
@@ -313,6 +313,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="", help="appended to the result files' names")
     ap.add_argument("--memory-seq", type=int, default=4096, help="memory part: tokens a sequence (batch 2)")
     ap.add_argument("--memory-checkpointing", action="store_true", help="memory part: activation checkpointing on")
+    ap.add_argument("--memory-lr", type=float, default=1e-3, help="memory part: the learning rate (LoRA's default)")
     ap.add_argument("--memory-repeat", action="store_true", help="memory part: the plain loss twice (its own spread)")
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms for every run (so the loss curves differ by the loss alone)")
@@ -332,7 +333,8 @@ def main(argv=None) -> None:
                                 opts.runs_root, device)
         elif part == "memory":
             rows, lines = memory(opts.runs_root, device, steps=3 if opts.smoke else 20, seq=opts.memory_seq,
-                                 checkpointing=opts.memory_checkpointing, repeat=opts.memory_repeat)
+                                 checkpointing=opts.memory_checkpointing, repeat=opts.memory_repeat,
+                                 lr=opts.memory_lr)
         elif part == "step_memory":
             rows, lines = step_memory(device)
         else:
