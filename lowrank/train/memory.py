@@ -299,20 +299,25 @@ def _loss_kind(head: str, chunked: bool, compiled: bool) -> str:
     return "" if head != "causal_lm" else "chunked" if chunked else "compiled" if compiled else "eager"
 
 
-def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool, compiled: bool = False) -> float:
+def _loss_peak_bytes(arch: Arch, head: str, tokens: int, chunked: bool, compiled: bool = False,
+                     hidden_bytes: int = 2, trained_head: bool = False) -> float:
     """Causal LM loss (HF: logits.float(), cross-entropy): eagerly, the fp32 log-softmax is saved, and its backward
     holds two more fp32 (b, s, vocab) gradients at once: 12 bytes per vocabulary entry and token at the start of
     the backward, before any layer's gradients exist. The bf16 logits die with the output object. One eager 7B step
     at 2 × 8192 tokens on one H100 agrees: 4 bytes per entry more at the forward's end, 8 more at the backward's
-    start (benchmarks/results/fast_path/fast_path_step_memory_h100.md). Compiled (`compile_blocks` compiles the
-    model's loss_function too), the fused cross-entropy keeps the bf16 logits and writes their bf16 gradient: 4
-    bytes per entry. Chunked (lowrank/train/lm_loss.py), for at most CHUNK_TOKENS tokens whatever the sequence
-    length: eagerly one chunk's bf16 logits, their fp32 values, softmax and gradient (about 16 bytes per entry; 18
-    counted); compiled, the chunk's bf16 logits and bf16 gradient (4)."""
+    start (benchmarks/results/fast_path/fast_path_step_memory_h100_7b_ckpt4096.md). Compiled (`compile_blocks`
+    compiles the model's loss_function too), the fused cross-entropy keeps the bf16 logits and writes their bf16
+    gradient: 4 bytes per entry. Chunked (lowrank/train/lm_loss.py), for at most CHUNK_TOKENS tokens whatever the
+    sequence length: eagerly one chunk's bf16 logits, their fp32 values, softmax and gradient (about 16 bytes per
+    entry; 18 counted); compiled, the chunk's bf16 logits and bf16 gradient (4). Beside the chunk, what outlives it
+    until the backward: the hidden states' gradient (`hidden_bytes` per hidden unit and token) and, for a trained
+    head, its fp32 weight-gradient sum."""
     if head != "causal_lm":
         return 0
-    per_entry = 4 if compiled else (18 if chunked else 12)
-    return per_entry * arch.vocab * (min(tokens, CHUNK_TOKENS) if chunked else tokens)
+    if not chunked:
+        return (4 if compiled else 12) * arch.vocab * tokens
+    kept = tokens * arch.hidden * hidden_bytes + (4 * arch.vocab * arch.hidden if trained_head else 0)
+    return (4 if compiled else 18) * arch.vocab * min(tokens, CHUNK_TOKENS) + kept
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -439,7 +444,8 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     # loss's backward peaks before any layer's; the k/v cache lives until the end of the forward.
     workspace = 2 * c * arch.intermediate + 2 * 4 * arch.hidden
     cache = 0 if activation_checkpointing else _kv_cache_bytes_per_token(arch, c, r, padded)
-    transient = max(tokens * max(workspace, cache), _loss_peak_bytes(arch, head, tokens, chunked_loss, compiled))
+    loss = _loss_peak_bytes(arch, head, tokens, chunked_loss, compiled, hidden_bytes=r, trained_head=full)
+    transient = max(tokens * max(workspace, cache), loss)
     activations = tokens * (layers + _outside_layers_bytes_per_token(arch, full, c, r)) + transient
     if padded:
         activations += batch_size * seq_len * seq_len  # the (b, 1, s, s) bool mask, built once

@@ -407,9 +407,9 @@ def test_estimate_checks_values_as_the_trainer_does(capsys, bad, needle):
 
 
 def test_chunked_loss_holds_one_chunk_of_logits_whatever_the_length():
-    """trainer.chunked_loss: the loss's transient is 18 bytes per vocabulary entry for one chunk of tokens instead
-    of 12 per entry for every token, so the estimate falls by the difference, and the loss stops growing with
-    the sequence."""
+    """trainer.chunked_loss: the loss's transient is 18 bytes per vocabulary entry for one chunk of tokens and the
+    hidden states' gradient (bf16) instead of 12 per entry for every token, so the estimate falls by the
+    difference; a trained head adds its fp32 weight-gradient sum."""
     from transformers import LlamaConfig
 
     from lowrank.train.lm_loss import CHUNK_TOKENS
@@ -422,8 +422,13 @@ def test_chunked_loss_holds_one_chunk_of_logits_whatever_the_length():
         tokens = 2 * seq
         plain = estimate_memory(cfg, "lora", 2, seq, **common)
         chunked = estimate_memory(cfg, "lora", 2, seq, chunked_loss=True, **common)
-        expected = 12 * vocab * tokens - max(workspace * tokens, 18 * vocab * CHUNK_TOKENS)
+        expected = 12 * vocab * tokens - max(workspace * tokens, 18 * vocab * CHUNK_TOKENS + 2 * 4096 * tokens)
         assert plain.activations_bytes - chunked.activations_bytes == expected
+    full = dict(common, trainable_dtype="bf16", activation_checkpointing=False)
+    plain = estimate_memory(cfg, "full", 1, 64, **full)  # few tokens: the loss is the transient in both
+    chunked = estimate_memory(cfg, "full", 1, 64, chunked_loss=True, **full)
+    assert chunked.activations_bytes - plain.activations_bytes == (
+        18 * vocab * 64 + 2 * 4096 * 64 + 4 * vocab * 4096 - 12 * vocab * 64)
     classifier = dict(common, head="classification")
     assert (estimate_memory(cfg, "lora", 2, 512, **classifier).total_bytes
             == estimate_memory(cfg, "lora", 2, 512, chunked_loss=True, **classifier).total_bytes)
