@@ -1,6 +1,7 @@
 """Faster transformer blocks for any training method: torch.compile, and attention without a mask.
 
     compile_blocks(model)                            # each block through torch.compile (also on CPU)
+    compile_on(cfg.trainer.compile, "cuda", True)    # whether trainer.compile compiles them
     causal_attention_without_mask(model)             # batches without padding: no mask built, no sync
     decoder_blocks(model)                            # the repeated blocks (per-block CUDA graphs in the
                                                      # benchmarks, benchmarks/harness/graphs.py, use them too)
@@ -31,6 +32,13 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     if not lists:
         raise ValueError(f"{type(model).__name__} has no list of repeated blocks to graph or compile")
     return min(lists, key=lambda t: t[:3])[3]
+
+
+def compile_on(setting, device_type: str, one_process: bool) -> bool:
+    """trainer.compile's rule (the trainer and the memory model both ask it): compiled blocks run in one process
+    only; `true` compiles on any device, `auto` on CUDA (on the CPU, compiling costs more than it saves on the
+    demo's small models)."""
+    return one_process and (setting is True or (setting == "auto" and device_type == "cuda"))
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> None:

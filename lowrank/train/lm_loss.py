@@ -47,6 +47,12 @@ def supports_chunked_loss(model) -> tuple[bool, str]:
     return True, ""
 
 
+def chunked_loss_on(setting, supported: bool, device_type: str) -> bool:
+    """trainer.chunked_loss's rule (the trainer and the memory model both ask it) for a causal LM in one process:
+    where its loss can be chunked (`supported`), `true` chunks it on any device, `auto` on CUDA."""
+    return supported and (setting is True or (setting == "auto" and device_type == "cuda"))
+
+
 def is_plain_linear(head) -> bool:
     """A head that is `F.linear(x, head.weight, head.bias)` and nothing else: no subclass (a LoRA layer), no hooks."""
     return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks

@@ -63,7 +63,8 @@ from dataclasses import dataclass
 from lowrank.errors import ConfigError, check_choice
 from lowrank.config import METHODS, check_positive, check_rank_fits, resolve_precision, resolve_weight_dtype
 from lowrank.adapters.targets import ALL_LINEAR, select_targets
-from lowrank.train.lm_loss import CHUNK_TOKENS, head_extra
+from lowrank.train.blocks import compile_on
+from lowrank.train.lm_loss import CHUNK_TOKENS, chunked_loss_on, head_extra
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -424,8 +425,7 @@ def estimate_memory(config, method: str, batch_size: int, seq_len: int, *, rank:
     trainable = counts.total if full else adapter + head_params
     params = counts.total + adapter
 
-    if full:
-        tw = w
+    tw = w if full else tw
     weights = (params - trainable) * w + trainable * tw
     grads = trainable * tw
     optimizer = 2 * trainable * tw
@@ -501,12 +501,10 @@ def estimate_from_cfg(cfg, config=None, *, micro_batch: int | None = None, grad_
     head = "causal_lm" if cfg.task.get("objective") in ("cpt", "sft") else "classification"
     parallel = t.get("parallel", "auto")
     one_process = world_size == 1 and parallel in ("auto", "none")
-    chunked = t.get("chunked_loss", "auto")  # as the trainer resolves it (lowrank.train.setup.resolve_chunked_loss)
-    chunked = head == "causal_lm" and one_process and (
-        chunked is True or (chunked == "auto" and device_type == "cuda"
-                            and head_extra(config) is None))
-    compiled = t.get("compile", "auto")  # as lowrank.train.setup.resolve_compile resolves it
-    compiled = one_process and (compiled is True or (compiled == "auto" and device_type == "cuda"))
+    # the trainer's own rules (lowrank.train.setup resolves the same settings with them)
+    chunked = chunked_loss_on(t.get("chunked_loss", "auto"),
+                              head == "causal_lm" and one_process and head_extra(config) is None, device_type)
+    compiled = compile_on(t.get("compile", "auto"), device_type, one_process)
     return estimate_memory(config, method, micro_batch, t.max_length, rank=m.get("rank") or 0, targets=targets,
                            num_labels=cfg.task.get("num_labels", 2), trainable_dtype="fp32",
                            weight_dtype=resolve_weight_dtype(cfg.model.get("dtype", "auto"), m.name, precision),

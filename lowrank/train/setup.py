@@ -27,8 +27,8 @@ from lowrank.errors import ConfigError
 from lowrank.logger import make_logger
 from lowrank.rundir.delta import ensure_base_weights, linear_weights
 from lowrank.train import distributed
-from lowrank.train.blocks import causal_attention_without_mask, compile_blocks
-from lowrank.train.lm_loss import chunked_lm_loss, supports_chunked_loss
+from lowrank.train.blocks import causal_attention_without_mask, compile_blocks, compile_on
+from lowrank.train.lm_loss import chunked_loss_on, chunked_lm_loss, supports_chunked_loss
 from lowrank.train.budget import BudgetFit, fit_to_budget
 from lowrank.train.checkpoint import load_checkpoint
 from lowrank.train.dynamics import Dynamics, tracked
@@ -129,7 +129,7 @@ def _place(run: Run) -> None:
 def _build_model(run: Run) -> None:
     """Load the model, pick the targets, keep W0 (on disk, and in memory where the method reads ΔW against it),
     and apply the method."""
-    cfg, mc = run.cfg, run.cfg.method
+    cfg = run.cfg
     seed_everything(cfg.seed)
     run.objective = objective_for(cfg.task)
     model, run.tokenizer, run.head = run.objective.load_model(cfg, run.device)
@@ -271,7 +271,7 @@ def resolve_compile(setting, device: torch.device, parallel: str) -> bool:
     if setting is True and parallel != "none":
         log.info("trainer.compile: off under trainer.parallel=%s (compiled blocks are for one process)", parallel)
         return False
-    on = setting is True or (setting == "auto" and device.type == "cuda" and parallel == "none")
+    on = compile_on(setting, device.type, parallel == "none")
     if setting == "auto":
         log.info("trainer.compile=auto: %s", "on (CUDA, one process)" if on else
                  f"off ({'the CPU' if device.type != 'cuda' else f'trainer.parallel={parallel}'})")
@@ -289,7 +289,7 @@ def resolve_chunked_loss(setting, model, head, device: torch.device, parallel: s
         ok, why_not = False, f"it runs under trainer.parallel={parallel}"
     if setting is True and not ok:
         raise ConfigError(f"trainer.chunked_loss=true is not valid here: {why_not}; use auto or false")
-    on = ok and (setting is True or device.type == "cuda")
+    on = chunked_loss_on(setting, ok, device.type)
     if setting == "auto":
         log.info("trainer.chunked_loss=auto: %s", "on (CUDA)" if on else f"off ({why_not or 'the CPU'})")
     return on
