@@ -1,0 +1,135 @@
+"""The LoRA product inside the frozen GEMM: one persistent Triton (TMA) kernel against the cuBLAS pair.
+
+    python -m benchmarks.probes.fused_lora_gemm          # on one GPU, from the repository root
+
+Per Llama shape (1.1B at 8 × 1024 tokens, 7B at 2 × 1024), r = 16, in µs (CUDA events, four input sets): the
+frozen GEMM alone in cuBLAS (`big`) and in the Triton kernel (`tri_big`), the trainer's pair today (the rank-r
+product written first, the big GEMM accumulating onto it as beta: `pair`), and the fused kernel, whose epilogue adds
+s · h Bᵀ (forward) or T A (input gradient) to the tile before its only store (`fused`, best of the launch
+configurations, checked against fp32). What the fused kernel would save a step is `pair − fused` summed over a
+step's adapters (details).
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from benchmarks.probes.common import probe_args, rows_by, save, time_us
+from benchmarks.harness.record import collect_metadata
+
+r, s = 16, 2.0
+SHAPES = {  # name: (tokens, in, out, adapters of this shape per step)
+    "1.1b q/o": (8192, 2048, 2048, 44), "1.1b k/v": (8192, 2048, 256, 44), "1.1b gate/up": (8192, 2048, 5632, 44),
+    "1.1b down": (8192, 5632, 2048, 22),
+    "7b q/k/v/o": (2048, 4096, 4096, 128), "7b gate/up": (2048, 4096, 11008, 64), "7b down": (2048, 11008, 4096, 32),
+}
+CFGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4), (128, 256, 64, 4, 8),
+        (256, 128, 64, 3, 8), (128, 128, 128, 3, 8), (64, 256, 64, 4, 4)]  # BM, BN, BK, stages, warps
+NUM_SMS = torch.cuda.get_device_properties("cuda").multi_processor_count if torch.cuda.is_available() else 1
+
+
+@triton.jit
+def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, M, N, K, scale, B_NK: tl.constexpr,
+                   F_NR: tl.constexpr, EPI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    """c = a @ op(b) + scale · e @ op(f): a (M, K); b (N, K) if B_NK else (K, N); e (M, R); f (N, R) if F_NR
+    else (R, N). Persistent over output tiles, grouped along M for L2 reuse."""
+    num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    k_tiles, num_tiles = tl.cdiv(K, BK), tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    in_group = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        first_m = (tile // in_group) * GROUP_M
+        size_m = min(num_pid_m - first_m, GROUP_M)
+        om = (first_m + tile % size_m) * BM
+        on = ((tile % in_group) // size_m) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([om, ki * BK])
+            if B_NK:
+                b = b_desc.load([on, ki * BK]).T
+            else:
+                b = b_desc.load([ki * BK, on])
+            acc = tl.dot(a, b, acc)
+        if EPI:
+            e = e_desc.load([om, 0])
+            if F_NR:
+                f = f_desc.load([on, 0]).T
+            else:
+                f = f_desc.load([0, on])
+            acc += scale * tl.dot(e, f)
+        c_desc.store([om, on], acc.to(c_desc.dtype))
+
+
+def lora_mm(a, b, e, f, scale, b_nk: bool, f_nr: bool, cfg, epi=True):
+    BM, BN, BK, stages, warps = cfg
+    M, K = a.shape
+    N = b.shape[0] if b_nk else b.shape[1]
+    R = max(16, e.shape[1])
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    descs = (TensorDescriptor.from_tensor(a, [BM, BK]),
+             TensorDescriptor.from_tensor(b, [BN, BK] if b_nk else [BK, BN]),
+             TensorDescriptor.from_tensor(e, [BM, R]),
+             TensorDescriptor.from_tensor(f, [BN, R] if f_nr else [R, BN]),
+             TensorDescriptor.from_tensor(c, [BM, BN]))
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    lora_mm_kernel[(min(NUM_SMS, tiles),)](*descs, M, N, K, scale, B_NK=b_nk, F_NR=f_nr, EPI=epi, BM=BM, BN=BN,
+                                           BK=BK, GROUP_M=8, NUM_SMS=NUM_SMS, num_stages=stages, num_warps=warps)
+    return c
+
+
+def best(fn, cfgs, check):
+    """{cfg: µs} over the configurations that compile, fit and pass `check`, and the best one."""
+    times = {}
+    for c in cfgs:
+        try:
+            check(fn(0, c))
+            times[str(c)] = time_us(lambda k, c=c: fn(k, c))
+        except Exception as err:  # out of shared memory, say: that configuration is left out
+            times[str(c)] = f"{type(err).__name__}: {str(err)[:80]}"
+    ok = {c: t for c, t in times.items() if isinstance(t, float)}
+    return times, (min(ok, key=ok.get) if ok else None)
+
+
+def shape_row(M: int, i: int, o: int) -> tuple[dict, dict]:
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    X, G = [torch.randn(M, i, **bf) for _ in range(4)], [torch.randn(M, o, **bf) for _ in range(4)]
+    H, T = [torch.randn(M, r, **bf) for _ in range(4)], [torch.randn(M, r, **bf) for _ in range(4)]
+    W, A, B = torch.randn(o, i, **bf) * 0.02, torch.randn(r, i, **bf) * 0.02, torch.randn(o, r, **bf) * 0.02
+    y_ref = X[0].float() @ W.float().t() + s * H[0].float() @ B.float().t()
+    gx_ref = G[0].float() @ W.float() + T[0].float() @ A.float()
+
+    def close(ref):
+        return lambda out: torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+    row, sweeps = {}, {}
+    row["big"] = time_us(lambda k: torch.mm(X[k], W.t()))
+    row["pair"] = time_us(lambda k: torch.mm(H[k], B.t()).addmm_(X[k], W.t(), beta=s))
+    sweeps["tri_big"], c = best(lambda k, c: lora_mm(X[k], W, H[k], B, s, True, True, c, epi=False), CFGS,
+                                close(X[0].float() @ W.float().t()))
+    row["tri_big"] = sweeps["tri_big"][c] if c else None
+    sweeps["fused"], c = best(lambda k, c: lora_mm(X[k], W, H[k], B, s, True, True, c), CFGS, close(y_ref))
+    row["fused"], row["fused_cfg"] = (sweeps["fused"][c], c) if c else (None, None)
+    row["gx_big"] = time_us(lambda k: torch.mm(G[k], W))
+    row["gx_pair"] = time_us(lambda k: torch.mm(T[k], A).addmm_(G[k], W))
+    sweeps["gx_fused"], c = best(lambda k, c: lora_mm(G[k], W, T[k], A, 1.0, False, False, c), CFGS, close(gx_ref))
+    row["gx_fused"], row["gx_fused_cfg"] = (sweeps["gx_fused"][c], c) if c else (None, None)
+    return row, sweeps
+
+
+def main():
+    args = probe_args(__doc__)
+    meta = collect_metadata()
+    res, sweeps, saved = {}, {}, {}
+    for name, (M, i, o, per_step) in SHAPES.items():
+        res[name], sweeps[name] = shape_row(M, i, o)
+        row = res[name]
+        saved[name] = {k: per_step * (row[p] - row[f]) / 1e3 if row[f] is not None else None
+                       for k, p, f in (("forward_ms", "pair", "fused"), ("input_grad_ms", "gx_pair", "gx_fused"))}
+        print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}, saved[name], flush=True)
+    save(args.out, "fused_lora_gemm", __doc__, rows_by("shape", res), meta,
+         settings=dict(rank=r, scale=s, shapes=SHAPES, configs=CFGS),
+         details=dict(saving_per_step=saved, sweeps=sweeps))
+
+
+if __name__ == "__main__":
+    main()
