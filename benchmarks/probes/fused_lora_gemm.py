@@ -23,8 +23,11 @@ SHAPES = {  # name: (tokens, in, out, adapters of this shape per step)
     "1.1b down": (8192, 5632, 2048, 22),
     "7b q/k/v/o": (2048, 4096, 4096, 128), "7b gate/up": (2048, 4096, 11008, 64), "7b down": (2048, 11008, 4096, 32),
 }
-CFGS = [(128, 128, 64, 4, 8), (128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8),
-        (128, 128, 64, 5, 8)]  # BM, BN, BK, stages, warps
+CFGS = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 128, 64, 5, 8)]  # BM, BN, BK, stages, warps
+# (name, epilogue, flattened loops, persistent grid); tri_*: the frozen GEMM alone in Triton
+VARIANTS = [("tri_flat", 0, True, True), ("tri_tile", 0, False, False), ("fused_flat_after", 1, True, True),
+            ("fused_persist_ptr", 2, False, True), ("fused_persist_tma", 3, False, True),
+            ("fused_tile_ptr", 2, False, False), ("fused_tile_tma", 3, False, False)]
 NUM_SMS = torch.cuda.get_device_properties("cuda").multi_processor_count if torch.cuda.is_available() else 1
 
 
@@ -32,16 +35,16 @@ NUM_SMS = torch.cuda.get_device_properties("cuda").multi_processor_count if torc
 def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K, scale, rank, s_em, s_er, s_fr,
                    s_fn, B_NK: tl.constexpr, F_NR: tl.constexpr, EPI: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, GROUP_M: tl.constexpr,
-                   NUM_SMS: tl.constexpr):
+                   NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr):
     """c = a @ op(b) + scale · e @ fᵗ: a (M, K); b (N, K) if B_NK else (K, N); e (M, rank); fᵗ (rank, N) read
     through strides (s_fr, s_fn). Persistent over output tiles, grouped along M for L2 reuse. EPI: 0 none;
     1 e, f by TMA after the K loop; 2 by pointer loads issued before it (in flight during the loop); 3 by TMA
-    before it."""
+    before it. FLATTEN: the tile and K loops pipelined as one (a persistent grid); else each tile's K loop alone."""
     num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     k_tiles, num_tiles = tl.cdiv(K, BK), tl.cdiv(M, BM) * tl.cdiv(N, BN)
     in_group = GROUP_M * num_pid_n
     rr = tl.arange(0, R)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
         first_m = (tile // in_group) * GROUP_M
         size_m = min(num_pid_m - first_m, GROUP_M)
         om = (first_m + tile % size_m) * BM
@@ -77,7 +80,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
         c_desc.store([om, on], acc.to(c_desc.dtype))
 
 
-def lora_mm(a, b, e, f, scale, b_nk: bool, f_nr: bool, cfg, epi=2):
+def lora_mm(a, b, e, f, scale, b_nk: bool, f_nr: bool, cfg, epi=2, flatten=False, persistent=True):
     BM, BN, BK, stages, warps = cfg
     M, K = a.shape
     N = b.shape[0] if b_nk else b.shape[1]
@@ -90,9 +93,10 @@ def lora_mm(a, b, e, f, scale, b_nk: bool, f_nr: bool, cfg, epi=2):
              TensorDescriptor.from_tensor(c, [BM, BN]))
     s_fr, s_fn = (f.stride(1), f.stride(0)) if f_nr else (f.stride(0), f.stride(1))
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    lora_mm_kernel[(min(NUM_SMS, tiles),)](*descs, e, f, M, N, K, scale, e.shape[1], e.stride(0), e.stride(1), s_fr,
-                                           s_fn, B_NK=b_nk, F_NR=f_nr, EPI=epi, BM=BM, BN=BN, BK=BK, R=R, GROUP_M=8,
-                                           NUM_SMS=NUM_SMS, num_stages=stages, num_warps=warps)
+    programs = min(NUM_SMS, tiles) if persistent else tiles  # not persistent: one tile per program
+    lora_mm_kernel[(programs,)](*descs, e, f, M, N, K, scale, e.shape[1], e.stride(0), e.stride(1), s_fr, s_fn,
+                                B_NK=b_nk, F_NR=f_nr, EPI=epi, BM=BM, BN=BN, BK=BK, R=R, GROUP_M=8, NUM_SMS=programs,
+                                FLATTEN=flatten, num_stages=stages, num_warps=warps)
     return c
 
 
@@ -123,24 +127,21 @@ def shape_row(M: int, i: int, o: int) -> tuple[dict, dict]:
     row, sweeps = {}, {}
     row["big"] = time_us(lambda k: torch.mm(X[k], W.t()))
     row["pair"] = time_us(lambda k: torch.mm(H[k], B.t()).addmm_(X[k], W.t(), beta=s))
-    sweeps["tri_big"], c = best(lambda k, c: lora_mm(X[k], W, H[k], B, s, True, True, c, epi=0), CFGS,
-                                close(X[0].float() @ W.float().t()))
-    row["tri_big"] = sweeps["tri_big"][c] if c else None
-    for epi in (1, 2, 3):
-        sweeps[f"fused{epi}"], c = best(lambda k, c: lora_mm(X[k], W, H[k], B, s, True, True, c, epi=epi), CFGS,
-                                        close(y_ref))
-        row[f"fused{epi}"], row[f"fused{epi}_cfg"] = (sweeps[f"fused{epi}"][c], c) if c else (None, None)
-    row["fused"] = min((row[f"fused{e}"] for e in (1, 2, 3) if row[f"fused{e}"] is not None), default=None)
+    for name, epi, flat, pers in VARIANTS:
+        ref = X[0].float() @ W.float().t() if epi == 0 else y_ref
+        sweeps[name], c = best(lambda k, c: lora_mm(X[k], W, H[k], B, s, True, True, c, epi, flat, pers), CFGS,
+                               close(ref))
+        row[name], row[f"{name}_cfg"] = (sweeps[name][c], c) if c else (None, None)
+    row["fused"] = min((row[n] for n, epi, *_ in VARIANTS if epi and row[n] is not None), default=None)
     row["gx_big"] = time_us(lambda k: torch.mm(G[k], W))
     row["gx_pair"] = time_us(lambda k: torch.mm(T[k], A).addmm_(G[k], W))
-    sweeps["gx_tri_big"], c = best(lambda k, c: lora_mm(G[k], W, T[k], A, 1.0, False, False, c, epi=0), CFGS,
-                                   close(G[0].float() @ W.float()))
-    row["gx_tri_big"] = sweeps["gx_tri_big"][c] if c else None
-    for epi in (2, 3):
-        sweeps[f"gx_fused{epi}"], c = best(lambda k, c: lora_mm(G[k], W, T[k], A, 1.0, False, False, c, epi=epi),
-                                           CFGS, close(gx_ref))
-        row[f"gx_fused{epi}"], row[f"gx_fused{epi}_cfg"] = (sweeps[f"gx_fused{epi}"][c], c) if c else (None, None)
-    row["gx_fused"] = min((row[f"gx_fused{e}"] for e in (2, 3) if row[f"gx_fused{e}"] is not None), default=None)
+    for name, epi, flat, pers in VARIANTS:
+        ref = G[0].float() @ W.float() if epi == 0 else gx_ref
+        sweeps["gx_" + name], c = best(lambda k, c: lora_mm(G[k], W, T[k], A, 1.0, False, False, c, epi, flat, pers),
+                                       CFGS, close(ref))
+        row["gx_" + name], row[f"gx_{name}_cfg"] = (sweeps["gx_" + name][c], c) if c else (None, None)
+    row["gx_fused"] = min((row["gx_" + n] for n, epi, *_ in VARIANTS if epi and row["gx_" + n] is not None),
+                          default=None)
     return row, sweeps
 
 
