@@ -26,8 +26,8 @@ SHAPES = {  # name: (tokens, in, out, adapters of this shape per step)
 CFGS = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 128, 64, 5, 8)]  # BM, BN, BK, stages, warps
 # (name, epilogue, flattened loops, persistent grid); tri_*: the frozen GEMM alone in Triton
 VARIANTS = [("tri_flat", 0, True, True), ("tri_tile", 0, False, False), ("fused_flat_after", 1, True, True),
-            ("fused_persist_ptr", 2, False, True), ("fused_persist_tma", 3, False, True),
-            ("fused_tile_ptr", 2, False, False), ("fused_tile_tma", 3, False, False)]
+            ("fused_persist_ptr", 2, False, True), ("fused_flat_init", 4, True, True),
+            ("fused_persist_init", 4, False, True), ("fused_tile_init", 4, False, False)]
 NUM_SMS = torch.cuda.get_device_properties("cuda").multi_processor_count if torch.cuda.is_available() else 1
 
 
@@ -39,7 +39,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
     """c = a @ op(b) + scale · e @ fᵗ: a (M, K); b (N, K) if B_NK else (K, N); e (M, rank); fᵗ (rank, N) read
     through strides (s_fr, s_fn). Persistent over output tiles, grouped along M for L2 reuse. EPI: 0 none;
     1 e, f by TMA after the K loop; 2 by pointer loads issued before it (in flight during the loop); 3 by TMA
-    before it. FLATTEN: the tile and K loops pipelined as one (a persistent grid); else each tile's K loop alone."""
+    before it; 4 by pointer loads before it, their product the accumulator's start. FLATTEN: the tile and K loops pipelined as one (a persistent grid); else each tile's K loop alone."""
     num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     k_tiles, num_tiles = tl.cdiv(K, BK), tl.cdiv(M, BM) * tl.cdiv(N, BN)
     in_group = GROUP_M * num_pid_n
@@ -49,7 +49,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
         size_m = min(num_pid_m - first_m, GROUP_M)
         om = (first_m + tile % size_m) * BM
         on = ((tile % in_group) // size_m) * BN
-        if EPI == 2:
+        if EPI == 2 or EPI == 4:
             rm, rn = om + tl.arange(0, BM), on + tl.arange(0, BN)
             e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er, mask=(rm[:, None] < M) & (rr[None, :] < rank),
                         other=0.)
@@ -61,7 +61,10 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
                 ft = f_desc.load([on, 0]).T
             else:
                 ft = f_desc.load([0, on])
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if EPI == 4:  # the rank-r product starts the accumulator: no second (BM, BN) fp32 tile in registers
+            acc = tl.dot(e, ft) * scale
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([om, ki * BK])
             if B_NK:
@@ -75,7 +78,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
                 ft = f_desc.load([on, 0]).T
             else:
                 ft = f_desc.load([0, on])
-        if EPI != 0:
+        if EPI != 0 and EPI != 4:
             acc += scale * tl.dot(e, ft)
         c_desc.store([om, on], acc.to(c_desc.dtype))
 
