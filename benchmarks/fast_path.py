@@ -10,8 +10,9 @@ On a copy without the repository's history, set LOWRANK_GIT_COMMIT to the commit
 Parts (each writes `fast_path_{part}_{device}.{json,md}` through benchmarks.harness.record: commit, command,
 versions):
 - speed: per shape (1.1B b8 × 1024, 7B b2 × 1024), the trainer as users run it with no `trainer.compile` given
-  (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; at 1.1B also with
-  `trainer.chunked_loss=false`, transformers' loss), the trainer's
+  (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; again with the
+  cuBLAS pair instead of lowrank.adapters.lora_gemm; at 1.1B also with `trainer.chunked_loss=false`, transformers'
+  loss), the trainer's
   full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one card), and plain
   PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape. Each
   trainer run has one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
@@ -35,6 +36,7 @@ from benchmarks.bench import SHAPES, free  # the bench's Llama shapes (and its C
 from benchmarks.bench_trainer import compose, overrides, run
 from benchmarks.harness.kernel_profile import kernel_time
 from benchmarks.harness.record import collect_metadata, device_name, result_name, write_result
+from lowrank.adapters import lora_gemm
 from lowrank.train.memory import estimate_from_cfg
 from lowrank.train.perf import sync
 from lowrank.train.step import TrainStep
@@ -133,6 +135,10 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
         shape = SHAPES[key]
         guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device), f"{key} trainer lora")
         free(device)
+        with cublas_pair():  # the same run with the rank-r products written whole and added by cuBLAS
+            guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device, (),
+                                              ", cuBLAS pair"), f"{key} trainer lora, cuBLAS pair")
+        free(device)
         if key != "llama-7b":
             # the same LoRA run with transformers' loss: what the chunked loss costs or saves in speed
             guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device,
@@ -148,7 +154,9 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
         for name, value in (("LoRA / full fine-tuning", ratio(rows, key, lora, full)),
                             ("LoRA / plain PEFT + compile", ratio(rows, key, lora, peft)),
                             ("LoRA, chunked loss / transformers' loss",
-                             ratio(rows, key, lora, lora + ", chunked_loss=false"))):
+                             ratio(rows, key, lora, lora + ", chunked_loss=false")),
+                            ("LoRA, GEMM from the LoRA product / cuBLAS pair",
+                             ratio(rows, key, lora, lora + ", cuBLAS pair"))):
             if value is not None:
                 lines.append(f"- {key}: trainer {name}: {value:.2f}×")
         lines += bound_lines(rows, key, lora, full)
@@ -157,6 +165,16 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
     for r in rows:
         r.pop("top_kernels", None)
     return rows, lines + tops
+
+
+@contextlib.contextmanager
+def cublas_pair():
+    """Within it, LoRA layers write their rank-r products whole and cuBLAS adds them (lowrank.adapters.lora_gemm off)."""
+    saved, lora_gemm.ENABLED = lora_gemm.ENABLED, False
+    try:
+        yield
+    finally:
+        lora_gemm.ENABLED = saved
 
 
 def bound_lines(rows, key, lora_run, full_run) -> list[str]:

@@ -25,6 +25,10 @@ widened, update in fp32.
 `lora_linear_group` computes layers that share their input (q, k, v) together: one pass over x for all
 their h = x Aᵀ and one for all their A gradients (lowrank.adapters.lora.SharedInputGroup uses it).
 
+On CUDA with Triton's tensor descriptors, the big GEMMs of outputs at least 1,024 wide start from the rank-r
+product in one kernel (lowrank.adapters.lora_gemm): the forward's s · h Bᵀ and the input gradient's T [A₁; …; Aₙ]
+are never written as whole tensors; elsewhere the cuBLAS pair above runs.
+
 On CUDA with Triton, for at least `FUSED_MIN_ROWS` tokens, backward reads each output gradient g once for both
 of its rank-r products, t = s g B and the B gradient s gᵀ h (`t_and_b_grads`), instead of twice in two cuBLAS
 GEMMs, the second split-K with a reduction kernel of its own (measured on an H200 for the 1.1B shapes:
@@ -35,6 +39,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lowrank.adapters.lora_gemm import applies as lora_gemm_applies, lora_gemm
 
 try:
     import triton
@@ -178,7 +184,10 @@ class LoRALinearFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         ys = []
         for W, bias, B, h, s in zip(Wc, biases, Bc, H.split(ranks, dim=1), scalings):
-            y = lowrank_plus_linear([x2], [W.t()], h, B.t(), s)  # s · h Bᵀ + x Wᵀ, one GEMM epilogue
+            if lora_gemm_applies(x2, W, h, W.shape[0]):
+                y = lora_gemm([x2], [W], h, B, s, w_rows_out=True, f_rows_out=True)  # s · h Bᵀ starts the tile
+            else:
+                y = lowrank_plus_linear([x2], [W.t()], h, B.t(), s)  # s · h Bᵀ + x Wᵀ, one GEMM epilogue
             if bias is not None:
                 y.add_(bias)
             ys.append(y.view(*x.shape[:-1], y.shape[-1]))
@@ -228,7 +237,14 @@ class LoRALinearFunction(torch.autograd.Function):
                         grads[4 * i + 2] = _as(gA, ctx.param_dtypes[4 * i + 2])
             if need_x:
                 # (n, in) = T [A₁; …; Aₙ] + Σ gᵢ Wᵢ over the layers with a gradient
-                gx = lowrank_plus_linear([gs[i] for i in used], [Wc[i] for i in used], T, Ac, 1.0)
+                g_in, w_in = [gs[i] for i in used], [Wc[i] for i in used]
+                first = max(range(len(used)), key=lambda j: g_in[j].shape[1])  # the widest gᵢ in the kernel
+                if lora_gemm_applies(g_in[first], w_in[first], T, Ac.shape[1]):
+                    order = [first] + [j for j in range(len(used)) if j != first]
+                    gx = lora_gemm([g_in[j] for j in order], [w_in[j] for j in order], T, Ac, 1.0,
+                                   w_rows_out=False, f_rows_out=False)
+                else:
+                    gx = lowrank_plus_linear(g_in, w_in, T, Ac, 1.0)
                 shape, x_dtype = ctx.x_meta
                 gx = _as(gx.view(shape), x_dtype)
         for i in used:

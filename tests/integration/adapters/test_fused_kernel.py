@@ -1,5 +1,6 @@
-"""The fused factor-gradient kernel (lowrank.adapters.fused) against the cuBLAS path, run by Triton's CPU interpreter
-in a process of its own (TRITON_INTERPRET=1 must be set before triton is imported)."""
+"""The fused factor-gradient kernel (lowrank.adapters.fused) and the GEMM that starts from the LoRA product
+(lowrank.adapters.lora_gemm) against the cuBLAS path, run by Triton's CPU interpreter in a process of its own
+(TRITON_INTERPRET=1 must be set before triton is imported)."""
 import pytest
 
 
@@ -52,5 +53,57 @@ def test_fused_factor_grads_match_cublas_path_in_triton_interpreter():
     pytest.importorskip("triton")  # a test dependency on Linux (no wheels elsewhere)
     from tests.conftest import ROOT, run_cli
     result = run_cli(["-c", _FUSED_SCRIPT], cwd=ROOT, env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+                     timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# The GEMM that starts from the rank-r product runs on CUDA only; forced on here, in the interpreter. Outputs and every
+# gradient of a group of three (widths 48, 24, 200; ranks 16, 8, 4: the input gradient's kernel takes the widest
+# output's gradient and adds the others) and of single layers, against the cuBLAS pair; then the kernel alone
+# against float64 for both operand layouts, with more rows and columns than one tile and a strided rank-r operand.
+_LORA_GEMM_SCRIPT = r"""
+import torch
+import lowrank.adapters.fused as lf
+import lowrank.adapters.lora_gemm as lg
+assert lg.triton is not None
+torch.manual_seed(0)
+n, d_in = 300, 40
+layers = [(torch.randn(d, d_in, dtype=torch.float64), None, torch.randn(r, d_in, dtype=torch.float64),
+           torch.randn(d, r, dtype=torch.float64), s) for d, r, s in ((48, 16, 2.0), (24, 8, 0.5), (200, 4, 1.0))]
+x = torch.randn(n, d_in, dtype=torch.float64)
+calls = []
+def grads(fused, group):
+    lf.lora_gemm_applies = (lambda *a: calls.append(1) or True) if fused else (lambda *a: False)
+    ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
+    xi = x.float().clone().requires_grad_(True)
+    if group:
+        ys = lf.lora_linear_group(xi, [(*p, l[4]) for p, l in zip(ps, layers)])
+    else:
+        ys = [lf.lora_linear(xi, *p, l[4]) for p, l in zip(ps, layers)]
+    outs = [y.detach() for y in ys]
+    sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys).backward()
+    return outs + [xi.grad] + [t.grad for p in ps for t in p if t is not None and t.grad is not None]
+for group in (True, False):
+    for a, b in zip(grads(True, group), grads(False, group)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+assert len(calls) == 3 + 1 + 3 + 3  # group: 3 forwards, one input gradient; single layers: 3 and 3
+M, K, N, r = 260, 72, 300, 12
+a, e = torch.randn(M, K), torch.randn(M, r + 4)[:, 4:]
+for w_rows_out, f_rows_out in ((True, True), (False, False)):
+    b = torch.randn(N, K) if w_rows_out else torch.randn(K, N)
+    f = torch.randn(N, r) if f_rows_out else torch.randn(r, N)
+    out = lg.lora_gemm([a], [b], e, f, 0.5, w_rows_out, f_rows_out)
+    ref = a.double() @ (b.double().t() if w_rows_out else b.double()) + 0.5 * e.double() @ (
+        f.double().t() if f_rows_out else f.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+torch.library.opcheck(lg._lora_gemm_op, ([a], [b], e, f, 0.5, False, False))  # schema, fake, aot dispatch
+print("ok")
+"""
+
+
+def test_lora_gemm_matches_cublas_path_in_triton_interpreter():
+    pytest.importorskip("triton")
+    from tests.conftest import ROOT, run_cli
+    result = run_cli(["-c", _LORA_GEMM_SCRIPT], cwd=ROOT, env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
                      timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -12,12 +12,14 @@ def test_smoke_run_writes_every_row_and_ratio(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     speed = json.loads((tmp_path / "fast_path_speed_cpu.json").read_text())
     runs = [r["run"] for r in speed["rows"]]
-    assert runs == ["trainer, LoRA r16 all-linear", "trainer, LoRA r16 all-linear, chunked_loss=false",
+    assert runs == ["trainer, LoRA r16 all-linear", "trainer, LoRA r16 all-linear, cuBLAS pair",
+                    "trainer, LoRA r16 all-linear, chunked_loss=false",
                     "trainer, full fine-tuning", "plain PEFT + torch.compile"]
     assert all(r["tokens_per_second"] > 0 for r in speed["rows"])
-    assert [r["chunked_loss"] for r in speed["rows"][:2]] == [False, False]  # the CPU keeps transformers' loss
+    assert [r["chunked_loss"] for r in speed["rows"][:3]] == [False, False, False]  # the CPU keeps transformers' loss
     md = (tmp_path / "fast_path_speed_cpu.md").read_text()
-    for ratio in ("LoRA / full fine-tuning", "LoRA / plain PEFT + compile", "LoRA, chunked loss / transformers' loss"):
+    for ratio in ("LoRA / full fine-tuning", "LoRA / plain PEFT + compile", "LoRA, chunked loss / transformers' loss",
+                  "LoRA, GEMM from the LoRA product / cuBLAS pair"):
         assert f"tiny: trainer {ratio}: " in md
     memory = json.loads((tmp_path / "fast_path_step_memory_cpu.json").read_text())
     losses = [r["loss"] for r in memory["rows"]]
