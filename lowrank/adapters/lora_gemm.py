@@ -38,23 +38,28 @@ if triton is not None:
     @triton.jit
     def _lora_gemm_kernel(a_desc, b_desc, c_desc, e_ptr, f_ptr, M, N, K, scale, rank, s_em, s_er, s_fr, s_fn,
                           B_ROWS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          R: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+                          GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
         """c = scale · e fᵀ + a op(b): a (M, K); b (N, K) if B_ROWS_OUT else (K, N); e (M, rank) and fᵀ
-        (rank, N) read through their strides, rank padded to R."""
+        (rank, N) read through their strides, 16 ranks at a time (one such pair of tiles in shared memory beside
+        the GEMM's stages, whatever the rank)."""
         num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         in_group = GROUP_M * num_pid_n
-        rr = tl.arange(0, R)
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS):
             first_m = (tile // in_group) * GROUP_M
             size_m = min(num_pid_m - first_m, GROUP_M)
             om = (first_m + tile % size_m) * BM
             on = ((tile % in_group) // size_m) * BN
             rm, rn = om + tl.arange(0, BM), on + tl.arange(0, BN)
-            e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er,
-                        mask=(rm[:, None] < M) & (rr[None, :] < rank), other=0.)
-            ft = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn,
-                         mask=(rr[:, None] < rank) & (rn[None, :] < N), other=0.)
-            acc = tl.dot(e, ft) * scale  # the rank-r product starts the accumulator: no second fp32 tile
+            # the rank-r product starts the accumulator: no second fp32 tile, no pass over the output
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for r0 in tl.range(0, rank, 16, num_stages=1):
+                rr = r0 + tl.arange(0, 16)
+                e = tl.load(e_ptr + rm[:, None] * s_em + rr[None, :] * s_er,
+                            mask=(rm[:, None] < M) & (rr[None, :] < rank), other=0.)
+                ft = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn,
+                             mask=(rr[:, None] < rank) & (rn[None, :] < N), other=0.)
+                acc = tl.dot(e, ft, acc)
+            acc = acc * scale
             for ki in range(tl.cdiv(K, BK)):
                 a = a_desc.load([om, ki * BK])
                 if B_ROWS_OUT:
@@ -94,8 +99,8 @@ def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch
     _lora_gemm_kernel[(programs,)](
         TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(b, [BN, BK] if w_rows_out else [BK, BN]),
         TensorDescriptor.from_tensor(c, [BM, BN]), e, f, M, N, K, scale, e.shape[1], e.stride(0), e.stride(1), s_fr,
-        s_fn, B_ROWS_OUT=w_rows_out, BM=BM, BN=BN, BK=BK, R=max(16, triton.next_power_of_2(e.shape[1])), GROUP_M=8,
-        PROGRAMS=programs, num_stages=STAGES, num_warps=WARPS)
+        s_fn, B_ROWS_OUT=w_rows_out, BM=BM, BN=BN, BK=BK, GROUP_M=8, PROGRAMS=programs, num_stages=STAGES,
+        num_warps=WARPS)
     for a, b in zip(big_ins[1:], big_ws[1:]):
         c.addmm_(a, b.t() if w_rows_out else b)
     return c

@@ -87,7 +87,7 @@ for group in (True, False):
     for a, b in zip(grads(True, group), grads(False, group)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 assert len(calls) == 3 + 1 + 3 + 3  # group: 3 forwards, one input gradient; single layers: 3 and 3
-M, K, N, r = 260, 72, 300, 12
+M, K, N, r = 260, 72, 300, 20
 a, e = torch.randn(M, K), torch.randn(M, r + 4)[:, 4:]
 for w_rows_out, f_rows_out in ((True, True), (False, False)):
     b = torch.randn(N, K) if w_rows_out else torch.randn(K, N)
