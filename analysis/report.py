@@ -329,7 +329,8 @@ def run_report(opts) -> dict:
         opts.amp_ranks = sorted({r.rank for r in runs if r.method == "lora"} | {8})  # cut to the runs analysed below
     t_load = time.perf_counter() - t_start
     progress(f"{len(runs)} runs to analyse, {len(skipped)} skipped ({t_load:.1f} s)")
-    keep = lora_setups_runs(add_setups(table, {k for r in runs for k in config_keys(r)})[0])
+    table_setups = add_setups(table, {k for r in runs for k in config_keys(r)})
+    keep = lora_setups_runs(table_setups[0])
     results, failed, stream = analyse_runs(runs, opts, keep)
     for run in runs:
         res = results.get(run.run_id)
@@ -345,7 +346,9 @@ def run_report(opts) -> dict:
             res.amps = [a for a in res.amps if a["method"] == "lora" or a["r"] in lora_ranks]
     t_runs = time.perf_counter() - t_start - t_load
 
-    table, setups, not_pooled = add_setups(table, {k for r in runs for k in config_keys(r)})
+    if failed:  # setups again over the runs that were analysed
+        table_setups = add_setups(table, {k for r in runs for k in config_keys(r)})
+    table, setups, not_pooled = table_setups
     sections = Sections()  # a table or section that raises is left out with its line, not the report
     pairs, subspace = sections.attempt("subspace grids (tables/subspace.csv)", lambda: subspace_table(table, results),
                                        (NO_PAIRS, None))

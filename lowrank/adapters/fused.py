@@ -238,7 +238,8 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_x:
                 # (n, in) = T [A₁; …; Aₙ] + Σ gᵢ Wᵢ over the layers with a gradient
                 g_in, w_in = [gs[i] for i in used], [Wc[i] for i in used]
-                first = max(range(len(used)), key=lambda j: g_in[j].shape[1])  # the widest gᵢ in the kernel
+                widths = [g.shape[1] for g in g_in]
+                first = widths.index(max(widths))  # the widest gᵢ in the kernel (no key=: dynamo traces this)
                 if lora_gemm_applies(g_in[first], w_in[first], T, Ac.shape[1]):
                     order = [first] + [j for j in range(len(used)) if j != first]
                     gx = lora_gemm([g_in[j] for j in order], [w_in[j] for j in order], T, Ac, 1.0,

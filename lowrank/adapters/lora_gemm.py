@@ -12,10 +12,11 @@ for the Llama 1.1B shapes at 8,192 tokens (benchmarks/results/probes/fused_lora_
 persistent over the output tiles (one program per SM, tiles grouped along M for L2 reuse) and reads x and W
 through TMA descriptors; h and B (views into the flat factor buffer, any alignment) by pointer.
 
-Where it does not pay or cannot run, `applies` says no and the caller keeps the cuBLAS pair: outputs narrower
-than `MIN_WIDTH` (k/v at 256: too few tiles), ranks above 64, operands TMA cannot describe (a last stride other
-than 1, rows not 16-byte aligned), non-CUDA tensors, dtypes other than bf16/fp16, or without Triton's tensor
-descriptors.
+Where it does not pay or cannot run, the cuBLAS pair computes the same: `applies` (what a traced tensor tells)
+says no for outputs narrower than `MIN_WIDTH` (k/v at 256: too few tiles) or not 16-byte aligned, ranks above 64,
+non-CUDA tensors, dtypes other than bf16/fp16, or a Triton without tensor descriptors; the op itself falls back
+for operands TMA cannot describe (a last stride other than 1, rows not 16-byte aligned), no rows, or a GPU other
+than a Hopper or Blackwell data-centre part (compute capability 9 or 10).
 """
 import os
 
@@ -38,13 +39,13 @@ if triton is not None:
     @triton.jit
     def _lora_gemm_kernel(a_desc, b_desc, c_desc, e_ptr, f_ptr, M, N, K, scale, rank, s_em, s_er, s_fr, s_fn,
                           B_ROWS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+                          GROUP_M: tl.constexpr):
         """c = scale · e fᵀ + a op(b): a (M, K); b (N, K) if B_ROWS_OUT else (K, N); e (M, rank) and fᵀ
         (rank, N) read through their strides, 16 ranks at a time (one such pair of tiles in shared memory beside
         the GEMM's stages, whatever the rank)."""
         num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         in_group = GROUP_M * num_pid_n
-        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS):
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
             first_m = (tile // in_group) * GROUP_M
             size_m = min(num_pid_m - first_m, GROUP_M)
             om = (first_m + tile % size_m) * BM
@@ -71,17 +72,36 @@ if triton is not None:
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
-    """A TMA descriptor can describe t: 2-D, unit last stride, rows and start 16-byte aligned (the allocator
-    aligns storages; the offset is what can break it). No data_ptr: it runs on fake tensors under compile."""
+    """A TMA descriptor can describe t: 2-D, unit last stride, rows that do not overlap, rows and start 16-byte
+    aligned."""
     size = t.element_size()
-    return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and (t.storage_offset() * size) % 16 == 0
+    return (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * size) % 16 == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def applies(a: torch.Tensor, b: torch.Tensor, e: torch.Tensor, out_width: int) -> bool:
-    """Whether `lora_gemm([a, ...], [b, ...], e, ...)` runs here (else the caller keeps the cuBLAS pair)."""
+    """Whether the layer takes `lora_gemm` (else the caller keeps the cuBLAS pair). Only what a traced tensor
+    tells (device, dtypes, sizes): layouts and the GPU are checked when the op runs, which falls back to the
+    pair where they do not suit the kernel."""
     return (ENABLED and triton is not None and a.is_cuda and a.dtype in _DTYPES and b.dtype == a.dtype
-            and e.dtype == a.dtype and out_width >= MIN_WIDTH and e.shape[1] <= MAX_RANK and _tma_ok(a)
-            and _tma_ok(b))
+            and e.dtype == a.dtype and out_width >= MIN_WIDTH and (out_width * a.element_size()) % 16 == 0
+            and e.shape[1] <= MAX_RANK)
+
+
+def _kernel_runs(big_ins, big_ws, c) -> bool:
+    """The operands TMA reads or writes can be described, there are rows, and the GPU is a Hopper or Blackwell
+    data-centre part (the kernel's shared memory is sized for them; elsewhere it was never measured)."""
+    a, b = big_ins[0], big_ws[0]
+    return (a.shape[0] > 0 and _tma_ok(a) and _tma_ok(b) and _tma_ok(c)
+            and (not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] in (9, 10)))
+
+
+def _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out) -> torch.Tensor:
+    """What the kernel computes, as lowrank.adapters.fused's pair: the rank-r product, then the big GEMMs onto it."""
+    c = torch.mm(e, f.t() if f_rows_out else f)
+    for i, (a, b) in enumerate(zip(big_ins, big_ws)):
+        c.addmm_(a, b.t() if w_rows_out else b, beta=scale if i == 0 else 1.0)
+    return c
 
 
 def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch.Tensor, f: torch.Tensor,
@@ -93,14 +113,14 @@ def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch
     M, K = a.shape
     N = b.shape[0] if w_rows_out else b.shape[1]
     c = a.new_empty(M, N)
+    if not _kernel_runs(big_ins, big_ws, c):
+        return _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out)
     s_fr, s_fn = (f.stride(1), f.stride(0)) if f_rows_out else (f.stride(0), f.stride(1))
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4  # 4: interpreter
-    programs = min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN))
-    _lora_gemm_kernel[(programs,)](
+    _lora_gemm_kernel[(min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)](
         TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(b, [BN, BK] if w_rows_out else [BK, BN]),
         TensorDescriptor.from_tensor(c, [BM, BN]), e, f, M, N, K, scale, e.shape[1], e.stride(0), e.stride(1), s_fr,
-        s_fn, B_ROWS_OUT=w_rows_out, BM=BM, BN=BN, BK=BK, GROUP_M=8, PROGRAMS=programs, num_stages=STAGES,
-        num_warps=WARPS)
+        s_fn, B_ROWS_OUT=w_rows_out, BM=BM, BN=BN, BK=BK, GROUP_M=8, num_stages=STAGES, num_warps=WARPS)
     for a, b in zip(big_ins[1:], big_ws[1:]):
         c.addmm_(a, b.t() if w_rows_out else b)
     return c

@@ -97,6 +97,13 @@ for w_rows_out, f_rows_out in ((True, True), (False, False)):
         f.double().t() if f_rows_out else f.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 torch.library.opcheck(lg._lora_gemm_op, ([a], [b], e, f, 0.5, False, False))  # schema, fake, aot dispatch
+# operands the kernel cannot take (rows of 73 floats: not 16-byte aligned; no rows): the op falls back to cuBLAS
+b, f = torch.randn(N, K), torch.randn(N, r)
+odd = torch.randn(M, K + 1)[:, :K]
+assert not lg._kernel_runs([odd], [b], torch.empty(M, N)) and lg._kernel_runs([a], [b], torch.empty(M, N))
+ref = odd.double() @ b.double().t() + 0.5 * e.double() @ f.double().t()
+torch.testing.assert_close(lg.lora_gemm([odd], [b], e, f, 0.5, True, True).double(), ref, rtol=1e-5, atol=1e-4)
+assert lg.lora_gemm([a[:0]], [b], e[:0], f, 0.5, True, True).shape == (0, N)
 print("ok")
 """
 
