@@ -28,7 +28,6 @@ CFGS = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 128, 64, 5, 8)]  # BM,
 VARIANTS = [("tri_flat", 0, True, True), ("tri_tile", 0, False, False), ("fused_flat_after", 1, True, True),
             ("fused_persist_ptr", 2, False, True), ("fused_flat_init", 4, True, True),
             ("fused_persist_init", 4, False, True), ("fused_tile_init", 4, False, False)]
-NUM_SMS = torch.cuda.get_device_properties("cuda").multi_processor_count if torch.cuda.is_available() else 1
 
 
 @triton.jit
@@ -96,7 +95,8 @@ def lora_mm(a, b, e, f, scale, b_nk: bool, f_nr: bool, cfg, epi=2, flatten=False
              TensorDescriptor.from_tensor(c, [BM, BN]))
     s_fr, s_fn = (f.stride(1), f.stride(0)) if f_nr else (f.stride(0), f.stride(1))
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    programs = min(NUM_SMS, tiles) if persistent else tiles  # not persistent: one tile per program
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
+    programs = min(sms, tiles) if persistent else tiles  # not persistent: one tile per program
     lora_mm_kernel[(programs,)](*descs, e, f, M, N, K, scale, e.shape[1], e.stride(0), e.stride(1), s_fr, s_fn,
                                 B_NK=b_nk, F_NR=f_nr, EPI=epi, BM=BM, BN=BN, BK=BK, R=R, GROUP_M=8, NUM_SMS=programs,
                                 FLATTEN=flatten, num_stages=stages, num_warps=warps)

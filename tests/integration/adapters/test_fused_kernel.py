@@ -87,6 +87,17 @@ for group in (True, False):
     for a, b in zip(grads(True, group), grads(False, group)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 assert len(calls) == 3 + 1 + 3 + 3  # group: 3 forwards, one input gradient; single layers: 3 and 3
+# traced whole by torch.compile (fullgraph: no graph break where the layer chooses its path), the same values
+lf.lora_gemm_applies = lambda *a: True
+ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
+xi = x.float().clone().requires_grad_(True)
+run = torch.compile(lambda xi, ps: lf.lora_linear_group(xi, [(*p, l[4]) for p, l in zip(ps, layers)]),
+                    backend="aot_eager", fullgraph=True)
+ys = run(xi, ps)
+sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys).backward()
+for a, b in zip([y.detach() for y in ys] + [xi.grad] + [t.grad for p in ps for t in p if t is not None],
+                grads(True, True)):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 M, K, N, r = 260, 72, 300, 20
 a, e = torch.randn(M, K), torch.randn(M, r + 4)[:, 4:]
 for w_rows_out, f_rows_out in ((True, True), (False, False)):
