@@ -169,7 +169,7 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
 
 @contextlib.contextmanager
 def cublas_pair():
-    """Within it, LoRA layers write their rank-r products whole and cuBLAS adds them (lowrank.adapters.lora_gemm off)."""
+    """Within it, LoRA layers write their rank-r products whole and cuBLAS adds them (lora_gemm off)."""
     saved, lora_gemm.ENABLED = lora_gemm.ENABLED, False
     try:
         yield
@@ -334,7 +334,7 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-lr", type=float, default=1e-3, help="memory part: the learning rate (LoRA's default)")
     ap.add_argument("--memory-repeat", action="store_true", help="memory part: the plain loss twice (its own spread)")
     ap.add_argument("--deterministic", action="store_true",
-                    help="torch.use_deterministic_algorithms for every run (so the loss curves differ by the loss alone)")
+                    help="torch.use_deterministic_algorithms for every run (loss curves then differ by the loss alone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     opts = ap.parse_args(argv)
     if opts.deterministic:  # before cuBLAS starts: its deterministic mode needs a fixed workspace

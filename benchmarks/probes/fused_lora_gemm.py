@@ -38,7 +38,8 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
     """c = a @ op(b) + scale · e @ fᵗ: a (M, K); b (N, K) if B_NK else (K, N); e (M, rank); fᵗ (rank, N) read
     through strides (s_fr, s_fn). Persistent over output tiles, grouped along M for L2 reuse. EPI: 0 none;
     1 e, f by TMA after the K loop; 2 by pointer loads issued before it (in flight during the loop); 3 by TMA
-    before it; 4 by pointer loads before it, their product the accumulator's start. FLATTEN: the tile and K loops pipelined as one (a persistent grid); else each tile's K loop alone."""
+    before it; 4 by pointer loads before it, their product the accumulator's start. FLATTEN: the tile and K loops
+    pipelined as one (a persistent grid); else each tile's K loop alone."""
     num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     k_tiles, num_tiles = tl.cdiv(K, BK), tl.cdiv(M, BM) * tl.cdiv(N, BN)
     in_group = GROUP_M * num_pid_n

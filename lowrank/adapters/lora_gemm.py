@@ -7,8 +7,8 @@ The trainer's LoRA layer otherwise writes the rank-r product h Bᵀ as a whole (
 read it back as the big GEMM's beta term (lowrank.adapters.fused): one output-sized write and read per adapter
 and pass. Here each output tile's accumulator starts as s · h Bᵀ for its rows and columns (a K = r product from a
 few KB of h and B), then the frozen GEMM accumulates onto it, and the tile is stored once. Measured on an H100
-for the Llama 1.1B shapes at 8,192 tokens (benchmarks/results/probes/fused_lora_gemm_h100.md): q/o 106 against
-118 µs for the cuBLAS pair, gate/up 261 against 300, the input gradient of down 263 against 343. The kernel is
+for the Llama 1.1B shapes at 8,192 tokens (benchmarks/results/probes/lora_gemm_check_h100.md): q/o 98.6 against
+118.3 µs for the cuBLAS pair, gate/up 264.7 against 301.7, the input gradient of down 284.4 against 303.5. It is
 persistent over the output tiles (one program per SM, tiles grouped along M for L2 reuse) and reads x and W
 through TMA descriptors; h and B (views into the flat factor buffer, any alignment) by pointer.
 
@@ -118,7 +118,8 @@ def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch
     s_fr, s_fn = (f.stride(1), f.stride(0)) if f_rows_out else (f.stride(0), f.stride(1))
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4  # 4: interpreter
     _lora_gemm_kernel[(min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)](
-        TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(b, [BN, BK] if w_rows_out else [BK, BN]),
+        TensorDescriptor.from_tensor(a, [BM, BK]),
+        TensorDescriptor.from_tensor(b, [BN, BK] if w_rows_out else [BK, BN]),
         TensorDescriptor.from_tensor(c, [BM, BN]), e, f, M, N, K, scale, e.shape[1], e.stride(0), e.stride(1), s_fr,
         s_fn, B_ROWS_OUT=w_rows_out, BM=BM, BN=BN, BK=BK, GROUP_M=8, num_stages=STAGES, num_warps=WARPS)
     for a, b in zip(big_ins[1:], big_ws[1:]):
