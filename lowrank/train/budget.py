@@ -170,16 +170,49 @@ class BudgetFit:
             "step": step, "micro_batch": self.micro_batch, "activation_checkpointing": self.activation_checkpointing})
 
 
+def probe_steps(model, optimizer, device, autocast, batch_size: int, max_length: int, causal_lm: bool,
+                loss_fn=None) -> Callable[[int, bool], None]:
+    """`run_steps(micro_batch, checkpointing)` for `cuda_oom_probe`: two optimizer steps at lr 0 over worst-case
+    micro-batches, with the training loss (`loss_fn(model, **batch)`, default the model's own), leaving the model,
+    the optimizer's state and its learning rates as they were."""
+    loss_fn = loss_fn or (lambda m, **batch: m(**batch).loss)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def run_steps(m: int, ckpt: bool) -> None:
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        try:
+            # Two steps: the second runs forward/backward with the optimizer state already allocated, as
+            # every real step after the first does; two micro-batches each, so gradients and activations
+            # coexist as under accumulation.
+            for _ in range(2):
+                for _ in range(min(2, batch_size // m)):
+                    with autocast():
+                        loss_fn(model, **_worst_case_batch(m, max_length, device, causal_lm)).backward()
+                optimizer.step()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.state.clear()
+            for g, lr in zip(optimizer.param_groups, lrs):
+                g["lr"] = lr
+            model.gradient_checkpointing_disable()
+    return run_steps
+
+
 def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_size: int, max_length: int,
                   micro: int, checkpointing: bool, estimate: Callable[..., MemoryEstimate],
-                  causal_lm: bool = False, measure: bool = True) -> BudgetFit:
+                  causal_lm: bool = False, measure: bool = True, loss_fn=None) -> BudgetFit:
     """Choose micro-batch and activation checkpointing under `budget` bytes (None: keep `micro` and
     `checkpointing` as configured). `estimate(**setting)` is the memory model for this run.
 
     CUDA: cap the process at the budget and probe real steps (largest micro-batch first, then with
-    checkpointing); the probes use lr 0 and their optimizer state and gradients are discarded (they draw
-    random numbers: re-seed after). CPU, or `measure=False` (several processes, whose probes could end
-    differently on each rank): the memory model decides."""
+    checkpointing; `probe_steps`, with the run's loss `loss_fn`); the probes use lr 0 and their optimizer state
+    and gradients are discarded (they draw random numbers: re-seed after). CPU, or `measure=False` (several
+    processes, whose probes could end differently on each rank): the memory model decides."""
     def at(fit: FitResult) -> dict:
         return estimate(micro_batch=fit.micro_batch, grad_accum=fit.grad_accum,
                         activation_checkpointing=fit.activation_checkpointing).as_dict()
@@ -191,30 +224,7 @@ def fit_to_budget(budget: int | None, model, optimizer, device, autocast, batch_
     if device.type == "cuda" and measure:
         free_cuda_memory(device)  # what an earlier job of this multirun left in the cache
         cap_process_memory(budget, device)
-        lrs = [g["lr"] for g in optimizer.param_groups]
-
-        def run_steps(m: int, ckpt: bool) -> None:
-            if ckpt:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_disable()
-            for g in optimizer.param_groups:
-                g["lr"] = 0.0
-            try:
-                # Two steps: the second runs forward/backward with the optimizer state already allocated, as
-                # every real step after the first does; two micro-batches each, so gradients and activations
-                # coexist as under accumulation.
-                for _ in range(2):
-                    for _ in range(min(2, batch_size // m)):
-                        with autocast():
-                            model(**_worst_case_batch(m, max_length, device, causal_lm)).loss.backward()
-                    optimizer.step()
-            finally:
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.state.clear()
-                for g, lr in zip(optimizer.param_groups, lrs):
-                    g["lr"] = lr
-                model.gradient_checkpointing_disable()
+        run_steps = probe_steps(model, optimizer, device, autocast, batch_size, max_length, causal_lm, loss_fn)
         fit = fit_micro_batch(batch_size, cuda_oom_probe(run_steps, device))
         reason = "no micro-batch fits, even with checkpointing"
     else:

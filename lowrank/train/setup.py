@@ -196,8 +196,9 @@ def _optimizer(run: Run) -> None:
 
 
 def _fit_budget(run: Run) -> None:
-    """The batch rules that need the data or the processes, then the micro-batch and activation checkpointing that fit `budget` (probing real steps
-    in one process; the memory model under several)."""
+    """The batch rules that need the data or the processes, the loss (trainer.chunked_loss), then the micro-batch
+    and activation checkpointing that fit `budget` (probing real steps in one process; the memory model under
+    several)."""
     cfg, tc = run.cfg, run.cfg.trainer
     check_batch_fits(cfg, len(run.train_batches))  # the training set's size is known once it is loaded
     run.local_batch = tc.batch_size // distributed.world_size()  # each rank's share of every step's batch
@@ -206,11 +207,15 @@ def _fit_budget(run: Run) -> None:
     budget = budget_bytes(cfg.budget)
     if run.parallel != "none" and budget:
         log.info("budget: the memory model picks the micro-batch (probing steps is for one process)")
+    # the loss is chosen first, so that the probes measure the one training will use
+    run.chunked_loss = resolve_chunked_loss(option(run.cfg, "trainer.chunked_loss"), run.model, run.head,
+                                            run.device, run.parallel)
     run.fit = fit_to_budget(budget, run.model, run.optimizer, run.device, run.autocast, run.local_batch,
                             tc.max_length, micro, bool(tc.activation_checkpointing),
                             lambda **kw: estimate_from_cfg(cfg, run.model.config, device_type=run.device.type,
                                                            world_size=distributed.world_size(), **kw),
-                            causal_lm=run.head is None, measure=run.parallel == "none")
+                            causal_lm=run.head is None, measure=run.parallel == "none",
+                            loss_fn=chunked_lm_loss if run.chunked_loss else None)
 
 
 def _speedups(run: Run) -> None:
@@ -229,8 +234,6 @@ def _speedups(run: Run) -> None:
     run.compiled = resolve_compile(tc.compile, run.device, run.parallel)
     if run.compiled:
         compile_blocks(run.model)
-    run.chunked_loss = resolve_chunked_loss(option(run.cfg, "trainer.chunked_loss"), run.model, run.head,
-                                            run.device, run.parallel)
     run.eval_batch_size = min(tc.eval_batch_size, run.micro) if fit.budget_bytes else tc.eval_batch_size
 
 

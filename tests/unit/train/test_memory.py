@@ -264,6 +264,38 @@ def test_fit_reports_where_it_failed():
     assert json.loads(json.dumps(fit.as_dict()))["fits"] is False
 
 
+def test_probe_steps_train_with_the_runs_loss_and_leave_the_run_as_it_was():
+    """The budget probes' steps use the loss training will (the chunked one, say), on micro-batches of the longest
+    length, twice per step under accumulation; the weights, the optimizer's state and learning rates, and
+    checkpointing are as before."""
+    from contextlib import nullcontext
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank.train.budget import probe_steps
+    from lowrank.train.lm_loss import chunked_lm_loss
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def loss_fn(m, **batch):
+        seen.append(tuple(batch["input_ids"].shape))
+        return chunked_lm_loss(m, **batch)
+    run_steps = probe_steps(model, optimizer, torch.device("cpu"), nullcontext, batch_size=4, max_length=24,
+                            causal_lm=True, loss_fn=loss_fn)
+    run_steps(2, True)
+    assert seen == [(2, 24)] * 4  # two steps of two accumulated micro-batches
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # lr 0: no update
+    assert not optimizer.state and optimizer.param_groups[0]["lr"] == 1e-3
+    assert not model.is_activation_checkpointing and all(p.grad is None for p in model.parameters())
+    seen.clear()
+    run_steps(4, False)
+    assert seen == [(4, 24)] * 2
+
+
 def test_cuda_probe_turns_out_of_memory_into_false():
     def run_steps(micro, ckpt):
         if micro > 2:
