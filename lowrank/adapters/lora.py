@@ -8,6 +8,7 @@ in `train()`/`eval()` (unlike loralib). Dropout-free layers run one fused autogr
 (lowrank.adapters.fused); siblings that a block calls on one input (q, k, v; gate, up) compute together as a
 SharedInputGroup, which reads that input once for all their adapters.
 """
+import functools
 import math
 import re
 
@@ -150,15 +151,15 @@ class SharedInputGroup:
         return y
 
 
-def _clear_groups(model: nn.Module, args) -> None:
-    for group in model.lora_groups:
+def _clear_groups(owner: nn.Module, module: nn.Module, args) -> None:
+    for group in owner.lora_groups:
         group.clear()
 
 
 def group_shared_inputs(model: nn.Module, names: list[str]) -> None:
     """Group the dropout-free LoRA layers among `names` that are siblings in one SHARED_INPUT family and
     take inputs of one width, dtype and device. The model clears its groups as each of its forward passes
-    begins."""
+    begins, and so does its decoder (`base_model`) called alone."""
     groups = []
     for family in SHARED_INPUT:
         by_parent: dict[tuple, list[str]] = {}
@@ -174,7 +175,10 @@ def group_shared_inputs(model: nn.Module, names: list[str]) -> None:
     if groups:
         if getattr(model, "lora_groups", None) is None:  # the first groups: the model clears them each forward
             model.lora_groups = []
-            model.register_forward_pre_hook(_clear_groups)
+            # and so does its decoder, which a loss that runs the head itself calls alone (trainer.chunked_loss)
+            decoder = getattr(model, "base_model", model)
+            for module in (model, decoder) if isinstance(decoder, nn.Module) and decoder is not model else (model,):
+                module.register_forward_pre_hook(functools.partial(_clear_groups, model))
         model.lora_groups.extend(groups)
 
 

@@ -128,6 +128,27 @@ def test_shared_input_siblings_compute_as_a_group():
     torch.testing.assert_close(q(x), alone(q, x))
 
 
+def test_the_decoder_called_alone_clears_the_groups_too():
+    """A loss that runs the head itself (trainer.chunked_loss) calls the decoder, not the model: outputs left
+    waiting by a failed pass are dropped there too, so the next pass keeps its groups (instead of taking its new
+    input for another one and ending them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    inject_lora(model, "all-linear", rank=2, alpha=4)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.group is not None and len(q.group.layers) == 3  # q, k, v
+    q(torch.randn(1, 4, 16))  # k's and v's outputs wait, as after a pass that failed there
+    model.base_model(input_ids=torch.randint(0, 50, (1, 4)))
+    assert q.group is not None and q.group.x is None
+    copied = copy.deepcopy(model)  # the hooks clear the copy's groups, not the original's
+    copied_q = copied.model.layers[0].self_attn.q_proj
+    copied_q(torch.randn(1, 4, 16))
+    copied.base_model(input_ids=torch.randint(0, 50, (1, 4)))
+    assert copied_q.group is not None
+
+
 def test_siblings_of_different_input_widths_are_not_grouped():
     block = nn.ModuleDict({"query": nn.Linear(8, 8), "key": nn.Linear(16, 8), "value": nn.Linear(16, 8)})
     model = nn.ModuleDict({"layers": nn.ModuleList([block])})
