@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.lora_gemm import applies as lora_gemm_applies, lora_gemm
+from lowrank.adapters.lora_gemm import applies as lora_gemm_applies, lora_gemm, lowrank_plus_linear
 
 try:
     import triton
@@ -58,33 +58,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # skip the operator call when nothing changes
-
-
-# The big GEMMs accumulate onto the rank-r product in place (GEMM beta): an output of the custom op written
-# first by the small product, read once in each big GEMM's epilogue. torch.compile would rewrite an in-place
-# addmm_ into addmm + a copy of the whole (n, out) output (306 extra copies, 6 ms of a 1.1B step on an H200),
-# so under compile the chain runs as one opaque custom op; eagerly, as plain calls (no dispatch cost).
-def _lowrank_plus_linear(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], small_in: torch.Tensor,
-                         small_w: torch.Tensor, beta: float) -> torch.Tensor:
-    """beta · small_in @ small_w + Σ big_in @ big_w, for 2-D operands (weights given as the matmul operand)."""
-    out = torch.mm(small_in, small_w)
-    for i, (a, w) in enumerate(zip(big_ins, big_ws)):
-        out.addmm_(a, w, beta=beta if i == 0 else 1.0)
-    return out
-
-
-_lowrank_plus_linear_op = torch.library.custom_op("lowrank::lowrank_plus_linear", _lowrank_plus_linear,
-                                                  mutates_args=())
-
-
-@_lowrank_plus_linear_op.register_fake
-def _(big_ins, big_ws, small_in, small_w, beta):
-    return small_in.new_empty(small_in.shape[0], big_ws[0].shape[1])
-
-
-def lowrank_plus_linear(big_ins, big_ws, small_in, small_w, beta: float) -> torch.Tensor:
-    fn = _lowrank_plus_linear_op if torch.compiler.is_compiling() else _lowrank_plus_linear
-    return fn(list(big_ins), list(big_ws), small_in, small_w, beta)
 
 
 # t = s g B and s gᵀ h from one read of g: each program owns BM rows of g, walks its columns in BK-wide

@@ -35,6 +35,33 @@ MAX_RANK = 64
 BM, BN, BK, STAGES, WARPS = 128, 256, 64, 3, 8  # best of the probe's configurations for every 1.1B and 7B shape
 _DTYPES = (torch.bfloat16, torch.float16)
 
+# The big GEMMs accumulate onto the rank-r product in place (GEMM beta): an output of the custom op written
+# first by the small product, read once in each big GEMM's epilogue. torch.compile would rewrite an in-place
+# addmm_ into addmm + a copy of the whole (n, out) output (306 extra copies, 6 ms of a 1.1B step on an H200),
+# so under compile the chain runs as one opaque custom op; eagerly, as plain calls (no dispatch cost).
+def _lowrank_plus_linear(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], small_in: torch.Tensor,
+                         small_w: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta · small_in @ small_w + Σ big_in @ big_w, for 2-D operands (weights given as the matmul operand)."""
+    out = torch.mm(small_in, small_w)
+    for i, (a, w) in enumerate(zip(big_ins, big_ws)):
+        out.addmm_(a, w, beta=beta if i == 0 else 1.0)
+    return out
+
+
+_lowrank_plus_linear_op = torch.library.custom_op("lowrank::lowrank_plus_linear", _lowrank_plus_linear,
+                                                  mutates_args=())
+
+
+@_lowrank_plus_linear_op.register_fake
+def _(big_ins, big_ws, small_in, small_w, beta):
+    return small_in.new_empty(small_in.shape[0], big_ws[0].shape[1])
+
+
+def lowrank_plus_linear(big_ins, big_ws, small_in, small_w, beta: float) -> torch.Tensor:
+    fn = _lowrank_plus_linear_op if torch.compiler.is_compiling() else _lowrank_plus_linear
+    return fn(list(big_ins), list(big_ws), small_in, small_w, beta)
+
+
 if triton is not None:
     @triton.jit
     def _lora_gemm_kernel(a_desc, b_desc, c_desc, e_ptr, f_ptr, M, N, K, scale, rank, s_em, s_er, s_fr, s_fn,

@@ -46,7 +46,7 @@ def test_lowrank_plus_linear_custom_op_passes_torch_opcheck():
     """The op torch.compile sees in place of the in-place GEMM epilogues: its fake (shape) function and its
     schema agree with what it computes, for each call site (forward, input gradient, a group's input
     gradient over two layers)."""
-    from lowrank.adapters.fused import _lowrank_plus_linear, _lowrank_plus_linear_op
+    from lowrank.adapters.lora_gemm import _lowrank_plus_linear, _lowrank_plus_linear_op
     g = torch.Generator().manual_seed(0)
     x, gy, W, A, B, h, t, gy2, W2, t2 = (torch.randn(*shape, generator=g) for shape in
                                          [(10, 6), (10, 5), (5, 6), (3, 6), (5, 3), (10, 3), (10, 3), (10, 4),
