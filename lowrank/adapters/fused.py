@@ -26,8 +26,9 @@ widened, update in fp32.
 their h = x Aᵀ and one for all their A gradients (lowrank.adapters.lora.SharedInputGroup uses it).
 
 On CUDA with Triton's tensor descriptors, the big GEMMs of outputs at least 1,024 wide start from the rank-r
-product in one kernel (lowrank.adapters.lora_gemm): the forward's s · h Bᵀ and the input gradient's T [A₁; …; Aₙ]
-are never written as whole tensors; elsewhere the cuBLAS pair above runs.
+product in one kernel (lowrank.adapters.lora_gemm): the forward's s · h Bᵀ and the input gradient's
+T [A₁; …; Aₙ] are never written as whole tensors; elsewhere the cuBLAS pair (`lowrank_plus_linear`, in that
+module) runs.
 
 On CUDA with Triton, for at least `FUSED_MIN_ROWS` tokens, backward reads each output gradient g once for both
 of its rank-r products, t = s g B and the B gradient s gᵀ h (`t_and_b_grads`), instead of twice in two cuBLAS

@@ -2,11 +2,13 @@
 
     y = lora_gemm([x], [W], h, B, s, w_rows_out=True, f_rows_out=True)     # x Wᵀ + s · h Bᵀ    (forward)
     gx = lora_gemm([g1, g2], [W1, W2], T, A, 1.0, False, False)          # Σ gᵢ Wᵢ + T A      (input gradient)
+    y = lowrank_plus_linear([x], [W.t()], h, B.t(), s)                   # the same by the cuBLAS pair
 
-The trainer's LoRA layer otherwise writes the rank-r product h Bᵀ as a whole (tokens, out) tensor and has cuBLAS
-read it back as the big GEMM's beta term (lowrank.adapters.fused): one output-sized write and read per adapter
-and pass. Here each output tile's accumulator starts as s · h Bᵀ for its rows and columns (a K = r product from a
-few KB of h and B), then the frozen GEMM accumulates onto it, and the tile is stored once. Measured on an H100
+The cuBLAS pair (`lowrank_plus_linear`, what lowrank.adapters.fused runs without the kernel) writes the rank-r
+product h Bᵀ as a whole (tokens, out) tensor and has cuBLAS read it back as the big GEMM's beta term: one
+output-sized write and read per adapter and pass. Here each output tile's accumulator starts as s · h Bᵀ for its
+rows and columns (a K = r product from a few KB of h and B), then the frozen GEMM accumulates onto it, and the tile
+is stored once. Measured on an H100
 for the Llama 1.1B shapes at 8,192 tokens (benchmarks/results/probes/lora_gemm_check_h100.md): q/o 98.6 against
 118.3 µs for the cuBLAS pair, gate/up 264.7 against 301.7, the input gradient of down 284.4 against 303.5. It is
 persistent over the output tiles (one program per SM, tiles grouped along M for L2 reuse) and reads x and W
@@ -124,11 +126,9 @@ def _kernel_runs(big_ins, big_ws, c) -> bool:
 
 
 def _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out) -> torch.Tensor:
-    """What the kernel computes, as lowrank.adapters.fused's pair: the rank-r product, then the big GEMMs onto it."""
-    c = torch.mm(e, f.t() if f_rows_out else f)
-    for i, (a, b) in enumerate(zip(big_ins, big_ws)):
-        c.addmm_(a, b.t() if w_rows_out else b, beta=scale if i == 0 else 1.0)
-    return c
+    """What the kernel computes, as the cuBLAS pair above (the rank-r product, then the big GEMMs onto it)."""
+    return _lowrank_plus_linear(big_ins, [b.t() if w_rows_out else b for b in big_ws], e,
+                                f.t() if f_rows_out else f, scale)
 
 
 def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch.Tensor, f: torch.Tensor,
