@@ -4,19 +4,53 @@
 import pytest
 
 
-# The fused factor-gradient kernel runs on CUDA only; on the CPU Triton's interpreter runs it (TRITON_INTERPRET is
-# read when the kernel is defined, so in a fresh process). Group of three (q, k, v-like widths, ranks 16, 8, 4)
-# and a single layer: the fused backward against the cuBLAS path, every gradient; the kernel alone in fp32 and
-# fp16 against float64, for ranks that pad to 16, 32 and 64 (not powers of two among them).
-_FUSED_SCRIPT = r"""
+# What both scripts share: a group of three LoRA layers (q, k, v-like widths 48, 24, 200; ranks 16, 8, 4) on one input
+# of n rows, and their outputs and gradients (the input's and every factor's) computed as a group or one layer at
+# a time, or by `forward(xi, ps)`; `same_with_and_without(switch)` compares both ways with a kernel's switch on and off.
+_LAYERS = r"""
 import torch
 import lowrank.adapters.fused as lf
-assert lf.triton is not None
 torch.manual_seed(0)
-n, d_in = 96, 40
+n, d_in = __ROWS__, 40
 layers = [(torch.randn(d, d_in, dtype=torch.float64), None, torch.randn(r, d_in, dtype=torch.float64),
            torch.randn(d, r, dtype=torch.float64), s) for d, r, s in ((48, 16, 2.0), (24, 8, 0.5), (200, 4, 1.0))]
 x = torch.randn(n, d_in, dtype=torch.float64)
+def grads(group, forward=None):
+    ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
+    xi = x.float().clone().requires_grad_(True)
+    if forward is not None:
+        ys = forward(xi, ps)
+    elif group:
+        ys = lf.lora_linear_group(xi, [(*p, l[4]) for p, l in zip(ps, layers)])
+    else:
+        ys = [lf.lora_linear(xi, *p, l[4]) for p, l in zip(ps, layers)]
+    outs = [y.detach() for y in ys]
+    sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys).backward()
+    return outs + [xi.grad] + [t.grad for p in ps for t in p if t is not None and t.grad is not None]
+def same_with_and_without(switch):
+    for group in (True, False):
+        switch(True)
+        on = grads(group)
+        switch(False)
+        for a, b in zip(on, grads(group)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+"""
+
+
+def _run_in_interpreter(script: str) -> None:
+    pytest.importorskip("triton")  # a test dependency on Linux (no wheels elsewhere)
+    from tests.conftest import ROOT, run_cli
+    result = run_cli(["-c", script], cwd=ROOT, env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+                     timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# The fused factor-gradient kernel runs on CUDA only; on the CPU Triton's interpreter runs it (TRITON_INTERPRET is
+# read when the kernel is defined, so in a fresh process). The group and single layers: the fused backward against
+# the cuBLAS path, every output and gradient; the kernel alone in fp32 and fp16 against float64, for ranks that pad
+# to 16, 32 and 64 (not powers of two among them).
+_FUSED_SCRIPT = _LAYERS.replace("__ROWS__", "96") + r"""
+assert lf.triton is not None
 # direct: T and each B gradient against float64 references (fp32 accumulation inside the kernel)
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2)):
     shapes = ((48, 16, 2.0), (24, 12, 0.5), (130, 40, 1.0), (7, 24, 1.5))  # ranks pad to 16, 16, 64, 32
@@ -33,70 +67,30 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2)):
         col += r
 torch.library.opcheck(lf._t_and_b_grads_op, (gs, Bs, H, [s for *_, s in shapes]))  # schema, fake, aot dispatch
 # through autograd: the fused branch forced on (CPU), against the cuBLAS branch
-def grads(fused, group):
-    lf.fused_factor_grads_apply = (lambda gs, rows, max_rank: True) if fused else (lambda gs, rows, max_rank: False)
-    ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
-    xi = x.float().clone().requires_grad_(True)
-    if group:
-        ys = lf.lora_linear_group(xi, [(*p, l[4]) for p, l in zip(ps, layers)])
-    else:
-        ys = [lf.lora_linear(xi, *p, l[4]) for p, l in zip(ps, layers)]
-    sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys).backward()
-    return [xi.grad] + [t.grad for p in ps for t in p if t is not None and t.grad is not None]
-for group in (True, False):
-    for a, b in zip(grads(True, group), grads(False, group)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+same_with_and_without(lambda on: setattr(lf, "fused_factor_grads_apply", lambda gs, rows, max_rank: on))
 print("ok")
 """
 
 def test_fused_factor_grads_match_cublas_path_in_triton_interpreter():
-    pytest.importorskip("triton")  # a test dependency on Linux (no wheels elsewhere)
-    from tests.conftest import ROOT, run_cli
-    result = run_cli(["-c", _FUSED_SCRIPT], cwd=ROOT, env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
-                     timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    _run_in_interpreter(_FUSED_SCRIPT)
 
 
-# The GEMM that starts from the rank-r product runs on CUDA only; forced on here, in the interpreter. Outputs and every
-# gradient of a group of three (widths 48, 24, 200; ranks 16, 8, 4: the input gradient's kernel takes the widest
-# output's gradient and adds the others) and of single layers, against the cuBLAS pair; then the kernel alone
+# The GEMM that starts from the rank-r product runs on CUDA only; forced on here, in the interpreter. The group (the
+# input gradient's kernel takes the widest output's gradient and adds the others) and single layers against the
+# cuBLAS pair, and the group traced by torch.compile; then the kernel alone
 # against float64 for both operand layouts, with more rows and columns than one tile and a strided rank-r operand.
-_LORA_GEMM_SCRIPT = r"""
-import torch
-import lowrank.adapters.fused as lf
+_LORA_GEMM_SCRIPT = _LAYERS.replace("__ROWS__", "300") + r"""
 import lowrank.adapters.lora_gemm as lg
 assert lg.triton is not None
-torch.manual_seed(0)
-n, d_in = 300, 40
-layers = [(torch.randn(d, d_in, dtype=torch.float64), None, torch.randn(r, d_in, dtype=torch.float64),
-           torch.randn(d, r, dtype=torch.float64), s) for d, r, s in ((48, 16, 2.0), (24, 8, 0.5), (200, 4, 1.0))]
-x = torch.randn(n, d_in, dtype=torch.float64)
 calls = []
-def grads(fused, group):
-    lf.lora_gemm_applies = (lambda *a: calls.append(1) or True) if fused else (lambda *a: False)
-    ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
-    xi = x.float().clone().requires_grad_(True)
-    if group:
-        ys = lf.lora_linear_group(xi, [(*p, l[4]) for p, l in zip(ps, layers)])
-    else:
-        ys = [lf.lora_linear(xi, *p, l[4]) for p, l in zip(ps, layers)]
-    outs = [y.detach() for y in ys]
-    sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys).backward()
-    return outs + [xi.grad] + [t.grad for p in ps for t in p if t is not None and t.grad is not None]
-for group in (True, False):
-    for a, b in zip(grads(True, group), grads(False, group)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+same_with_and_without(lambda on: setattr(lf, "lora_gemm_applies", (lambda *a: calls.append(1) or True) if on
+                                         else (lambda *a: False)))
 assert len(calls) == 3 + 1 + 3 + 3  # group: 3 forwards, one input gradient; single layers: 3 and 3
 # traced whole by torch.compile (fullgraph: no graph break where the layer chooses its path), the same values
 lf.lora_gemm_applies = lambda *a: True
-ps = [[t.float().clone().requires_grad_(True) if t is not None else None for t in l[:4]] for l in layers]
-xi = x.float().clone().requires_grad_(True)
 run = torch.compile(lambda xi, ps: lf.lora_linear_group(xi, [(*p, l[4]) for p, l in zip(ps, layers)]),
                     backend="aot_eager", fullgraph=True)
-ys = run(xi, ps)
-sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys).backward()
-for a, b in zip([y.detach() for y in ys] + [xi.grad] + [t.grad for p in ps for t in p if t is not None],
-                grads(True, True)):
+for a, b in zip(grads(True, forward=run), grads(True)):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 M, K, N, r = 260, 72, 300, 20
 a, e = torch.randn(M, K), torch.randn(M, r + 4)[:, 4:]
@@ -120,8 +114,4 @@ print("ok")
 
 
 def test_lora_gemm_matches_cublas_path_in_triton_interpreter():
-    pytest.importorskip("triton")
-    from tests.conftest import ROOT, run_cli
-    result = run_cli(["-c", _LORA_GEMM_SCRIPT], cwd=ROOT, env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
-                     timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    _run_in_interpreter(_LORA_GEMM_SCRIPT)
