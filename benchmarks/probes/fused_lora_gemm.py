@@ -31,6 +31,14 @@ VARIANTS = [("tri_flat", 0, True, True), ("tri_tile", 0, False, False), ("fused_
 
 
 @triton.jit
+def factor_tiles_tma(e_desc, f_desc, om, on, F_NR: tl.constexpr):
+    """The rank-r tiles by TMA: e's rows from om, fᵀ's columns from on."""
+    e = e_desc.load([om, 0])
+    ft = f_desc.load([on, 0]).T if F_NR else f_desc.load([0, on])
+    return e, ft
+
+
+@triton.jit
 def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K, scale, rank, s_em, s_er, s_fr,
                    s_fn, B_NK: tl.constexpr, F_NR: tl.constexpr, EPI: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -56,11 +64,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
             ft = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < rank) & (rn[None, :] < N),
                          other=0.)
         if EPI == 3:
-            e = e_desc.load([om, 0])
-            if F_NR:
-                ft = f_desc.load([on, 0]).T
-            else:
-                ft = f_desc.load([0, on])
+            e, ft = factor_tiles_tma(e_desc, f_desc, om, on, F_NR)
         if EPI == 4:  # the rank-r product starts the accumulator: no second (BM, BN) fp32 tile in registers
             acc = tl.dot(e, ft) * scale
         else:
@@ -73,11 +77,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
                 b = b_desc.load([ki * BK, on])
             acc = tl.dot(a, b, acc)
         if EPI == 1:
-            e = e_desc.load([om, 0])
-            if F_NR:
-                ft = f_desc.load([on, 0]).T
-            else:
-                ft = f_desc.load([0, on])
+            e, ft = factor_tiles_tma(e_desc, f_desc, om, on, F_NR)
         if EPI != 0 and EPI != 4:
             acc += scale * tl.dot(e, ft)
         c_desc.store([om, on], acc.to(c_desc.dtype))
