@@ -175,10 +175,11 @@ def group_shared_inputs(model: nn.Module, names: list[str]) -> None:
     if groups:
         if getattr(model, "lora_groups", None) is None:  # the first groups: the model clears them each forward
             model.lora_groups = []
-            # and so does its decoder, which a loss that runs the head itself calls alone (trainer.chunked_loss)
-            decoder = getattr(model, "base_model", model)
-            for module in (model, decoder) if isinstance(decoder, nn.Module) and decoder is not model else (model,):
-                module.register_forward_pre_hook(functools.partial(_clear_groups, model))
+            clear = functools.partial(_clear_groups, model)
+            model.register_forward_pre_hook(clear)
+            decoder = getattr(model, "base_model", model)  # which a loss that runs the head itself calls alone
+            if decoder is not model:
+                decoder.register_forward_pre_hook(clear)
         model.lora_groups.extend(groups)
 
 
