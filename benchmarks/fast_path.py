@@ -12,8 +12,8 @@ versions):
 - speed: per shape (1.1B b8 × 1024, 7B b2 × 1024), the trainer as users run it with no `trainer.compile` given
   (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; again with the
   cuBLAS pair instead of lowrank.adapters.lora_gemm; at 1.1B also with `trainer.chunked_loss=false`, transformers'
-  loss), the trainer's
-  full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one card), and plain
+  loss), the trainer's full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one
+  card), and plain
   PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape. Each
   trainer run has one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
   `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full.
