@@ -131,6 +131,7 @@ def ratio(rows, model, num, den, key="tokens_per_second"):
 
 def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[str]]:
     rows, lines = [], []
+    bandwidth = read_bandwidth(device)
     for key in models:
         shape = SHAPES[key]
         guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device), f"{key} trainer lora")
@@ -159,7 +160,7 @@ def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[st
                              ratio(rows, key, lora, lora + ", cuBLAS pair"))):
             if value is not None:
                 lines.append(f"- {key}: trainer {name}: {value:.2f}×")
-        lines += bound_lines(rows, key, lora, full)
+        lines += bound_lines(rows, key, lora, full, bandwidth)
     tops = [f"Top kernels, {r['model']}, {r['run']} (one step):\n\n```\n{r.pop('top_kernels')}\n```"
             for r in rows if r.get("top_kernels")]
     for r in rows:
@@ -177,11 +178,42 @@ def cublas_pair():
         lora_gemm.ENABLED = saved
 
 
-def bound_lines(rows, key, lora_run, full_run) -> list[str]:
+def factor_pass_bytes(shape: dict) -> int:
+    """Bytes that LoRA r16 on every linear projection of a Llama reads a step in its factor products, when each
+    product is a pass of its own (not folded into a frozen GEMM): every adapted input twice (h = x Aᵀ forward, A's
+    gradient Tᵀ x backward; q/k/v and gate/up share theirs) and every output gradient once (t = s g B and B's
+    gradient in one kernel). The factors, h and t are a few MB and left out."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    inputs = 3 * h + i                     # q/k/v, o, gate/up: hidden wide; down: intermediate wide
+    outputs = h + 2 * kv + h + 2 * i + h   # q, k, v, o, gate, up, down
+    return 2 * shape["batch"] * shape["seq"] * (2 * inputs + outputs) * layers  # bf16
+
+
+def read_bandwidth(device) -> float | None:
+    """Bytes a second this GPU reads in one streaming pass: a bf16 sum over 2 GiB, the mean of 10 (CUDA events)."""
+    if device.type != "cuda":
+        return None
+    x = torch.randn(2**30, device=device, dtype=torch.bfloat16)
+    x.sum(dtype=torch.float32)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        x.sum(dtype=torch.float32)
+    e1.record()
+    sync(device)
+    seconds = e0.elapsed_time(e1) / 10 / 1e3
+    del x
+    free(device)
+    return 2 * 2**30 / seconds
+
+
+def bound_lines(rows, key, lora_run, full_run, bandwidth: float | None = None) -> list[str]:
     """What bounds LoRA / full: the ratio LoRA would reach if every kernel of its own (its factor products and
     factor-gradient kernels) cost nothing. LoRA's floor is then the frozen matmuls (two thirds of full fine-tuning's:
     forward and input gradient, no weight gradient) plus its attention, compiled elementwise work, loss and optimizer
-    as profiled."""
+    as profiled. With `bandwidth` (bytes/s), also the bound with the factor products as passes of their own, which
+    cannot take less than their reads (`factor_pass_bytes`) at that bandwidth."""
     lora = next((r for r in rows if r.get("model") == key and r.get("run") == lora_run), None)
     full = next((r for r in rows if r.get("model") == key and r.get("run") == full_run), None)
     if not (lora and full and lora.get("gpu_busy_ms") and full.get("gpu_busy_ms")):
@@ -189,13 +221,21 @@ def bound_lines(rows, key, lora_run, full_run) -> list[str]:
     floor_matmul = 2 / 3 * full["matmul_ms"]
     own = lora["matmul_ms"] - floor_matmul + lora["other_ms"]
     floor = lora["step_ms_p50"] - own
-    return [f"- {key}: step time (p50) LoRA {lora['step_ms_p50']:.1f} ms, full {full['step_ms_p50']:.1f} ms; GPU busy "
-            f"(one profiled step) LoRA {lora['gpu_busy_ms']:.1f} ms, full {full['gpu_busy_ms']:.1f} ms",
-            f"- {key}: LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms "
-            f"(2/3 of full's {full['matmul_ms']:.1f}); LoRA's own kernels (factor matmuls, 'other') ≈ {own:.1f} ms",
-            f"- {key}: with those at zero, LoRA's step would take {floor:.1f} ms: LoRA / full ≤ "
-            f"{full['step_ms_p50'] / floor:.2f}× (attention {lora['attention_ms']:.1f} ms and compiled elementwise "
-            f"work {lora['compiled_ms']:.1f} ms are full fine-tuning's too)"]
+    lines = [f"- {key}: step time (p50) LoRA {lora['step_ms_p50']:.1f} ms, full {full['step_ms_p50']:.1f} ms; GPU "
+             f"busy (one profiled step) LoRA {lora['gpu_busy_ms']:.1f} ms, full {full['gpu_busy_ms']:.1f} ms",
+             f"- {key}: LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms "
+             f"(2/3 of full's {full['matmul_ms']:.1f}); LoRA's own kernels (factor matmuls, 'other') ≈ {own:.1f} ms",
+             f"- {key}: with those at zero, LoRA's step would take {floor:.1f} ms: LoRA / full ≤ "
+             f"{full['step_ms_p50'] / floor:.2f}× (attention {lora['attention_ms']:.1f} ms and compiled elementwise "
+             f"work {lora['compiled_ms']:.1f} ms are full fine-tuning's too)"]
+    if bandwidth:
+        read = factor_pass_bytes(SHAPES[key])
+        least = read / bandwidth * 1e3
+        lines.append(f"- {key}: as passes of their own, LoRA's factor products read {read / 1e9:.1f} GB a step (each "
+                     f"adapted input twice, each output gradient once); at the {bandwidth / 1e12:.2f} TB/s this GPU "
+                     f"reads (a bf16 sum over 2 GiB) that is ≥ {least:.1f} ms: LoRA / full ≤ "
+                     f"{full['step_ms_p50'] / (floor + least):.2f}× (now {own:.1f} ms)")
+    return lines
 
 
 def memory(runs_root, device, steps: int = 20, seq: int = 4096, checkpointing: bool = False,

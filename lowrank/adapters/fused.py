@@ -63,18 +63,24 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # t = s g B and s gᵀ h from one read of g: each program owns BM rows of g, walks its columns in BK-wide
 # slices, keeps its rows of t in registers and adds its share of gᵀ h into an fp32 buffer with atomics.
+# STAGGER: program p starts at slice p mod (slices) and wraps around, so that programs running at once add
+# into different slices of the buffer instead of all into the same one.
 if triton is not None:
     @triton.jit
     def _t_and_b_grad_kernel(g_ptr, b_ptr, h_ptr, t_ptr, gb_ptr, n, d, r, s, sgn, sgd, sbd, sbr, shn, shr, stn,
-                             st_r, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+                             st_r, RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                             STAGGER: tl.constexpr = False):
+        pid = tl.program_id(0)
+        rows = pid * BM + tl.arange(0, BM)
         rr = tl.arange(0, RP)  # the rank, padded to a power of two >= 16 for tl.dot
         rk = tl.arange(0, BK)
         row_ok, r_ok = rows[:, None] < n, rr[None, :] < r
         h = tl.load(h_ptr + rows[:, None] * shn + rr[None, :] * shr, mask=row_ok & r_ok, other=0.)
         acc_t = tl.zeros((BM, RP), dtype=tl.float32)
-        for k0 in range(0, d, BK):
-            cols = k0 + rk
+        slices = tl.cdiv(d, BK)
+        first = pid % slices if STAGGER else 0
+        for j in range(0, slices):
+            cols = ((first + j) % slices) * BK + rk
             g = tl.load(g_ptr + rows[:, None] * sgn + cols[None, :] * sgd, mask=row_ok & (cols[None, :] < d),
                         other=0.)
             b = tl.load(b_ptr + cols[:, None] * sbd + rr[None, :] * sbr, mask=(cols[:, None] < d) & r_ok, other=0.)
