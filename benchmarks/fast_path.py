@@ -39,7 +39,7 @@ from benchmarks.harness.record import collect_metadata, device_name, result_name
 from lowrank.adapters import lora_gemm
 from lowrank.train.memory import estimate_from_cfg
 from lowrank.train.perf import sync
-from lowrank.train.step import TrainStep
+from lowrank.train.step import TrainStep, model_loss
 
 
 def default_args(key: str, shape: dict, method: str, warmup: int, steps: int, runs_root, extra=()) -> list[str]:
@@ -326,7 +326,7 @@ def step_memory(device, cases=STEP_MEMORY_CASES) -> tuple[list[dict], list[str]]
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         x = torch.randint(0, min(1000, SHAPES[key]["vocab_size"]),
                           (SHAPES[key]["batch"], seq if device.type == "cuda" else 32), device=device)
-        for name, loss_fn in (("transformers", lambda m, **b: m(**b).loss), ("chunked", chunked_lm_loss)):
+        for name, loss_fn in (("transformers", model_loss), ("chunked", chunked_lm_loss)):
             for _ in range(2):  # the second step is measured
                 sync(device)
                 held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

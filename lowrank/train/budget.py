@@ -21,6 +21,7 @@ import torch
 
 from lowrank.errors import ConfigError
 from lowrank.train.memory import GIB, MemoryEstimate
+from lowrank.train.step import model_loss
 
 Probe = Callable[[int, bool], bool]  # (micro_batch, activation_checkpointing) -> ran without running out
 
@@ -175,7 +176,7 @@ def probe_steps(model, optimizer, device, autocast, batch_size: int, max_length:
     """`run_steps(micro_batch, checkpointing)` for `cuda_oom_probe`: two optimizer steps at lr 0 over worst-case
     micro-batches, with the training loss (`loss_fn(model, **batch)`, default the model's own), leaving the model,
     the optimizer's state and its learning rates as they were."""
-    loss_fn = loss_fn or (lambda m, **batch: m(**batch).loss)
+    loss_fn = loss_fn or model_loss
     lrs = [g["lr"] for g in optimizer.param_groups]
 
     def run_steps(m: int, ckpt: bool) -> None:

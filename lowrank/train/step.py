@@ -37,6 +37,11 @@ def place_lr(optimizer, device: torch.device | None, capturable: bool = False) -
         group["capturable"] = capturable
 
 
+def model_loss(model, **batch) -> torch.Tensor:
+    """The model's own loss for a batch (Hugging Face models compute it from `labels`): the default training loss."""
+    return model(**batch).loss
+
+
 class TrainStep:
     def __init__(self, model, optimizer, trainable, autocast, grad_clip, graphed: bool, warmup: int = 3,
                  sync=None, reduce_loss=None, loss_fn=None):
@@ -44,7 +49,7 @@ class TrainStep:
         `reduce_loss`: this rank's loss to the whole batch's (the mean over ranks; identity in one process);
         `loss_fn(model, **batch)`: the micro-batch's mean loss (default: the model's own, `model(**batch).loss`)."""
         self.model, self.optimizer, self.trainable, self.autocast = model, optimizer, trainable, autocast
-        self.loss_fn = loss_fn or (lambda m, **batch: m(**batch).loss)
+        self.loss_fn = loss_fn or model_loss
         self.max_norm = grad_clip if grad_clip else math.inf
         self.graph = StepGraph(self._whole_step, warmup) if graphed else None
         self.sync = sync or (lambda last: nullcontext())
