@@ -64,7 +64,8 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # t = s g B and s gᵀ h from one read of g: each program owns BM rows of g, walks its columns in BK-wide
 # slices, keeps its rows of t in registers and adds its share of gᵀ h into an fp32 buffer with atomics.
 # STAGGER: program p starts at slice p mod (slices) and wraps around, so that programs running at once add
-# into different slices of the buffer instead of all into the same one.
+# into different slices of the buffer instead of all into the same one: 4-11 % faster per 1.1B shape on one H100
+# (benchmarks/results/probes/fused_factor_grads_h100.md).
 if triton is not None:
     @triton.jit
     def _t_and_b_grad_kernel(g_ptr, b_ptr, h_ptr, t_ptr, gb_ptr, n, d, r, s, sgn, sgd, sbd, sbr, shn, shr, stn,
@@ -90,7 +91,9 @@ if triton is not None:
         tl.store(t_ptr + rows[:, None] * stn + rr[None, :] * st_r, (acc_t * s).to(t_ptr.dtype.element_ty),
                  mask=row_ok & r_ok)
 
-FUSED_MIN_ROWS = 4096  # fewer rows leave too few 64-row programs to stream g at speed (7B at 2k tokens: cuBLAS)
+# Fewer rows leave too few programs to stream g at speed: at 7B's 2,048 tokens cuBLAS's pair is faster than any
+# launch tried, 16-row programs included (17.9 against 20.7 µs at q's width on one H100: fused_factor_grads_h100)
+FUSED_MIN_ROWS = 4096
 FUSED_FACTOR_GRADS = os.environ.get("LOWRANK_FUSED_FACTOR_GRADS", "1") != "0"  # 0: the cuBLAS path everywhere
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -109,7 +112,7 @@ def _t_and_b_grads(gs: list[torch.Tensor], Bs: list[torch.Tensor], H: torch.Tens
         _t_and_b_grad_kernel[(triton.cdiv(rows, 64),)](
             g, B, h, t, gb[off:off + d * r], rows, d, r, s, g.stride(0), g.stride(1), B.stride(0), B.stride(1),
             h.stride(0), h.stride(1), t.stride(0), t.stride(1), RP=max(16, triton.next_power_of_2(r)), BM=64,
-            BK=128, num_warps=4, num_stages=4)
+            BK=128, STAGGER=True, num_warps=4, num_stages=4)
         col, off = col + r, off + d * r
     return T, gb.to(H.dtype)
 
