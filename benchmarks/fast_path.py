@@ -14,7 +14,8 @@ versions):
   cuBLAS pair instead of lowrank.adapters.lora_gemm; at 1.1B also with `trainer.chunked_loss=false`, transformers'
   loss), the trainer's full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one
   card), and plain
-  PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape. Each
+  PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape; with
+  `--repeats N` every configuration runs N times, interleaved, and each row is its median run. Each
   trainer run has one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
   `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full.
 - memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
@@ -35,7 +36,7 @@ import torch
 from benchmarks.bench import SHAPES, free  # the bench's Llama shapes (and its CPU smoke shape), one table
 from benchmarks.bench_trainer import compose, overrides, run
 from benchmarks.harness.kernel_profile import kernel_time
-from benchmarks.harness.record import collect_metadata, device_name, result_name, write_result
+from benchmarks.harness.record import collect_metadata, device_name, median_run, result_name, write_result
 from lowrank.adapters import lora_gemm
 from lowrank.train.memory import estimate_from_cfg
 from lowrank.train.perf import sync
@@ -129,28 +130,43 @@ def ratio(rows, model, num, den, key="tokens_per_second"):
     return a[key] / b[key] if a and b and b[key] else None
 
 
-def speed(models, warmup, steps, runs_root, device) -> tuple[list[dict], list[str]]:
+def speed_pass(key: str, warmup: int, steps: int, runs_root, device) -> list[dict]:
+    """One row per configuration of model `key`, always in the same order (a row or its error)."""
+    shape, rows = SHAPES[key], []
+    guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device), f"{key} trainer lora")
+    free(device)
+    with cublas_pair():  # the same run with the rank-r products written whole and added by cuBLAS
+        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device, (),
+                                          ", cuBLAS pair"), f"{key} trainer lora, cuBLAS pair")
+    free(device)
+    if key != "llama-7b":
+        # the same LoRA run with transformers' loss: what the chunked loss costs or saves in speed
+        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device,
+                                          ["trainer.chunked_loss=false"], ", chunked_loss=false"),
+                f"{key} trainer lora, plain loss")
+        free(device)
+        cpu = ["trainer.precision=bf16"] if device.type == "cpu" else []  # the CPU smoke run: bf16 weights need it
+        guarded(rows, lambda: trainer_row(key, shape, "full", warmup, steps, runs_root, device, cpu),
+                f"{key} trainer full")
+        free(device)
+    guarded(rows, lambda: plain_peft_row(key, shape, warmup, steps, device), f"{key} plain peft")
+    return rows
+
+
+def median_row(same: list[dict]) -> dict:
+    """Of one configuration's repeats, the run with the median tokens/s (every run's under tokens_per_second_runs);
+    its error where every repeat failed."""
+    ok = [r for r in same if "error" not in r]
+    return median_run(ok) if ok else same[0]
+
+
+def speed(models, warmup, steps, runs_root, device, repeats: int = 1) -> tuple[list[dict], list[str]]:
     rows, lines = [], []
     bandwidth = read_bandwidth(device)
     for key in models:
-        shape = SHAPES[key]
-        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device), f"{key} trainer lora")
-        free(device)
-        with cublas_pair():  # the same run with the rank-r products written whole and added by cuBLAS
-            guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device, (),
-                                              ", cuBLAS pair"), f"{key} trainer lora, cuBLAS pair")
-        free(device)
-        if key != "llama-7b":
-            # the same LoRA run with transformers' loss: what the chunked loss costs or saves in speed
-            guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device,
-                                              ["trainer.chunked_loss=false"], ", chunked_loss=false"),
-                    f"{key} trainer lora, plain loss")
-            free(device)
-            cpu = ["trainer.precision=bf16"] if device.type == "cpu" else []  # the CPU smoke run: bf16 weights need it
-            guarded(rows, lambda: trainer_row(key, shape, "full", warmup, steps, runs_root, device, cpu),
-                    f"{key} trainer full")
-            free(device)
-        guarded(rows, lambda: plain_peft_row(key, shape, warmup, steps, device), f"{key} plain peft")
+        # repeats interleaved (every configuration once, then again): drift of the GPU or host hits all alike
+        passes = [speed_pass(key, warmup, steps, runs_root, device) for _ in range(repeats)]
+        rows += [median_row(list(same)) for same in zip(*passes)]
         lora, full, peft = "trainer, LoRA r16 all-linear", "trainer, full fine-tuning", "plain PEFT + torch.compile"
         for name, value in (("LoRA / full fine-tuning", ratio(rows, key, lora, full)),
                             ("LoRA / plain PEFT + compile", ratio(rows, key, lora, peft)),
@@ -369,6 +385,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--runs-root", default="/tmp/fast_path_runs")
     ap.add_argument("--tag", default="", help="appended to the result files' names")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="speed part: every configuration this many times, interleaved; each row is its median run")
     ap.add_argument("--memory-seq", type=int, default=4096, help="memory part: tokens a sequence (batch 2)")
     ap.add_argument("--memory-checkpointing", action="store_true", help="memory part: activation checkpointing on")
     ap.add_argument("--memory-lr", type=float, default=1e-3, help="memory part: the learning rate (LoRA's default)")
@@ -388,7 +406,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         if part == "speed":
             rows, lines = speed(models, 2 if opts.smoke else opts.warmup, 3 if opts.smoke else opts.steps,
-                                opts.runs_root, device)
+                                opts.runs_root, device, opts.repeats)
         elif part == "memory":
             rows, lines = memory(opts.runs_root, device, steps=3 if opts.smoke else 20, seq=opts.memory_seq,
                                  checkpointing=opts.memory_checkpointing, repeat=opts.memory_repeat,

@@ -25,3 +25,32 @@ def test_bound_lines_add_the_read_floor_at_the_given_bandwidth():
     assert len(plain) == 3 and floored[:3] == plain
     assert f"≤ {114.0 / (84.0 - own):.2f}×" in plain[2]
     assert f"≥ {least:.1f} ms" in floored[3] and f"≤ {114.0 / (84.0 - own + least):.2f}×" in floored[3]
+
+
+def test_repeats_run_every_configuration_in_turn_and_report_each_ones_median_run(monkeypatch):
+    import benchmarks.fast_path as fp
+    lora, full = "trainer, LoRA r16 all-linear", "trainer, full fine-tuning"
+    speeds = iter([(100.0, 70.0), (90.0, 75.0), (110.0, 60.0)])  # (LoRA, full) tokens/s of each pass
+    calls = []
+
+    def one_pass(key, *args):
+        lo, fu = next(speeds)
+        calls.append(key)
+        return [dict(model=key, run=lora, tokens_per_second=lo), dict(model=key, run=full, tokens_per_second=fu),
+                dict(run=f"{key} plain peft", error="RuntimeError: out of memory")]
+
+    monkeypatch.setattr(fp, "speed_pass", one_pass)
+    monkeypatch.setattr(fp, "read_bandwidth", lambda device: None)
+    rows, lines = fp.speed(["llama-1.1b"], 2, 3, "/unused", None, repeats=3)
+    assert calls == ["llama-1.1b"] * 3 and len(rows) == 3
+    assert rows[0]["tokens_per_second"] == 100.0 and rows[0]["tokens_per_second_runs"] == [100.0, 90.0, 110.0]
+    assert rows[1]["tokens_per_second"] == 70.0                  # the median run, not a mean (68.3)
+    assert rows[2]["error"].startswith("RuntimeError")           # failed every time: its error stays
+    assert "- llama-1.1b: trainer LoRA / full fine-tuning: 1.43×" in lines     # 100 / 70, the medians
+
+
+def test_a_configuration_that_failed_once_reports_its_runs_that_did_not():
+    from benchmarks.fast_path import median_row
+    same = [dict(run="x", error="RuntimeError"), dict(run="r", tokens_per_second=5.0),
+            dict(run="r", tokens_per_second=3.0)]
+    assert median_row(same) == dict(run="r", tokens_per_second=3.0, tokens_per_second_runs=[5.0, 3.0])
