@@ -13,9 +13,8 @@ versions):
   (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; again with the
   cuBLAS pair instead of lowrank.adapters.lora_gemm; at 1.1B also with `trainer.chunked_loss=false`, transformers'
   loss), the trainer's full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one
-  card), and plain
-  PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape; with
-  `--repeats N` every configuration runs N times, interleaved, and each row is its median run. Each
+  card), and plain PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios
+  per shape; with `--repeats N` every configuration runs N times, interleaved, and each row is its median run. Each
   trainer run has one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
   `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full.
 - memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
@@ -37,6 +36,7 @@ from benchmarks.bench import SHAPES, free  # the bench's Llama shapes (and its C
 from benchmarks.bench_trainer import compose, overrides, run
 from benchmarks.harness.kernel_profile import kernel_time
 from benchmarks.harness.record import collect_metadata, device_name, median_run, result_name, write_result
+from benchmarks.probes.common import time_us
 from lowrank.adapters import lora_gemm
 from lowrank.train.memory import estimate_from_cfg
 from lowrank.train.perf import sync
@@ -211,15 +211,8 @@ def read_bandwidth(device) -> float | None:
     if device.type != "cuda":
         return None
     x = torch.randn(2**30, device=device, dtype=torch.bfloat16)
-    x.sum(dtype=torch.float32)
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(10):
-        x.sum(dtype=torch.float32)
-    e1.record()
-    sync(device)
-    seconds = e0.elapsed_time(e1) / 10 / 1e3
-    del x
+    seconds = time_us(lambda _: x.sum(dtype=torch.float32), reps=10, warmup=1) / 1e6
+    x = None  # the 2 GiB go back before the runs
     free(device)
     return 2 * 2**30 / seconds
 

@@ -11,17 +11,14 @@ def test_factor_pass_bytes_counts_inputs_twice_and_output_gradients_once():
 
 
 def test_bound_lines_add_the_read_floor_at_the_given_bandwidth():
-    rows = [dict(model="m", run="lora", gpu_busy_ms=80.0, step_ms_p50=84.0, matmul_ms=52.0, other_ms=4.0,
+    key = "llama-1.1b"
+    rows = [dict(model=key, run="lora", gpu_busy_ms=80.0, step_ms_p50=84.0, matmul_ms=52.0, other_ms=4.0,
                  attention_ms=11.0, compiled_ms=10.0),
-            dict(model="m", run="full", gpu_busy_ms=110.0, step_ms_p50=114.0, matmul_ms=69.0)]
-    SHAPES["m"] = SHAPES["llama-1.1b"]
-    try:
-        plain = bound_lines(rows, "m", "lora", "full")
-        floored = bound_lines(rows, "m", "lora", "full", bandwidth=3e12)
-    finally:
-        del SHAPES["m"]
+            dict(model=key, run="full", gpu_busy_ms=110.0, step_ms_p50=114.0, matmul_ms=69.0)]
+    plain = bound_lines(rows, key, "lora", "full")
+    floored = bound_lines(rows, key, "lora", "full", bandwidth=3e12)
     own = 52.0 - 2 / 3 * 69.0 + 4.0          # LoRA's matmuls over the frozen floor, plus its other kernels
-    least = factor_pass_bytes(SHAPES["llama-1.1b"]) / 3e12 * 1e3
+    least = factor_pass_bytes(SHAPES[key]) / 3e12 * 1e3
     assert len(plain) == 3 and floored[:3] == plain
     assert f"≤ {114.0 / (84.0 - own):.2f}×" in plain[2]
     assert f"≥ {least:.1f} ms" in floored[3] and f"≤ {114.0 / (84.0 - own + least):.2f}×" in floored[3]
