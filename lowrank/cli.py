@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from lowrank.errors import ConfigError, fail
 from lowrank.rundir import layout as rundir
 from lowrank.rundir.layout import NOT_IDENTITY, RunInProgress, config_hash, find_run_dir, format_value, run_dirname
+from lowrank.train.preemption import Preempted, exit_now, under_torchrun
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NOT_IN_NAME = ("experiment",)  # besides rundir.NOT_IDENTITY: an experiment file's settings are in the hash
@@ -309,7 +310,12 @@ def run_main(main) -> None:
     that did not finish (0 when all did)."""
     register_resolvers()
     check_command_line(*command_line(sys.argv[1:]))
-    main()
+    try:
+        main()
+    except Preempted as e:
+        if under_torchrun():
+            exit_now(e.code)
+        raise
     if OUTCOME.unfinished:
         print(OUTCOME.summary(), file=sys.stderr)
         sys.exit(min(len(OUTCOME.unfinished), MAX_EXIT_CODE))

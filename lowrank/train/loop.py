@@ -23,7 +23,7 @@ from lowrank.train.checkpoint import save_checkpoint
 from lowrank.train.dynamics import summary as dynamics_summary
 from lowrank.train.history import add_eval, step_row, write_history
 from lowrank.train.loop_state import LoopState
-from lowrank.train.preemption import Preempted, sigterm_flag
+from lowrank.train.preemption import Preempted, sigterm_flag, under_torchrun
 from lowrank.train.setup import Run
 from lowrank.train.throughput import StepClock
 
@@ -60,8 +60,12 @@ class Loop:
         self.sigterm, previous_handler = sigterm_flag()
         self.bar = tqdm(range(self.state.step, tc.max_steps), desc=run.run_name, dynamic_ncols=True,
                         disable=not (tc.progress_bar and run.main), initial=self.state.step, total=tc.max_steps)
+        preempted = False
         try:
             self._steps()
+        except Preempted:
+            preempted = True
+            raise
         except torch.OutOfMemoryError:
             if not run.fit.budget_bytes:
                 raise
@@ -69,7 +73,9 @@ class Loop:
             run.logger.finish()
             self.state.out_of_memory_at = self.state.step + 1
         finally:
-            if previous_handler is not None:
+            # Under torchrun the first rank to exit makes the launcher SIGTERM the others: a pre-empted rank keeps
+            # the flag so that signal cannot cut its last writes short; it exits 143 itself.
+            if previous_handler is not None and not (preempted and under_torchrun()):
                 signal.signal(signal.SIGTERM, previous_handler)
             self._write_history()
             self.progress.end(self.state.step)
