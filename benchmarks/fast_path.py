@@ -16,7 +16,8 @@ versions):
   card), and plain PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios
   per shape; with `--repeats N` every configuration runs N times, interleaved, and each row is its median run. Each
   trainer run has one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
-  `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full.
+  `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full; from LoRA's
+  and the frozen matmuls timed alone with cuBLAS, the bound on LoRA / plain PEFT (at 7B, where no full row runs).
 - memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
   20 steps each from the same seed: the peaks and the largest difference of the per-step losses.
 - estimate: 7B LoRA r16 at 2 × 8192 tokens with activation checkpointing: `experiments.estimate`'s peak (the
@@ -177,6 +178,7 @@ def speed(models, warmup, steps, runs_root, device, repeats: int = 1) -> tuple[l
             if value is not None:
                 lines.append(f"- {key}: trainer {name}: {value:.2f}×")
         lines += bound_lines(rows, key, lora, full, bandwidth)
+        lines += peft_bound_line(rows, key, lora, peft, frozen_gemm_ms(SHAPES[key], device))
     tops = [f"Top kernels, {r['model']}, {r['run']} (one step):\n\n```\n{r.pop('top_kernels')}\n```"
             for r in rows if r.get("top_kernels")]
     for r in rows:
@@ -215,6 +217,55 @@ def read_bandwidth(device) -> float | None:
     x = None  # the 2 GiB go back before the runs
     free(device)
     return 2 * 2**30 / seconds
+
+
+def frozen_gemm_shapes(shape: dict) -> dict[tuple[int, int], int]:
+    """{(in, out) features: how many} of a Llama's frozen projections: per layer q, k, v, o, gate, up, down; and
+    lm_head once."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    counts = {}
+    for features, n in (((h, h), 2), ((h, kv), 2), ((h, i), 2), ((i, h), 1)):  # q and o; k and v; gate and up; down
+        counts[features] = counts.get(features, 0) + n * layers
+    counts[(h, shape["vocab_size"])] = counts.get((h, shape["vocab_size"]), 0) + 1
+    return counts
+
+
+def frozen_gemm_ms(shape: dict, device, timer=time_us) -> float | None:
+    """Milliseconds of a step's frozen matmuls, each timed alone with cuBLAS in bf16: the forward x Wᵀ and the input
+    gradient g W of every projection (`frozen_gemm_shapes`). LoRA needs these and no fewer; full fine-tuning adds
+    each weight's gradient. Without a full fine-tuning row (7B does not fit one card), this is LoRA's frozen floor.
+    None off CUDA."""
+    if device.type != "cuda":
+        return None
+    tokens = shape["batch"] * shape["seq"]
+
+    def pair_us(n_in: int, n_out: int) -> float:
+        w = torch.randn(n_out, n_in, device=device, dtype=torch.bfloat16)
+        xs = [torch.randn(tokens, n_in, device=device, dtype=torch.bfloat16) for _ in range(4)]  # time_us rotates
+        gs = [torch.randn(tokens, n_out, device=device, dtype=torch.bfloat16) for _ in range(4)]
+        return timer(lambda j: xs[j] @ w.T, reps=20, warmup=3) + timer(lambda j: gs[j] @ w, reps=20, warmup=3)
+    total_us = sum(count * pair_us(*features) for features, count in frozen_gemm_shapes(shape).items())
+    free(device)
+    return total_us / 1e3
+
+
+def peft_bound_line(rows, key, lora_run, peft_run, frozen_ms: float | None) -> list[str]:
+    """What bounds LoRA / plain PEFT: the ratio LoRA would reach with its own kernels free, its frozen matmuls at
+    `frozen_ms` (cuBLAS alone) and the rest of its step (attention, compiled elementwise work, optimizer) as
+    profiled."""
+    lora = next((r for r in rows if r.get("model") == key and r.get("run") == lora_run), None)
+    peft = next((r for r in rows if r.get("model") == key and r.get("run") == peft_run), None)
+    if not (frozen_ms and lora and peft and lora.get("gpu_busy_ms") and peft.get("tokens_per_second")):
+        return []
+    shape = SHAPES[key]
+    peft_ms = 1e3 * shape["batch"] * shape["seq"] / peft["tokens_per_second"]
+    own = lora["matmul_ms"] - frozen_ms + lora["other_ms"]
+    floor = lora["step_ms_p50"] - own
+    return [f"- {key}: the frozen matmuls alone (cuBLAS, one by one) take {frozen_ms:.1f} ms against LoRA's matmuls "
+            f"{lora['matmul_ms']:.1f} ms: LoRA's own kernels (factor matmuls, 'other') ≈ {own:.1f} ms; with those at "
+            f"zero, LoRA's step would take {floor:.1f} ms against PEFT's {peft_ms:.1f} ms: LoRA / plain PEFT + "
+            f"compile ≤ {peft_ms / floor:.2f}×"]
 
 
 def bound_lines(rows, key, lora_run, full_run, bandwidth: float | None = None) -> list[str]:

@@ -1,6 +1,10 @@
-"""benchmarks.fast_path's bound on LoRA / full: the read floor of LoRA's factor products, counted by hand."""
+"""benchmarks.fast_path's bounds: on LoRA / full, the read floor of LoRA's factor products, counted by hand; on
+LoRA / plain PEFT, the frozen matmuls a step needs, counted by hand and timed through a stub."""
+import pytest
+import torch
+
 from benchmarks.bench import SHAPES
-from benchmarks.fast_path import bound_lines, factor_pass_bytes
+from benchmarks.fast_path import bound_lines, factor_pass_bytes, frozen_gemm_ms, frozen_gemm_shapes, peft_bound_line
 
 
 def test_factor_pass_bytes_counts_inputs_twice_and_output_gradients_once():
@@ -38,6 +42,7 @@ def test_repeats_run_every_configuration_in_turn_and_report_each_ones_median_run
 
     monkeypatch.setattr(fp, "speed_pass", one_pass)
     monkeypatch.setattr(fp, "read_bandwidth", lambda device: None)
+    monkeypatch.setattr(fp, "frozen_gemm_ms", lambda shape, device: None)
     rows, lines = fp.speed(["llama-1.1b"], 2, 3, "/unused", None, repeats=3)
     assert calls == ["llama-1.1b"] * 3 and len(rows) == 3
     assert rows[0]["tokens_per_second"] == 100.0 and rows[0]["tokens_per_second_runs"] == [100.0, 90.0, 110.0]
@@ -51,3 +56,47 @@ def test_a_configuration_that_failed_once_reports_its_runs_that_did_not():
     same = [dict(run="x", error="RuntimeError"), dict(run="r", tokens_per_second=5.0),
             dict(run="r", tokens_per_second=3.0)]
     assert median_row(same) == dict(run="r", tokens_per_second=3.0, tokens_per_second_runs=[5.0, 3.0])
+
+
+def test_frozen_gemm_shapes_count_every_projection_of_every_layer_and_lm_head():
+    # 7B: 32 layers, k and v as wide as q (32 of 32 heads); 1.1B: k and v 256 wide (4 of 32 heads)
+    assert frozen_gemm_shapes(SHAPES["llama-7b"]) == {(4096, 4096): 4 * 32, (4096, 11008): 2 * 32,
+                                                      (11008, 4096): 32, (4096, 32000): 1}
+    assert frozen_gemm_shapes(SHAPES["llama-1.1b"]) == {(2048, 2048): 2 * 22, (2048, 256): 2 * 22,
+                                                        (2048, 5632): 2 * 22, (5632, 2048): 22, (2048, 32000): 1}
+
+
+def test_frozen_gemm_ms_times_the_forward_and_the_input_gradient_of_each_shape(monkeypatch):
+    """On CPU tensors through a stub timer: each call's product has the shape of x Wᵀ or g W; time = output size."""
+    import benchmarks.fast_path as fp
+    monkeypatch.setattr(fp, "free", lambda device: None)
+    shape = dict(SHAPES["tiny"])
+    seen = []
+
+    def timer(fn, reps, warmup):
+        out = fn(1)
+        seen.append(tuple(out.shape))
+        return float(out.numel())               # µs
+    fake = type("D", (), {"type": "cuda"})()    # the CUDA branch, with tensors made on the CPU
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *size, device=None, dtype=None: randn(*size, dtype=dtype))
+    got = frozen_gemm_ms(shape, fake, timer=timer)
+    tokens = shape["batch"] * shape["seq"]
+    want = sum(n * tokens * (n_out + n_in) for (n_in, n_out), n in frozen_gemm_shapes(shape).items()) / 1e3
+    assert got == pytest.approx(want)
+    assert sorted(seen) == sorted(s for (n_in, n_out) in frozen_gemm_shapes(shape)
+                                  for s in ((tokens, n_out), (tokens, n_in)))
+    assert frozen_gemm_ms(shape, torch.device("cpu")) is None
+
+
+def test_peft_bound_takes_lora_s_own_kernels_out_of_its_step():
+    key = "llama-7b"
+    tokens = SHAPES[key]["batch"] * SHAPES[key]["seq"]
+    rows = [dict(model=key, run="lora", gpu_busy_ms=104.0, step_ms_p50=108.0, matmul_ms=87.0, other_ms=0.3),
+            dict(model=key, run="peft", tokens_per_second=tokens / 0.130)]   # a 130 ms step
+    (line,) = peft_bound_line(rows, key, "lora", "peft", frozen_ms=78.0)
+    own = 87.0 - 78.0 + 0.3
+    assert f"≈ {own:.1f} ms" in line and f"take {108.0 - own:.1f} ms against PEFT's 130.0 ms" in line
+    assert f"≤ {130.0 / (108.0 - own):.2f}×" in line
+    assert peft_bound_line(rows, key, "lora", "peft", frozen_ms=None) == []
+    assert peft_bound_line(rows[:1], key, "lora", "peft", frozen_ms=78.0) == []
