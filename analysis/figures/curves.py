@@ -9,17 +9,15 @@ import pandas as pd
 from analysis.figures.data import MissingRuns
 from analysis.figures.draw import Drawn, _legend_below, _setup_title, _write, config_colors
 from analysis.statistics import n_label
-from analysis.figures.style import new_figure, styled
+from analysis.figures.style import panels, styled
 
 BAND_ALPHA = 0.2
 
 
 @styled
 def plot_loss_curves(curves: pd.DataFrame):
-    setups = list(dict.fromkeys(curves.setup))
-    fig, axes = new_figure(1, len(setups), size=(4.2, 3.8))
-    for ax, setup in zip(axes[0], setups):
-        g = curves[curves.setup == setup]
+    fig, panel = panels(curves, size=(4.2, 3.8))
+    for ax, setup, g in panel:
         configs = list(dict.fromkeys(g.config))
         colors = config_colors(configs)
         for c in configs:
@@ -33,7 +31,8 @@ def plot_loss_curves(curves: pd.DataFrame):
             if len(ev):
                 ax.plot(ev.step, ev.eval_loss_mean, color=colors[c], lw=1, ls="--", marker="o", ms=3, gid=f"eval:{c}")
                 ax.fill_between(ev.step, ev.eval_loss_min, ev.eval_loss_max, color=colors[c], alpha=BAND_ALPHA, lw=0)
-        ax.set(xlabel="step", ylabel="loss (solid: train, dashed: eval)", title=_setup_title(setup, "loss over training"))
+        ax.set(xlabel="step", ylabel="loss (solid: train, dashed: eval)",
+               title=_setup_title(setup, "loss over training"))
         _legend_below(ax, ncols=1)
     return fig
 

@@ -358,7 +358,8 @@ def phi_table(data: pd.DataFrame, zoom: int = ZOOM) -> pd.DataFrame:
         first = g[(g.i == 1) & (g.j == 1)]
         rows.append(dict(zip(keys, key if isinstance(key, tuple) else (key,))) | {
             "φ(1,1)": first.phi.iloc[0], "random φ(1,1)": first.random_baseline.iloc[0],
-            f"mean φ, i,j ≤ {min(zoom, g.i.max(), g.j.max())}": z.phi.mean(), "random, same cells": z.random_baseline.mean(),
+            f"mean φ, i,j ≤ {min(zoom, g.i.max(), g.j.max())}": z.phi.mean(),
+            "random, same cells": z.random_baseline.mean(),
             "mean φ, whole grid": g.phi.mean(), "random, whole grid": g.random_baseline.mean(),
             "grid": f"{g.i.max()} × {g.j.max()}"})
     return pd.DataFrame(rows)
@@ -589,8 +590,8 @@ def accuracy_memory_data(runs: pd.DataFrame) -> dict:
                                          "measured": measured_memory(_first(g.device)),
                                          "peak_gib": g.peak_gib.mean(), "peak_min": g.peak_gib.min(),
                                          "peak_max": g.peak_gib.max()} | s, s["mean"], _first(g.eval_examples)))
-    summary = pd.DataFrame(rows).sort_values(["setup", "peak_gib", "mean", "order"], ascending=[True, True, False, True],
-                                             ignore_index=True)
+    summary = pd.DataFrame(rows).sort_values(["setup", "peak_gib", "mean", "order"],
+                                             ascending=[True, True, False, True], ignore_index=True)
     best = summary.groupby("setup")["mean"].cummax()
     summary["pareto"] = summary["mean"] >= best   # the most accurate configuration so far, in increasing memory
     summary["pareto"] &= ~summary.duplicated(["setup", "mean"]) | ~summary.pareto  # ties: the cheaper one only
@@ -676,8 +677,8 @@ def data_scarce_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def checkpoint_data(runs: pd.DataFrame) -> dict:
-    """Setups on the whole training set (else every setup): per setup and config, checkpoint_bytes (mean; equal across seeds), n, and the
-    fraction of the full model's checkpoint (NaN without a full run in the setup). note."""
+    """Setups on the whole training set (else every setup): per setup and config, checkpoint_bytes (mean; equal
+    across seeds), n, and the fraction of the full model's checkpoint (NaN without a full run in the setup). note."""
     need(runs, ["checkpoint_bytes"], "runs with checkpoint_bytes")
     r = prepare(runs)
     r = r[r.checkpoint_bytes.notna()]

@@ -5,10 +5,11 @@
     drawn.path, drawn.data, drawn.table, drawn.note   # the PNG, the plotted data, report.md's table, caption note
 
 Figure N writes figN_*.{png,pdf,csv} (the CSV holds the plotted data; `*_table.csv` the table the report shows)
-in the one style of `analysis.figures.style`, with no dates or versions in the files: the same tables give the same bytes.
-Every figure says its setup (analysis.statistics), every series its n; seed intervals are drawn only where there
-are two or more seeds; legends sit under or beside their panel, inside the figure (tests/unit/analysis/figures/test_figures.py renders
-every figure and checks that no two texts overlap). A figure whose runs are missing raises
+in the one style of `analysis.figures.style`, with no dates or versions in the files: the same tables give the same
+bytes. Every figure says its setup (analysis.statistics), every series its n; seed intervals are drawn only where
+there are two or more seeds; legends sit under or beside their panel, inside the figure
+(tests/unit/analysis/figures/test_figures.py renders every figure and checks that no two texts overlap). A figure
+whose runs are missing raises
 figure_data.MissingRuns. The ten plots share this file's axis, interval and heat-map helpers, which is why it
 runs past 600 lines.
 """
@@ -21,12 +22,14 @@ import pandas as pd
 from matplotlib.transforms import ScaledTranslation
 
 from analysis.figures.data import (GIB, MEMORY_PARTS, SHORT, ZOOM, accuracy_by_rank, accuracy_memory_data,
-                          accuracy_memory_table, accuracy_table, amplification_data, amplification_table,
-                          checkpoint_data, data_scarce_data, data_scarce_table, energy_rank_table, matrix_order, memory_data,
-                          memory_table, phi_layers_data, phi_rank_data, phi_seed_data, phi_table, spectra_data)
+                                   accuracy_memory_table, accuracy_table, amplification_data, amplification_table,
+                                   checkpoint_data, data_scarce_data, data_scarce_table, energy_rank_table,
+                                   matrix_order, memory_data, memory_table, phi_layers_data, phi_rank_data,
+                                   phi_seed_data, phi_table, spectra_data)
 from analysis.statistics import n_label
 from analysis.variants import label_of
-from analysis.figures.style import FULL_COLOR, MAJORITY_COLOR, RANDOM_COLOR, color, marker, new_figure, save, styled
+from analysis.figures.style import (FULL_COLOR, MAJORITY_COLOR, RANDOM_COLOR, color, marker, new_figure, panels, save,
+                                    styled)
 from analysis.tables import write_csv
 
 
@@ -521,7 +524,8 @@ def plot_memory(data: dict):
             ax.scatter(s.padded_tokens_per_second_mean, y, marker="o", facecolors="none", edgecolors="black", s=16,
                        zorder=3, label="padded tokens/s, mean", gid="padded_tokens_per_second")
         device = s.device.iloc[0] or "device not recorded"
-        ax.set(xlabel="real tokens/s over the steady steps\n(as recorded by each run)", title=f"{setup}: throughput ({device})")
+        ax.set(xlabel="real tokens/s over the steady steps\n(as recorded by each run)",
+               title=f"{setup}: throughput ({device})")
         _config_ticks(ax, y, s, False)
         _legend_below(ax)
     return fig
@@ -538,12 +542,11 @@ def figure_7(tables, out_dir: Path) -> Drawn:
 @styled
 def plot_accuracy_memory(data: dict):
     summary, points = data["summary"], data["points"]
-    setups = list(dict.fromkeys(summary.setup))
-    fig, axes = new_figure(1, len(setups), size=(5.2, 3.0))
+    fig, panel = panels(summary, size=(5.2, 3.0))
     configs = _ordered(summary.config, summary.assign(order=[(c != "full", i) for i, c in enumerate(summary.config)]))
     colors = config_colors(configs)
-    for ax, setup in zip(axes[0], setups):
-        s, p = summary[summary.setup == setup], points[points.setup == setup]
+    for ax, setup, s in panel:
+        p = points[points.setup == setup]
         for k, config in enumerate(configs):
             row = s[s.config == config]
             if row.empty:
@@ -579,10 +582,8 @@ def figure_8(tables, out_dir: Path) -> Drawn:
 @styled
 def plot_data_scarce(data: dict):
     summary = data["summary"]
-    groups = list(dict.fromkeys(summary.group))
-    fig, axes = new_figure(1, len(groups), size=(3.8, 3.8))
-    for ax, group in zip(axes[0], groups):
-        d = summary[summary.group == group]
+    fig, panel = panels(summary, size=(3.8, 3.8), by="group")
+    for ax, group, d in panel:
         for k, config in enumerate(dict.fromkeys(d.config)):
             g = d[d.config == config]
             c = FULL_COLOR if config == "full" else color(k)

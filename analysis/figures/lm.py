@@ -18,7 +18,7 @@ from analysis.figures.data import SHORT, matrix_order
 from analysis.figures.draw import Drawn, _setup_title, _write
 from analysis.lm_tables import frontier_data, lr_data, r90_layer_data
 from analysis.statistics import n_label
-from analysis.figures.style import FULL_COLOR, color, marker, new_figure, styled
+from analysis.figures.style import FULL_COLOR, color, marker, panels, styled
 
 
 def _curve_style(curves: list[str]) -> dict:
@@ -28,10 +28,8 @@ def _curve_style(curves: list[str]) -> dict:
 
 @styled
 def plot_frontier(d: pd.DataFrame):
-    setups = list(dict.fromkeys(d.setup))
-    fig, axes = new_figure(1, len(setups), size=(4.6, 3.6))
-    for ax, setup in zip(axes[0], setups):
-        g = d[d.setup == setup]
+    fig, panel = panels(d, size=(4.6, 3.6))
+    for ax, setup, g in panel:
         curves = list(dict.fromkeys(g.sort_values("curve_order").curve))
         style = _curve_style(curves)
         base = g.eval_loss_base.dropna().iloc[0] if "eval_loss_base" in g and g.eval_loss_base.notna().any() else None
@@ -70,10 +68,9 @@ def per_lr(n: pd.Series) -> str:
 @styled
 def plot_lr(data: dict):
     c, best = data["curves"], data["best"]
-    setups = list(dict.fromkeys(c.setup))
-    fig, axes = new_figure(1, len(setups), size=(4.6, 3.6))
-    for ax, setup in zip(axes[0], setups):
-        g, b = c[c.setup == setup], best[best.setup == setup]
+    fig, panel = panels(c, size=(4.6, 3.6))
+    for ax, setup, g in panel:
+        b = best[best.setup == setup]
         curves = list(dict.fromkeys(g.curve))
         style = _curve_style(curves)
         for k in curves:
@@ -102,10 +99,8 @@ def figure_12(tables, out_dir: Path) -> Drawn:
 @styled
 def plot_r90_layers(data: dict):
     d = data["data"]
-    setups = list(dict.fromkeys(d.setup))
-    fig, axes = new_figure(1, len(setups), size=(4.6, 3.6))
-    for ax, setup in zip(axes[0], setups):
-        g = d[d.setup == setup]
+    fig, panel = panels(d, size=(4.6, 3.6))
+    for ax, setup, g in panel:
         for i, t in enumerate(sorted(set(g.matrix_type), key=matrix_order)):
             h = g[g.matrix_type == t]
             ax.plot(h.layer, h.r90, color=color(i), marker=marker(i), ms=3, lw=1,

@@ -16,7 +16,7 @@ from analysis.figures.draw import Drawn, _majority, _setup_title, _write
 from analysis.intrinsic_dim import LR, SHARE, threshold_table
 from analysis.statistics import n_label
 from analysis.variants import label_of, variant_of
-from analysis.figures.style import FULL_COLOR, color, marker, new_figure, styled
+from analysis.figures.style import FULL_COLOR, color, marker, new_figure, panels, styled
 
 
 def _curve(row) -> str:
@@ -49,10 +49,8 @@ def params_data(runs: pd.DataFrame) -> pd.DataFrame:
 
 @styled
 def plot_params(d: pd.DataFrame, marks: pd.DataFrame):
-    setups = list(dict.fromkeys(d.setup))
-    fig, axes = new_figure(1, len(setups), size=(5.2, 3.8))
-    for ax, setup in zip(axes[0], setups):
-        g = d[d.setup == setup]
+    fig, panel = panels(d, size=(5.2, 3.8))
+    for ax, setup, g in panel:
         curves = [c for c in dict.fromkeys(g.curve) if c != "full"]
         for i, c in enumerate(curves):
             h = g[g.curve == c].sort_values("params")

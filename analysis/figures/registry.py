@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.figures.data import MissingRuns
-from analysis.figures.draw import (Drawn, figure_1, figure_2, figure_3, figure_4, figure_5, figure_6, figure_7, figure_8,
-                      figure_9, figure_10)
+from analysis.figures.draw import (Drawn, figure_1, figure_2, figure_3, figure_4, figure_5, figure_6, figure_7,
+                                   figure_8, figure_9, figure_10)
 from analysis.figures.curves import figure_16
 from analysis.figures.lm import figure_11, figure_12, figure_13
 from analysis.figures.params import figure_14, figure_15
@@ -47,14 +47,15 @@ class Spec:
 
 FIGURES = [
     Spec(1, figure_1,
-         "Test accuracy against LoRA rank per target set, one panel per setup on the whole training set (line: mean over "
-         "seeds, error bar: 95 % stratified-bootstrap interval over seeds, none at n=1 and the range of the two "
+         "Test accuracy against LoRA rank per target set, one panel per setup on the whole training set (line: mean "
+         "over seeds, error bar: 95 % stratified-bootstrap interval over seeds, none at n=1 and the range of the two "
          "seeds at n=2; band: Wilson 95 % interval of a test-set accuracy, n = test examples; dots: seeds); dashed: "
          "full fine-tuning (band: Wilson, bar at the right: seeds). The LoRA paper's Table 6 on this task.", "rank"),
     Spec(2, figure_2,
          "φ(A_r1, A_r2, i, j) between the right-singular directions of A at two ranks (same seed and setup; r=8 and "
          "r=64 where run) for each adapted matrix at the middle layer (bottom: i, j ≤ 8; a grid of at most 8 a side "
-         "is written out in numbers), next to random subspaces (paper Fig. 3). One pair of runs: no interval.", "subspace"),
+         "is written out in numbers), next to random subspaces (paper Fig. 3). One pair of runs: no interval.",
+         "subspace"),
     Spec(3, figure_3,
          "φ between A from two seeds at one rank (r=64 where run, else the largest with two seeds), middle layer "
          "(bottom: i, j ≤ 8; small grids in numbers), next to random subspaces: how many directions two runs share "

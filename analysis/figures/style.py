@@ -83,6 +83,14 @@ def new_figure(nrows: int = 1, ncols: int = 1, size=PANEL, **kwargs):
     return fig, axes
 
 
+def panels(data, size, by: str = "setup"):
+    """One panel per value of data[by], side by side in first-seen order: the Figure and, per panel, (its axes, the
+    value, data's rows with that value)."""
+    values = list(dict.fromkeys(data[by]))
+    fig, axes = new_figure(1, len(values), size=size)
+    return fig, [(ax, v, data[data[by] == v]) for ax, v in zip(axes[0], values)]
+
+
 def save(fig: Figure, out_dir: Path, name: str) -> Path:
     """Write NAME.png and NAME.pdf atomically, without the dates and versions that would make two saves of
     the same figure differ. Returns the PNG's path."""
