@@ -1,7 +1,8 @@
 """ΔW analysis from run directories. It never imports the model or training code: from `lowrank` it takes only the
-run-directory contract `lowrank.rundir.layout` (file names, statuses, the metrics reader), `lowrank.rundir.integrity` (content
-hashes, checked on every read), `lowrank.rundir.atomic` (every file it writes), `lowrank.logger` (`has_wandb_key`), `lowrank.errors` (`fail`: the
-one-line `error: ...` of every entry point) and the math leaf `lowrank.linalg` (spectra, subspaces).
+run-directory contract `lowrank.rundir.layout` (file names, statuses, the metrics reader), `lowrank.rundir.integrity`
+(content hashes, checked on every read), `lowrank.rundir.atomic` (every file it writes), `lowrank.logger`
+(`has_wandb_key`), `lowrank.errors` (`fail`: the one-line `error: ...` of every entry point) and the math leaf
+`lowrank.linalg` (spectra, subspaces).
 tests/unit/analysis/test_analysis_imports.py checks it.
 
     runs.py              read and check run directories

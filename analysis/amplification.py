@@ -24,8 +24,8 @@ def amplification(W: torch.Tensor, w_svd, delta_svd, r: int, seed: int = 0, delt
     and ΔW with q ≥ r, strongest first (ΔW's may be the factored LoRA SVD; U and Vh may hold only the top
     directions, S all values), U, Vh on W's device. Random directions use `seed`.
     ‖ΔW‖_F comes from ΔW's singular values unless `delta_fro` is given (needed when delta_svd is truncated).
-    Returns w_fro, delta_fro, delta_top_fro = ‖ΔW_r‖_F (ΔW's top-r part, √Σ_{k≤r} σ_k²: all of ΔW for LoRA at
-    rank r), proj_delta / proj_w / proj_random (‖Uᵀ W V‖_F for each choice of U, V), amplification =
+    Returns w_fro, delta_fro, delta_top_fro = ‖ΔW_r‖_F (ΔW's top-r part, √Σ_{k≤r} σ_k²: all of ΔW for LoRA
+    at rank r), proj_delta / proj_w / proj_random (‖Uᵀ W V‖_F for each choice of U, V), amplification =
     delta_fro / proj_delta (the paper's; for full fine-tuning the numerator sees every direction, the
     denominator only r: statistics.amplification_summary divides delta_top_fro instead), and
     phi_out / phi_in = φ(ΔW, W, r, r) on each side."""

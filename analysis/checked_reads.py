@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact, check_tensor, read_header, tensor_sha256, verify_safetensors
+from lowrank.rundir.integrity import (DIGEST_KEY, CorruptArtifact, check_tensor, read_header, tensor_sha256,
+                                      verify_safetensors)
 
 
 class SkippedRun(Exception):

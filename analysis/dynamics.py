@@ -1,5 +1,5 @@
-"""The runs' rank dynamics (each run directory's dynamics.csv, written by lowrank.train.dynamics during training) gathered
-into one table, `tables/dynamics.csv`, for figure 15.
+"""The runs' rank dynamics (each run directory's dynamics.csv, written by lowrank.train.dynamics during training)
+gathered into one table, `tables/dynamics.csv`, for figure 15.
 """
 import pandas as pd
 

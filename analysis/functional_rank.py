@@ -75,7 +75,8 @@ def run_rows(truncation: pd.DataFrame) -> list[dict]:
 
 def lora_r90(runs: pd.DataFrame, setup: str, metric: str, w0: float) -> float:
     """LoRA's 90 % rank in one setup, from the runs table's metrics: the smallest rank, over the setup's LoRA target
-    sets, whose seed mean keeps 90 % of full fine-tuning's gain (NaN without plain LoRA and full runs, or if none does)."""
+    sets, whose seed mean keeps 90 % of full fine-tuning's gain (NaN without plain LoRA and full runs,
+    or if none does)."""
     column = f"eval_{metric}"
     here = runs[runs.setup == setup] if "setup" in runs else runs.iloc[:0]
     if column not in here or "method.rank" not in here:  # no LoRA run among them

@@ -123,7 +123,8 @@ def report_lines(table: pd.DataFrame) -> list[str]:
     return ["## Generative findings (holds / does not hold / undecided, per setup)", "",
             "(a) full_rank: full-FT ΔW median r90 ≥ 10× the median LoRA rank; (b) forgetting: LoRA's forgetting "
             "below full fine-tuning's frontier at the same held-out loss; (c) lr_ratio: best LoRA lr ÷ best full lr "
-            "within a half-decade of 10 for every rank and within one grid step across ranks (analysis/lm_findings.py).",
+            "within a half-decade of 10 for every rank and within one grid step across ranks "
+            "(analysis/lm_findings.py).",
             "", markdown_table(table), ""]
 
 
@@ -137,7 +138,8 @@ def main(argv=None) -> None:
     opts = p.parse_args(argv)
     runs, _, skipped, not_pooled = outcome_runs(opts.roots)
     spectrum = pd.concat([pd.read_csv(s) for s in opts.spectrum], ignore_index=True).drop_duplicates(
-        ["run_id", "module"]) if opts.spectrum else pd.DataFrame(columns=["run_id", "module", "r90", "layer", "matrix_type"])
+        ["run_id", "module"]) if opts.spectrum else pd.DataFrame(
+        columns=["run_id", "module", "r90", "layer", "matrix_type"])
     tables = {"runs": runs, "spectrum": spectrum[spectrum.run_id.isin(runs.run_id)]}
     tables["lm_findings"] = found = findings(tables)
     for name, df in tables.items():

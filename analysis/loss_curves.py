@@ -60,7 +60,8 @@ def loss_curves_table(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame
     """Per setup, configuration (figure_data.prepare's `config`) and step: train_loss_mean/min/max and
     eval_loss_mean/min/max over the seeds that logged it at that step (NaN where none did: eval_loss exists on
     evaluation steps only), n_train and n_eval (those seeds), n_runs (the configuration's runs with a history); rows in
-    plotting order (setups, then configurations as the figures order them). runs: the runs table with its `setup` column."""
+    plotting order (setups, then configurations as the figures order them).
+    runs: the runs table with its `setup` column."""
     if history.empty or runs.empty:
         return pd.DataFrame(columns=CURVE_COLUMNS)
     labels = prepare(runs)[["run_id", "setup", "config", "order"]]

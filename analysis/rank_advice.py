@@ -1,15 +1,16 @@
 """Which LoRA rank for each module, read off full fine-tuning ΔW spectra; pure functions over singular values.
 
     energy_ranks({m: S}, 0.9)                  # {m: smallest r whose top-r σ² reach 90 % of ‖ΔW_m‖_F²} (≥ 1)
-    budget_ranks({m: S}, {m: out + in}, N)      # {m: r}: Σ r·(out + in) ≤ N, directions chosen by σ² per parameter
+    budget_ranks({m: S}, {m: out + in}, N)      # {m: r}: Σ r·(out + in) ≤ N, directions chosen by σ² per
+                                                  parameter
     advice(...)                                 # both, as analysis.report writes them: table rows and rank_pattern
 
 A LoRA module of rank r costs r·(out + in) parameters (A: r × in, B: out × r). The budget allocation is greedy by
 marginal energy per parameter: every module starts at rank 1 (PEFT's rank_pattern has no rank 0), then the next
 direction taken is the one with the largest σ²_{k+1} / (out + in) over all modules that still fits the budget. Since
 each module's σ² do not increase with k, this takes directions in order of energy per parameter, so it captures the
-most ‖ΔW‖_F² of any allocation of its cost but for at most the one direction that did not fit (the greedy solution of
-a knapsack whose items come in sorted chains). Energy is absolute (σ², not each module's share), so modules that
+most ‖ΔW‖_F² of any allocation of its cost but for at most the one direction that did not fit (the greedy solution
+of a knapsack whose items come in sorted chains). Energy is absolute (σ², not each module's share), so modules that
 fine-tuning changed more get more rank. Ties go to the module first by name, then the earlier direction.
 """
 import heapq
@@ -23,8 +24,9 @@ DEFAULT_SHARE, DEFAULT_UNIFORM_RANK = 0.9, 8  # the budget defaults to uniform r
 
 def energy_ranks(sigmas: dict[str, torch.Tensor], share: float = DEFAULT_SHARE,
                  totals: dict[str, float] | None = None) -> dict[str, int]:
-    """{module: smallest r ≥ 1 whose top-r σ² reach `share` of the module's ‖ΔW‖_F²}. sigmas: (q,) descending per
-    module; `totals` (‖ΔW‖_F² per module) for truncated spectra, where a rank beyond len(S) is capped at len(S)."""
+    """{module: smallest r ≥ 1 whose top-r σ² reach `share` of the module's ‖ΔW‖_F²}. sigmas: (q,) descending
+    per module; `totals` (‖ΔW‖_F² per module) for truncated spectra, where a rank beyond len(S) is
+    capped at len(S)."""
     out = {}
     for m, s in sigmas.items():
         r = energy_rank(s, share, None if totals is None else totals.get(m))
@@ -64,8 +66,8 @@ def captured_share(s: torch.Tensor, r: int, total: float | None = None) -> float
 
 
 def pooled_sigmas(per_run: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per module, √(mean over runs of σ_k²) (spectra of unequal length padded with zeros): the runs' mean energy per
-    direction, what budget_ranks allocates when several full fine-tuning runs advise one pattern."""
+    """Per module, √(mean over runs of σ_k²) (spectra of unequal length padded with zeros): the runs' mean energy
+    per direction, what budget_ranks allocates when several full fine-tuning runs advise one pattern."""
     names = sorted({m for run in per_run for m in run})
     out = {}
     for m in names:

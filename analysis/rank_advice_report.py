@@ -42,7 +42,8 @@ def rank_advice_table(runs: list[Run], results: dict, share: float, budget: int 
     info = {"base": base.name, "runs": [r.run_id for r in group], "other_bases": len(groups) - 1, "share": share,
             "budget": budget, "energy_params": ra.lora_params(energy, costs),
             "budget_params": ra.lora_params(by_budget, costs), "uniform_rank": uniform,
-            "budget_captured": captured(by_budget), "uniform_captured": captured(dict.fromkeys(energy, max(uniform, 1))),
+            "budget_captured": captured(by_budget),
+            "uniform_captured": captured(dict.fromkeys(energy, max(uniform, 1))),
             "patterns": {RANK_PATTERN_FILE: energy, BUDGET_PATTERN_FILE: by_budget}}
     return pd.DataFrame(rows, columns=RANK_ADVICE_COLUMNS).sort_values(["layer", "module"], ignore_index=True), info
 
@@ -59,7 +60,8 @@ def rank_advice_lines(advice: pd.DataFrame, info: dict) -> list[str]:
               f"‖ΔW‖_F² (the largest over the runs), {info['energy_params']:,} LoRA parameters. "
               f"`{BUDGET_PATTERN_FILE}`: the ranks a budget of {info['budget']:,} parameters allows, directions taken "
               f"by σ² per parameter (r·(out+in) each), {info['budget_params']:,} parameters holding "
-              f"{info['budget_captured']:.3f} of ‖ΔW‖_F², against {info['uniform_captured']:.3f} for uniform rank "
+              f"{info['budget_captured']:.3f} of ‖ΔW‖_F², against {info['uniform_captured']:.3f} "
+              "for uniform rank "
               f"{max(info['uniform_rank'], 1)} at about the same cost. Both are PEFT `rank_pattern` maps (full module "
               f"names); `method.rank_pattern=FILE` trains a lowrank LoRA run with one (with `method.targets=all-linear`"
               f" to adapt every module it names). Per module: `tables/rank_advice.csv`.", ""]

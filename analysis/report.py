@@ -11,8 +11,8 @@ Writes (each file atomically; re-running on the same runs gives identical tables
   tables/singular_values.csv  one row per run × matrix × singular value
   tables/subspace.csv         φ(i, j) grids between pairs of runs, with the random-subspace baseline
   tables/amplification.csv    the LoRA paper's Table 7 quantities per run × matrix × r
-  tables/rank_advice.csv      per module of the full fine-tuning runs: the rank reaching --energy-share of ‖ΔW‖_F²,
-                              and the rank a --rank-budget of parameters allows (analysis/rank_advice.py)
+  tables/rank_advice.csv      per module of the full fine-tuning runs: the rank reaching --energy-share of
+                              ‖ΔW‖_F², and the rank a --rank-budget of parameters allows (analysis/rank_advice.py)
   tables/summary.csv          per setup and configuration: the headline metric with its intervals, trainable share,
                               r90, peak memory, tokens/s (analysis/summary.py)
   tables/loss_curves.csv      per setup, configuration and step: train and eval loss over seeds (runs' history.csv)
@@ -197,14 +197,14 @@ def _runs_lines(table: pd.DataFrame) -> list[str]:
 
 def amplification_summary_table(amps: pd.DataFrame) -> pd.DataFrame:
     """Per setup, configuration (`config`, figure_data.prepare's label), r and matrix type: runs, matrices, mean
-    norms, and the amplification as statistics defines it (Σ‖ΔW_r‖_F / Σ‖UᵀWV‖_F), the whole-ΔW ratio of sums
-    and the per-matrix median."""
+    norms, and the amplification as statistics defines it (Σ‖ΔW_r‖_F / Σ‖UᵀWV‖_F), the whole-ΔW ratio of
+    sums and the per-matrix median."""
     rows = []
     for key, g in amps.groupby(["setup", "config", "r", "matrix_type"], sort=True):
         rows.append(dict(zip(["setup", "config", "r", "matrix_type"], key)) | {
             "runs": g.run_id.nunique(), "matrices": len(g), "‖ΔW‖_F": g.delta_fro.mean(),
-            "‖ΔW_r‖_F": g.delta_top_fro.mean(), "‖UᵀWV‖ ΔW": g.proj_delta.mean(), "‖UᵀWV‖ W": g.proj_w.mean(),
-            "‖UᵀWV‖ random": g.proj_random.mean(),
+            "‖ΔW_r‖_F": g.delta_top_fro.mean(), "‖UᵀWV‖ ΔW": g.proj_delta.mean(),
+            "‖UᵀWV‖ W": g.proj_w.mean(), "‖UᵀWV‖ random": g.proj_random.mean(),
             "amplification Σ‖ΔW_r‖/Σ‖UᵀWV‖": st.amplification_summary(g.delta_top_fro, g.proj_delta),
             "Σ‖ΔW‖/Σ‖UᵀWV‖": st.amplification_summary(g.delta_fro, g.proj_delta),
             "median per matrix": (g.delta_top_fro / g.proj_delta).median()})
@@ -471,7 +471,8 @@ def timing_lines(record: dict, runs: list[Run], results: dict, n_pairs: int, n_r
 def make_figures(out_dir: Path, tables: dict[str, pd.DataFrame], wandb: str = "auto", numbers=None) -> str:
     """The figures (all, or those in `numbers`) from the tables, their W&B run (wandb: auto | on | off; auto: when
     the runs used logger=wandb), and the report's figure section (markdown)."""
-    from analysis.figures.registry import figures_markdown, write_figures  # lazy: matplotlib only when figures are asked for
+    # lazy: matplotlib only when figures are asked for
+    from analysis.figures.registry import figures_markdown, write_figures
     built = write_figures(out_dir, tables, numbers)
     settings = analysis_run_settings(tables["runs"], wandb)
     if settings is not None:

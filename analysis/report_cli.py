@@ -147,8 +147,8 @@ def parse_args(argv=None):
     p.add_argument("--energy-share", type=_share, default=0.9,
                    help="rank advice: each module's rank reaches this share of ‖ΔW‖_F² (rank_pattern.json)")
     p.add_argument("--rank-budget", type=_int_at_least(1), default=None,
-                   help="rank advice: LoRA parameters to allocate by energy (rank_pattern_budget.json; default: uniform "
-                        "rank 8's count over the same modules)")
+                   help="rank advice: LoRA parameters to allocate by energy (rank_pattern_budget.json; default: "
+                        "uniform rank 8's count over the same modules)")
     p.add_argument("--device", type=_device, default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="write the tables and report.md without the figures")

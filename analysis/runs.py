@@ -8,13 +8,13 @@
 A run directory holds `.hydra/config.yaml`, `metrics.json` (status 'complete' once final) and
 `delta_w.safetensors`; W0 lives once per base model in `RUNS_ROOT/base_weights/`, named by the delta file's
 `base_weights` metadata (a path relative to the run directory). File names, statuses and the metrics reader
-come from the run-directory contract `lowrank.rundir.layout`; every safetensors file is checked by `lowrank.rundir.integrity`
-(content hashes, finite values) before a number is computed from it: all of it by `collect_runs`, or, with
-`check_data=False`, its header only, each tensor then being hashed and checked as it is read
+come from the run-directory contract `lowrank.rundir.layout`; every safetensors file is checked by
+`lowrank.rundir.integrity` (content hashes, finite values) before a number is computed from it: all of it by
+`collect_runs`, or, with `check_data=False`, its header only, each tensor then being hashed and checked as it is read
 (analysis/checked_reads.py; so a 26 GB ΔW is read and hashed once, not twice). Those two small modules are all this
 imports from `lowrank`: never the model or training code. A run that fails any check is skipped with the reason.
-`outcome_table` and `outcome_runs` read the configs and metrics alone. Its 440 lines keep every check of a run directory in one
-place.
+`outcome_table` and `outcome_runs` read the configs and metrics alone. Its 440 lines keep every check of a run directory
+in one place.
 """
 import json
 import math
@@ -29,8 +29,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lowrank.rundir.integrity import DIGEST_KEY, CorruptArtifact
-from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, CACHE_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE, MODULE_RANK_KEY,
-                            MODULE_SCALING_KEY, config_sha256, load_metrics)
+from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, CACHE_DIR, COMPLETE, CONFIG_FILE, DELTA_FILE, METRICS_FILE,
+                                   MODULE_RANK_KEY, MODULE_SCALING_KEY, config_sha256, load_metrics)
 
 from analysis.checked_reads import SkippedRun, check_file, fingerprint, read_checked, tensor_info
 from analysis.provenance import add_setups

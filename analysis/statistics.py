@@ -15,8 +15,8 @@ Rules, and why:
 - A *configuration* within a setup is its `method.*` and `trainer.lr` values: runs averaged over seeds share
   all of them. Its method (plain LoRA, DoRA, PiSSA, LoRA+, ReLoRA, rsLoRA, full, subspace, imported) follows from
   those keys; analysis.variants reads it in one place, for every label and pairing.
-- Amplification over several matrices (layers, seeds) is Σ‖ΔW_r‖_F / Σ‖UᵀWV‖_F, the ratio of the summed norms
-  (equivalently of their means), never the mean of per-matrix ratios: one matrix whose projection is near zero
+- Amplification over several matrices (layers, seeds) is Σ‖ΔW_r‖_F / Σ‖UᵀWV‖_F, the ratio of the summed
+  norms (equivalently of their means), never the mean of per-matrix ratios: one matrix whose projection is near zero
   would make that mean as large as its own ratio (2270 where the summed norms give 22.9). The table's mean
   norms therefore divide to its amplification. ‖ΔW_r‖_F is ΔW's top-r part (the directions U, V are taken
   from), so full fine-tuning (ΔW of full rank) is compared with LoRA (ΔW of rank r, ΔW_r = ΔW) like for like.
@@ -135,7 +135,8 @@ def find_setups(runs: pd.DataFrame, columns: list[str]) -> tuple[pd.Series, pd.D
 
 
 def common_settings(setups: pd.DataFrame, keys=("model.name", "task.name", "task.eval_size", "task.train_size",
-                                                "trainer.max_steps", "trainer.batch_size", "trainer.max_length")) -> str:
+                                                "trainer.max_steps", "trainer.batch_size",
+                                                "trainer.max_length")) -> str:
     """The settings every setup shares, among `keys`, as 'key=value' joined by ', ' (for report.md)."""
     parsed = [json.loads(k) for k in setups.key]
     same = [k for k in keys if parsed and all(k in p for p in parsed) and len({json.dumps(p[k]) for p in parsed}) == 1]
@@ -222,8 +223,8 @@ def amplification_summary(delta_fro, proj_delta) -> float:
 def amplification_interval(delta_fro: np.ndarray, proj_delta: np.ndarray, **kwargs) -> tuple[float, float]:
     """Seed interval of amplification_summary: delta_fro, proj_delta (seeds, matrices), stratified bootstrap
     over seeds within each matrix (layer). NaN for one seed."""
-    return stratified_bootstrap((delta_fro, proj_delta), lambda num, den: num.sum(axis=(-2, -1)) / den.sum(axis=(-2, -1)),
-                                **kwargs)
+    return stratified_bootstrap((delta_fro, proj_delta),
+                                lambda num, den: num.sum(axis=(-2, -1)) / den.sum(axis=(-2, -1)), **kwargs)
 
 
 def majority_fraction(label_counts) -> float:

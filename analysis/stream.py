@@ -24,7 +24,8 @@ Per matrix, in fp64 on opts.device (each a phase of `timing`, seconds summed ove
   update sparsity  share of |ΔW_ij| above 1e-3·max and the top 1 %'s energy share (LoRA: B·A a row block at a time)
   heavy tail     weightwatcher's power-law fit of ΔW's and W_ft's ESD (lowrank.linalg.heavy_tail)
   amplification  ‖UᵀWV‖_F for each r (amplification.amplification)
-Matrices wider than --exact-max-dim get randomised top-k SVDs and no intruder count, W_ft drift or α (spectra.svd_dense).
+Matrices wider than --exact-max-dim get randomised top-k SVDs and no intruder count, W_ft drift or α
+(spectra.svd_dense).
 """
 import resource
 import time
@@ -188,8 +189,8 @@ def _analyse_matrix(run: Run, name: str, d, base: Base, where: dict, res: RunRes
 
 
 def _against_w0(base: Base, dense: torch.Tensor, res: RunResult, opts, clock: PhaseClock) -> tuple:
-    """W_ft = W0 + ΔW against W0: (intruder count, every σ of W_ft, w_ft_columns). One eigh of W_ft's Gram matrix gives
-    its whole spectrum (its ESD) and the top directions both the intruder count and the principal angles read."""
+    """W_ft = W0 + ΔW against W0: (intruder count, every σ of W_ft, w_ft_columns). One eigh of W_ft's Gram matrix
+    gives its whole spectrum (its ESD) and the top directions both the intruder count and the principal angles read."""
     with clock("W_ft SVD", res):
         U_ft, S_ft, Vh_ft, how = spectra.svd_gram_top(base.w + dense, max(opts.intruder_k, *ANGLE_KS))
         clock.counts[f"W_ft vectors by {how}"] += 1
@@ -201,7 +202,8 @@ def _against_w0(base: Base, dense: torch.Tensor, res: RunResult, opts, clock: Ph
 
 
 def esd_columns(prefix: str, s: torch.Tensor | None) -> dict:
-    """weightwatcher's columns (heavy_tail.esd_metrics) of the spectrum s, each named prefix + column; None without s."""
+    """weightwatcher's columns (heavy_tail.esd_metrics) of the spectrum s, each named prefix + column;
+    None without s."""
     return {prefix + c: v for c, v in (esd_metrics(s) if s is not None else dict.fromkeys(ESD_COLUMNS)).items()}
 
 

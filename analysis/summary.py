@@ -2,7 +2,8 @@
 parameters, peak memory, tokens/s) and, where ΔW was analysed, its energy rank; and the findings as plain sentences.
 From configs and metrics alone (no ΔW read), so it prints in seconds:
 
-    python -m analysis.summary runs [more_roots ...] [--out DIR]   # prints; --out: DIR/tables/summary.csv, DIR/summary.md
+    python -m analysis.summary runs [more_roots ...] [--out DIR]   # prints; --out: DIR/tables/summary.csv,
+                                                                     DIR/summary.md
 
 analysis.report places the same summary first in report.md, with r90 from its spectrum table. Pure functions over
 the runs table (analysis.runs, with its `setup` column: analysis.statistics) and the spectrum table:
@@ -184,8 +185,8 @@ def summary_sentences(table: pd.DataFrame) -> list[tuple[str, str]]:
             continue
         ref = _best(full)
         if not (np.isfinite(ref.compare_lo) and np.isfinite(ref.compare_hi)):
-            out.append((setup, f"{_reference_name(ref).capitalize()} has n={int(ref.n)} and no interval: no rank is compared with "
-                               f"it (its {metric} is {fmt_metric(ref['mean'])})."))
+            out.append((setup, f"{_reference_name(ref).capitalize()} has n={int(ref.n)} and no interval: no rank is "
+                               f"compared with it (its {metric} is {fmt_metric(ref['mean'])})."))
             continue
         out += [(setup, _family_sentence(f.sort_values("size_value"), ref)) for _, f in sized.groupby("family",
                                                                                                         sort=False)]

@@ -4,11 +4,11 @@ its top-r singular directions, on the run's own evaluation.
     python -m analysis.truncate RUNS... --ranks 1,2,4,8,16,32,64 --out DIR
 
 For every complete run with a ΔW (full fine-tuning, DoRA, ReLoRA, subspace, LoRA) whose task can be evaluated here,
-the points are: W0 alone (kind `w0`, r = 0), each r of the grid (`truncated`; r ≥ a matrix's rank keeps its whole ΔW),
-each matrix kept to the rank holding a share of its ‖ΔW‖_F² (`energy`, --shares), a random rank-r projection of ΔW
-(`random`, the baseline: ΔW Q Qᵀ, Q a seeded random subspace of the input space; lowrank.linalg.truncation) and the
-whole ΔW (`full`). Only the targets change: every other tensor the fine-tune trained (its trained.safetensors or
-head) stays as trained, and each row says how many there were. One SVD per matrix, streamed; each point is then a
+the points are: W0 alone (kind `w0`, r = 0), each r of the grid (`truncated`; r ≥ a matrix's rank keeps its whole
+ΔW), each matrix kept to the rank holding a share of its ‖ΔW‖_F² (`energy`, --shares), a random rank-r projection
+of ΔW (`random`, the baseline: ΔW Q Qᵀ, Q a seeded random subspace of the input space; lowrank.linalg.truncation)
+and the whole ΔW (`full`). Only the targets change: every other tensor the fine-tune trained (its trained.safetensors
+or head) stays as trained, and each row says how many there were. One SVD per matrix, streamed; each point is then a
 product of kept factors. The model and data come from lowrank.data.rebuild: this is the one analysis module that
 evaluates models. Runs that cannot be rebuilt (written before trained.safetensors, imported without a task) are
 listed as skipped with one line each.
@@ -51,8 +51,8 @@ def _shares(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated shares of ‖ΔW‖_F² in (0, 1] such as 0.5,0.9,0.99, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares of ‖ΔW‖_F² in (0, 1] such as "
+                                         f"0.5,0.9,0.99, got {text!r}")
     return values
 
 

@@ -1,7 +1,8 @@
 """How long `analysis.report` takes on a shape-only full fine-tuning run, phase by phase, and its peak memory.
 
     python -m benchmarks.analysis_bench --model llama2_7b_shape --runs-root /local/disk/r --out benchmarks/results
-    python -m benchmarks.analysis_bench --model llama_1b_shape --layers 2 --runs-root /tmp/r1 --out /tmp/ab -- --threads 1
+    python -m benchmarks.analysis_bench --model llama_1b_shape --layers 2 --runs-root /tmp/r1 --out /tmp/ab \
+        -- --threads 1
     python -m benchmarks.analysis_bench --smoke --out /tmp/ab          # a tiny shape on the CPU, in seconds
     python -m benchmarks.analysis_bench --runs-root /tmp/r1 --code /tmp/old --tag old --out /tmp/ab   # old checkout
 
@@ -45,7 +46,8 @@ def has_run(runs_root: Path) -> bool:
 
 
 def run_report(code: Path, runs_root: Path, out: Path, args: list[str]) -> dict:
-    """analysis.report from checkout `code` in a child process: wall seconds, peak RSS (bytes), the timing it reports."""
+    """analysis.report from checkout `code` in a child process: wall seconds, peak RSS (bytes), the timing it
+    reports."""
     path = [str(code), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]  # keep the caller's packages
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "analysis.report", str(runs_root), "--out", str(out), *args]
@@ -91,9 +93,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODELS, default="llama2_7b_shape")
     p.add_argument("--layers", type=int, default=None, help="fewer blocks than the model (a reduced shape)")
-    p.add_argument("--runs-root", type=Path, default=None, help="where the run is built, or found (default: a temp dir)")
+    p.add_argument("--runs-root", type=Path, default=None,
+                   help="where the run is built, or found (default: a temp dir)")
     p.add_argument("--out", type=Path, required=True, help="the result files and the report's output folder go here")
-    p.add_argument("--code", type=Path, default=ROOT, help="the checkout whose analysis.report runs (default: this one)")
+    p.add_argument("--code", type=Path, default=ROOT,
+                   help="the checkout whose analysis.report runs (default: this one)")
     p.add_argument("--tag", default="", help="appended to the result's name (e.g. old, new)")
     p.add_argument("--smoke", action="store_true", help="a tiny llama shape on the CPU, in seconds")
     opts = p.parse_args(argv)

@@ -105,7 +105,8 @@ def plain_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
 
 def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int, hf_mask: bool = False):
     """hf_mask=False: causal attention without transformers' mask building (the batches have no padding), whose
-    packed-sequence check syncs the host with the GPU every step (lowrank.train.blocks.causal_attention_without_mask)."""
+    packed-sequence check syncs the host with the GPU every step
+    (lowrank.train.blocks.causal_attention_without_mask)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq")},
                       max_position_embeddings=max(2048, shape["seq"]), use_cache=False,
@@ -223,7 +224,8 @@ def measure(name, shape, method, impl, rank, targets, mode, device, dtype, warmu
     if profile_to is not None and top is not None:
         with open(profile_to, "a") as f:  # a diagnostic dump, appended config by config; not a result
             f.write(f"\n## {name} {method} {impl} r={rank} {mode}: one step, {1e3 * busy:.1f} ms of kernels; by "
-                    "kind (ms): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+                    "kind (ms): " + ", ".join(f"{k} {1e3 * v:.1f}"
+                                              for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
                     + "\n" + top)
     tokens = shape["batch"] * shape["seq"]
     fpt = flops_per_token(model, shape["seq"], shape["num_hidden_layers"], shape["hidden_size"])
@@ -308,8 +310,10 @@ def report(rows, par, ratios, checks, trainer_par=None) -> list[str]:
                 f"{'on' if tp['cuda_graph'] else 'off'}) vs "
                 f"its plain path (eager, transformers' mask): max |Δloss| = {tp['max_abs_diff']:.4f}, max relative "
                 f"{tp['max_rel_diff']:.2e}.",
-                markdown_table([dict(step=i + 1, fast=a, plain=b) for i, (a, b) in enumerate(zip(tp["fast"], tp["plain"]))],
-                               [Column("step", "step"), Column("fast", "fast", ".4f"), Column("plain", "plain", ".4f")])]
+                markdown_table([dict(step=i + 1, fast=a, plain=b)
+                                for i, (a, b) in enumerate(zip(tp["fast"], tp["plain"]))],
+                               [Column("step", "step"), Column("fast", "fast", ".4f"),
+                                Column("plain", "plain", ".4f")])]
     if par:
         text = (f"Loss-curve parity ({par['model']}, LoRA r={par['rank']} all-linear, lr {par['lr']}, "
                 f"{par['steps']} steps, identical weights and A): max |Δloss| = {par['max_abs_diff']:.4f}, "
@@ -388,7 +392,8 @@ def merge(dirs: list[str], out: Path, targets) -> None:
     dirty = [run["meta"].get("dirty") for *_, run in runs]  # any run's uncommitted changes make the table's
     meta = dict(first["meta"], command=" ; ".join(run["meta"]["command"] for *_, run in runs),
                 dirty=True if True in dirty else None if None in dirty else False,
-                merged_from=[{k: run["meta"].get(k) for k in ("command", "date", "commit", "dirty")} for *_, run in runs])
+                merged_from=[{k: run["meta"].get(k) for k in ("command", "date", "commit", "dirty")}
+                             for *_, run in runs])
     settings = dict(first["settings"] or {}, models=list(dict.fromkeys(r["model"] for r in rows)))
     print_sections(write(out, name, meta, settings, rows, pars[0] if pars else None, targets,
                          tpars[0] if tpars else None))

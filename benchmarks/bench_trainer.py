@@ -29,7 +29,8 @@ def overrides(key: str, shape: dict, method: str, rank: int | None, warmup: int,
     lora = [f"method.rank={rank}", f"method.alpha={2 * rank}", "method.targets=all-linear", "trainer.lr=1e-4"] \
         if method == "lora" else ["model.dtype=bf16", "trainer.lr=1e-5"]  # bf16 weights and states, as the bench's
     return replaced([f"model={MODEL_CONFIGS[key]}", *(f"model.shape.{k}={shape[k]}" for k in SHAPE_KEYS),
-            "task=synthetic_lm", f"task.vocab={min(1000, shape['vocab_size'])}", f"task.train_examples={8 * shape['batch']}", f"task.test_examples={shape['batch']}",
+            "task=synthetic_lm", f"task.vocab={min(1000, shape['vocab_size'])}",
+            f"task.train_examples={8 * shape['batch']}", f"task.test_examples={shape['batch']}",
             f"method={method}", *lora, f"trainer.batch_size={shape['batch']}", f"trainer.max_length={shape['seq']}",
             f"trainer.max_steps={warmup + steps}", f"trainer.timing_warmup_steps={warmup}",
             f"trainer.eval_interval={warmup + steps}", f"trainer.eval_batch_size={shape['batch']}",

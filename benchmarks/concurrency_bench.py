@@ -4,9 +4,9 @@
     python -m benchmarks.concurrency_bench --smoke --out /tmp/cc      # two tiny runs on the CPU, in a minute
 
 Each pass is `python -m experiments.demo --sweeps SWEEP --jobs N --no-report` (its runs are `experiments.train`
-subprocesses, so N of them share the GPU) into a fresh runs root, timed from start to the last run's end; the record gives the wall time of both
-passes, their ratio and, run by run, the test accuracy of each pass and the largest difference
-(`benchmarks.harness.record`: commit, command, versions). Overrides after `--` go to every run.
+subprocesses, so N of them share the GPU) into a fresh runs root, timed from start to the last run's end; the record
+gives the wall time of both passes, their ratio and, run by run, the test accuracy of each pass and the largest
+difference (`benchmarks.harness.record`: commit, command, versions). Overrides after `--` go to every run.
 """
 import argparse
 import json
@@ -57,7 +57,8 @@ def main(argv=None):
                    speedup=one_s / many_s, max_accuracy_diff=max(diffs) if diffs else None)
     print(summary, flush=True)
     write_result(Path(args.out), result_name("concurrency", device), rows, dict(sweep=args.sweep, jobs=args.jobs,
-                 overrides=overrides), meta=meta, title=f"One run at a time vs {args.jobs} side by side on {meta['device']}",
+                 overrides=overrides), meta=meta,
+                 title=f"One run at a time vs {args.jobs} side by side on {meta['device']}",
                  description=(f"`experiments.demo --sweeps {args.sweep}`: {len(rows)} runs, one at a time in "
                               f"{one_s / 60:.2f} min, {args.jobs} side by side in {many_s / 60:.2f} min "
                               f"({summary['speedup']:.2f}× fewer minutes); largest test-accuracy difference "

@@ -58,8 +58,8 @@ def main():
     columns = [Column("variant", "variant"), Column("demo arguments", lambda r: f"`{r['args']}`"),
                Column("seconds", "seconds", ".0f"), Column("speed-up", "speedup", ".2f", "×"),
                Column("eval accuracy per run", lambda r: ", ".join(f"{v:.4f}" for v in r["eval_accuracy"].values()))]
-    _, md = write_result(args.out, result_name("demo_speed", "cpu"), rows, dict(sweep=args.sweep, variants=VARIANTS), meta=meta,
-                         title=f"CPU demo speed ({args.sweep})", columns=columns)
+    _, md = write_result(args.out, result_name("demo_speed", "cpu"), rows, dict(sweep=args.sweep, variants=VARIANTS),
+                         meta=meta, title=f"CPU demo speed ({args.sweep})", columns=columns)
     print(md.read_text())
 
 

@@ -129,7 +129,8 @@ def main(argv=None) -> None:
         args = ["--no-figures", "--threads", "1", "--device", "cpu"] if opts.smoke else []
         rep = child(["-m", "analysis.report", str(runs), "--out", str(report), *args])
         timing = json.loads((report / "timing.json").read_text())
-        rows.append({"step": "analysis.report", "seconds": rep["wall_s"], "peak_rss_gib": rep["peak_rss_bytes"] / 2**30})
+        rows.append({"step": "analysis.report", "seconds": rep["wall_s"],
+                     "peak_rss_gib": rep["peak_rss_bytes"] / 2**30})
         rows += [{"step": f"  report: {k}", "seconds": v, "peak_rss_gib": None} for k, v in timing["seconds"].items()]
         details = {"import": imp, "report": rep, "timing": timing, "ranks": planted_ranks(report)}
         print(f"report: {rep['wall_s']:.1f} s; {details['ranks']}", flush=True)

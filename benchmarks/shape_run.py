@@ -5,14 +5,14 @@
     python -m benchmarks.shape_run --model llama_1b_shape --runs-root /tmp/t model.shape.hidden_size=64 ...  # any size
     python -m analysis.report /tmp/shape_runs --out /tmp/shape_report
 
-The directory is the trainer's format exactly (lowrank.rundir.layout, lowrank.rundir.delta): `.hydra/config.yaml` (the resolved
-config of `model=MODEL method=full task=synthetic` and any further overrides, `model.shape.num_hidden_layers=N` for
---layers N), the overrides,
+The directory is the trainer's format exactly (lowrank.rundir.layout, lowrank.rundir.delta): `.hydra/config.yaml` (the
+resolved config of `model=MODEL method=full task=synthetic` and any further overrides, `model.shape.num_hidden_layers=N`
+for --layers N), the overrides,
 `metrics.json` (status complete, hashes of the config), `delta_w.safetensors` (`{name}.delta` fp32 for every block
 linear layer, the trainer's metadata) and W0 in `RUNS_ROOT/base_weights/{model}-{fingerprint}.safetensors`, both with
 content hashes. Module names and shapes come from the model built on the meta device (no memory). Both files are
-written one tensor at a time (lowrank.rundir.atomic.write_safetensors_streamed), so memory holds one matrix, whatever the
-model's size. Each matrix is drawn from its own seed (seed and name), so files are reproducible.
+written one tensor at a time (lowrank.rundir.atomic.write_safetensors_streamed), so memory holds one matrix, whatever
+the model's size. Each matrix is drawn from its own seed (seed and name), so files are reproducible.
 
 Spectra look like trained ones, so that ranks, intruder counts and solver times mean something:
   W0 = 0.02·Gaussian (the Llama init) plus 64 directions with σ_j ∝ (1+j)^-½ rising to 3× the Gaussian's edge:

@@ -118,7 +118,8 @@ def write_lora_set(path: Path, shape, rank, device, seed=1) -> None:
 
 
 def drop_page_cache() -> tuple[str, float]:
-    """Flush and drop the page cache so reads hit the disk (needs root; otherwise the reads are warm, and the result says so)."""
+    """Flush and drop the page cache so reads hit the disk (needs root; otherwise the reads are warm, and the result
+    says so)."""
     t0 = time.perf_counter()
     os.sync()
     try:

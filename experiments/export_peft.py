@@ -103,7 +103,8 @@ class TrainedForPeft:
         """`tied`: {parameter: its other names} (tied_names): a tied copy goes in too, since PEFT's copy of a module
         in modules_to_save would break the tie (an output layer tied to trained input embeddings)."""
         targets, tensors, whole, biases = set(targets), {}, set(), 0
-        trained = trained | {o: t.clone() for k, t in trained.items() for o in (tied or {}).get(k, ()) if o not in trained}
+        trained = trained | {o: t.clone() for k, t in trained.items() for o in (tied or {}).get(k, ())
+                             if o not in trained}
         for key, t in trained.items():
             module, param = key.rsplit(".", 1)
             if module in targets:
@@ -147,7 +148,8 @@ def exact_key(module: str) -> str:
 
 
 def task_type(cfg) -> str | None:
-    """PEFT's task type: SEQ_CLS or CAUSAL_LM for the trainer's runs; none for an import, whose model class is unknown."""
+    """PEFT's task type: SEQ_CLS or CAUSAL_LM for the trainer's runs; none for an import, whose model class is
+    unknown."""
     if cfg.get("imported"):
         return None
     return "CAUSAL_LM" if cfg.task.get("objective", "classification") != "classification" else "SEQ_CLS"
@@ -164,7 +166,8 @@ def export(run_dir: Path, out: Path) -> Path:
     """Write the adapter folder of a lowrank LoRA run; returns it. SkippedRun for a run that cannot be exported."""
     run = load_run(Path(run_dir), Path(run_dir).name)
     if run.method != "lora":
-        raise SkippedRun(f"it is a {run.method} fine-tuning run; only LoRA runs have an adapter to export{EXTRACT_HINT}")
+        raise SkippedRun(f"it is a {run.method} fine-tuning run; only LoRA runs have an adapter to export"
+                         f"{EXTRACT_HINT}")
     if run.config.get("imported"):
         raise SkippedRun("it was imported (experiments.import_delta), not trained here; export the original instead"
                          f"{EXTRACT_HINT}")
@@ -187,16 +190,16 @@ def export(run_dir: Path, out: Path) -> Path:
     trained = peft_trained(run, trained_tensors(run, required=False))
     portable, local = base_model_names(cfg.model, out)
     if not trained.tensors and task_type(cfg) == "SEQ_CLS":
-        print(f"warning: {run.path} has no {TRAINED_FILE} (written before heads were stored): the adapter holds the LoRA "
-              f"factors only, and PEFT will keep the base model's freshly initialised classifier", file=sys.stderr)
+        print(f"warning: {run.path} has no {TRAINED_FILE} (written before heads were stored): the adapter holds the "
+              f"LoRA factors only, and PEFT will keep the base model's freshly initialised classifier", file=sys.stderr)
     config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rule == "rslora", target_modules=list(run.names),
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, lora_dropout=m.get("dropout", 0.0),
                         bias=trained.bias, modules_to_save=trained.modules_to_save or None, task_type=task_type(cfg),
                         base_model_name_or_path=portable, inference_mode=True)
     write_adapter(out, config, tensors | trained.tensors, portable, local)
-    print(f"PEFT adapter: {len(run.names)} modules (r={rank}" + (f", {len(rank_pattern)} of other ranks" if rank_pattern
-                                                               else "") + ")" + (f", whole {', '.join(trained.modules_to_save)}"
-                                                                                 if trained.modules_to_save else "") + f" -> {out}")
+    print(f"PEFT adapter: {len(run.names)} modules (r={rank}"
+          + (f", {len(rank_pattern)} of other ranks" if rank_pattern else "") + ")"
+          + (f", whole {', '.join(trained.modules_to_save)}" if trained.modules_to_save else "") + f" -> {out}")
     return out
 
 
@@ -242,7 +245,8 @@ class Extraction:
     def add(self, name: str, top: TopSingular, r: int) -> None:
         self.factors[name] = top.factors(r)
         energy = (top.S.double() ** 2).sum().item()
-        self.modules[name] = {"rank": r, "max_rank": top.max_rank, "energy": energy, "energy_share": top.energy_share(r)}
+        self.modules[name] = {"rank": r, "max_rank": top.max_rank, "energy": energy,
+                              "energy_share": top.energy_share(r)}
 
     def totals(self) -> dict:
         energy = sum(m["energy"] for m in self.modules.values())
@@ -318,7 +322,8 @@ def extract(run_dir: Path, out: Path, rule: RankRule, evaluate: bool = False, de
     atomic.write_json(out / EXTRACTION_FILE, record)
     t = record["total"]
     print(f"PEFT adapter extracted: {t['modules']} modules, mean rank {t['mean_rank']:.1f}, {t['energy_share']:.1%} of "
-          f"Σ‖ΔW‖_F² kept" + (f", whole {len(trained.modules_to_save)} other modules" if trained.modules_to_save else "")
+          f"Σ‖ΔW‖_F² kept"
+          + (f", whole {len(trained.modules_to_save)} other modules" if trained.modules_to_save else "")
           + f" -> {out}")
     if record["left_out"]:
         print(f"warning: {record['left_out']}", file=sys.stderr)
@@ -336,10 +341,11 @@ def _share(text: str) -> float:
 
 
 def rank_rule(opts) -> RankRule | None:
-    """The extraction rule the flags give (None: the plain export of a LoRA run's own factors); one line on bad input."""
+    """The extraction rule the flags give (None: the plain export of a LoRA run's own factors); one line on bad
+    input."""
     if opts.rank is not None and opts.energy_share is not None:
-        fail("argument --energy-share: not allowed with --rank; give one of them (beside --rank-pattern, it is the rule "
-             "for the modules the pattern does not name)")
+        fail("argument --energy-share: not allowed with --rank; give one of them (beside --rank-pattern, it is the "
+             "rule for the modules the pattern does not name)")
     pattern = None
     if opts.rank_pattern is not None:
         try:
@@ -365,8 +371,8 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=_int_at_least(1), help="extract: every target's ΔW kept to its top R directions")
     p.add_argument("--energy-share", type=_share, help="extract: each ΔW kept to the smallest rank holding this "
                                                         "share of its ‖ΔW‖_F²")
-    p.add_argument("--rank-pattern", type=Path, help="extract: a JSON file {module pattern: rank} (PEFT's rank_pattern, "
-                                                     "as analysis.report writes it)")
+    p.add_argument("--rank-pattern", type=Path, help="extract: a JSON file {module pattern: rank} (PEFT's "
+                                                     "rank_pattern, as analysis.report writes it)")
     p.add_argument("--evaluate", action="store_true", help="with an extraction: score W0 + ΔW_r and W0 + ΔW on the "
                                                            "run's own evaluation (into extraction.json)")
     p.add_argument("--device", type=_device, default="auto", help="auto (GPU when present), cpu or cuda: the SVDs "

@@ -1,23 +1,27 @@
 """An existing fine-tune as a lowrank run directory, so that analysis.report reads it like a run it trained.
 
-    python -m experiments.import_delta --base BASE --finetuned FT --out RUNS/NAME/RUN    # a model and its fine-tuned sibling
-    python -m experiments.import_delta --adapter ADAPTER [--base BASE] --out RUNS/NAME/RUN    # a PEFT LoRA adapter folder
+    python -m experiments.import_delta --base BASE --finetuned FT \
+        --out RUNS/NAME/RUN    # a model and its fine-tuned sibling
+    python -m experiments.import_delta --adapter ADAPTER [--base BASE] \
+        --out RUNS/NAME/RUN    # a PEFT LoRA adapter folder
     python -m analysis.report RUNS --out REPORT
 
-BASE and FT are Hub ids, local folders or pkg://PACKAGE/DIR paths of Hugging Face checkpoints (lowrank.data.hf_checkpoint:
-safetensors, sharded or not; .bin with a warning); ADAPTER is a folder written by PeftModel.save_pretrained (or a Hub
-id), whose base model is BASE or, without --base, the one the adapter names (lowrank.rundir.peft.adapter_base: the
-local folder an adapter of experiments.export_peft records, where it exists here, else `base_model_name_or_path`).
+BASE and FT are Hub ids, local folders or pkg://PACKAGE/DIR paths of Hugging Face checkpoints
+(lowrank.data.hf_checkpoint: safetensors, sharded or not; .bin with a warning); ADAPTER is a folder written by
+PeftModel.save_pretrained (or a Hub id), whose base model is BASE or, without --base, the one the adapter names
+(lowrank.rundir.peft.adapter_base: the local folder an adapter of experiments.export_peft records, where it exists here,
+else `base_model_name_or_path`).
 
-The run directory is the trainer's format (lowrank.rundir.layout, lowrank.rundir.delta): `delta_w.safetensors` with `{module}.delta`
-= W_ft − W_0 in fp32 (bitwise the difference of the fp32 values) for every 2-D weight of the numbered blocks, or an
-adapter's `{module}.lora_A` / `.lora_B` (fp32, as PEFT stored them) with per-module `module_rank` / `module_scaling`
-where rank_pattern, alpha_pattern or use_rslora make them differ; W0 in `RUNS/base_weights/`; `.hydra/config.yaml`, a
-minimal config saying what is known (model.name and path, method.* as the adapter's config gives it, `imported`: the
-sources; seed 0 and task.name `imported`, since an import has neither); `metrics.json` with status complete and no
-accuracy (`imported: true`). Modules are named as BASE names them (e.g. `encoder.layer.0.attention.self.query`); the
-other checkpoint's names are mapped to those by dropping leading components (`bert.`, `model.`, PEFT's
-`base_model.model.`), and a module of another shape stops the import with one line naming it and both shapes.
+The run directory is the trainer's format (lowrank.rundir.layout, lowrank.rundir.delta): `delta_w.safetensors` with
+`{module}.delta` = W_ft − W_0 in fp32 (bitwise the difference of the fp32 values) for every 2-D weight of the numbered
+blocks, or an adapter's `{module}.lora_A` / `.lora_B` (fp32, as PEFT stored them) with per-module `module_rank` /
+`module_scaling` where rank_pattern, alpha_pattern or use_rslora make them differ; W0 in `RUNS/base_weights/`;
+`.hydra/config.yaml`, a minimal config saying what is known (model.name and path, method.* as the adapter's config gives
+it, `imported`: the sources; seed 0 and task.name `imported`, since an import has neither); `metrics.json` with status
+complete and no accuracy (`imported: true`). Modules are named as BASE names them (e.g.
+`encoder.layer.0.attention.self.query`); the other checkpoint's names are mapped to those by dropping leading components
+(`bert.`, `model.`, PEFT's `base_model.model.`), and a module of another shape stops the import with one line naming it
+and both shapes.
 W0 is stored once per base model, as runs store it: where RUNS/base_weights/ already holds these weights (a trained
 run's, or an earlier import's), the import uses that file and names its modules as the file does (a classifier run's
 `bert.encoder.layer.0...`), so it is analysed beside those runs and W0 is not stored twice.
@@ -42,7 +46,8 @@ from lowrank.adapters.lora import lora_scaling
 from lowrank.rundir.peft import (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, BASE_FILE, adapter_base, adapter_factors,
                                   module_lora, read_adapter_config, scaling_rule)
 from lowrank.rundir import provenance
-from lowrank.rundir.layout import BASE_WEIGHTS_DIR, CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE, RunLock, write_metrics
+from lowrank.rundir.layout import (BASE_WEIGHTS_DIR, CONFIG_FILE, DELTA_FILE, LOG_FILE, METRICS_FILE, OVERRIDES_FILE,
+                                   RunLock, write_metrics)
 
 MAX_STRIP = 3  # leading name components dropped when mapping one checkpoint's names onto the other's
 FP32 = torch.float32
@@ -229,7 +234,8 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
         r, _, scaling = module_lora(acfg, m)
         (ra, n_in), (n_out, rb) = adapter.shape(a_key), adapter.shape(b_key)
         if not ra == rb == r:
-            raise ConfigError(f"adapter module {m!r}: factors of rank {ra} and {rb}, its adapter_config.json gives r={r}")
+            raise ConfigError(f"adapter module {m!r}: factors of rank {ra} and {rb}, its adapter_config.json gives "
+                              f"r={r}")
         w_shape = oriented_shape(base, b, transpose)
         if (n_out, n_in) != w_shape:
             raise ConfigError(f"module {b.removesuffix('.weight')}: --base has shape {list(w_shape)}, the adapter's "
@@ -253,7 +259,8 @@ def import_adapter(adapter_src: str, out: Path, base_src: str | None = None, nam
                                    delta_metadata(out, "lora", base_path, meta))
         config = {"model": {"name": name, "path": base_src}, "task": {"name": "imported"},
                   "method": {"name": "lora", "rank": rank, "alpha": alpha, "scaling": rule,
-                             "targets": _sorted(acfg.get("target_modules")), "rank_pattern": acfg.get("rank_pattern") or None,
+                             "targets": _sorted(acfg.get("target_modules")),
+                             "rank_pattern": acfg.get("rank_pattern") or None,
                              "alpha_pattern": acfg.get("alpha_pattern") or None,
                              "fan_in_fan_out": bool(acfg.get("fan_in_fan_out")), "dropout": acfg.get("lora_dropout")},
                   "imported": {"base": base_src, "adapter": adapter_src}, "seed": 0}

@@ -183,7 +183,8 @@ def check_locations(overrides: list[str], cfg) -> None:
 def _run_dirname(*, _root_) -> str:
     """OmegaConf resolver behind `hydra.run.dir` and `hydra.sweep.subdir`: the job's directory name
     (rundir.run_dirname), from its command-line overrides (group choices by name, values as resolved, shortened
-    by rundir.run_label) and the hash of its resolved config; an existing directory with that hash is used whatever its label."""
+    by rundir.run_label) and the hash of its resolved config; an existing directory with that hash is used
+    whatever its label."""
     hydra = _root_.hydra
     config = {k: (OmegaConf.to_container(_root_[k], resolve=True) if OmegaConf.is_config(_root_[k]) else _root_[k])
               for k in _root_ if k != "hydra"}

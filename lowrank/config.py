@@ -336,7 +336,8 @@ def batch_fits_training_set(cfg) -> None:
     """Where the config says how many training examples there are (synthetic data's train_examples, a classification
     task's train_size); otherwise the trainer checks it once the data are loaded (check_batch_fits)."""
     classification = option(cfg, "task.objective") == "classification"
-    size = option(cfg, "task.train_size") if classification else None  # LM data: packed sequences, counted once tokenized
+    # LM data: packed sequences, counted once tokenized
+    size = option(cfg, "task.train_size") if classification else None
     if size is None and cfg.task.loader == "synthetic":
         size = option(cfg, "task.train_examples")
     if size is not None:

@@ -39,7 +39,8 @@ def group(K: int, Ns: list[int]) -> dict:
 
     def fwd_grouped(k):
         H = torch.mm(X[k], torch.cat(As).t())
-        ys = [torch.mm(H[:, i * r:(i + 1) * r], B.t()).addmm_(X[k], W.t(), beta=s) for i, (W, B) in enumerate(zip(Ws, Bs))]
+        ys = [torch.mm(H[:, i * r:(i + 1) * r], B.t()).addmm_(X[k], W.t(), beta=s)
+              for i, (W, B) in enumerate(zip(Ws, Bs))]
         return ys, H
 
     def bwd_now(k, hs):

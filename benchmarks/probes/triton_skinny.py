@@ -15,7 +15,8 @@ from benchmarks.harness.record import collect_metadata
 
 M = 8192
 bf = dict(device="cuda", dtype=torch.bfloat16)
-CFGS = [(bm, bk, 4, ns) for bm in (16, 32, 64) for bk in (128, 256) for ns in (3, 5)] + [(64, 128, 8, 4), (128, 128, 8, 3)]
+CFGS = [(bm, bk, 4, ns) for bm in (16, 32, 64) for bk in (128, 256)
+        for ns in (3, 5)] + [(64, 128, 8, 4), (128, 128, 8, 3)]
 # (case, K, n, whether W is stored transposed, as A is)
 CASES = (("h q/k/v,o,gate K=2048 n=16", 2048, 16, True), ("h grouped qkv n=48", 2048, 48, True),
          ("h grouped gu n=32", 2048, 32, True), ("h down K=5632", 5632, 16, True),

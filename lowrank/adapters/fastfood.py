@@ -5,8 +5,8 @@ that Li et al. 2018 and Aghajanyan et al. 2020 use to measure intrinsic dimensio
 
 B is a random ±1 diagonal, H the (unnormalised) Walsh-Hadamard transform, Π a random permutation, G a Gaussian
 diagonal and σ_G = ‖G‖/√L. H B spreads θ over all L coordinates, Π G H mixes them again like a dense Gaussian
-matrix would, and the scale makes E‖Pθ‖² = ‖θ‖²: a step of size s in θ moves the weights by about s. What is
-stored is B, Π and G: three length-L vectors, so memory is O(D) where a dense P would take d·D numbers.
+matrix would, and the scale makes E‖Pθ‖² = ‖θ‖²: a step of size s in θ moves the weights by about s.
+What is stored is B, Π and G: three length-L vectors, so memory is O(D) where a dense P would take d·D numbers.
 """
 import math
 

@@ -100,8 +100,9 @@ _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 def _t_and_b_grads(gs: list[torch.Tensor], Bs: list[torch.Tensor], H: torch.Tensor, scalings: list[float]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, gB): T = [s₁ g₁ B₁ … sₙ gₙ Bₙ] (n, Σr) and gB the flat concatenation of every sᵢ gᵢᵀ hᵢ (outᵢ, rᵢ),
-    hᵢ the columns of H. One Triton program per 64 rows of each gᵢ; one zero fill and one cast for all."""
+    """(T, gB): T = [s₁ g₁ B₁ … sₙ gₙ Bₙ] (n, Σr) and gB the flat concatenation of every
+    sᵢ gᵢᵀ hᵢ (outᵢ, rᵢ), hᵢ the columns of H. One Triton program per 64 rows of each gᵢ; one zero fill
+    and one cast for all."""
     rows = H.shape[0]
     ranks, dims = [B.shape[1] for B in Bs], [B.shape[0] for B in Bs]
     T = H.new_empty(rows, sum(ranks))
@@ -149,11 +150,11 @@ def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 class LoRALinearFunction(torch.autograd.Function):
     """One or more LoRA linear layers on one input x (several: q, k, v; gate, up), as one autograd node:
-    one GEMM computes every h = x Aᵢᵀ (x [A₁; …; Aₙ]ᵀ), one every A gradient (Tᵀ x, T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]),
-    and the input gradient is one buffer that the rank-r products and each layer's big GEMM accumulate into
-    in turn (T [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed afterwards. An output that gets no
-    gradient gives its layer no gradients, as separate layers would (eagerly; under torch.compile,
-    AOTAutograd passes zeros instead, so the layer's gradients are zeros)."""
+    one GEMM computes every h = x Aᵢᵀ (x [A₁; …; Aₙ]ᵀ), one every A gradient
+    (Tᵀ x, T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]), and the input gradient is one buffer that the rank-r products and
+    each layer's big GEMM accumulate into in turn (T [A₁; …; Aₙ] + Σ gᵢ Wᵢ), instead of one per layer summed
+    afterwards. An output that gets no gradient gives its layer no gradients, as separate layers would (eagerly;
+    under torch.compile, AOTAutograd passes zeros instead, so the layer's gradients are zeros)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type=_CUDA)  # on CUDA, backward runs under the forward's autocast state
@@ -209,8 +210,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 # every output has a gradient and every B wants one: each g read once for t and its B gradient
                 T, *gBs = t_and_b_grads(gs, Bc, H, ctx.scalings)
             else:
-                # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha (beta=0: the first argument only gives
-                # shape and dtype); zeros for a layer whose output got no gradient, so every layer keeps its columns
+                # T = [s₁ g₁ B₁ … sₙ gₙ Bₙ]: scaling as the GEMM's alpha (beta=0: the first argument only
+                # gives shape and dtype); zeros for a layer whose output got no gradient, so every layer
+                # keeps its columns
                 T = _cat([Ac.new_zeros(rows, r) if g is None
                           else torch.addmm(Ac.new_empty(rows, r), g, B, beta=0, alpha=s)
                           for r, g, B, s in zip(ctx.ranks, gs, Bc, ctx.scalings)], 1)
@@ -265,9 +267,9 @@ class FlatMasterAdamW:
     `.grad`); `step()` gathers them with one concatenation (a parameter without a gradient counts as zero,
     where torch's AdamW would skip it), widens them to fp32, steps the flat fp32 master with one fused
     AdamW, and copies it back; `zero_grad()` sets the gradients to None. Same update as AdamW on fp32
-    parameters. With `graph_blocks` (benchmarks/harness/graphs.py), whose graphs write gradients into static buffers, accumulating over
-    several backward passes needs `accumulate_in_place=True`: the gradients are then preset views into one
-    flat buffer that backward adds into (a kernel per parameter and pass), and `zero_grad()` zeroes it.
+    parameters. With `graph_blocks` (benchmarks/harness/graphs.py), whose graphs write gradients into static buffers,
+    accumulating over several backward passes needs `accumulate_in_place=True`: the gradients are then preset views into
+    one flat buffer that backward adds into (a kernel per parameter and pass), and `zero_grad()` zeroes it.
     """
 
     def __init__(self, params, lr: float, accumulate_in_place: bool = False, **adamw_kwargs):

@@ -202,8 +202,8 @@ def inject_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: flo
                 layer_type: type | None = None) -> list[str]:
     """Replace each targeted nn.Linear by a LoRALinear wrapping it; returns the replaced names. Layers that
     share their input (SHARED_INPUT) compute together (SharedInputGroup). `rank_pattern` (a mapping or the path
-    of a JSON file, PEFT's semantics: lowrank.adapters.targets.pattern_key) gives some modules another rank; each module's
-    scaling follows its own rank, as in PEFT."""
+    of a JSON file, PEFT's semantics: lowrank.adapters.targets.pattern_key) gives some modules another rank; each
+    module's scaling follows its own rank, as in PEFT."""
     names = match_targets(model, targets)
     pattern = read_rank_pattern(rank_pattern)
     if pattern and not any(pattern_key(pattern, n) for n in names):

@@ -46,7 +46,8 @@ class Full:
         return {id(model.get_submodule(n).weight) for n in names}
 
     def delta(self, model: nn.Module, name: str, w0: torch.Tensor) -> Delta:
-        """The difference is taken in fp32 on the weight's device (exactly W_ft − W_0); `w0` moves there if it must."""
+        """The difference is taken in fp32 on the weight's device (exactly W_ft − W_0); `w0` moves there if it
+        must."""
         w = self.weight(model, name).detach().float()
         return Delta(dense=w - w0.to(w.device))
 

@@ -2,8 +2,8 @@
 "Measuring the Intrinsic Dimension of Objective Landscapes"; Aghajanyan et al. 2020, "Intrinsic Dimensionality
 Explains the Effectiveness of Language Model Fine-Tuning").
 
-Every target matrix W_i gets its own Fastfood projection P_i: R^d → R^{numel(W_i)} (lowrank.adapters.fastfood), all fed by
-the one θ_d, so W_i = W0_i + reshape(P_i θ_d). With `said=true` (Aghajanyan's SAID) each matrix also gets a
+Every target matrix W_i gets its own Fastfood projection P_i: R^d → R^{numel(W_i)} (lowrank.adapters.fastfood), all
+fed by the one θ_d, so W_i = W0_i + reshape(P_i θ_d). With `said=true` (Aghajanyan's SAID) each matrix also gets a
 trainable scale λ_i, W_i = W0_i + λ_i reshape(P_i θ_d), and θ_d holds d − m numbers for m matrices, so that d
 counts every trainable number of the method. θ_d starts at 0 (the model starts as the base model) and λ at 1.
 The weights are torch parametrizations: `module.weight` is W0 + offset wherever it is read, so ΔW = W_ft − W_0

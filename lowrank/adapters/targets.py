@@ -1,5 +1,6 @@
 """Which linear layers LoRA adapts: one selection rule for real models (lowrank.adapters.lora) and for the memory
-model's layer descriptions (lowrank.train.memory), which must agree, and the per-module rank map (PEFT's `rank_pattern`)."""
+model's layer descriptions (lowrank.train.memory), which must agree, and the per-module rank map
+(PEFT's `rank_pattern`)."""
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,8 @@ def select_targets(candidates: list[str], targets, where: str = "", key: str = "
     for t in targets:
         hits = {n for n in candidates if n == t or n.endswith("." + t)}
         if not hits:
-            suffixes = sorted({n.split(".")[-1] for n in candidates} | {".".join(n.split(".")[-2:]) for n in candidates})
+            suffixes = sorted({n.split(".")[-1] for n in candidates}
+                              | {".".join(n.split(".")[-2:]) for n in candidates})
             raise ConfigError(f"{key} entry {t!r} matches no linear layer{where}; valid suffixes: "
                               f"{', '.join(suffixes)} (or {ALL_LINEAR!r})")
         chosen |= hits
@@ -30,7 +32,8 @@ def select_targets(candidates: list[str], targets, where: str = "", key: str = "
 def pattern_key(pattern_keys, name: str) -> str | None:
     """The first key of a PEFT `rank_pattern`/`alpha_pattern` that selects module `name`, else None. PEFT's rule
     (peft.utils.other.get_pattern_key): the key is a regular expression that must match a '.'-bounded end of the
-    name, so `query`, `layer.0.attention.self.query` and the full name all select `bert.encoder.layer.0.attention.self.query`."""
+    name, so `query`, `layer.0.attention.self.query` and the full name all select
+    `bert.encoder.layer.0.attention.self.query`."""
     for key in pattern_keys:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
@@ -61,7 +64,8 @@ def read_rank_pattern(value, key: str = "method.rank_pattern") -> dict[str, int]
     else:
         where = key if hasattr(value, "items") else f"{key}={value!r}"  # a mapping's entries are named one by one
     if not hasattr(value, "items"):
-        raise ConfigError(f"{where} is not valid; it must be a mapping {{module-name pattern: rank}} or a JSON file of one")
+        raise ConfigError(f"{where} is not valid; it must be a mapping {{module-name pattern: rank}} or a JSON file "
+                          f"of one")
     pattern = {}
     for k, r in value.items():
         if not isinstance(k, str) or not k or isinstance(r, bool) or not isinstance(r, int) or r < 1:

@@ -1,10 +1,10 @@
 """LoRA variants that change what the adapter starts from or how it is applied, each with ΔW defined against the
 original W0 so the analysis reads them like any LoRA run.
 
-PiSSA (Meng et al. 2024): the adapter starts as W's top-r singular part, B0 = U_r √S_r / √s, A0 = √S_r V_rᵀ / √s
-(s the LoRA scaling, so s·B0 A0 = U_r S_r V_rᵀ), and the frozen base becomes the residual W0 − s·B0 A0: the
-model's first forward is the base model's. ΔW = s(B A − B0 A0), a rank ≤ 2r product: it is written as the
-factors [B, −B0] and [A; A0] (lowrank.rundir.delta), so spectra still come from QR of factors.
+PiSSA (Meng et al. 2024): the adapter starts as W's top-r singular part, B0 = U_r √S_r / √s,
+A0 = √S_r V_rᵀ / √s (s the LoRA scaling, so s·B0 A0 = U_r S_r V_rᵀ), and the frozen base becomes the residual
+W0 − s·B0 A0: the model's first forward is the base model's. ΔW = s(B A − B0 A0), a rank ≤ 2r product: it is
+written as the factors [B, −B0] and [A; A0] (lowrank.rundir.delta), so spectra still come from QR of factors.
 
 DoRA (Liu et al. 2024): W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row, with the magnitude m (out,) trained and
 started at W0's row norms, so again the first forward is the base model's. As in the paper (§4.3) and PEFT, the

@@ -88,7 +88,8 @@ def _index_files(folder: Path, index: str, what: str) -> dict[str, Path]:
     try:
         weight_map = json.loads((folder / index).read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{what}: {folder / index} is not a shard index with a weight_map ({type(e).__name__})") from None
+        raise ConfigError(f"{what}: {folder / index} is not a shard index with a weight_map "
+                          f"({type(e).__name__})") from None
     files = {k: folder / v for k, v in weight_map.items()}
     if missing := sorted({str(p) for p in files.values() if not p.is_file()}):
         raise ConfigError(f"{what}: {folder / index} names shards that are missing: {missing[:3]}")

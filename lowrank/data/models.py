@@ -14,7 +14,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lowrank.errors import ConfigError
-from lowrank.data.model_files import check_source, conv1d_to_linear, folder_error, gguf_cache_dir, load_from_folder, resolve_path
+from lowrank.data.model_files import (check_source, conv1d_to_linear, folder_error, gguf_cache_dir, load_from_folder,
+                                      resolve_path)
 from lowrank.data.shapes import build_random_causal_lm, build_random_model, set_dropout
 
 transformers.utils.logging.set_verbosity_error()  # no load report for the freshly initialised head

@@ -47,7 +47,8 @@ class Classification:
     def batches(self, cfg, tokenizer, model, group_by_length: bool, seed: int):
         train_split, test_split = load_task(cfg.task, seed)
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        self.tokenizer, self.pad_id, self.max_length, self.train_split = tokenizer, pad_id, cfg.trainer.max_length, train_split
+        self.tokenizer, self.pad_id, self.max_length, self.train_split = \
+            tokenizer, pad_id, cfg.trainer.max_length, train_split
         self.eval_label_counts = {str(k): test_split.labels.count(k) for k in sorted(set(test_split.labels))}
         self.seed_picks_train = cfg.task.get("train_size") is not None  # a seeded subsample: differs per seed
         return (Batches(tokenizer, train_split, self.max_length, pad_id, group_by_length=group_by_length),

@@ -22,7 +22,8 @@ from lowrank.errors import ConfigError
 
 
 class RebuiltModel:
-    def __init__(self, config: dict, trained: dict[str, torch.Tensor], device="cpu", eval_batch_size: int | None = None):
+    def __init__(self, config: dict, trained: dict[str, torch.Tensor], device="cpu",
+                 eval_batch_size: int | None = None):
         cfg = OmegaConf.create(config)
         self.device = torch.device(device)
         torch.manual_seed(cfg.seed)  # a classifier's fresh head is drawn here; `trained` replaces it

@@ -54,8 +54,8 @@ def eigenvalues(s) -> np.ndarray:
 
 
 def _ks_distances(x: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    """D_i = max_{j ≥ i} |1 − (x_j / x_i)^(1 − α_i) − (j − i) / (N − i)| for every candidate i < N − 1 of the sorted
-    x (N,); 1 where α_i ≤ 1 (weightwatcher leaves those at 1). Blocks of candidates bound memory."""
+    """D_i = max_{j ≥ i} |1 − (x_j / x_i)^(1 − α_i) − (j − i) / (N − i)| for every candidate i < N − 1 of
+    the sorted x (N,); 1 where α_i ≤ 1 (weightwatcher leaves those at 1). Blocks of candidates bound memory."""
     N, logx = len(x), np.log(x)
     D = np.ones(N - 1)
     rows = max(1, BLOCK_ENTRIES // N)
@@ -71,7 +71,8 @@ def _ks_distances(x: np.ndarray, alphas: np.ndarray) -> np.ndarray:
 
 
 def _tail_alphas(x: np.ndarray, corrected: bool) -> np.ndarray:
-    """α_i for each candidate xmin = x_i, i < N − 1: n / Σ_{j ≥ i} ln(x_j / x_i) (+1), with n − 1 when `corrected`."""
+    """α_i for each candidate xmin = x_i, i < N − 1: n / Σ_{j ≥ i} ln(x_j / x_i) (+1), with n − 1 when
+    `corrected`."""
     N, logx = len(x), np.log(x)
     n = (N - np.arange(N - 1)).astype(np.float64)
     spread = np.cumsum(logx[::-1])[::-1][:-1] - n * logx[:-1]  # Σ_{j ≥ i} ln x_j − n ln x_i

@@ -7,8 +7,8 @@ share_above: the share of entries with |ΔW_ij| > REL_THRESHOLD · max|ΔW|. Rel
 learning rate, step count or LoRA scaling; 1e-3 counts every entry within three decades of the largest, so a dense
 Gaussian update reads ≈ 1 (its max is ~5σ) and a sparse one reads its support (entries the optimiser left at 0 or
 moved by rounding only).
-top_share: the share of ‖ΔW‖_F² held by the ⌈TOP_FRACTION · n⌉ entries of largest |ΔW_ij|; 0.085 for i.i.d. Gaussian
-entries (E[z²; |z| > 2.576]), 1 for an update on 1 % of the entries or fewer.
+top_share: the share of ‖ΔW‖_F² held by the ⌈TOP_FRACTION · n⌉ entries of largest |ΔW_ij|; 0.085 for i.i.d.
+Gaussian entries (E[z²; |z| > 2.576]), 1 for an update on 1 % of the entries or fewer.
 LoRA's ΔW = scaling · B A is formed ROW_BLOCK_ENTRIES at a time, never as a whole (out, in) matrix.
 """
 import math
@@ -32,8 +32,8 @@ def factor_rows(B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> Itera
 
 def update_sparsity(blocks: Callable[[], Iterable[torch.Tensor]], rel: float = REL_THRESHOLD,
                     top: float = TOP_FRACTION) -> tuple[float, float]:
-    """(share of entries with |x| > rel · max|x|, share of Σx² held by the ⌈top · n⌉ largest |x|) of the matrix whose
-    entries `blocks()` yields, block by block (any shapes). Two passes: the threshold and the count of top entries
+    """(share of entries with |x| > rel · max|x|, share of Σx² held by the ⌈top · n⌉ largest |x|) of the matrix
+    whose entries `blocks()` yields, block by block (any shapes). Two passes: the threshold and the count of top entries
     need the max and n first. (0, 0) for a zero matrix."""
     n, total, peak = 0, 0.0, 0.0
     for b in blocks():

@@ -10,8 +10,8 @@ functions over tensors.
 
 The random baseline projects ΔW onto a uniformly random r-dimensional subspace of its input space (Q from the QR of
 a Gaussian (in, r) matrix, which is Haar-distributed). E[Q Qᵀ] = (r/d) I by rotation invariance, so the energy it
-keeps, ‖ΔW Q Qᵀ‖_F² = tr(ΔW Q Qᵀ ΔWᵀ), is (r/d)·‖ΔW‖_F² in expectation (`random_energy_share`), d = in: a spectrum
-with no preferred directions keeps exactly that much under truncation too.
+keeps, ‖ΔW Q Qᵀ‖_F² = tr(ΔW Q Qᵀ ΔWᵀ), is (r/d)·‖ΔW‖_F² in expectation (`random_energy_share`),
+d = in: a spectrum with no preferred directions keeps exactly that much under truncation too.
 """
 import zlib
 from dataclasses import dataclass
@@ -52,8 +52,9 @@ class TopSingular:
         return ((self.U[:, :r] * self.S[:r]) @ self.Vh[:r]).float()  # (out, r) @ (r, in)
 
     def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B (out, r), A (r, in)) fp32 with B @ A = ΔW_r, the singular values split evenly between them: B = U_r √Σ_r,
-        A = √Σ_r V_rᵀ (neither factor carries the scale alone, so fp32 keeps both well within range)."""
+        """(B (out, r), A (r, in)) fp32 with B @ A = ΔW_r, the singular values split evenly between them:
+        B = U_r √Σ_r, A = √Σ_r V_rᵀ (neither factor carries the scale alone, so fp32 keeps both well within
+        range)."""
         if r > self.U.shape[1]:
             raise ValueError(f"rank {r} asked of a ΔW kept to its top {self.U.shape[1]} directions")
         root = self.S[:r].sqrt()

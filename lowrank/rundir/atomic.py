@@ -111,7 +111,8 @@ def write_safetensors_streamed(path, specs: dict[str, tuple[torch.dtype, tuple]]
     for k in keys:
         dtype, shape = specs[k]
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[k] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[k] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                     "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
 
     def encoded(digests: dict[str, str]) -> bytes:

@@ -18,7 +18,8 @@ from lowrank.errors import ConfigError
 from lowrank.adapters.lora import lora_scaling
 from lowrank.adapters.targets import pattern_key
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN = \
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 # Beside an adapter lowrank exported: the base as adapter_config.json names it (a Hub id, or a folder relative to the
 # adapter's) and `local_path`, the absolute folder the run's W0 came from (null for a Hub id). A side file, since
 # PEFT warns of a newer PEFT at any key of adapter_config.json it does not know.
@@ -28,7 +29,8 @@ FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 def scaling_rule(config: dict) -> str:
-    """lowrank's name (method.scaling) of the adapter's scaling rule: PEFT's lora_alpha/r, or lora_alpha/√r (use_rslora)."""
+    """lowrank's name (method.scaling) of the adapter's scaling rule: PEFT's lora_alpha/r, or lora_alpha/√r
+    (use_rslora)."""
     return "rslora" if config.get("use_rslora") else "standard"
 
 
@@ -43,12 +45,13 @@ def read_adapter_config(folder: Path) -> dict:
     except ValueError:
         raise ConfigError(f"--adapter: {path} is not valid JSON") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise ConfigError(f"--adapter: {path} peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
+        raise ConfigError(f"--adapter: {path} peft_type is "
+                          f"{config.get('peft_type') if isinstance(config, dict) else None!r}; "
                           f"only LoRA adapters (peft_type LORA) have a ΔW = scaling · B A")
     if config.get("use_dora"):
-        raise ConfigError(f"--adapter: {path} has use_dora=true; DoRA's ΔW = m·(W0+sBA)/‖W0+sBA‖_row − W0 is not the "
-                          f"factors' product: merge it (merge_and_unload, save_pretrained) and import the merged model "
-                          f"with --base BASE --finetuned MERGED")
+        raise ConfigError(f"--adapter: {path} has use_dora=true; DoRA's ΔW = m·(W0+sBA)/‖W0+sBA‖_row − W0 is "
+                          f"not the factors' product: merge it (merge_and_unload, save_pretrained) and import the "
+                          f"merged model with --base BASE --finetuned MERGED")
     if config.get("lora_bias"):
         raise ConfigError(f"--adapter: {path} has lora_bias=true; its bias update is not part of a weight ΔW: merge "
                           f"the adapter and import the merged model with --base/--finetuned")
@@ -90,7 +93,8 @@ def module_lora(config: dict, module: str) -> tuple[int, float, float]:
 
 def adapter_factors(keys) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """({module: (lora_A key, lora_B key)}, the other keys: a head in modules_to_save, trained biases) of an adapter's
-    weights. ConfigError for LoRA tensors of another kind (embeddings, DoRA's magnitude) or a factor without its pair."""
+    weights. ConfigError for LoRA tensors of another kind (embeddings, DoRA's magnitude) or a factor without its
+    pair."""
     keys = list(keys)
     modules, others = {}, []
     for k in keys:
@@ -102,7 +106,8 @@ def adapter_factors(keys) -> tuple[dict[str, tuple[str, str]], list[str]]:
         suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
         if suffix is None:
             if ".lora_" in name:
-                raise ConfigError(f"--adapter: tensor {k!r} is not a LoRA factor PEFT saves ({', '.join(FACTOR_SUFFIXES)})")
+                raise ConfigError(f"--adapter: tensor {k!r} is not a LoRA factor PEFT saves "
+                                  f"({', '.join(FACTOR_SUFFIXES)})")
             others.append(k)
             continue
         modules.setdefault(name.removesuffix(suffix), {})[suffix] = k

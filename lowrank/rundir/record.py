@@ -109,4 +109,5 @@ def write_run_metrics(run_dir: Path, cfg: DictConfig, metrics: dict) -> dict:
 
 
 def record_end(run_dir: Path, cfg: DictConfig, status: str, reason: str) -> None:
-    write_run_metrics(run_dir, cfg, {"status": status, "reason": reason, "method": OmegaConf.select(cfg, "method.name")})
+    write_run_metrics(run_dir, cfg, {"status": status, "reason": reason,
+                                     "method": OmegaConf.select(cfg, "method.name")})

@@ -63,7 +63,8 @@ def headline(metrics: dict, run_dir) -> str:
     if "eval_accuracy" in metrics:
         quality, unit = f"eval_accuracy {metrics['eval_accuracy']:.3f}", "examples"
     else:
-        quality, unit = f"eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}", "sequences"
+        quality, unit = (f"eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}",
+                         "sequences")
     return (f"complete: {quality} ({metrics['eval_examples']:,} test {unit}) after {metrics['steps']:,} steps in "
             f"{metrics['wall_seconds']:.0f} s -> {run_dir}")
 

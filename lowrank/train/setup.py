@@ -262,7 +262,8 @@ def _observers(run: Run, group: str | None) -> None:
     cfg, tc, mc = run.cfg, run.cfg.trainer, run.cfg.method
     run.run_name = f"{mc.name}" + (f"-r{mc.rank}" if mc.name == "lora" else "") + f"-s{cfg.seed}"
     run.logger = make_logger(cfg.logger if run.main else OmegaConf.create({"name": "none"}), run.run_dir,
-                             OmegaConf.to_container(cfg, resolve=True), option(cfg, "logger.group") or group, run.run_name)
+                             OmegaConf.to_container(cfg, resolve=True), option(cfg, "logger.group") or group,
+                             run.run_name)
     if (tc.dynamics and run.main and run.parallel != "fsdp"
             and (not run.method.needs_w0 or run.w0 is not None)):
         run.dynamics = Dynamics(run.model, tracked(run.names, tc.dynamics_targets), run.w0, run.method)

@@ -99,7 +99,8 @@ BAD = {  # key: (context overrides, bad value, what its one line says after `KEY
     "model.gguf_file": (["model=smollm2"], "''", TEXT),
     "model.cache_dir": (["model=smollm2"], "''", TEXT),
     "task.name": ([], "''", TEXT),
-    "task.loader": ([], "nope", "choose one of ['fine_foods', 'hub', 'synthetic', 'tweets', 'wordnet', 'python_stdlib']"),
+    "task.loader": ([], "nope",
+                    "choose one of ['fine_foods', 'hub', 'synthetic', 'tweets', 'wordnet', 'python_stdlib']"),
     "task.objective": ([], "nope", "choose one of ['classification', 'cpt', 'sft']"),
     "task.num_labels": ([], "0", INTEGER),
     "task.path": (["task=tweets"], "''", TEXT),
@@ -220,8 +221,9 @@ CROSS = {  # rule: [(overrides, what the one line says), ...]
          "trainer.cuda_graph=true is not valid here: its batches are padded")],
     "loader_fits_objective": [(["task=code_cpt", "task.loader=wordnet"],
                                "task.loader='wordnet' is not valid; choose one of ['python_stdlib', 'synthetic']"),
-                              (["task.loader=python_stdlib"], "task.loader='python_stdlib' is not valid; choose one "
-                                                              "of ['fine_foods', 'hub', 'synthetic', 'tweets', 'wordnet']")],
+                              (["task.loader=python_stdlib"],
+                               "task.loader='python_stdlib' is not valid; choose one "
+                               "of ['fine_foods', 'hub', 'synthetic', 'tweets', 'wordnet']")],
     "token_caps_hold_a_sequence": [(["task=code_cpt", "task.test_tokens=100"],
                                     "task.test_tokens=100 is not valid; it must be an integer >= 128 "
                                     "(trainer.max_length: one full sequence) or null for all")],
@@ -385,7 +387,8 @@ def test_every_config_key_is_ruled_or_interpolated():
     keys = set()
     for overrides in compositions():
         keys |= set(leaves(OmegaConf.to_container(composed(overrides), resolve=False)))
-    unruled = sorted(k for k in keys if k not in RULES and not any(k == i or k.startswith(i + ".") for i in INTERPOLATED))
+    unruled = sorted(k for k in keys if k not in RULES
+                     and not any(k == i or k.startswith(i + ".") for i in INTERPOLATED))
     assert not unruled, f"config keys without a rule in lowrank.config.RULES: {unruled}"
     assert {"method.dora", "method.relora_warmup", "method.dim", "model.shape", "task.ood_tokens"} <= keys
 

@@ -1,7 +1,7 @@
 """Every figure on three shapes of runs, rendered without a warning and passing the reviewer's look (no two texts
 overlap, nothing outside the figure; tests/unit/analysis/figures/test_figures.py): demo-like runs (LoRA r = 1, 4 and
-full fine-tuning, two seeds: φ grids of 1 × 4 and 4 × 4), a root of imports (two base/fine-tuned pairs with ΔW = 0 in
-most matrices, and a PEFT adapter whose target_modules are full module paths), and one run of every method. Each
+full fine-tuning, two seeds: φ grids of 1 × 4 and 4 × 4), a root of imports (two base/fine-tuned pairs with ΔW = 0
+in most matrices, and a PEFT adapter whose target_modules are full module paths), and one run of every method. Each
 figure is written or skipped with its one-line reason, never 'could not be made'."""
 import contextlib
 import io

@@ -1,6 +1,6 @@
-"""A full fine-tune rebuilt from its run directory (W0 + ΔW + trained.safetensors) scores what the trained model scored;
-a planted rank-3 ΔW is truncated to models whose logits at r ≥ 3 are the whole ΔW's, r_f90 ≤ 3; the command writes
-its tables, and a run written before trained.safetensors existed is skipped in one line."""
+"""A full fine-tune rebuilt from its run directory (W0 + ΔW + trained.safetensors) scores what the trained model
+scored; a planted rank-3 ΔW is truncated to models whose logits at r ≥ 3 are the whole ΔW's, r_f90 ≤ 3; the
+command writes its tables, and a run written before trained.safetensors existed is skipped in one line."""
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
@@ -38,7 +38,8 @@ def test_a_rebuilt_full_fine_tune_scores_as_trained_and_a_planted_rank_3_delta_i
         w0 = run.base_weight(n)
         U = torch.linalg.qr(torch.randn(w0.shape[0], 3, generator=g))[0]
         V = torch.linalg.qr(torch.randn(w0.shape[1], 3, generator=g))[0]
-        planted[f"{n}.delta"] = (U * torch.tensor([3.0, 2.0, 1.0]) * w0.norm() / 100) @ V.T  # a few % of W0: large, yet far from chaotic attention
+        # a few % of W0: large, yet far from chaotic attention
+        planted[f"{n}.delta"] = (U * torch.tensor([3.0, 2.0, 1.0]) * w0.norm() / 100) @ V.T
     write_safetensors(run_dir / DELTA_FILE, planted, {k: v for k, v in meta.items() if k != "tensor_sha256"})
     spectra = Spectra(load_run(run_dir, "run"), [1, 2, 3, 4, 8], [0.9], seed=0, device="cpu")
     batch = model.objective.tokenizer(TEXT, padding=True, return_tensors="pt")
@@ -50,7 +51,8 @@ def test_a_rebuilt_full_fine_tune_scores_as_trained_and_a_planted_rank_3_delta_i
     whole = logits("full", None)
     assert all((logits("truncated", r) - whole).abs().max() < 1e-4 for r in (3, 4, 8))
     assert (logits("truncated", 2) - whole).abs().max() > 1e-3 and spectra.point("truncated", 3)[1] > 0.999999
-    losses = {r: (model.set_targets(spectra.point("truncated", r)[0]), model.evaluate()["loss"])[1] for r in (1, 2, 3, 4)}
+    losses = {r: (model.set_targets(spectra.point("truncated", r)[0]), model.evaluate()["loss"])[1]
+              for r in (1, 2, 3, 4)}
     model.set_targets(spectra.point("w0", 0)[0])
     w0_loss = model.evaluate()["loss"]
     model.set_targets(spectra.point("full", None)[0])

@@ -12,9 +12,9 @@ def test_export_refuses_a_dense_lora_variant_in_one_line_and_extracts_one_at_a_r
     with pytest.raises(SystemExit) as exit_:
         main([str(run_dir), "--out", str(tmp_path / "adapter")])
     assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
-        f"error: {run_dir} cannot be exported: its ΔW is stored dense (method.dora or method.relora_every), and a PEFT "
-        f"LoRA adapter holds factors B, A; runs of LoRA, PiSSA, LoRA+ or rsLoRA export; --rank R, --energy-share S or "
-        f"--rank-pattern FILE extracts a LoRA from any run's ΔW")
+        f"error: {run_dir} cannot be exported: its ΔW is stored dense (method.dora or method.relora_every), "
+        f"and a PEFT LoRA adapter holds factors B, A; runs of LoRA, PiSSA, LoRA+ or rsLoRA export; --rank R, "
+        f"--energy-share S or --rank-pattern FILE extracts a LoRA from any run's ΔW")
     assert not (tmp_path / "adapter").exists()
 
     main([str(run_dir), "--out", str(tmp_path / "adapter"), "--rank", "4", "--device", "cpu"])

@@ -31,7 +31,8 @@ def test_a_full_fine_tune_extracted_at_rank_8_gives_the_logits_of_w0_plus_its_tr
     record = json.loads((tmp_path / "a" / EXTRACTION_FILE).read_text())
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 8 and config["bias"] == "lora_only" and not config["rank_pattern"]
-    assert {"classifier", "bert.embeddings.word_embeddings", "bert.embeddings.LayerNorm"} <= set(config["modules_to_save"])
+    assert {"classifier", "bert.embeddings.word_embeddings",
+            "bert.embeddings.LayerNorm"} <= set(config["modules_to_save"])
 
     run = load_run(run_dir, "run")
     reference = RebuiltModel(run.config, trained_tensors(run))  # W0 + ΔW_8 by hand, every other tensor as trained
@@ -44,7 +45,8 @@ def test_a_full_fine_tune_extracted_at_rank_8_gives_the_logits_of_w0_plus_its_tr
         n: (8, round(s, 9)) for n, s in shares.items()}
     assert record["left_out"] is None and record["target_biases"] == len(run.names)
     assert 0 < record["total"]["energy_share"] < 0.9  # a full-rank ΔW: rank 8 of 384 keeps a part of it
-    assert set(record["evaluation"]) == {"truncated", "whole"} and 0 <= record["evaluation"]["truncated"]["accuracy"] <= 1
+    assert (set(record["evaluation"]) == {"truncated", "whole"}
+            and 0 <= record["evaluation"]["truncated"]["accuracy"] <= 1)
     assert record["evaluation"]["whole"]["loss"] != record["evaluation"]["truncated"]["loss"]
 
     batch = AutoTokenizer.from_pretrained(MINILM)(TEXT, padding=True, return_tensors="pt")
@@ -62,7 +64,8 @@ def test_a_lora_run_extracted_at_its_own_ranks_is_its_plain_export(tmp_path, tin
     """Mixed ranks (a rank map, rsLoRA): --rank 8 keeps every module whole (ranks 2, 6, 8), in rank_pattern and
     alpha_pattern with alpha = r."""
     (tmp_path / "pattern.json").write_text(json.dumps(PATTERN))
-    _, run_dir = tiny_run(f"method.rank_pattern={tmp_path / 'pattern.json'}", "method.scaling=rslora", "trainer.lr=1e-2")
+    _, run_dir = tiny_run(f"method.rank_pattern={tmp_path / 'pattern.json'}", "method.scaling=rslora",
+                          "trainer.lr=1e-2")
     export(run_dir, tmp_path / "plain")
     main([str(run_dir), "--out", str(tmp_path / "extracted"), "--rank", "8", "--device", "cpu"])
     config = json.loads((tmp_path / "extracted" / "adapter_config.json").read_text())
@@ -75,7 +78,8 @@ def test_a_lora_run_extracted_at_its_own_ranks_is_its_plain_export(tmp_path, tin
     assert (plain - extracted).abs().max().item() <= 1e-5
 
 
-SIGMAS = {"encoder.layer.0.attention.self.query": [4.0, 2.0, 1.0], "encoder.layer.2.intermediate.dense": [3.0, 3.0, 1.0]}
+SIGMAS = {"encoder.layer.0.attention.self.query": [4.0, 2.0, 1.0],
+          "encoder.layer.2.intermediate.dense": [3.0, 3.0, 1.0]}
 
 
 def test_an_energy_share_keeps_and_records_the_closed_form_shares_of_planted_spectra(tmp_path):
@@ -100,7 +104,8 @@ def test_an_energy_share_keeps_and_records_the_closed_form_shares_of_planted_spe
     assert abs(modules["encoder.layer.0.attention.self.query"]["energy_share"] - 20 / 21) < 1e-5
     assert abs(modules["encoder.layer.2.intermediate.dense"]["energy_share"] - 18 / 19) < 1e-5
     assert all(m["energy_share"] >= 0.9 for m in modules.values())
-    assert all((m["rank"], m["energy"], m["energy_share"]) == (1, 0.0, 1.0) for n, m in modules.items() if n not in SIGMAS)
+    assert all((m["rank"], m["energy"], m["energy_share"]) == (1, 0.0, 1.0)
+               for n, m in modules.items() if n not in SIGMAS)
     assert abs(record["total"]["energy_share"] - 38 / 40) < 1e-5 and abs(record["total"]["energy"] - 40) < 1e-3
     assert record["left_out"].startswith("imported") and record["modules_to_save"] == []
 

@@ -43,8 +43,10 @@ def test_c_an_exported_run_loads_in_peft_with_the_same_outputs(tmp_path, tiny_ru
                                 "trainer.lr=1e-2")
     run = load_run(run_dir, "run")  # the analysis reads it: ranks as the pattern says
     ranks = {n: run.delta(n).A.shape[0] for n in run.names}
-    assert ranks["bert.encoder.layer.1.attention.self.query"] == 2 and ranks["bert.encoder.layer.0.attention.self.value"] == 6
-    assert sorted(set(ranks.values())) == [2, 6, 8] and run.scaling("bert.encoder.layer.1.attention.self.query") == 16 / 2 ** 0.5  # alpha 16
+    assert (ranks["bert.encoder.layer.1.attention.self.query"] == 2
+            and ranks["bert.encoder.layer.0.attention.self.value"] == 6)
+    assert (sorted(set(ranks.values())) == [2, 6, 8]
+            and run.scaling("bert.encoder.layer.1.attention.self.query") == 16 / 2 ** 0.5)  # alpha 16
     assert run.meta["module_rank"] == {"bert.encoder.layer.1.attention.self.query": 2,
                                        "bert.encoder.layer.0.attention.self.value": 6}
 

@@ -24,7 +24,8 @@ def test_a_pair_is_recovered_exactly_and_reported_next_to_a_trained_run(tmp_path
     for key, d in delta.items():
         m = key.removesuffix(".delta")
         assert torch.equal(d, ft[f"bert.{m}.weight"] - base[f"{m}.weight"]), m  # bitwise, in fp32
-    assert not delta[f"{PLANTED[0]}.delta"].eq(0).all() and delta["encoder.layer.2.attention.self.key.delta"].eq(0).all()
+    assert (not delta[f"{PLANTED[0]}.delta"].eq(0).all()
+            and delta["encoder.layer.2.attention.self.key.delta"].eq(0).all())
 
     tiny_run(name="trained")  # a LoRA run of the trainer, under the same runs root
     report([str(tmp_path), "--out", str(tmp_path / "report"), "--threads", "1"])

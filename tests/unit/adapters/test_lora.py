@@ -72,7 +72,8 @@ def test_injection_by_suffix_and_freezing_by_type():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     head = sum(p.numel() for p in model.classifier.parameters())
     assert trainable == 4 * 2 * (8 + 8) + head  # rank·(in+out) per target, plus the head
-    assert match_targets(Tiny(), "all-linear") == [f"layers.{i}.{m}" for i in range(2) for m in ("query", "value", "up")]
+    assert match_targets(Tiny(), "all-linear") == [f"layers.{i}.{m}" for i in range(2)
+                                                   for m in ("query", "value", "up")]
     with pytest.raises(ValueError, match="'nope' matches no linear layer; valid suffixes: .*query"):
         inject_lora(Tiny(), ["nope"], rank=2, alpha=4)
 

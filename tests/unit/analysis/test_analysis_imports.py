@@ -8,7 +8,8 @@ MODULES = sorted(".".join(p.relative_to(ROOT / "analysis").with_suffix("").parts
                  for p in (ROOT / "analysis").rglob("*.py") if p.stem != "__init__")
 LOWRANK_ALLOWED = {"lowrank.rundir.layout", "lowrank.rundir.integrity", "lowrank.rundir.atomic", "lowrank.logger",
                    "lowrank.errors", "lowrank.linalg.spectra", "lowrank.linalg.subspace", "lowrank.linalg.sparsity",
-                   "lowrank.linalg.drift", "lowrank.linalg.heavy_tail", "lowrank.linalg.truncation"}  # pure math, a leaf
+                   "lowrank.linalg.drift", "lowrank.linalg.heavy_tail",
+                   "lowrank.linalg.truncation"}  # pure math, a leaf
 # analysis.truncate scores models (W0 + ΔW_r on the run's own evaluation): the one module that needs the model and data
 EVALUATES = {"truncate": {"lowrank.data.rebuild"}}
 PACKAGES = {"lowrank", "lowrank.rundir", "lowrank.linalg"}  # their __init__ files are empty

@@ -200,8 +200,8 @@ def test_amplification_of_scaled_top_part_of_w_is_the_scale():
 
 def test_amplification_of_a_weak_direction_of_w_is_known_by_hand():
     """W = Σ σ_i u_i v_iᵀ with σ = 6, 5, 4, 3, 2, 1 and a rank-1 LoRA ΔW = c · u_6 v_6ᵀ along W's weakest pair:
-    ΔW's top directions are (u_6, v_6), so ‖UᵀWV‖_F = σ_6 = 1, ‖ΔW‖_F = c and the amplification is c / σ_6;
-    W's own top directions give σ_1; u_6 ⟂ u_1 and v_6 ⟂ v_1, so φ(ΔW, W, 1, 1) = 0 on both sides."""
+    ΔW's top directions are (u_6, v_6), so ‖UᵀWV‖_F = σ_6 = 1, ‖ΔW‖_F = c and the amplification is
+    c / σ_6; W's own top directions give σ_1; u_6 ⟂ u_1 and v_6 ⟂ v_1, so φ(ΔW, W, 1, 1) = 0 on both sides."""
     sig, c = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], 3.0
     W, U, s, V = planted(20, 14, sig, seed=8)
     B, A = 0.5 * c * U[:, 5:6], V[:, 5:6].mT     # ΔW = scaling · B A with scaling 2, as LoRA stores it

@@ -250,8 +250,9 @@ def replace_tensors(path: Path, tensors: dict) -> None:
 
 def test_amplification_of_a_planted_run_is_known_by_hand(tmp_path):
     """The report on a run built so that its Table 7 row is known by hand: W0 = Σ σ_i u_i v_iᵀ with σ = 16, ..., 1
-    and a rank-1 LoRA ΔW = c · u_16 v_16ᵀ along W0's weakest pair. Then ‖UᵀW0V‖_F = σ_16 = 1 for ΔW's directions,
-    σ_1 = 16 for W0's, ‖ΔW‖_F = c, the amplification c / σ_16, and φ(ΔW, W0, 1, 1) = 0 on both sides."""
+    and a rank-1 LoRA ΔW = c · u_16 v_16ᵀ along W0's weakest pair. Then ‖UᵀW0V‖_F = σ_16 = 1 for ΔW's
+    directions, σ_1 = 16 for W0's, ‖ΔW‖_F = c, the amplification c / σ_16,
+    and φ(ΔW, W0, 1, 1) = 0 on both sides."""
     c, name = 3.0, module(1, "attention.self.query")
     sigma = torch.arange(16, 0, -1, dtype=torch.float64)
     U, V = (random_basis(16, 16, torch.Generator().manual_seed(seed)) for seed in (1, 2))

@@ -38,7 +38,8 @@ def test_lr_ratio_holds_near_ten_and_flat_and_not_when_a_rank_strays():
 
 
 def test_forgetting_compares_with_full_fine_tunings_frontier_at_the_same_loss():
-    full = [_run("full", None, lr, loss, 3.0 - loss) for lr, loss in ((1e-4, 1.0), (1e-5, 2.0))]  # forgetting = 3 - loss
+    # forgetting = 3 - loss
+    full = [_run("full", None, lr, loss, 3.0 - loss) for lr, loss in ((1e-4, 1.0), (1e-5, 2.0))]
     below = pd.DataFrame(full + [_run("lora", 8, 1e-3, 1.5, 1.2), _run("lora", 8, 3e-3, 1.25, 1.6)])
     row = F.forgetting(below)[0]
     assert row["verdict"] == "holds" and "median -0.2250" in row["measured"] and "lower in 2 of 2" in row["measured"]

@@ -19,7 +19,8 @@ MODEL, TRAIN, EVAL = "f3" * 32, "aa" * 32, "e1" * 32
 def provenance(train=TRAIN, evaluation=EVAL, seeded=False, model=MODEL) -> dict:
     return {"lowrank": {"version": "0.1.0", "commit": "c0ffee" * 6 + "abcd", "dirty": False, "why": None},
             "packages": {"torch": "2.13.0", "transformers": "5.25.0", "peft": "0.21.2", "hydra-core": "1.3.8"},
-            "device": "AMD EPYC", "model": {"source": "nowhere", "hub_commit": None, "files_sha256": model, "why": None},
+            "device": "AMD EPYC",
+            "model": {"source": "nowhere", "hub_commit": None, "files_sha256": model, "why": None},
             "data": {"train_sha256": train, "eval_sha256": evaluation, "train_seeded": seeded}}
 
 

@@ -1,6 +1,6 @@
 """Truncation and functional rank against cases with known answers: a planted rank-3 ΔW is whole at r ≥ 3; a random
-rank-r projection keeps r/d of ‖ΔW‖_F² in expectation (exactly, for a ΔW with equal singular values); r_f90 from a
-table whose kept shares are known."""
+rank-r projection keeps r/d of ‖ΔW‖_F² in expectation (exactly, for a ΔW with equal singular values); r_f90 from
+a table whose kept shares are known."""
 import math
 
 import numpy as np

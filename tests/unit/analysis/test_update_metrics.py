@@ -74,7 +74,8 @@ def test_sigma_drift_of_diagonal_matrices():
 # ---- heavy-tail exponent ----------------------------------------------------------------------------------------
 
 def pareto_quantiles(n: int, alpha: float, xmin: float) -> np.ndarray:
-    """n eigenvalues at the mid-quantiles of a power law p(λ) ∝ λ^-α on [xmin, ∞): a planted ESD with no sampling noise."""
+    """n eigenvalues at the mid-quantiles of a power law p(λ) ∝ λ^-α on [xmin, ∞):
+    a planted ESD with no sampling noise."""
     u = (np.arange(n) + 0.5) / n
     return xmin * (1 - u) ** (-1 / (alpha - 1))
 

@@ -27,7 +27,8 @@ def test_ratios_compare_same_modes_and_the_fastest_full_run():
     assert g["ours_over_peft_same_mode"] == pytest.approx(180 / 170)
     assert g["ours_over_full"] == pytest.approx(1.5)
     assert g["ours_over_fastest_full"] == pytest.approx(1.5)
-    assert g["memory_ours_over_peft"] == pytest.approx(0.4) and g["memory_ours_over_peft_same_mode"] == pytest.approx(8 / 12)
+    assert (g["memory_ours_over_peft"] == pytest.approx(0.4)
+            and g["memory_ours_over_peft_same_mode"] == pytest.approx(8 / 12))
     e = ratios["eager"]
     assert e["ours_over_full"] == pytest.approx(0.9) and e["ours_over_fastest_full"] == pytest.approx(0.75)
 
@@ -56,13 +57,17 @@ def test_repeated_configs_report_the_median_run_and_keep_every_run():
 
 
 def test_trainer_targets_are_judged_on_the_trainer_rows():
-    rows = [row("llama-7b", "peft", "compile-model", 100.0, mem=20), row("llama-7b", "ours", "compile+step-graph", 150.0),
+    rows = [row("llama-7b", "peft", "compile-model", 100.0, mem=20),
+            row("llama-7b", "ours", "compile+step-graph", 150.0),
             dict(row("llama-7b", "ours", "trainer", 145.0, mem=18), impl="trainer"),
             dict(row("llama-7b", "torch", "trainer", 90.0), impl="trainer")]
     checks = {c["what"]: c for c in check_targets(ratio_rows(rows), read_targets()) if c["impl"] == "trainer"}
-    assert checks["ours_over_bench_fastest"]["value"] == pytest.approx(145 / 150) and checks["ours_over_bench_fastest"]["met"]
-    assert checks["ours_over_peft_compiled"]["value"] == pytest.approx(1.45) and checks["ours_over_peft_compiled"]["met"]
-    assert checks["ours_over_trainer_full"]["value"] == pytest.approx(145 / 90) and checks["ours_over_trainer_full"]["met"]
+    assert (checks["ours_over_bench_fastest"]["value"] == pytest.approx(145 / 150)
+            and checks["ours_over_bench_fastest"]["met"])
+    assert (checks["ours_over_peft_compiled"]["value"] == pytest.approx(1.45)
+            and checks["ours_over_peft_compiled"]["met"])
+    assert (checks["ours_over_trainer_full"]["value"] == pytest.approx(145 / 90)
+            and checks["ours_over_trainer_full"]["met"])
     assert checks["memory_ours_over_peft_compiled"]["value"] == pytest.approx(0.9)
 
 
@@ -101,7 +106,8 @@ def test_merge_joins_runs_rows_commands_and_parity(tmp_path):
         write_result(d, "lora_vs_peft_gpu", rows, dict(hf_mask=False), meta=dict(meta, **meta_changes),
                      details=dict(parity=parity))
     for name, model, run_par in (("a", "m1", par), ("b", "m2", None)):
-        rows = [_row(model, "full", "torch", None, 100.0), _row(model, "lora", "ours", 16, 130.0 if name == "a" else 150.0)]
+        rows = [_row(model, "full", "torch", None, 100.0),
+                _row(model, "lora", "ours", 16, 130.0 if name == "a" else 150.0)]
         run(tmp_path / name, rows, run_par, command=f"bench {name}")
     merge([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "out", targets)
     merged = json.loads((tmp_path / "out" / "lora_vs_peft_gpu.json").read_text())

@@ -28,7 +28,8 @@ def test_a_probe_does_nothing_at_module_level(name):
             assert [ast.unparse(n) for n in node.body] == ["main()"], name
             continue
         assert isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign,
-                                 ast.AnnAssign)) or (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)), \
+                                 ast.AnnAssign)) or (isinstance(node, ast.Expr)
+                                                     and isinstance(node.value, ast.Constant)), \
             (name, node.lineno, ast.unparse(node)[:80])
         if isinstance(node, (ast.Assign, ast.AnnAssign)):  # constants: no call that allocates or measures
             calls = {ast.unparse(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)}

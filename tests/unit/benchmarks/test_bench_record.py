@@ -68,7 +68,8 @@ def test_markdown_table_matches_the_rows(tmp_path):
     assert cells[1] == ["m", "ours", "16", "1235", "a|b", "[1.0,2.0]"] and cells[2][2] == cells[2][4] == "–"
     columns = [Column("impl", "impl"), Column("tokens/s", "tokens_per_second", ",.0f"),
                Column("×", lambda r: r["rank"] and r["rank"] / 8, ".2f", "×")]
-    assert table_cells(markdown_table(ROWS, columns), "| impl") == [["impl", "tokens/s", "×"], ["ours", "1,235", "2.00×"],
+    assert table_cells(markdown_table(ROWS, columns), "| impl") == [["impl", "tokens/s", "×"],
+                                                                    ["ours", "1,235", "2.00×"],
                                                                     ["torch", "1,000", "–×"]]
 
 

@@ -112,7 +112,8 @@ def test_a_rank_pattern_selects_by_peft_rule_and_the_others_need_a_rank_or_share
     rule = RankRule(rank=1, pattern={"layer.0.attention.self.query": 3, "value": 9})
     rule.check(NAMES)
     assert [rule.rank_of(n, s) for n in NAMES] == [3, 4, 1]  # 9 is more than ΔW's rank 4: all of it
-    with pytest.raises(ConfigError, match=r"--rank-pattern: 1 modules \(such as 'bert.encoder.layer.1.attention.self.query'\) "
+    with pytest.raises(ConfigError, match=r"--rank-pattern: 1 modules \(such as "
+                                          r"'bert.encoder.layer.1.attention.self.query'\) "
                                           r"match no key; add --rank R or --energy-share S"):
         RankRule(pattern={"layer.0.attention.self.query": 3, "value": 9}).check(NAMES)
     with pytest.raises(ConfigError, match="--rank-pattern: no key selects any of the run's 3 modules"):

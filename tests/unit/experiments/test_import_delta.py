@@ -52,7 +52,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         f.mkdir()
         save_torch_state_dict(ft, f, max_shard_size=shard)
         shutil.copy(MINILM / "config.json", f)
-    assert len(list(folders["sharded"].glob("*.safetensors"))) > 1 and (folders["sharded"] / "model.safetensors.index.json").exists()
+    assert (len(list(folders["sharded"].glob("*.safetensors"))) > 1
+            and (folders["sharded"] / "model.safetensors.index.json").exists())
     return folders | {"ft_state": ft, "base_state": base}
 
 
@@ -136,15 +137,17 @@ def train_peft_adapter(folder: Path, **lora) -> "PeftModel":  # noqa: F821
 
 
 @pytest.mark.parametrize("lora", [dict(r=4, lora_alpha=8),
-                                  dict(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"layer.1.attention.self.query": 2,
-                                                                                           "layer.4.attention.self.value": 6},
+                                  dict(r=4, lora_alpha=8, use_rslora=True,
+                                       rank_pattern={"layer.1.attention.self.query": 2,
+                                                     "layer.4.attention.self.value": 6},
                                        alpha_pattern={"layer.2.attention.self.value": 3})],
                          ids=["plain", "rslora+rank_pattern+alpha_pattern"])
 def test_b_an_adapter_imports_as_peft_own_delta_weight(tmp_path, lora):
     model = train_peft_adapter(tmp_path / "adapter", **lora)
     out = import_adapter(str(tmp_path / "adapter"), tmp_path / "runs" / "peft" / "a", str(MINILM), "minilm", log=print)
     run = load_run(out, "peft/a")
-    peft_layers = {n.removeprefix("base_model.model.bert."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    peft_layers = {n.removeprefix("base_model.model.bert."): m for n, m in model.named_modules()
+                   if hasattr(m, "lora_A")}
     assert sorted(peft_layers) == sorted(run.names) and len(run.names) == 12
     for name, layer in peft_layers.items():
         d = run.delta(name)

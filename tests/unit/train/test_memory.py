@@ -1,4 +1,5 @@
-"""Memory model (lowrank.train.memory), shape-only models (lowrank.data.shapes) and budget fitting (lowrank.train.budget).
+"""Memory model (lowrank.train.memory), shape-only models (lowrank.data.shapes)
+and budget fitting (lowrank.train.budget).
 
 Parameter counts are checked against models built on the meta device (no memory, any config); byte counts
 against hand arithmetic; the fit search against an injected probe that 'runs out of memory' above a size.

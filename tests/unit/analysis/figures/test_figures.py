@@ -1,6 +1,6 @@
 """Every figure from a small synthetic runs root written through the real writers (the trainer's config,
-lowrank.rundir.delta's ΔW and W0 files, lowrank.rundir.atomic's metrics.json): the files exist, the plotted data equal the
-tables, a figure without its runs is skipped naming its sweep, and the same runs give the same files."""
+lowrank.rundir.delta's ΔW and W0 files, lowrank.rundir.atomic's metrics.json): the files exist, the plotted data equal
+the tables, a figure without its runs is skipped naming its sweep, and the same runs give the same files."""
 import json
 import sys
 import types
@@ -76,7 +76,8 @@ class TinyLlama(nn.Module):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 setattr(block.self_attn, name, nn.Linear(WIDTH, WIDTH, bias=False))
             block.mlp = nn.Module()
-            block.mlp.up_proj, block.mlp.down_proj = nn.Linear(WIDTH, MLP, bias=False), nn.Linear(MLP, WIDTH, bias=False)
+            block.mlp.up_proj, block.mlp.down_proj = (nn.Linear(WIDTH, MLP, bias=False),
+                                                      nn.Linear(MLP, WIDTH, bias=False))
 
 
 def accuracy(method, rank, seed, size):
@@ -109,8 +110,8 @@ def write_run(root: Path, overrides: list[str], estimate: bool, model_cls=TinyBe
             u, v = torch.randn(w.shape[0], 2, generator=g), torch.randn(2, w.shape[1], generator=g)
             w.data += 0.001 * torch.randn(w.shape, generator=g) + 0.01 * u @ v
         scaling = 1.0
-    write_delta(run_dir, model, LoRA(m) if m.name == "lora" else Full(), names, w0, base, {"scaling": scaling, "rank": m.get("rank"),
-                                                         "alpha": m.get("alpha"), "targets": names})
+    write_delta(run_dir, model, LoRA(m) if m.name == "lora" else Full(), names, w0, base,
+                {"scaling": scaling, "rank": m.get("rank"), "alpha": m.get("alpha"), "targets": names})
     lora = m.name == "lora"
     n_adapter = sum(p.numel() for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B))
     metrics = {"status": "complete", "method": m.name, "eval_accuracy": accuracy(m.name, m.get("rank"), cfg.seed, size),
@@ -190,7 +191,8 @@ def artist(ax_or_fig, gid):
     return artists(ax_or_fig, gid)[0]
 
 
-CLASSIFIER_FIGURES = [s for s in FIGURES if s.number <= 10]  # 11-13 are the causal LMs': tests/unit/analysis/figures/test_lm_figures.py
+# 11-13 are the causal LMs': tests/unit/analysis/figures/test_lm_figures.py
+CLASSIFIER_FIGURES = [s for s in FIGURES if s.number <= 10]
 
 
 def test_every_figure_and_its_data_are_written_and_embedded(out):
@@ -271,7 +273,8 @@ def test_figure_1_accuracy_vs_rank(tables):
     assert list(table.columns) == ["setup", "configuration", "r", "n seeds", "test accuracy", "seed interval (95 %)",
                                    "test-set interval (Wilson 95 %)"]
     row = table[(table.configuration == "LoRA (q,v)") & (table.r == 8)].iloc[0]
-    assert row["test accuracy"] == pytest.approx(want.mean()[8]) and row["seed interval (95 %)"].endswith("(range of 2)")
+    assert (row["test accuracy"] == pytest.approx(want.mean()[8])
+            and row["seed interval (95 %)"].endswith("(range of 2)"))
     assert table[table.configuration == "LoRA (q,k,v,o)"]["seed interval (95 %)"].eq("n=1: none").all()
 
 
@@ -316,7 +319,8 @@ def test_figures_2_to_4_show_the_phi_grids_of_the_tables(tables):
 def test_figure_5_amplification(tables):
     data = D.amplification_data(tables["amplification"], tables["runs"])
     amps = tables["amplification"]
-    full = amps[amps.run_id.isin(["syn/method=full,seed=0/qv", "syn/method=full,seed=1/qv"]) & (amps.matrix_type == "query")]
+    full = amps[amps.run_id.isin(["syn/method=full,seed=0/qv",
+                                  "syn/method=full,seed=1/qv"]) & (amps.matrix_type == "query")]
     sums = full.groupby("r")[["delta_top_fro", "proj_delta"]].sum()
     want = sums.delta_top_fro / sums.proj_delta       # the ratio of sums over layers and seeds, ΔW's top-r part
     assert list(want.index) == [1, 8, 64]           # full fine-tuning at the LoRA ranks found
@@ -620,7 +624,8 @@ def test_analysis_run_goes_to_wandb_in_the_sweeps_group(tables, tmp_path, monkey
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     make_figures(tmp_path, logged_runs, "auto", numbers=[1, 5])
     init = calls["init"]
-    assert (init["name"], init["group"], init["project"], init["job_type"]) == ("analysis", "syn", "lowrank", "analysis")
+    assert (init["name"], init["group"], init["project"], init["job_type"]) == (
+        "analysis", "syn", "lowrank", "analysis")
     assert calls["finished"]
     assert calls["logged"]["figures/fig1_accuracy_vs_rank"] == ("image", "fig1_accuracy_vs_rank.png")
     assert calls["logged"]["tables/runs"] == ("table", len(runs))

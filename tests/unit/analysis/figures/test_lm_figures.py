@@ -36,7 +36,8 @@ def test_lm_figures_draw_from_the_tables(tmp_path):
     runs = _runs()
     spectrum = pd.DataFrame([{"run_id": f"fullNone-0.0001-{s}", "layer": layer, "matrix_type": t, "r90": r,
                               "out_features": 576, "in_features": 576}
-                             for s in (0, 1) for layer in range(3) for t, r in (("q_proj", 100 + layer), ("o_proj", 50))])
+                             for s in (0, 1) for layer in range(3)
+                             for t, r in (("q_proj", 100 + layer), ("o_proj", 50))])
     tables = {"runs": runs, "spectrum": spectrum}
     frontier = figure_11(tables, tmp_path)
     assert frontier.path.exists() and len(frontier.data) == len(runs)
