@@ -1,12 +1,15 @@
 """The training package reads as a recipe: no function in lowrank/train longer than a screen (80 lines), no closure
 that rebinds its caller's variables (`nonlocal`) anywhere in lowrank, and variants told apart by type, not by
-probing attributes (`hasattr(layer, "magnitude")`-style dispatch)."""
+probing attributes (`hasattr(layer, "magnitude")`-style dispatch). No line of the project's Python is wider than
+120 characters."""
 import ast
 import re
 
 from tests.conftest import ROOT
 
 LONGEST = 80
+WIDEST = 120
+PYTHON = ("lowrank", "experiments", "analysis", "benchmarks", "tests")
 
 
 def functions(package: str):
@@ -33,6 +36,12 @@ def test_variants_are_not_told_apart_by_their_attributes():
     variant_attrs = re.compile(r"hasattr\([^)]*[\"'](magnitude|lora_A0|lora_B0|base_layer|lora_A|lora_B)[\"']")
     found = [str(p.relative_to(ROOT)) for p in (ROOT / "lowrank").rglob("*.py") if variant_attrs.search(p.read_text())]
     assert not found, found
+
+
+def test_no_line_is_wider_than_the_limit():
+    wide = [f"{p.relative_to(ROOT)}:{i}" for package in PYTHON for p in sorted((ROOT / package).rglob("*.py"))
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if len(line) > WIDEST]
+    assert not wide, wide
 
 
 def test_the_checks_see_what_they_look_for():
