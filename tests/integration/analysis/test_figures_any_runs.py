@@ -10,7 +10,6 @@ import time
 import warnings
 
 import pytest
-import torch
 from huggingface_hub import save_torch_state_dict
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 

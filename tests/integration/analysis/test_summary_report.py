@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 from analysis import statistics as st
-from analysis import summary as S
 from analysis.figures.data import interval_text, prepare
 from analysis.report import main as report
 from lowrank.rundir.layout import HISTORY_FILE

@@ -13,7 +13,7 @@ from experiments.export_peft import export
 from experiments.import_delta import import_adapter
 from lowrank.adapters.lora import inject_lora, lora_layers
 from lowrank.data.models import load_model
-from lowrank.rundir.layout import HEAD_FILE, TRAINED_FILE
+from lowrank.rundir.layout import TRAINED_FILE
 from lowrank.rundir.peft import BASE_FILE
 from omegaconf import OmegaConf
 

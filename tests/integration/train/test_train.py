@@ -93,7 +93,7 @@ def test_lora_run_directory(shared_runs):
 
 
 def test_metrics_record_provenance(shared_runs):
-    (lora, lora_dir, _), (full, full_dir, _) = shared_runs["lora"], shared_runs["full"]
+    (_, lora_dir, _), (full, _, _) = shared_runs["lora"], shared_runs["full"]
     saved = rundir.load_metrics(lora_dir)["provenance"]
     assert set(saved) == {"lowrank", "packages", "device", "model", "data"}
     assert (saved["lowrank"]["version"] == "0.1.0"

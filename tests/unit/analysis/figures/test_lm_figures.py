@@ -1,5 +1,4 @@
 """The generative studies' figures (analysis/figures/lm.py) from hand-made tables: the numbers they show."""
-import numpy as np
 import pandas as pd
 import pytest
 
