@@ -27,6 +27,7 @@ versions):
 """
 import argparse
 import contextlib
+from collections import Counter
 import os
 import time
 from pathlib import Path
@@ -125,10 +126,13 @@ def guarded(rows: list, make, label: str) -> None:
         print(f"FAILED {label}: {type(e).__name__}: {e}", flush=True)
 
 
+def row_of(rows, model: str, run: str) -> dict | None:
+    return next((r for r in rows if r.get("model") == model and r.get("run") == run), None)
+
+
 def ratio(rows, model, num, den, key="tokens_per_second"):
-    a = next((r for r in rows if r.get("model") == model and r.get("run") == num and key in r), None)
-    b = next((r for r in rows if r.get("model") == model and r.get("run") == den and key in r), None)
-    return a[key] / b[key] if a and b and b[key] else None
+    a, b = row_of(rows, model, num), row_of(rows, model, den)
+    return a[key] / b[key] if a and b and key in a and b.get(key) else None
 
 
 def speed_pass(key: str, warmup: int, steps: int, runs_root, device) -> list[dict]:
@@ -196,16 +200,24 @@ def cublas_pair():
         lora_gemm.ENABLED = saved
 
 
+def layer_projections(shape: dict) -> list[tuple[str, int, int]]:
+    """A Llama layer's linear projections: (the input they read, in features, out features) for q, k, v, o, gate,
+    up, down. q/k/v read one input, gate/up another."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return [("attention in", h, h), ("attention in", h, kv), ("attention in", h, kv), ("attention out", h, h),
+            ("mlp in", h, i), ("mlp in", h, i), ("mlp hidden", i, h)]
+
+
 def factor_pass_bytes(shape: dict) -> int:
     """Bytes that LoRA r16 on every linear projection of a Llama reads a step in its factor products, when each
     product is a pass of its own (not folded into a frozen GEMM): every adapted input twice (h = x Aᵀ forward, A's
     gradient Tᵀ x backward; q/k/v and gate/up share theirs) and every output gradient once (t = s g B and B's
     gradient in one kernel). The factors, h and t are a few MB and left out."""
-    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    inputs = 3 * h + i                     # q/k/v, o, gate/up: hidden wide; down: intermediate wide
-    outputs = h + 2 * kv + h + 2 * i + h   # q, k, v, o, gate, up, down
-    return 2 * shape["batch"] * shape["seq"] * (2 * inputs + outputs) * layers  # bf16
+    projections = layer_projections(shape)
+    inputs = sum(dict((name, n_in) for name, n_in, _ in projections).values())   # each shared input once
+    outputs = sum(n_out for _, _, n_out in projections)
+    return 2 * shape["batch"] * shape["seq"] * (2 * inputs + outputs) * shape["num_hidden_layers"]  # bf16
 
 
 def read_bandwidth(device) -> float | None:
@@ -220,15 +232,13 @@ def read_bandwidth(device) -> float | None:
 
 
 def frozen_gemm_shapes(shape: dict) -> dict[tuple[int, int], int]:
-    """{(in, out) features: how many} of a Llama's frozen projections: per layer q, k, v, o, gate, up, down; and
+    """{(in, out) features: how many} of a Llama's frozen projections: every layer's (`layer_projections`) and
     lm_head once."""
-    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    counts = {}
-    for features, n in (((h, h), 2), ((h, kv), 2), ((h, i), 2), ((i, h), 1)):  # q and o; k and v; gate and up; down
-        counts[features] = counts.get(features, 0) + n * layers
-    counts[(h, shape["vocab_size"])] = counts.get((h, shape["vocab_size"]), 0) + 1
-    return counts
+    counts = Counter()
+    for _, n_in, n_out in layer_projections(shape):
+        counts[(n_in, n_out)] += shape["num_hidden_layers"]
+    counts[(shape["hidden_size"], shape["vocab_size"])] += 1
+    return dict(counts)
 
 
 def frozen_gemm_ms(shape: dict, device, timer=time_us) -> float | None:
@@ -254,8 +264,7 @@ def peft_bound_line(rows, key, lora_run, peft_run, frozen_ms: float | None) -> l
     """What bounds LoRA / plain PEFT: the ratio LoRA would reach with its own kernels free, its frozen matmuls at
     `frozen_ms` (cuBLAS alone) and the rest of its step (attention, compiled elementwise work, optimizer) as
     profiled."""
-    lora = next((r for r in rows if r.get("model") == key and r.get("run") == lora_run), None)
-    peft = next((r for r in rows if r.get("model") == key and r.get("run") == peft_run), None)
+    lora, peft = row_of(rows, key, lora_run), row_of(rows, key, peft_run)
     if not (frozen_ms and lora and peft and lora.get("gpu_busy_ms") and peft.get("tokens_per_second")):
         return []
     shape = SHAPES[key]
@@ -274,8 +283,7 @@ def bound_lines(rows, key, lora_run, full_run, bandwidth: float | None = None) -
     forward and input gradient, no weight gradient) plus its attention, compiled elementwise work, loss and optimizer
     as profiled. With `bandwidth` (bytes/s), also the bound with the factor products as passes of their own, which
     cannot take less than their reads (`factor_pass_bytes`) at that bandwidth."""
-    lora = next((r for r in rows if r.get("model") == key and r.get("run") == lora_run), None)
-    full = next((r for r in rows if r.get("model") == key and r.get("run") == full_run), None)
+    lora, full = row_of(rows, key, lora_run), row_of(rows, key, full_run)
     if not (lora and full and lora.get("gpu_busy_ms") and full.get("gpu_busy_ms")):
         return []
     floor_matmul = 2 / 3 * full["matmul_ms"]
