@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 
 class Preempted(SystemExit):
@@ -28,7 +29,7 @@ def under_torchrun() -> bool:
     return dist is not None and dist.is_available() and dist.is_initialized()
 
 
-def exit_now(code: int):
+def exit_now(code: int) -> NoReturn:
     """End a pre-empted torchrun process with CODE once everything is written: flush the logs, then os._exit.
     The interpreter's teardown is skipped because gloo's worker threads can still hold work whose release needs
     the interpreter there, and abort the process ("terminate called without an active exception"): the launcher
