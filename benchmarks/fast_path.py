@@ -11,7 +11,8 @@ Parts (each writes `fast_path_{part}_{device}.{json,md}` through benchmarks.harn
 versions):
 - speed: per shape (1.1B b8 × 1024, 7B b2 × 1024), the trainer as users run it with no `trainer.compile` given
   (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; again with the
-  cuBLAS pair instead of lowrank.adapters.lora_gemm; at 1.1B also with `trainer.chunked_loss=false`, transformers'
+  cuBLAS pair instead of lowrank.adapters.lora_gemm; with one (g, W) pair a launch in a group's input gradient,
+  cuBLAS adding the others; at 1.1B also with `trainer.chunked_loss=false`, transformers'
   loss), the trainer's full fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one
   card), and plain PEFT + `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios
   per shape; with `--repeats N` every configuration runs N times, interleaved, and each row is its median run. Each
@@ -144,6 +145,10 @@ def speed_pass(key: str, warmup: int, steps: int, runs_root, device) -> list[dic
         guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device, (),
                                           ", cuBLAS pair"), f"{key} trainer lora, cuBLAS pair")
     free(device)
+    with one_pair_a_launch():  # a group's input gradient: the kernel for one member, cuBLAS adding the others
+        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device, (),
+                                          ", one pair a launch"), f"{key} trainer lora, one pair a launch")
+    free(device)
     if key != "llama-7b":
         # the same LoRA run with transformers' loss: what the chunked loss costs or saves in speed
         guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device,
@@ -178,7 +183,9 @@ def speed(models, warmup, steps, runs_root, device, repeats: int = 1) -> tuple[l
                             ("LoRA, chunked loss / transformers' loss",
                              ratio(rows, key, lora, lora + ", chunked_loss=false")),
                             ("LoRA, GEMM from the LoRA product / cuBLAS pair",
-                             ratio(rows, key, lora, lora + ", cuBLAS pair"))):
+                             ratio(rows, key, lora, lora + ", cuBLAS pair")),
+                            ("LoRA, a group's input gradient in one launch / one pair a launch",
+                             ratio(rows, key, lora, lora + ", one pair a launch"))):
             if value is not None:
                 lines.append(f"- {key}: trainer {name}: {value:.2f}×")
         lines += bound_lines(rows, key, lora, full, bandwidth)
@@ -198,6 +205,16 @@ def cublas_pair():
         yield
     finally:
         lora_gemm.ENABLED = saved
+
+
+@contextlib.contextmanager
+def one_pair_a_launch():
+    """Within it, a group's input gradient runs the kernel for its widest member and cuBLAS adds the others."""
+    saved, lora_gemm.MAX_PAIRS = lora_gemm.MAX_PAIRS, 1
+    try:
+        yield
+    finally:
+        lora_gemm.MAX_PAIRS = saved
 
 
 def layer_projections(shape: dict) -> list[tuple[str, int, int]]:

@@ -4,7 +4,9 @@
 
 Per Llama-1.1B shape at 8,192 tokens (a group's input gradient at rank 48 too), in µs (CUDA events, four input
 sets): the forward (x Wᵀ + 2 · h Bᵀ) and the input gradient (g W + T A) through `lora_gemm` and through the pair
-that runs without it, with the kernel's largest error relative to an fp32 reference.
+that runs without it, with the kernel's largest error relative to an fp32 reference. Then a group's input gradient
+(T [A₁; …; Aₙ] + Σ gᵢ Wᵢ: q, k, v; gate, up) at 1.1B (8,192 tokens) and 7B (2,048): the cuBLAS pair, the kernel
+summing the first pair with cuBLAS adding the others, and the kernel summing every pair in one launch.
 """
 import torch
 
@@ -14,6 +16,10 @@ from lowrank.adapters import lora_gemm as lg
 
 SHAPES = {"1.1b q/o": (8192, 2048, 2048, 16), "1.1b gate/up": (8192, 2048, 5632, 16),
           "1.1b down": (8192, 5632, 2048, 16), "1.1b q/o, rank 48": (8192, 2048, 2048, 48)}  # tokens, in, out, r
+# tokens, in, each member's out; rank 16 a member
+GROUPS = {"1.1b q,k,v input grad": (8192, 2048, (2048, 256, 256)),
+          "1.1b gate,up input grad": (8192, 2048, (5632,) * 2),
+          "7b q,k,v input grad": (2048, 4096, (4096,) * 3), "7b gate,up input grad": (2048, 4096, (11008,) * 2)}
 
 
 def shape_row(M: int, i: int, o: int, r: int) -> dict:
@@ -34,6 +40,32 @@ def shape_row(M: int, i: int, o: int, r: int) -> dict:
                 input_grad_kernel_us=time_us(lambda k: lg.lora_gemm([G[k]], [W], H[k], A, 1.0, False, False)))
 
 
+def group_row(M: int, i: int, outs: tuple[int, ...]) -> dict:
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    G = [[torch.randn(M, o, **bf) for o in outs] for _ in range(4)]
+    T = [torch.randn(M, 16 * len(outs), **bf) for _ in range(4)]
+    Ws, A = [torch.randn(o, i, **bf) * .02 for o in outs], torch.randn(16 * len(outs), i, **bf) * .02
+
+    def kernel(k: int, pairs: int):
+        lg.MAX_PAIRS = pairs
+        try:
+            return lg.lora_gemm(G[k], Ws, T[k], A, 1.0, False, False)
+        finally:
+            lg.MAX_PAIRS = len(outs)
+
+    def pair(k: int):
+        out = torch.mm(T[k], A)
+        for g, W in zip(G[k], Ws):
+            out.addmm_(g, W)
+        return out
+
+    ref = pair(0).float()
+    err = ((kernel(0, len(outs)).float() - ref).abs().max() / ref.abs().max()).item()
+    return dict(input_grad_rel_err=err, input_grad_pair_us=time_us(pair),
+                input_grad_kernel_one_pair_us=time_us(lambda k: kernel(k, 1)),
+                input_grad_kernel_all_pairs_us=time_us(lambda k: kernel(k, len(outs))))
+
+
 def main():
     args = probe_args(__doc__)
     meta = collect_metadata()
@@ -41,7 +73,10 @@ def main():
     for name, shape in SHAPES.items():
         res[name] = shape_row(*shape)
         print(name, {k: round(v, 4 if "err" in k else 1) for k, v in res[name].items()}, flush=True)
-    save(args.out, "lora_gemm_check", __doc__, rows_by("shape", res), meta, settings=dict(shapes=SHAPES))
+    for name, shape in GROUPS.items():
+        res[name] = group_row(*shape)
+        print(name, {k: round(v, 4 if "err" in k else 1) for k, v in res[name].items()}, flush=True)
+    save(args.out, "lora_gemm_check", __doc__, rows_by("shape", res), meta, settings=dict(shapes=SHAPES, groups=GROUPS))
 
 
 if __name__ == "__main__":

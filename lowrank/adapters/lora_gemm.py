@@ -8,7 +8,8 @@ The cuBLAS pair (`lowrank_plus_linear`, what lowrank.adapters.fused runs without
 product h Bᵀ as a whole (tokens, out) tensor and has cuBLAS read it back as the big GEMM's beta term: one
 output-sized write and read per adapter and pass. Here each output tile's accumulator starts as s · h Bᵀ for its
 rows and columns (a K = r product from a few KB of h and B), then the frozen GEMM accumulates onto it, and the tile
-is stored once. Measured on an H100
+is stored once; a group's input gradient sums its members' gᵢ Wᵢ (up to `MAX_PAIRS`) onto the same tile, where
+cuBLAS's beta would read and write the output once a member. Measured on an H100
 for the Llama 1.1B shapes at 8,192 tokens (benchmarks/results/probes/lora_gemm_check_h100.md): q/o 98.6 against
 118.3 µs for the cuBLAS pair, gate/up 264.7 against 301.7, the input gradient of down 284.4 against 303.5. It is
 persistent over the output tiles (one program per SM, tiles grouped along M for L2 reuse) and reads x and W
@@ -34,6 +35,7 @@ except ImportError:  # a CPU-only install, or a Triton without tensor descriptor
 ENABLED = os.environ.get("LOWRANK_FUSED_LORA_GEMM", "1") != "0"  # 0: the cuBLAS pair everywhere
 MIN_WIDTH = 1024   # output columns (the k/v projections of GQA models fall back: 2-3x slower in this kernel)
 MAX_RANK = 64
+MAX_PAIRS = 3      # (a, b) pairs one launch sums (a group's input gradient: q, k, v); any further ones by cuBLAS
 BM, BN, BK, STAGES, WARPS = 128, 256, 64, 3, 8  # best of the probe's configurations for every 1.1B and 7B shape
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -66,12 +68,25 @@ def lowrank_plus_linear(big_ins, big_ws, small_in, small_w, beta: float) -> torc
 
 if triton is not None:
     @triton.jit
-    def _lora_gemm_kernel(a_desc, b_desc, c_desc, e_ptr, f_ptr, M, N, K, scale, rank, s_em, s_er, s_fr, s_fn,
-                          B_ROWS_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          GROUP_M: tl.constexpr):
-        """c = scale · e fᵀ + a op(b): a (M, K); b (N, K) if B_ROWS_OUT else (K, N); e (M, rank) and fᵀ
-        (rank, N) read through their strides, 16 ranks at a time (one such pair of tiles in shared memory beside
-        the GEMM's stages, whatever the rank)."""
+    def _accumulate(acc, a_desc, b_desc, K, om, on, B_ROWS_OUT: tl.constexpr, BK: tl.constexpr):
+        """acc + a op(b) for one output tile: the K loop of one (a, b) pair."""
+        for ki in range(tl.cdiv(K, BK)):
+            a = a_desc.load([om, ki * BK])
+            if B_ROWS_OUT:
+                b = b_desc.load([on, ki * BK]).T
+            else:
+                b = b_desc.load([ki * BK, on])
+            acc = tl.dot(a, b, acc)
+        return acc
+
+    @triton.jit
+    def _lora_gemm_kernel(a_desc, b_desc, a2_desc, b2_desc, a3_desc, b3_desc, c_desc, e_ptr, f_ptr, M, N, K, K2, K3,
+                          scale, rank, s_em, s_er, s_fr, s_fn, PAIRS: tl.constexpr, B_ROWS_OUT: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """c = scale · e fᵀ + Σ a op(b) over the first PAIRS (1-3) of the pairs (a, b), (a2, b2), (a3, b3): each
+        a (M, K·); its b (N, K·) if B_ROWS_OUT else (K·, N); e (M, rank) and fᵀ (rank, N) read through their
+        strides, 16 ranks at a time (one such pair of tiles in shared memory beside the GEMM's stages, whatever
+        the rank)."""
         num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         in_group = GROUP_M * num_pid_n
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
@@ -90,13 +105,13 @@ if triton is not None:
                              mask=(rr[:, None] < rank) & (rn[None, :] < N), other=0.)
                 acc = tl.dot(e, ft, acc)
             acc = acc * scale
-            for ki in range(tl.cdiv(K, BK)):
-                a = a_desc.load([om, ki * BK])
-                if B_ROWS_OUT:
-                    b = b_desc.load([on, ki * BK]).T
-                else:
-                    b = b_desc.load([ki * BK, on])
-                acc = tl.dot(a, b, acc)
+            # the group's other pairs (the input gradient's gₖ Wₖ, gᵥ Wᵥ) add onto the same tile: no pass over
+            # the output for each, as cuBLAS's beta would make
+            acc = _accumulate(acc, a_desc, b_desc, K, om, on, B_ROWS_OUT, BK)
+            if PAIRS >= 2:
+                acc = _accumulate(acc, a2_desc, b2_desc, K2, om, on, B_ROWS_OUT, BK)
+            if PAIRS >= 3:
+                acc = _accumulate(acc, a3_desc, b3_desc, K3, om, on, B_ROWS_OUT, BK)
             c_desc.store([om, on], acc.to(c_desc.dtype))
 
 
@@ -125,6 +140,14 @@ def _kernel_runs(big_ins, big_ws, c) -> bool:
             and (not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] in (9, 10)))
 
 
+def _in_kernel(big_ins, big_ws) -> int:
+    """How many of the leading pairs one launch sums: up to MAX_PAIRS, as long as TMA can describe them."""
+    n = 1
+    while n < min(len(big_ins), MAX_PAIRS) and _tma_ok(big_ins[n]) and _tma_ok(big_ws[n]):
+        n += 1
+    return n
+
+
 def _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out) -> torch.Tensor:
     """What the kernel computes, as the cuBLAS pair above (the rank-r product, then the big GEMMs onto it)."""
     return _lowrank_plus_linear(big_ins, [b.t() if w_rows_out else b for b in big_ws], e,
@@ -133,23 +156,29 @@ def _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out) -> torch.
 
 def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch.Tensor, f: torch.Tensor,
                scale: float, w_rows_out: bool, f_rows_out: bool) -> torch.Tensor:
-    """scale · e op(f) + Σ a op(b) over (a, b) of big_ins, big_ws, (M, N) in a's dtype: the first pair in the
-    kernel, the others added by cuBLAS (beta 1). b: (N, K) if w_rows_out else (K, N); f: (N, r) if f_rows_out
-    else (r, N)."""
+    """scale · e op(f) + Σ a op(b) over (a, b) of big_ins, big_ws, (M, N) in a's dtype: the first pairs (up to
+    MAX_PAIRS) in the kernel, any others added by cuBLAS (beta 1). b: (N, K) if w_rows_out else (K, N); f: (N, r)
+    if f_rows_out else (r, N)."""
     a, b = big_ins[0], big_ws[0]
-    M, K = a.shape
+    M = a.shape[0]
     N = b.shape[0] if w_rows_out else b.shape[1]
     c = a.new_empty(M, N)
     if not _kernel_runs(big_ins, big_ws, c):
         return _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out)
+    pairs = _in_kernel(big_ins, big_ws)
+    descs, ks = [], []
+    for i in range(MAX_PAIRS):  # the unused slots repeat the first pair (the kernel never reads them)
+        a_i, b_i = (big_ins[i], big_ws[i]) if i < pairs else (a, b)
+        descs += [TensorDescriptor.from_tensor(a_i, [BM, BK]),
+                  TensorDescriptor.from_tensor(b_i, [BN, BK] if w_rows_out else [BK, BN])]
+        ks.append(a_i.shape[1])
     s_fr, s_fn = (f.stride(1), f.stride(0)) if f_rows_out else (f.stride(0), f.stride(1))
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4  # 4: interpreter
     _lora_gemm_kernel[(min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)](
-        TensorDescriptor.from_tensor(a, [BM, BK]),
-        TensorDescriptor.from_tensor(b, [BN, BK] if w_rows_out else [BK, BN]),
-        TensorDescriptor.from_tensor(c, [BM, BN]), e, f, M, N, K, scale, e.shape[1], e.stride(0), e.stride(1), s_fr,
-        s_fn, B_ROWS_OUT=w_rows_out, BM=BM, BN=BN, BK=BK, GROUP_M=8, num_stages=STAGES, num_warps=WARPS)
-    for a, b in zip(big_ins[1:], big_ws[1:]):
+        *descs, TensorDescriptor.from_tensor(c, [BM, BN]), e, f, M, N, *ks, scale, e.shape[1], e.stride(0),
+        e.stride(1), s_fr, s_fn, PAIRS=pairs, B_ROWS_OUT=w_rows_out, BM=BM, BN=BN, BK=BK, GROUP_M=8,
+        num_stages=STAGES, num_warps=WARPS)
+    for a, b in zip(big_ins[pairs:], big_ws[pairs:]):
         c.addmm_(a, b.t() if w_rows_out else b)
     return c
 

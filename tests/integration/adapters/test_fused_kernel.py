@@ -102,6 +102,16 @@ for w_rows_out, f_rows_out in ((True, True), (False, False)):
         f.double().t() if f_rows_out else f.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 torch.library.opcheck(lg._lora_gemm_op, ([a], [b], e, f, 0.5, False, False))  # schema, fake, aot dispatch
+# a group's input gradient: up to three pairs summed in one launch (K of 72, 40, 24: not multiples of the tile's
+# 64), a fourth added by cuBLAS; a pair TMA cannot describe ends the launch's share there
+gs, ws = [torch.randn(M, k) for k in (72, 40, 24, 8)], [torch.randn(k, N) for k in (72, 40, 24, 8)]
+for pairs in (1, 2, 3, 4):
+    ref = 0.5 * e.double() @ f.double() + sum(g.double() @ w.double() for g, w in zip(gs[:pairs], ws[:pairs]))
+    out = lg.lora_gemm(gs[:pairs], ws[:pairs], e, f, 0.5, False, False)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+assert lg._in_kernel(gs, ws) == 3 and lg._in_kernel(gs[:2], ws[:2]) == 2
+assert lg._in_kernel([gs[0], torch.randn(M, 41)[:, :40]], ws[:2]) == 1
+torch.library.opcheck(lg._lora_gemm_op, (gs, ws, e, f, 0.5, False, False))
 # operands the kernel cannot take (rows of 73 floats: not 16-byte aligned; no rows): the op falls back to cuBLAS
 b, f = torch.randn(N, K), torch.randn(N, r)
 odd = torch.randn(M, K + 1)[:, :K]
