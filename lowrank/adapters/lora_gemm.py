@@ -35,7 +35,7 @@ except ImportError:  # a CPU-only install, or a Triton without tensor descriptor
 ENABLED = os.environ.get("LOWRANK_FUSED_LORA_GEMM", "1") != "0"  # 0: the cuBLAS pair everywhere
 MIN_WIDTH = 1024   # output columns (the k/v projections of GQA models fall back: 2-3x slower in this kernel)
 MAX_RANK = 64
-MAX_PAIRS = 3      # (a, b) pairs one launch sums (a group's input gradient: q, k, v); any further ones by cuBLAS
+MAX_PAIRS = 3      # (a, b) pairs one launch sums (1-3) (a group's input gradient: q, k, v); any further ones by cuBLAS
 BM, BN, BK, STAGES, WARPS = 128, 256, 64, 3, 8  # best of the probe's configurations for every 1.1B and 7B shape
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -167,7 +167,7 @@ def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch
         return _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out)
     pairs = _in_kernel(big_ins, big_ws)
     descs, ks = [], []
-    for i in range(MAX_PAIRS):  # the unused slots repeat the first pair (the kernel never reads them)
+    for i in range(3):  # the kernel's three slots; the unused ones repeat the first pair (never read)
         a_i, b_i = (big_ins[i], big_ws[i]) if i < pairs else (a, b)
         descs += [TensorDescriptor.from_tensor(a_i, [BM, BK]),
                   TensorDescriptor.from_tensor(b_i, [BN, BK] if w_rows_out else [BK, BN])]
