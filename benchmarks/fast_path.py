@@ -13,12 +13,13 @@ versions):
   (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; again with the
   cuBLAS pair instead of lowrank.adapters.lora_gemm; with one (g, W) pair a launch in a group's input gradient,
   cuBLAS adding the others; with each step's batch copied from pageable memory; at 1.1B also with
-  `trainer.chunked_loss=false`, transformers' loss), the trainer's full fine-tuning (bf16 weights and moments;
-  1.1B only: 7B full fine-tuning does not fit one card), and plain PEFT + `torch.compile` (`plain_peft_row`:
-  what a user writes, no part of lowrank in it). Ratios per shape; with `--repeats N` every configuration runs N times, interleaved, and each row is its median run. Each
-  trainer run has one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
-  `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full; from LoRA's
-  and the frozen matmuls timed alone with cuBLAS, the bound on LoRA / plain PEFT (at 7B, where no full row runs).
+  `trainer.chunked_loss=false`, transformers' loss), the trainer's full fine-tuning (bf16 weights and moments; 1.1B
+  only: 7B full fine-tuning does not fit one card), and plain PEFT + `torch.compile` (`plain_peft_row`: what a user
+  writes, no part of lowrank in it). Ratios per shape; with `--repeats N` every configuration runs N times,
+  interleaved, and each row is its median run. Each trainer run has one warm-up step after the step graph's capture
+  profiled (GPU time by kind of kernel, `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's,
+  the bound on LoRA / full; from LoRA's and the frozen matmuls timed alone with cuBLAS, the bound on LoRA / plain
+  PEFT (at 7B, where no full row runs).
 - memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
   20 steps each from the same seed: the peaks and the largest difference of the per-step losses.
 - estimate: 7B LoRA r16 at 2 × 8192 tokens with activation checkpointing: `experiments.estimate`'s peak (the
