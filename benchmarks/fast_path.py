@@ -12,14 +12,13 @@ versions):
 - speed: per shape (1.1B b8 × 1024, 7B b2 × 1024), the trainer as users run it with no `trainer.compile` given
   (`python -m experiments.train model=... method=lora method.rank=16 method.targets=all-linear`; again with the
   cuBLAS pair instead of lowrank.adapters.lora_gemm; with one (g, W) pair a launch in a group's input gradient,
-  cuBLAS adding the others; with each step's batch copied from pageable memory; at 1.1B also with
-  `trainer.chunked_loss=false`, transformers' loss), the trainer's full fine-tuning (bf16 weights and moments; 1.1B
-  only: 7B full fine-tuning does not fit one card), and plain PEFT + `torch.compile` (`plain_peft_row`: what a user
-  writes, no part of lowrank in it). Ratios per shape; with `--repeats N` every configuration runs N times,
-  interleaved, and each row is its median run. Each trainer run has one warm-up step after the step graph's capture
-  profiled (GPU time by kind of kernel, `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's,
-  the bound on LoRA / full; from LoRA's and the frozen matmuls timed alone with cuBLAS, the bound on LoRA / plain
-  PEFT (at 7B, where no full row runs).
+  cuBLAS adding the others; at 1.1B also with `trainer.chunked_loss=false`, transformers' loss), the trainer's full
+  fine-tuning (bf16 weights and moments; 1.1B only: 7B full fine-tuning does not fit one card), and plain PEFT +
+  `torch.compile` (`plain_peft_row`: what a user writes, no part of lowrank in it). Ratios per shape; with
+  `--repeats N` every configuration runs N times, interleaved, and each row is its median run. Each trainer run has
+  one warm-up step after the step graph's capture profiled (GPU time by kind of kernel,
+  `benchmarks.harness.kernel_profile`); from LoRA's and full fine-tuning's, the bound on LoRA / full; from LoRA's
+  and the frozen matmuls timed alone with cuBLAS, the bound on LoRA / plain PEFT (at 7B, where no full row runs).
 - memory: 7B LoRA r16 at 2 × 4096 tokens, the trainer with `trainer.chunked_loss=false` and with its default,
   20 steps each from the same seed: the peaks and the largest difference of the per-step losses.
 - estimate: 7B LoRA r16 at 2 × 8192 tokens with activation checkpointing: `experiments.estimate`'s peak (the
@@ -42,7 +41,6 @@ from benchmarks.harness.kernel_profile import kernel_time
 from benchmarks.harness.record import collect_metadata, device_name, median_run, result_name, write_result
 from benchmarks.probes.common import time_us
 from lowrank.adapters import lora_gemm
-from lowrank.train import loop
 from lowrank.train.memory import estimate_from_cfg
 from lowrank.train.perf import sync
 from lowrank.train.step import TrainStep, model_loss
@@ -151,10 +149,6 @@ def speed_pass(key: str, warmup: int, steps: int, runs_root, device) -> list[dic
         guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device, (),
                                           ", one pair a launch"), f"{key} trainer lora, one pair a launch")
     free(device)
-    with pageable_batches():  # each step's batch copied from pageable memory: the GPU waits on the host between steps
-        guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device, (),
-                                          ", pageable batches"), f"{key} trainer lora, pageable batches")
-    free(device)
     if key != "llama-7b":
         # the same LoRA run with transformers' loss: what the chunked loss costs or saves in speed
         guarded(rows, lambda: trainer_row(key, shape, "lora", warmup, steps, runs_root, device,
@@ -191,9 +185,7 @@ def speed(models, warmup, steps, runs_root, device, repeats: int = 1) -> tuple[l
                             ("LoRA, GEMM from the LoRA product / cuBLAS pair",
                              ratio(rows, key, lora, lora + ", cuBLAS pair")),
                             ("LoRA, a group's input gradient in one launch / one pair a launch",
-                             ratio(rows, key, lora, lora + ", one pair a launch")),
-                            ("LoRA, batches from pinned memory / pageable batches",
-                             ratio(rows, key, lora, lora + ", pageable batches"))):
+                             ratio(rows, key, lora, lora + ", one pair a launch"))):
             if value is not None:
                 lines.append(f"- {key}: trainer {name}: {value:.2f}×")
         lines += bound_lines(rows, key, lora, full, bandwidth)
@@ -223,16 +215,6 @@ def one_pair_a_launch():
         yield
     finally:
         lora_gemm.MAX_PAIRS = saved
-
-
-@contextlib.contextmanager
-def pageable_batches():
-    """Within it, the trainer copies each step's batch from pageable memory, as it did before pinning them."""
-    saved, loop.PIN_BATCHES = loop.PIN_BATCHES, False
-    try:
-        yield
-    finally:
-        loop.PIN_BATCHES = saved
 
 
 def layer_projections(shape: dict) -> list[tuple[str, int, int]]:

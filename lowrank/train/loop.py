@@ -30,18 +30,6 @@ from lowrank.train.throughput import StepClock
 log = logging.getLogger("lowrank.train.recipe")
 
 
-PIN_BATCHES = True  # False: batches copied from pageable memory (a benchmark's baseline)
-
-
-def to_device(batch: dict, device: torch.device, skip=()) -> dict:
-    """A CPU batch on `device`, less the keys in `skip`. On CUDA through pinned memory: a copy from pageable
-    memory first waits for every kernel queued before it, so step k+1's batch would hold the GPU idle between
-    steps k and k+1; from pinned memory it queues behind step k and the host goes on."""
-    pin = PIN_BATCHES and device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()
-            if k not in skip}
-
-
 @dataclass
 class Launched:
     """A step launched on the device whose result the host has not read yet."""
@@ -117,8 +105,9 @@ class Loop:
         tokens, padded_tokens = distributed.sum_over_ranks([  # real tokens (padding apart), of all ranks
             sum(int(b["attention_mask"].sum()) for b in cpu_batches),
             sum(b["input_ids"].numel() for b in cpu_batches)])
-        skip = ("attention_mask",) if run.mask_free else ()
-        handle = run.train_step.launch([to_device(b, run.device, skip) for b in cpu_batches])
+        handle = run.train_step.launch([
+            {k: v.to(run.device, non_blocking=True) for k, v in b.items()
+             if not (run.mask_free and k == "attention_mask")} for b in cpu_batches])
         if handle.skipped_update():
             return None
         run.scheduler.step()

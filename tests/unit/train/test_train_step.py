@@ -123,11 +123,3 @@ def test_auto_optimizer_is_the_flat_master_only_for_a_graphable_lora_step():
         assert resolve_optimizer("auto", *args[:3], static_batches=args[3]) == "adamw"
     assert resolve_optimizer("adamw", "lora", "cuda", "bf16", static_batches=True) == "adamw"
 
-
-
-def test_a_batch_goes_to_the_device_without_the_keys_it_skips():
-    from lowrank.train.loop import to_device
-    batch = {"input_ids": torch.arange(6).view(2, 3), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
-    out = to_device(batch, torch.device("cpu"), skip=("attention_mask",))
-    assert list(out) == ["input_ids"] and torch.equal(out["input_ids"], batch["input_ids"])
-    assert list(to_device(batch, torch.device("cpu"))) == ["input_ids", "attention_mask"]
