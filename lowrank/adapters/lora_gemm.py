@@ -36,7 +36,6 @@ ENABLED = os.environ.get("LOWRANK_FUSED_LORA_GEMM", "1") != "0"  # 0: the cuBLAS
 MIN_WIDTH = 1024   # output columns (the k/v projections of GQA models fall back: 2-3x slower in this kernel)
 MAX_RANK = 64
 MAX_PAIRS = 3      # (a, b) pairs one launch sums (1-3) (a group's input gradient: q, k, v); any further ones by cuBLAS
-MIN_PAIR_K = 1024  # a further pair joins the launch only when this long (GQA's k/v: mostly pipeline fill)
 BM, BN, BK, STAGES, WARPS = 128, 256, 64, 3, 8  # best of the probe's configurations for every 1.1B and 7B shape
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -142,11 +141,9 @@ def _kernel_runs(big_ins, big_ws, c) -> bool:
 
 
 def _in_kernel(big_ins, big_ws) -> int:
-    """How many of the leading pairs one launch sums: up to MAX_PAIRS, as long as TMA can describe them and their
-    K is at least MIN_PAIR_K."""
+    """How many of the leading pairs one launch sums: up to MAX_PAIRS, as long as TMA can describe them."""
     n = 1
-    while (n < min(len(big_ins), MAX_PAIRS) and big_ins[n].shape[1] >= MIN_PAIR_K and _tma_ok(big_ins[n])
-           and _tma_ok(big_ws[n])):
+    while n < min(len(big_ins), MAX_PAIRS) and _tma_ok(big_ins[n]) and _tma_ok(big_ws[n]):
         n += 1
     return n
 

@@ -82,7 +82,6 @@ def test_fused_factor_grads_match_cublas_path_in_triton_interpreter():
 _LORA_GEMM_SCRIPT = _LAYERS.replace("__ROWS__", "300") + r"""
 import lowrank.adapters.lora_gemm as lg
 assert lg.triton is not None
-default_min_k, lg.MIN_PAIR_K = lg.MIN_PAIR_K, 8  # the toy group's pairs (K 48, 24) join the launch too
 calls = []
 same_with_and_without(lambda on: setattr(lf, "lora_gemm_applies", (lambda *a: calls.append(1) or True) if on
                                          else (lambda *a: False)))
@@ -106,9 +105,6 @@ torch.library.opcheck(lg._lora_gemm_op, ([a], [b], e, f, 0.5, False, False))  # 
 # a group's input gradient: up to three pairs summed in one launch (K of 72, 40, 24: not multiples of the tile's
 # 64), a fourth added by cuBLAS; a pair TMA cannot describe ends the launch's share there
 gs, ws = [torch.randn(M, k) for k in (72, 40, 24, 8)], [torch.randn(k, N) for k in (72, 40, 24, 8)]
-lg.MIN_PAIR_K = default_min_k
-assert lg._in_kernel(gs, ws) == 1  # each further K below MIN_PAIR_K: cuBLAS adds it
-lg.MIN_PAIR_K = 8
 for pairs in (1, 2, 3, 4):
     ref = 0.5 * e.double() @ f.double() + sum(g.double() @ w.double() for g, w in zip(gs[:pairs], ws[:pairs]))
     out = lg.lora_gemm(gs[:pairs], ws[:pairs], e, f, 0.5, False, False)
@@ -119,9 +115,6 @@ assert lg._in_kernel(gs, ws) == 1
 torch.testing.assert_close(lg.lora_gemm(gs, ws, e, f, 0.5, False, False).double(), ref, rtol=1e-5, atol=1e-4)
 lg.MAX_PAIRS = 3
 assert lg._in_kernel([gs[0], torch.randn(M, 41)[:, :40]], ws[:2]) == 1
-lg.MIN_PAIR_K = 30  # K 40 joins, 24 does not
-assert lg._in_kernel(gs, ws) == 2
-lg.MIN_PAIR_K = 8
 torch.library.opcheck(lg._lora_gemm_op, (gs, ws, e, f, 0.5, False, False))
 # operands the kernel cannot take (rows of 73 floats: not 16-byte aligned; no rows): the op falls back to cuBLAS
 b, f = torch.randn(N, K), torch.randn(N, r)
