@@ -9,10 +9,13 @@ product h Bᵀ as a whole (tokens, out) tensor and has cuBLAS read it back as th
 output-sized write and read per adapter and pass. Here each output tile's accumulator starts as s · h Bᵀ for its
 rows and columns (a K = r product from a few KB of h and B), then the frozen GEMM accumulates onto it, and the tile
 is stored once; a group's input gradient sums its members' gᵢ Wᵢ (up to `MAX_PAIRS`) onto the same tile, where
-cuBLAS's beta would read and write the output once a member. Measured on an H100
-for the Llama 1.1B shapes at 8,192 tokens (benchmarks/results/probes/lora_gemm_check_h100.md): q/o 98.6 against
-118.3 µs for the cuBLAS pair, gate/up 264.7 against 301.7, the input gradient of down 284.4 against 303.5. It is
-persistent over the output tiles (one program per SM, tiles grouped along M for L2 reuse) and reads x and W
+cuBLAS's beta would read and write the output once a member. Measured on an H100 for the Llama 1.1B shapes at 8,192
+tokens (benchmarks/results/probes/lora_gemm_check_h100.md): q/o 98.6 against 118.3 µs for the cuBLAS pair, gate/up
+264.7 against 301.7, the input gradient of down 284.4 against 303.5; a group's input gradient summed in one launch
+against one pair a launch with cuBLAS adding the rest (lora_gemm_check_h100_groups.md): 1.1B q,k,v 135.7 against
+169.4 µs, 7B q,k,v 305.5 against 321.6 and gate,up 495.5 against 529.3, but 1.1B gate,up 526.8 against 500.5 (one
+launch for every group: net faster in the probe at both sizes; the trainer's step 1.00-1.01× at 1.1B, 1.01× at 7B).
+It is persistent over the output tiles (one program per SM, tiles grouped along M for L2 reuse) and reads x and W
 through TMA descriptors; h and B (views into the flat factor buffer, any alignment) by pointer.
 
 Where it does not pay or cannot run, the cuBLAS pair computes the same: `applies` (what a traced tensor tells)
