@@ -16,6 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.probes.common import probe_args, rows_by, save, time_us
 from benchmarks.harness.record import collect_metadata
+from lowrank.adapters.lora_gemm import _accumulate
 
 r, s = 16, 2.0
 SHAPES = {  # name: (tokens, in, out, adapters of this shape per step)
@@ -49,7 +50,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
     before it; 4 by pointer loads before it, their product the accumulator's start. FLATTEN: the tile and K loops
     pipelined as one (a persistent grid); else each tile's K loop alone."""
     num_pid_m, num_pid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    k_tiles, num_tiles = tl.cdiv(K, BK), tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     in_group = GROUP_M * num_pid_n
     rr = tl.arange(0, R)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
@@ -69,13 +70,7 @@ def lora_mm_kernel(a_desc, b_desc, e_desc, f_desc, c_desc, e_ptr, f_ptr, M, N, K
             acc = tl.dot(e, ft) * scale
         else:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = a_desc.load([om, ki * BK])
-            if B_NK:
-                b = b_desc.load([on, ki * BK]).T
-            else:
-                b = b_desc.load([ki * BK, on])
-            acc = tl.dot(a, b, acc)
+        acc = _accumulate(acc, a_desc, b_desc, K, om, on, B_NK, BK)  # the shipped kernel's K loop
         if EPI == 1:
             e, ft = factor_tiles_tma(e_desc, f_desc, om, on, F_NR)
         if EPI != 0 and EPI != 4:
