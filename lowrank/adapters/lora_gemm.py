@@ -38,7 +38,8 @@ except ImportError:  # a CPU-only install, or a Triton without tensor descriptor
 ENABLED = os.environ.get("LOWRANK_FUSED_LORA_GEMM", "1") != "0"  # 0: the cuBLAS pair everywhere
 MIN_WIDTH = 1024   # output columns (the k/v projections of GQA models fall back: 2-3x slower in this kernel)
 MAX_RANK = 64
-MAX_PAIRS = 3      # (a, b) pairs one launch sums (1-3) (a group's input gradient: q, k, v); any further ones by cuBLAS
+_SLOTS = 3          # the kernel's (a, b) descriptor pairs: a group's input gradient has up to three (q, k, v)
+MAX_PAIRS = _SLOTS  # how many of them one launch sums (1 to _SLOTS); any further pairs are added by cuBLAS
 BM, BN, BK, STAGES, WARPS = 128, 256, 64, 3, 8  # best of the probe's configurations for every 1.1B and 7B shape
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -108,9 +109,9 @@ if triton is not None:
                              mask=(rr[:, None] < rank) & (rn[None, :] < N), other=0.)
                 acc = tl.dot(e, ft, acc)
             acc = acc * scale
-            # the group's other pairs (the input gradient's gₖ Wₖ, gᵥ Wᵥ) add onto the same tile: no pass over
-            # the output for each, as cuBLAS's beta would make
             acc = _accumulate(acc, a_desc, b_desc, K, om, on, B_ROWS_OUT, BK)
+            # a group's other pairs (the input gradient's gₖ Wₖ, gᵥ Wᵥ) add onto the same tile: no pass over
+            # the output for each, as cuBLAS's beta would make
             if PAIRS >= 2:
                 acc = _accumulate(acc, a2_desc, b2_desc, K2, om, on, B_ROWS_OUT, BK)
             if PAIRS >= 3:
@@ -170,7 +171,7 @@ def _lora_gemm(big_ins: list[torch.Tensor], big_ws: list[torch.Tensor], e: torch
         return _cublas_pair(big_ins, big_ws, e, f, scale, w_rows_out, f_rows_out)
     pairs = _in_kernel(big_ins, big_ws)
     descs, ks = [], []
-    for i in range(3):  # the kernel's three slots; the unused ones repeat the first pair (never read)
+    for i in range(_SLOTS):  # the unused slots repeat the first pair (the kernel never reads them)
         a_i, b_i = (big_ins[i], big_ws[i]) if i < pairs else (a, b)
         descs += [TensorDescriptor.from_tensor(a_i, [BM, BK]),
                   TensorDescriptor.from_tensor(b_i, [BN, BK] if w_rows_out else [BK, BN])]
