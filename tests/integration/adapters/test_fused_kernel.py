@@ -113,7 +113,7 @@ assert lg._in_kernel(gs, ws) == 3 and lg._in_kernel(gs[:2], ws[:2]) == 2
 lg.MAX_PAIRS = 1  # one pair a launch, cuBLAS adding the others
 assert lg._in_kernel(gs, ws) == 1
 torch.testing.assert_close(lg.lora_gemm(gs, ws, e, f, 0.5, False, False).double(), ref, rtol=1e-5, atol=1e-4)
-lg.MAX_PAIRS = 3
+lg.MAX_PAIRS = lg._SLOTS
 assert lg._in_kernel([gs[0], torch.randn(M, 41)[:, :40]], ws[:2]) == 1
 torch.library.opcheck(lg._lora_gemm_op, (gs, ws, e, f, 0.5, False, False))
 # operands the kernel cannot take (rows of 73 floats: not 16-byte aligned; no rows): the op falls back to cuBLAS
