@@ -277,6 +277,13 @@ def frozen_gemm_ms(shape: dict, device, timer=time_us) -> float | None:
     return total_us / 1e3
 
 
+def lora_floor_ms(lora: dict, frozen_ms: float) -> tuple[float, float]:
+    """(LoRA's own kernels, its step without them) in ms, from its profiled row and the frozen matmuls' time: its
+    matmuls beyond the frozen ones plus the kernels no kind claims ('other'), and its p50 step less those."""
+    own = lora["matmul_ms"] - frozen_ms + lora["other_ms"]
+    return own, lora["step_ms_p50"] - own
+
+
 def peft_bound_line(rows, key, lora_run, peft_run, frozen_ms: float | None) -> list[str]:
     """What bounds LoRA / plain PEFT: the ratio LoRA would reach with its own kernels free, its frozen matmuls at
     `frozen_ms` (cuBLAS alone) and the rest of its step (attention, compiled elementwise work, optimizer) as
@@ -286,8 +293,7 @@ def peft_bound_line(rows, key, lora_run, peft_run, frozen_ms: float | None) -> l
         return []
     shape = SHAPES[key]
     peft_ms = 1e3 * shape["batch"] * shape["seq"] / peft["tokens_per_second"]
-    own = lora["matmul_ms"] - frozen_ms + lora["other_ms"]
-    floor = lora["step_ms_p50"] - own
+    own, floor = lora_floor_ms(lora, frozen_ms)
     return [f"- {key}: the frozen matmuls alone (cuBLAS, one by one) take {frozen_ms:.1f} ms against LoRA's matmuls "
             f"{lora['matmul_ms']:.1f} ms: LoRA's own kernels (factor matmuls, 'other') ≈ {own:.1f} ms; with those at "
             f"zero, LoRA's step would take {floor:.1f} ms against PEFT's {peft_ms:.1f} ms: LoRA / plain PEFT + "
@@ -304,8 +310,7 @@ def bound_lines(rows, key, lora_run, full_run, bandwidth: float | None = None) -
     if not (lora and full and lora.get("gpu_busy_ms") and full.get("gpu_busy_ms")):
         return []
     floor_matmul = 2 / 3 * full["matmul_ms"]
-    own = lora["matmul_ms"] - floor_matmul + lora["other_ms"]
-    floor = lora["step_ms_p50"] - own
+    own, floor = lora_floor_ms(lora, floor_matmul)
     lines = [f"- {key}: step time (p50) LoRA {lora['step_ms_p50']:.1f} ms, full {full['step_ms_p50']:.1f} ms; GPU "
              f"busy (one profiled step) LoRA {lora['gpu_busy_ms']:.1f} ms, full {full['gpu_busy_ms']:.1f} ms",
              f"- {key}: LoRA's matmuls {lora['matmul_ms']:.1f} ms against the frozen floor {floor_matmul:.1f} ms "
